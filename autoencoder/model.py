@@ -1,0 +1,78 @@
+"""The KL autoencoder: Encoder -> q(z|x) -> z -> Decoder, and the configs that build it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from latentdiff.core.train import TrainConfig
+from latentdiff.decoder.network import Decoder, DecoderConfig
+
+from .encoder import DiagonalGaussian, Encoder
+
+
+@dataclass(frozen=True)
+class AutoencoderModelConfig:
+    in_channels: int = 3  # image channels
+    channels: tuple[int, ...] = (16, 32, 64)  # width per level; f = 2^(levels-1) (3 levels: f=4)
+    num_res_blocks: int = 1  # ResBlocks per level, in the encoder and the decoder
+    latent_channels: int = 4  # c: channels of the latent z
+    mid_attention: bool = False  # self-attention at the latent resolution (worth it at 256px)
+    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def decoder_config(self) -> DecoderConfig:
+        return DecoderConfig(out_channels=self.in_channels, channels=self.channels,
+                             num_res_blocks=self.num_res_blocks, latent_channels=self.latent_channels,
+                             mid_attention=self.mid_attention, attention=self.attention)
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    reconstruction: str = "l1"  # "l1" or "l2", per pixel
+    perceptual: str = "none"  # "lpips" (VGG weights from the torch hub cache) or "none"
+    perceptual_weight: float = 1.0  # weight of LPIPS
+    kl_weight: float = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
+    disc_weight: float = 0.0  # PatchGAN generator loss weight (0: no discriminator)
+    disc_start: int = 5000  # step at which the discriminator switches on
+    disc_channels: int = 64  # PatchGAN base width
+    disc_layers: int = 3  # PatchGAN strided conv layers
+    disc_lr: float = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resolution: int = 32  # training image side (images are resized to it when they differ)
+    scale_batches: int = 16  # batches of training data used to measure the latent std after training
+    eval_images: int = 2000  # validation images for the final PSNR/LPIPS
+
+
+class Autoencoder(nn.Module):
+    """x -> q(z|x) -> z -> x_hat. The prior trains on z * scale_factor, measured after training."""
+
+    def __init__(self, cfg: AutoencoderModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.in_channels, cfg.channels, cfg.num_res_blocks, cfg.latent_channels,
+                               cfg.mid_attention, cfg.attention)
+        self.decoder = Decoder(cfg.decoder_config())
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior

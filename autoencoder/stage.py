@@ -1,0 +1,163 @@
+"""`latentdiff train autoencoder`: learn the latent space (Rombach et al. 2022, §3.1).
+
+One loop: lr, forward, loss, backward, clip, step, (discriminator step), EMA, log,
+reconstruction grid, checkpoint. After training: measure the latent std on training data
+(the prior trains on z / std) and evaluate PSNR (and LPIPS) on val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from latentdiff.core.ema import EMA
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.image_metrics import psnr
+from latentdiff.core.logger import save_grid
+from latentdiff.core.runtime import unwrap
+from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.data.reader import make_loader
+
+from .losses import AutoencoderLoss
+from .model import Autoencoder, AutoencoderConfig
+from .perceptual import lpips_distance
+
+PRESETS = Path(__file__).parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff train autoencoder",
+                                description="Train the KL autoencoder that defines the latent space.")
+    add_train_args(p, "autoencoder")
+    p.add_argument("--perceptual", choices=["lpips", "none"],
+                   help="LPIPS perceptual loss (needs VGG16 weights in the torch hub cache) or none")
+    return p
+
+
+@torch.no_grad()
+def measure_latent_std(model: Autoencoder, batches, n_batches: int, device: torch.device) -> float:
+    """Std of z ~ q(z|x) over training images: the prior trains on z / std, unit variance (LDM §4.3.2)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in itertools.islice(batches, n_batches):
+        z = model.encode(batch["image"].to(device)).sample()
+        total += z.double().sum().item()
+        total_sq += z.double().pow(2).sum().item()
+        count += z.numel()
+    mean = total / count
+    return (total_sq / count - mean * mean) ** 0.5
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device,
+                            lpips_model=None) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean PSNR (and LPIPS) of posterior-mode reconstructions over up to cfg.eval_images val images."""
+    loader = make_loader(data, "val", cfg.train.batch_size, shuffle=False, repeat=False, drop_last=False,
+                         resolution=cfg.resolution, rank=0, world_size=1)
+    psnrs, lpipss, shown = [], [], None
+    for batch in loader:
+        x = batch["image"].to(device)
+        x_hat = model.decode(model.encode(x).mode())
+        psnrs.append(psnr(x_hat, x))
+        if lpips_model is not None:
+            lpipss.append(lpips_distance(lpips_model, x_hat.clamp(-1, 1), x))
+        if shown is None:
+            shown = torch.cat([x[:16], x_hat[:16]]).cpu()
+        if sum(len(p) for p in psnrs) >= cfg.eval_images:
+            break
+    if not psnrs:
+        raise ValueError(f"no validation images in {data}; the val split is empty")
+    metrics = {"val_psnr": torch.cat(psnrs).mean().item(), "val_images": sum(len(p) for p in psnrs)}
+    if lpipss:
+        metrics["val_lpips"] = torch.cat(lpipss).mean().item()
+    return metrics, shown
+
+
+def train(args: argparse.Namespace) -> dict:
+    if args.perceptual:
+        args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
+    if not args.data:
+        raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder")
+    cfg, rt = run.config, run.runtime
+    tcfg = cfg.train
+
+    model = Autoencoder(cfg.model).to(rt.device)
+    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(rt.device)
+    opt = make_optimizer(model.parameters(), tcfg)
+    modules, optimizers = {"model": model}, {"model": opt}
+    if loss_fn.discriminator is not None:
+        opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+        modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
+    ema = EMA(model, tcfg.ema_decay)
+    start, _ = run.restore(modules, optimizers, ema)
+    net = rt.wrap(model)
+    disc = rt.wrap(loss_fn.discriminator) if loss_fn.discriminator is not None else None
+
+    # Same seed, same order: a resumed run skips the batches it has already seen.
+    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
+                         resolution=cfg.resolution)
+    batches = itertools.islice(iter(loader), start, None)
+    done = start
+    for step in run.steps(start):
+        batch = next(batches)
+        x = batch["image"].to(rt.device, non_blocking=True)
+        lr = lr_at(step, tcfg)
+        set_lr(opt, lr)
+        with rt.autocast():
+            x_hat, posterior = net(x)
+            terms = loss_fn.generator_loss(x, x_hat.float(), posterior, step, unwrap(model).decoder.last_layer)
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        if loss_fn.gan_active(step):
+            with rt.autocast():
+                d_loss = loss_fn.discriminator_loss(x, x_hat.float()).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            terms["disc"] = d_loss.detach().expand(x.shape[0])
+        ema.update(model)
+        run.count_images(x.shape[0], batch["skipped"])
+
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"lr": lr, **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item()
+                                        for k, v in terms.items()},
+                           "psnr": psnr(x_hat.detach(), x).mean().item()})
+        if run.every(tcfg.sample_every, step) and rt.is_main:
+            save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
+        if run.every(tcfg.ckpt_every, step):
+            run.save(step + 1, modules, optimizers, ema)
+        done = step + 1
+
+    # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
+    final = ema.module if ema.enabled else unwrap(model)
+    final.eval()
+    scale_batches = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1,
+                                resolution=cfg.resolution)
+    std = measure_latent_std(final, iter(scale_batches), cfg.scale_batches, rt.device)
+    meta = {"scale_factor": 1.0 / std, "latent_std": std, "resolution": cfg.resolution,
+            "latent_channels": cfg.model.latent_channels, "downsampling": cfg.model.downsampling}
+    run.save(done, modules, optimizers, ema, meta=meta)
+    summary = {"steps": done, "latent_std": std, "scale_factor": 1.0 / std}
+    if rt.is_main:
+        metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)
+        grid = save_grid(shown, run.path / "reconstructions.png", 16)
+        summary.update(metrics)
+        summary["reconstruction_grid"] = str(grid)
+    return run.finish(summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Building blocks shared by the autoencoder, the decoder and the prior's UNet."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups, fewer when the channel count is small (tiny presets)."""
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim) (Vaswani et al. 2017 §3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a skip; adds a projected embedding (time) when given one."""
+
+    def __init__(self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        # Zero-init the last conv so every block starts as the identity: deep stacks train stably.
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb is not None and emb is not None:
+            h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a strided 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour, then a 3x3 conv (no checkerboard artefacts)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@lru_cache(maxsize=None)
+def xformers_available(device_type: str) -> bool:
+    """True when xformers imports and its memory-efficient attention runs on this device type."""
+    try:
+        import xformers.ops as xops
+    except Exception:
+        return False
+    try:
+        q = torch.zeros(1, 8, 1, 16, device=device_type, dtype=torch.float16 if device_type == "cuda" else torch.float32)
+        xops.memory_efficient_attention(q, q, q)
+        return True
+    except Exception:
+        return False
+
+
+def _math_attention(q, k, v, mask):
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, heads, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def _xformers_attention(q, k, v, mask):
+    import xformers.ops as xops
+
+    # xformers wants (B, T, heads, d) and an additive bias instead of a boolean mask.
+    bias = None
+    if mask is not None:
+        B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        bias = torch.zeros(B, H, Tq, Tk, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~mask.expand(B, H, Tq, Tk), float("-inf"))
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) on (B, heads, T, d) tensors.
+
+    mask: bool, broadcastable to (B, heads, Tq, Tk), True where a key may be attended to.
+    backend: "sdpa" (torch's fused kernels), "xformers", "math" (the reference), or "auto"
+    (xformers when it is installed and runs on this device, else sdpa).
+    """
+    if backend == "auto":
+        backend = "xformers" if q.device.type == "cuda" and xformers_available(q.device.type) else "sdpa"
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend == "math":
+        return _math_attention(q, k, v, mask)
+    if backend == "xformers":
+        if not xformers_available(q.device.type):
+            raise RuntimeError(
+                f"attention = 'xformers' but xformers is not installed or does not run on "
+                f"{q.device.type} (it needs CUDA and a matching torch build); use attention = 'auto' or 'sdpa'")
+        return _xformers_attention(q, k, v, mask)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+class Attention(nn.Module):
+    """Multi-head attention of a token sequence to itself or, given `context`, to another one."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        self.heads = heads
+        self.backend = backend
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        # (B, T, C) -> (B, heads, T, d)
+        q, k, v = (y.reshape(B, y.shape[1], self.heads, C // self.heads).transpose(1, 2) for y in (q, k, v))
+        mask = context_mask[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
+        out = attention(q, k, v, mask, self.backend)  # (B, heads, T, d)
+        return self.to_out(out.transpose(1, 2).reshape(B, T, C))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Self-attention over the H*W positions of a feature map, with a residual (VAE mid-block)."""
+
+    def __init__(self, ch: int, heads: int = 1, backend: str = "auto"):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.attn = Attention(ch, heads, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = self.attn(h)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)

@@ -1,0 +1,52 @@
+"""Exponential moving average of a model's weights, through torch.optim.swa_utils."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class EMA(torch.nn.Module):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step.
+
+    A thin holder around `AveragedModel` (buffers averaged too, so BatchNorm statistics
+    follow) that saves and restores like any module. `decay = 0` keeps no copy at all.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.averaged = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            if decay > 0 else None
+        )
+        if self.averaged is not None:
+            self.averaged.requires_grad_(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.averaged is not None
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        return self.averaged.module if self.averaged is not None else None
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        if self.averaged is not None:
+            self.averaged.update_parameters(model)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The averaged model's state dict, with the same keys as the model's."""
+        return self.averaged.module.state_dict() if self.averaged is not None else {}
+
+    def count(self) -> torch.Tensor:
+        return self.averaged.n_averaged if self.averaged is not None else torch.tensor(0)
+
+    def load(self, weights: dict[str, torch.Tensor], n_averaged: torch.Tensor | int) -> None:
+        if self.averaged is None:
+            return
+        self.averaged.module.load_state_dict(weights)
+        self.averaged.n_averaged.fill_(int(n_averaged))

@@ -1,0 +1,253 @@
+"""What every training stage shares: the common flags, the run directory, resume, budget, checkpoints.
+
+A stage's `main` stays one readable loop (lr, forward, loss, backward, clip, step, EMA, log,
+sample, checkpoint); this module supplies the parts around it, written once:
+
+    run = Run.start(args, StageConfig, PRESETS, stage="autoencoder")
+    ...build model, optimizer, EMA...
+    step = run.restore(modules, optimizers, ema)
+    for step in run.steps(step):
+        ...
+        if run.every(cfg.train.ckpt_every, step): run.save(step, modules, optimizers, ema)
+    run.finish(step, summary, modules, optimizers, ema)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import apply_overrides, dumps_toml, load_preset, load_toml, to_dict
+from .ema import EMA
+from .errors import UserError
+from .logger import MetricLogger, progress
+from .runtime import Runtime, rng_state, set_rng_state
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps; the run ends at `steps` or `max_minutes`, whichever comes first
+    max_minutes: float = 0.0  # wall-clock budget for this invocation (0: none); stops cleanly and saves
+    batch_size: int = 64  # per rank
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    lr_decay: str = "constant"  # "constant" or "cosine" (to 10% of lr at `steps`)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, not applied to norms and biases
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    ema_decay: float = 0.0  # EMA of the weights (0: none)
+    seed: int = 0  # one seed for weights, data order and noise
+    num_workers: int = 0  # data-loader worker processes per rank
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    log_every: int = 25  # steps between metric lines
+    sample_every: int = 500  # steps between sample/reconstruction grids (0: only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "cosine":
+        progress_ = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+    if cfg.lr_decay != "constant":
+        raise UserError(f"train.lr_decay {cfg.lr_decay!r}: choose constant or cosine")
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and convolutions only (not norms, biases, embeddings' scales)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny") -> None:
+    """The flags every `latentdiff train STAGE` takes."""
+    parser.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern")
+    parser.add_argument("--preset", default=default_preset, help=f"{stage} preset name or a .toml file (default: %(default)s)")
+    parser.add_argument("--out", help="run directory to create")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
+    parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set model.latent_channels=8 (repeatable)")
+    parser.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+
+
+def _cli_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"steps": "train.steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
+             "lr": "train.lr", "seed": "train.seed", "num_workers": "train.num_workers"}
+    out = [f"{key}={getattr(args, name)!r}" for name, key in flags.items() if getattr(args, name, None) is not None]
+    return out + list(args.set)
+
+
+class Run:
+    """A stage's run directory and everything a loop needs around it."""
+
+    def __init__(self, path: Path, stage: str, config: Any, runtime: Runtime, resuming: bool):
+        self.path = path
+        self.stage = stage
+        self.config = config
+        self.runtime = runtime
+        self.resuming = resuming
+        self.logger = MetricLogger(path, enabled=runtime.is_main)
+        self.skipped = 0  # samples the data reader skipped (bad images, empty captions)
+        self._t0 = time.monotonic()
+        self._images = 0
+        self._bar = None
+
+    # ---- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str) -> "Run":
+        overrides = _cli_overrides(args)
+        if args.resume:
+            path = Path(args.resume)
+            ckpt.read_meta(path, stage)
+            config = load_toml(config_cls, path / ckpt.CONFIG, overrides)
+            resuming = True
+        else:
+            if not args.out:
+                raise UserError("--out RUN is required (or --resume RUN to continue a run)")
+            path = Path(args.out)
+            if (path / ckpt.META).exists():
+                raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
+            config = load_preset(config_cls, preset_dir, args.preset, overrides)
+            resuming = False
+        runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
+        if runtime.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(path / ckpt.CONFIG, dumps_toml(to_dict(config)))
+        runtime.barrier()
+        return cls(path, stage, config, runtime, resuming)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             ema: EMA | None = None, meta: dict | None = None, state: dict | None = None) -> None:
+        """Write weights, EMA, training state and meta.json (main rank; every file atomic)."""
+        if self.runtime.is_main:
+            from .runtime import unwrap
+
+            for name, module in modules.items():
+                fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
+                ckpt.save_weights(self.path / fname, unwrap(module).state_dict(), {"step": step})
+            if ema is not None and ema.enabled:
+                ckpt.save_weights(self.path / ckpt.EMA, ema.weights(), {"step": step})
+            full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
+                          "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                          "ema_count": ema.count() if ema is not None else torch.tensor(0)}
+            full_state.update(state or {})
+            ckpt.save_state(self.path / ckpt.STATE, full_state)
+            full_meta = self.read_meta_or_empty()
+            full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
+                              "ema": bool(ema is not None and ema.enabled)})
+            full_meta.update(meta or {})
+            ckpt.write_json(self.path / ckpt.META, full_meta)
+        self.runtime.barrier()
+
+    def read_meta_or_empty(self) -> dict:
+        path = self.path / ckpt.META
+        return ckpt.read_meta(self.path) if path.exists() else {}
+
+    def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                ema: EMA | None = None) -> tuple[int, dict]:
+        """Load the last checkpoint when resuming; returns (step, training state) or (0, {})."""
+        if not self.resuming:
+            return 0, {}
+        from .runtime import unwrap
+
+        state = ckpt.load_state(self.path / ckpt.STATE)
+        dev = self.runtime.device
+        for name, module in modules.items():
+            fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
+            unwrap(module).load_state_dict(ckpt.load_weights(self.path / fname, dev))
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if ema is not None and ema.enabled:
+            ema.load(ckpt.load_weights(self.path / ckpt.EMA, dev), state["ema_count"])
+        set_rng_state(state["rng"])
+        self.skipped = int(state.get("skipped", 0))
+        return int(state["step"]), state
+
+    # ---- the loop -------------------------------------------------------------------------
+    def steps(self, start: int) -> Iterator[int]:
+        """Yield step numbers from `start` until train.steps or the time budget is spent."""
+        cfg = self.config.train
+        self._bar = progress(cfg.steps, f"train {self.stage}", initial=start, enabled=self.runtime.is_main)
+        self._t0 = time.monotonic()
+        step = start
+        try:
+            while step < cfg.steps:
+                if self._out_of_time():
+                    if self.runtime.is_main:
+                        self._bar.write(f"time budget of {cfg.max_minutes} min spent at step {step}; saving")
+                    break
+                yield step
+                step += 1
+                self._bar.update(1)
+        finally:
+            self._bar.close()
+
+    def _out_of_time(self) -> bool:
+        budget = self.config.train.max_minutes
+        if budget <= 0:
+            return False
+        over = torch.tensor(float(time.monotonic() - self._t0 > budget * 60))
+        # Every rank must stop at the same step, or DDP's collectives would hang.
+        return bool(self.runtime.all_reduce_sum(over).item() > 0)
+
+    def count_images(self, n: int, skipped: int = 0) -> None:
+        self._images += n
+        self.skipped += skipped
+
+    def every(self, interval: int, step: int) -> bool:
+        """True after step `step` when `interval` steps have passed (counting steps from 1)."""
+        return interval > 0 and (step + 1) % interval == 0
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        elapsed = max(1e-9, time.monotonic() - self._t0)
+        metrics = {**metrics, "images_per_s": self._images * self.runtime.world_size / elapsed,
+                   "skipped_samples": self.skipped}
+        self.logger.log(step + 1, metrics)
+        if self._bar is not None:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()
+                     if k in ("loss", "images_per_s", "psnr", "lr") or k.startswith("loss")}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (flat keys) and print it: how scripts and people read results."""
+        summary = {**summary, "skipped_samples": self.skipped}
+        if self.runtime.is_main:
+            ckpt.write_json(self.path / "summary.json", summary)
+            self.logger.log(summary.get("steps", 0), {f"final/{k}": v for k, v in summary.items()
+                                                      if isinstance(v, (int, float))})
+            figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+            print(f"{self.stage} run {self.path}: {figures}")
+        self.logger.close()
+        self.runtime.barrier()
+        return summary
+
+
+def config_field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,3 @@
+from .network import Decoder, DecoderConfig
+
+__all__ = ["Decoder", "DecoderConfig"]

@@ -1,0 +1,81 @@
+"""The Decoder network: latents (B, c, h, w) -> images (B, 3, f*h*upscale, f*w*upscale).
+
+It lives in its own part so it can be trained alone after the autoencoder (the decoder
+stage) without touching the encoder, and so the pipeline can swap decoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiff.core.blocks import ResBlock, SpatialSelfAttention, Upsample, group_norm
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    out_channels: int = 3  # image channels
+    channels: tuple[int, ...] = (16, 32, 64)  # widths from the image level down to the latent level
+    num_res_blocks: int = 1  # ResBlocks per level
+    latent_channels: int = 4  # c of the latent z
+    mid_attention: bool = False  # self-attention at the latent resolution
+    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+    upscale: int = 1  # extra 2x upsampling levels' total factor (1, 2, 4): a super-resolving decoder
+
+    @property
+    def downsampling(self) -> int:
+        """f: image side / latent side, before any upscaling."""
+        return 2 ** (len(self.channels) - 1)
+
+
+class Decoder(nn.Module):
+    """Mirror of the Encoder: mid block at the latent level, then ResBlocks and 2x upsampling per level."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.upscale not in (1, 2, 4):
+            raise ValueError(f"decoder upscale must be 1, 2 or 4, got {cfg.upscale}")
+        self.cfg = cfg
+        ch = list(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.mid = nn.ModuleList([ResBlock(ch[-1]), ResBlock(ch[-1])])
+        self.mid_attn = SpatialSelfAttention(ch[-1], backend=cfg.attention) if cfg.mid_attention else None
+        self.up = nn.ModuleList()
+        in_ch = ch[-1]
+        for level in reversed(range(len(ch))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(in_ch, ch[level]))
+                in_ch = ch[level]
+            self.up.append(nn.ModuleDict({
+                "blocks": blocks,
+                "upsample": Upsample(in_ch) if level > 0 else nn.Identity(),
+            }))
+        # Super-resolution levels: extra 2x steps at the image-level width.
+        self.extra = nn.ModuleList()
+        for _ in range({1: 0, 2: 1, 4: 2}[cfg.upscale]):
+            self.extra.append(nn.ModuleList([Upsample(in_ch), ResBlock(in_ch)]))
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid[0](h)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h)
+        for level in self.up:
+            for block in level["blocks"]:
+                h = block(h)
+            h = level["upsample"](h)
+        for upsample, block in self.extra:
+            h = block(upsample(h))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The output conv's weight: where the adversarial loss's adaptive weight is measured."""
+        return self.conv_out.weight
