@@ -38,16 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def measure_latent_std(model: Autoencoder, batches, n_batches: int, device: torch.device) -> float:
-    """Std of z ~ q(z|x) over training images: the prior trains on z / std, unit variance (LDM §4.3.2)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for batch in itertools.islice(batches, n_batches):
-        z = model.encode(batch["image"].to(device)).sample()
-        total += z.double().sum().item()
-        total_sq += z.double().pow(2).sum().item()
-        count += z.numel()
-    mean = total / count
-    return (total_sq / count - mean * mean) ** 0.5
+def measure_latents(model: Autoencoder, batches, n_batches: int, device: torch.device) -> tuple[float, float]:
+    """(std, max |z| / std) of z ~ q(z|x) over training images.
+
+    The prior trains on z / std, unit variance (LDM §4.3.2); the scaled range is where the
+    samplers clip their predicted z_0.
+    """
+    zs = [model.encode(batch["image"].to(device)).sample().double().flatten()
+          for batch in itertools.islice(batches, n_batches)]
+    z = torch.cat(zs)
+    std = z.std().item()
+    return std, z.abs().max().item() / std
 
 
 @torch.no_grad()
@@ -140,8 +141,8 @@ def train(args: argparse.Namespace) -> dict:
     final.eval()
     scale_batches = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1,
                                 resolution=cfg.resolution)
-    std = measure_latent_std(final, iter(scale_batches), cfg.scale_batches, rt.device)
-    meta = {"scale_factor": 1.0 / std, "latent_std": std, "resolution": cfg.resolution,
+    std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
+    meta = {"scale_factor": 1.0 / std, "latent_std": std, "latent_absmax": absmax, "resolution": cfg.resolution,
             "latent_channels": cfg.model.latent_channels, "downsampling": cfg.model.downsampling}
     run.save(done, modules, optimizers, ema, meta=meta)
     summary = {"steps": done, "latent_std": std, "scale_factor": 1.0 / std}

@@ -91,7 +91,7 @@ def tensors_hash(state_dict: dict[str, torch.Tensor], length: int = 16) -> str:
         h.update(k.encode())
         h.update(str(v.dtype).encode())
         h.update(str(tuple(v.shape)).encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:length]
 
 

@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None):
         if tuple(argv[: len(words)]) == words:
             if importlib.util.find_spec(module) is None:
                 break
-            return importlib.import_module(module).main(argv[len(words):])
+            result = importlib.import_module(module).main(argv[len(words):])
+            # Stage mains return their summary (for tests); the shell gets an exit code.
+            return result if isinstance(result, int) else 0
     if argv and argv[0] not in ("-h", "--help"):
         print(f"latentdiff: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         raise SystemExit(2)
     print(usage())
-    return None
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,423 @@
+"""The one reader every training stage uses: webdataset shards -> batches of images and captions.
+
+    loader = make_loader("data/shapes", "train", batch_size=64, seed=0)
+    skips = SkipCounter()
+    for step, batch in enumerate(loader):
+        skips.update(batch)        # batch["image"]: (B, 3, H, W) float32 in [-1, 1]
+        ...
+
+Each batch is {"image", "caption", "meta", "key", "skipped", "skip_reasons"}. "skipped" is the
+number of samples dropped (undecodable image, empty caption, missing part, truncated shard)
+since the previous batch of the same stream, so summing it over batches (SkipCounter) gives
+the run's total; per-sample problems are logged at most once per reason and every
+WARN_EVERY-th time after, never one line per sample.
+
+Order is a pure function of (seed, num_workers, world_size): every epoch shuffles the shard
+order with a generator seeded by (seed, epoch), shared by all ranks so their shares stay
+disjoint, and shuffles samples in a buffer seeded by (seed, epoch, rank, worker). Exact resume
+is therefore: make the loader again with the same arguments and discard the first `step` batches.
+
+Sharding: each (rank, worker) pair reads every (world_size * num_workers)-th shard; when there
+are fewer shards than pairs, every pair reads all shards and keeps every n-th sample instead.
+Shards may be uneven, so with repeat=False ranks can get different numbers of batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from latentdiff.data.images import fit_square, to_rgb
+from latentdiff.data.shards import INFO_FILE
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+DEFAULT_SHUFFLE_BUFFER = 2000
+WARN_EVERY = 1000  # after the first skip of each reason, warn once per this many skips
+WRITE_COMMANDS = (
+    "`latentdiff data fashion-mnist --out DIR`, `latentdiff data shapes --out DIR --n N` "
+    "or `latentdiff data folder SRC --out DIR --resolution R`"
+)
+
+
+def _is_remote(data: str) -> bool:
+    return data.startswith("pipe:") or "://" in data
+
+
+def resolve_shards(data: str, split: str) -> list[str]:
+    """Shard URLs of `split`: DIR -> sorted DIR/{split}-*.tar; a brace pattern or pipe: URL is expanded.
+
+    In a pattern, "{split}" is replaced by `split` first, so "d/{split}-{000000..000003}.tar"
+    serves every split; a pattern without it names its shards whatever the split.
+    """
+    data = str(data)
+    if os.path.isdir(data):
+        shards = sorted(glob.glob(os.path.join(glob.escape(data), f"{split}-*.tar")))
+        if not shards:
+            raise FileNotFoundError(
+                f"no {split!r} shards ({split}-*.tar) in dataset directory {data}; write a dataset there with "
+                + WRITE_COMMANDS
+            )
+        return shards
+    urls = expand_urls(data.replace("{split}", split))
+    if _is_remote(data):
+        return urls
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards of {data!r} (split {split!r}) do not exist, e.g. {missing[0]}; "
+            f"pass a dataset directory or shard pattern, or write a dataset with " + WRITE_COMMANDS
+        )
+    return urls
+
+
+def read_info(data: str) -> dict[str, Any]:
+    """DIR/info.json of a dataset (for a local shard pattern, the info.json beside its shards), or {}."""
+    data = str(data)
+    if _is_remote(data):
+        return {}
+    if os.path.isdir(data):
+        path = Path(data) / INFO_FILE
+    else:
+        urls = expand_urls(data)
+        path = Path(urls[0]).parent / INFO_FILE if urls else Path(INFO_FILE)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rewrite it or delete it") from e
+
+
+class SkipCounter:
+    """Running total of the samples a stream skipped: call `update(batch)` on every batch."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_reason: Counter = Counter()
+
+    def update(self, batch: dict[str, Any]) -> int:
+        """Add this batch's skips; returns how many it reported."""
+        n = int(batch.get("skipped", 0))
+        self.total += n
+        self.by_reason.update(batch.get("skip_reasons", {}))
+        return n
+
+    def summary(self) -> str:
+        """"3 samples skipped (empty caption: 1, undecodable image: 2)"."""
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items()))
+        return f"{self.total} samples skipped" + (f" ({reasons})" if reasons else "")
+
+
+class _Skips:
+    """Skips since the last batch of one stream, logging sparsely."""
+
+    def __init__(self) -> None:
+        self.pending: Counter = Counter()
+        self.seen: Counter = Counter()  # all skips of this stream, for rate-limited warnings
+
+    def add(self, reason: str, where: str) -> None:
+        self.pending[reason] += 1
+        self.seen[reason] += 1
+        total = sum(self.seen.values())
+        if self.seen[reason] == 1 or total % WARN_EVERY == 0:
+            log.warning("skipped a sample (%s) at %s; %d skipped so far in this stream", reason, where, total)
+
+    def take(self) -> Counter:
+        taken, self.pending = self.pending, Counter()
+        return taken
+
+
+class _EndWatcher:
+    """Read-through file wrapper that notes whether the stream ran out and what its last bytes were.
+
+    Python's tarfile treats a header cut short as a normal end of archive, so a shard truncated
+    between members would lose its tail silently. A complete tar ends in 1,024 zero bytes; a
+    stream that runs dry on anything else was truncated.
+    """
+
+    def __init__(self, stream: Any, url: str) -> None:
+        self.stream, self.url, self.tail, self.ran_dry = stream, url, b"", False
+
+    def __repr__(self) -> str:  # webdataset appends the stream to error messages
+        return self.url
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if not data:
+            self.ran_dry = True
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    @property
+    def truncated(self) -> bool:
+        return self.ran_dry and any(self.tail)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _read_shard(url: str, skips: _Skips, count_errors: bool) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", "png", "txt", ...} of bytes) of one shard; a read error ends the shard."""
+    errors: list[Any] = []
+
+    def stop_shard(exn: Exception) -> bool:
+        errors.append(exn)
+        return False  # tell webdataset to stop this shard; the next shard starts fresh
+
+    for opened in url_opener([{"url": url}], handler=stop_shard):
+        watcher = opened["stream"] = _EndWatcher(opened["stream"], url)
+        try:
+            yield from group_by_keys(tar_file_expander([opened], handler=stop_shard), handler=stop_shard)
+        finally:
+            watcher.close()
+        if not errors and watcher.truncated:
+            errors.append("the shard ends in the middle of a tar member")
+    if count_errors:
+        for exn in errors:
+            skips.add("unreadable or truncated shard", f"{url}: {exn!r}")
+
+
+def _shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Buffer shuffle: fill `size` items, then emit a random one and put the newcomer in its place."""
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _decode(raw: dict[str, Any], resolution: int | None, skips: _Skips) -> dict[str, Any] | None:
+    """Raw sample -> {"image": (H, W, 3) uint8, "caption", "meta", "key"}, or None (counted) when bad."""
+    key = raw.get("__key__", "?")
+    where = f"{raw.get('__url__', '?')}:{key}"
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if image_ext is None or "txt" not in raw:
+        skips.add("missing image or caption", where)
+        return None
+    try:
+        caption = raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        skips.add("caption is not utf-8", where)
+        return None
+    if not caption:
+        skips.add("empty caption", where)
+        return None
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        if not isinstance(meta, dict):
+            skips.add("unreadable json", where)
+            return None
+    try:
+        with Image.open(io.BytesIO(raw[image_ext])) as image:
+            image.load()
+            image = to_rgb(image)
+        if resolution is not None:
+            image = fit_square(image, resolution)
+        pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        skips.add("undecodable image", where)
+        return None
+    return {"image": pixels, "caption": caption, "meta": meta, "key": key}
+
+
+def _collate(items: list[dict[str, Any]], skipped: Counter) -> dict[str, Any]:
+    shapes = {it["image"].shape for it in items}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images in one batch have different sizes {sorted(shapes)} (keys {items[0]['key']}, ...); "
+            "pass resolution=R to make_loader to resize them all to R x R"
+        )
+    pixels = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, H, W, 3) uint8
+    image = pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
+    return {
+        "image": image,
+        "caption": [it["caption"] for it in items],
+        "meta": [it["meta"] for it in items],
+        "key": [it["key"] for it in items],
+        "skipped": sum(skipped.values()),
+        "skip_reasons": dict(skipped),
+    }
+
+
+class ShardStream(IterableDataset):
+    """Batches from shards for one rank; DataLoader workers split the rank's share further."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        repeat: bool,
+        resolution: int | None,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    ) -> None:
+        super().__init__()
+        self.urls, self.batch_size = list(urls), batch_size
+        self.shuffle, self.seed, self.repeat = shuffle, seed % 2**63, repeat
+        self.resolution, self.drop_last = resolution, drop_last
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+
+    def _raw_samples(self, epoch: int, part: int, parts: int, skips: _Skips) -> Iterator[dict[str, Any]]:
+        urls = list(self.urls)
+        if self.shuffle:  # seeded by (seed, epoch) only: every rank and worker sees the same order
+            np.random.default_rng([self.seed, epoch]).shuffle(urls)
+        by_shard = len(urls) >= parts
+        mine = urls[part::parts] if by_shard else urls
+        index = 0
+        for url in mine:
+            # In sample-modulo mode every pair reads every shard; only pair 0 reports a shard's errors.
+            for raw in _read_shard(url, skips, count_errors=by_shard or part == 0):
+                if by_shard or index % parts == part:
+                    yield raw
+                index += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        part, parts = self.rank * num_workers + worker, self.world_size * num_workers
+        skips = _Skips()
+        pending: list[dict[str, Any]] = []
+        # A one-pass stream holds each batch back until the next exists, so skips met after the
+        # last batch (a truncated last shard, a dropped tail) are still reported, on that batch.
+        held: dict[str, Any] | None = None
+        for epoch in itertools.count() if self.repeat else range(1):
+            raw = self._raw_samples(epoch, part, parts, skips)
+            if self.shuffle:
+                raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank, worker]))
+            kept = 0
+            for sample in raw:
+                item = _decode(sample, self.resolution, skips)
+                if item is None:
+                    continue
+                kept += 1
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    batch, pending = _collate(pending, skips.take()), []
+                    if self.repeat:
+                        yield batch
+                        continue
+                    if held is not None:
+                        yield held
+                    held = batch
+            if kept == 0:  # this share has nothing readable: repeating would spin forever
+                break
+        if pending and not self.drop_last:
+            if held is not None:
+                yield held
+            held = _collate(pending, Counter())
+        if held is not None:
+            late = skips.take()
+            held["skipped"] += sum(late.values())
+            held["skip_reasons"] = dict(Counter(held["skip_reasons"]) + late)
+            yield held
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # batches are built in the workers; DataLoader only moves them
+
+
+class Loader:
+    """Iterable over batches; every `iter()` starts again from epoch 0, so the order is reproducible."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, name: str) -> None:
+        self.dataset, self.num_workers, self.name = dataset, num_workers, name
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if self.dataset.repeat:
+            raise RuntimeError(
+                f"the endless stream of {self.name} ended after {n} batches: rank {self.dataset.rank} of "
+                f"{self.dataset.world_size} with {self.num_workers} workers found no readable samples "
+                f"(a smaller batch or fewer workers/ranks helps with tiny data; see the skip warnings)"
+            )
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_loader(
+    data: str,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    repeat: bool = True,
+    resolution: int | None = None,
+    drop_last: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> Loader:
+    """Batches of `split` from `data` (dataset directory, brace pattern or pipe: URL).
+
+    repeat=True: an endless stream over epochs, reshuffled each epoch (batches may span epochs).
+    repeat=False: one pass; the last partial batch is kept when drop_last=False (skips counted
+    in a dropped tail are lost with it). rank/world_size default to torch.distributed's.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    dist_rank, dist_world = _dist_rank_world()
+    rank = dist_rank if rank is None else rank
+    world_size = dist_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    dataset = ShardStream(
+        resolve_shards(data, split),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        repeat=repeat,
+        resolution=resolution,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+    )
+    return Loader(dataset, num_workers, name=f"{data} ({split})")

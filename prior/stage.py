@@ -1,0 +1,177 @@
+"""`latentdiff train prior`: learn p(z | c) over the frozen autoencoder's scaled latents.
+
+The simplified objective of DDPM (Ho et al. 2020, eq. 14, Alg. 1), in latent space
+(Rombach et al. 2022, eq. 2), with the target and weighting the config names:
+    z_0 = E(x) * scale,  t ~ U{0..T-1},  eps ~ N(0, I),
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps          (eq. 4, q(z_t | z_0))
+    L   = w(t) || f(z_t, t, c) - target(z_0, eps, t) ||^2
+Captions are dropped to "" with probability caption_dropout, so the same network also
+learns the unconditional model that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from latentdiff.core.ema import EMA
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.logger import save_grid
+from latentdiff.core.runtime import unwrap
+from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.reader import make_loader, read_info
+
+from .conditioning import (check_unet_fits, clip_bound, load_frozen_stages, make_schedule, sample_latents,
+                           text_conditioning, text_hash)
+from .config import PriorConfig
+from .latent_cache import LatentCache
+from .losses import diffusion_loss
+from .unet import UNet
+
+PRESETS = Path(__file__).parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff train prior",
+                                description="Train the text-conditioned latent diffusion model (the prior).")
+    add_train_args(p, "prior")
+    p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (frozen)")
+    p.add_argument("--text", help="run directory of `latentdiff train text`, or openclip:MODEL:PRETRAINED (frozen)")
+    p.add_argument("--cache-latents", action="store_true",
+                   help="encode the training set once (posterior moments, run_dir/latent_cache) and train from it")
+    return p
+
+
+def default_prompts(data: str, n: int = 8) -> list[str]:
+    """The dataset's class prompts, or the first val captions, for training-time sample grids."""
+    info = read_info(data)
+    if info.get("classes"):
+        return [class_prompt(c) for c in info["classes"]]
+    loader = make_loader(data, "val", n, shuffle=False, repeat=False, drop_last=False, rank=0, world_size=1)
+    batch = next(iter(loader), None)
+    return list(batch["caption"]) if batch else ["a photo"]
+
+
+def drop_captions(captions: list[str], p: float) -> list[str]:
+    """Replace each caption by "" with probability p (global RNG: seeded and restored on resume)."""
+    if p <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions)) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+@torch.no_grad()
+def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, scale: float, clip_x0, prompts, latent_shape,
+                path: Path, seed: int = 0) -> Path:
+    prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
+    cond = text_conditioning(encoder, prompts)
+    uncond = text_conditioning(encoder, [""] * len(prompts))
+    g = torch.Generator(cond[0].device).manual_seed(seed)
+    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, latent_shape,
+                        sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
+                        generator=g, clip_x0=clip_x0)
+    images = ae.decode(z0 / scale)
+    return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
+
+
+def train(args: argparse.Namespace) -> dict:
+    run_meta = None
+    if args.resume:
+        from latentdiff.core.checkpoint import read_meta
+
+        run_meta = read_meta(args.resume, "prior")
+        args.autoencoder = args.autoencoder or run_meta["autoencoder"]["run"]
+        args.text = args.text or run_meta["text"]["source"]
+        args.data = args.data or run_meta.get("data")
+    for flag in ("data", "autoencoder", "text"):
+        if not getattr(args, flag):
+            raise ValueError(f"--{flag} is required for `latentdiff train prior`")
+    run = Run.start(args, PriorConfig, PRESETS, stage="prior")
+    cfg, rt = run.config, run.runtime
+    tcfg = cfg.train
+    ae, ae_meta, encoder = load_frozen_stages(args.autoencoder, args.text, rt.device, expect=run_meta)
+    check_unet_fits(cfg.model, ae_meta, encoder, f"prior preset {args.preset}")
+    scale = float(ae_meta["scale_factor"])
+    side = cfg.resolution // ae_meta["downsampling"]
+    latent_shape = (ae_meta["latent_channels"], side, side)
+    schedule = make_schedule(cfg.diffusion)
+    clip_x0 = clip_bound(cfg.diffusion, ae_meta)
+    meta = {"autoencoder": {"run": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"],
+                            "weights_hash": ae_meta["weights_hash"]},
+            "text": {"source": encoder.source, "hash": text_hash(encoder)},
+            "data": str(args.data), "latent_shape": list(latent_shape), "scale_factor": scale}
+
+    unet = UNet(cfg.model).to(rt.device)
+    opt = make_optimizer(unet.parameters(), tcfg)
+    ema = EMA(unet, tcfg.ema_decay)
+    start, _ = run.restore({"model": unet}, {"model": opt}, ema)
+    net = rt.wrap(unet)
+    prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
+
+    if args.cache_latents:
+        cache = LatentCache.build(ae, args.data, run.path / "latent_cache", cfg.resolution, rt)
+        loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
+    else:
+        loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
+                             resolution=cfg.resolution)
+    # Same seed, same order: a resumed run skips the batches it has already seen.
+    batches = itertools.islice(iter(loader), start, None)
+    done = start
+    for step in run.steps(start):
+        batch = next(batches)
+        with torch.no_grad():
+            if args.cache_latents:
+                z0 = LatentCache.sample(batch, rt.device) * scale
+            else:
+                z0 = ae.encode(batch["image"].to(rt.device, non_blocking=True)).sample() * scale
+            states, mask, pooled = text_conditioning(encoder, drop_captions(batch["caption"], cfg.caption_dropout))
+        B = z0.shape[0]
+        t = torch.randint(0, schedule.T, (B,), device=rt.device)
+        eps = torch.randn_like(z0)
+        z_t = schedule.q_sample(z0, t, eps)
+        target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
+        lr = lr_at(step, tcfg)
+        set_lr(opt, lr)
+        with rt.autocast():
+            out = net(z_t, t.float(), states, mask, pooled)
+        loss = diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
+                              cfg.diffusion.prediction).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        ema.update(unet)
+        run.count_images(B, batch.get("skipped", 0))
+
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
+        if run.every(tcfg.sample_every, step) and rt.is_main:
+            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
+                        run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
+        if run.every(tcfg.ckpt_every, step):
+            run.save(step + 1, {"model": unet}, {"model": opt}, ema, meta=meta)
+        done = step + 1
+
+    run.save(done, {"model": unet}, {"model": opt}, ema, meta=meta)
+    summary = {"steps": done}
+    if rt.is_main:
+        final = ema.module if ema.enabled else unwrap(unet)
+        final.eval()
+        grid = sample_grid(final, schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
+                           run.path / "samples.png", seed=tcfg.seed)
+        summary["sample_grid"] = str(grid)
+    return run.finish(summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()

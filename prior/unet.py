@@ -1,0 +1,164 @@
+"""The denoiser f(z_t, t, c): a UNet over latents with self- and cross-attention to text.
+
+The layout of Latent Diffusion's UNet (Rombach et al. 2022, §3.3; Ho et al. 2020, App. B):
+ResBlocks carrying a timestep embedding, transformer blocks (self-attention, then
+cross-attention to the text encoder's per-token states, then a feed-forward) at chosen
+levels, skip connections from each down block to its up block, zero-initialised output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from latentdiff.core.blocks import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_module
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels c
+    channels: tuple[int, ...] = (64, 128)  # width per level; len-1 downsamplings of the latent grid
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1)  # levels (0 = full latent resolution) with transformer blocks
+    heads: int = 4  # attention heads
+    context_dim: int = 128  # width D of the text encoder's per-token states
+    pooled_dim: int = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
+    dropout: float = 0.0  # dropout inside ResBlocks
+    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020), as in Stable Diffusion's transformer blocks."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention over positions, cross-attention to the text, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, backend: str):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, backend=backend)
+        self.cross_attn = Attention(dim, heads, context_dim=context_dim, backend=backend)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> TransformerBlock -> feature map, as a residual that starts at zero."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, backend: str):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.block = TransformerBlock(ch, heads, context_dim, backend)
+        self.proj_out = zero_module(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.block(h, context, mask)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNetLayer(nn.Module):
+    """One ResBlock, optionally followed by a SpatialTransformer."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, attend: bool):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout)
+        self.attn = SpatialTransformer(out_ch, cfg.heads, cfg.context_dim, cfg.attention) if attend else None
+
+    def forward(self, h, emb, context, mask):
+        h = self.res(h, emb)
+        return self.attn(h, context, mask) if self.attn is not None else h
+
+
+class UNet(nn.Module):
+    """f(z_t, t, c) -> prediction of the schedule's target (eps, v or x0), same shape as z_t."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = list(cfg.channels)
+        emb_dim = 4 * ch[0]
+        self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_embed = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips = [ch[0]]
+        in_ch = ch[0]
+        for level, out_ch in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(UNetLayer(in_ch, out_ch, emb_dim, cfg, level in cfg.attention_levels))
+                in_ch = out_ch
+                skips.append(in_ch)
+            if level < len(ch) - 1:
+                self.down.append(Downsample(in_ch))
+                skips.append(in_ch)
+
+        self.mid = nn.ModuleList([UNetLayer(in_ch, in_ch, emb_dim, cfg, True),
+                                  UNetLayer(in_ch, in_ch, emb_dim, cfg, False)])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(ch))):
+            for i in range(cfg.num_res_blocks + 1):
+                self.up.append(UNetLayer(in_ch + skips.pop(), ch[level], emb_dim, cfg, level in cfg.attention_levels))
+                in_ch = ch[level]
+            if level > 0:
+                self.up.append(Upsample(in_ch))
+
+        self.norm_out = group_norm(in_ch)
+        # Zero-init the output conv: the untrained model predicts 0, a stable starting point.
+        self.conv_out = zero_module(nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1))
+
+    def _run(self, layer: nn.Module, *args):
+        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t (B, c, h, w); t (B,) timesteps (may be fractional); context (B, T, D); mask (B, T) bool."""
+        levels = len(self.cfg.channels) - 1
+        if z_t.shape[-1] % 2 ** levels or z_t.shape[-2] % 2 ** levels:
+            raise ValueError(f"latent side {tuple(z_t.shape[-2:])} must be divisible by {2 ** levels} "
+                             f"for a UNet with {levels + 1} levels")
+        emb = self.time_embed(timestep_embedding(t, self.cfg.channels[0]).to(z_t.dtype))
+        if self.pooled_embed is not None:
+            if pooled is None:
+                raise ValueError("this UNet was built with pooled_dim > 0 and needs the pooled text embedding")
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
+        context = context.to(z_t.dtype)
+
+        h = self.conv_in(z_t)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else self._run(layer, h, emb, context, context_mask)
+            hs.append(h)
+        for layer in self.mid:
+            h = self._run(layer, h, emb, context, context_mask)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,194 @@
+"""TextEncoder: prompts -> per-token states c (B, T, D) for the prior's cross-attention, and CLIP embeddings.
+
+Wraps an open_clip.CLIP and its SimpleTokenizer. The per-token states are open_clip's own text
+forward stopped after ln_final (CLIP.encode_text before pooling); `pooled` continues exactly as
+encode_text does (text_global_pool, then text_projection), so it equals model.encode_text(tokens).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import SimpleTokenizer
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from latentdiff.text.model import preprocess_images
+from latentdiff.text.tokens import check_prompts, tokenize
+
+
+@dataclass(frozen=True)
+class TextOutput:
+    """What the text encoder gives later stages for a batch of B prompts."""
+
+    states: torch.Tensor  # (B, T, D) last-layer token states after ln_final
+    mask: torch.Tensor  # (B, T) bool, True for SOT..EOT inclusive (real tokens)
+    pooled: torch.Tensor  # (B, E) projected embedding, = CLIP.encode_text; not normalised
+
+    def normalized_pooled(self) -> torch.Tensor:
+        """(B, E) unit-length pooled embeddings, as CLIP compares them."""
+        return F.normalize(self.pooled, dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """Text (and image) side of an open_clip CLIP, with the tokenizer that belongs to it."""
+
+    def __init__(
+        self,
+        model: open_clip.CLIP,
+        tokenizer: SimpleTokenizer,
+        model_config: dict[str, Any] | None = None,
+        source: str = "",
+    ):
+        super().__init__()
+        if not isinstance(model, open_clip.CLIP):
+            raise TypeError(
+                f"TextEncoder needs an open_clip.CLIP (built-in text transformer), got {type(model).__name__}"
+            )
+        if tokenizer.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model's token embedding only "
+                f"{model.vocab_size}; set text_cfg.vocab_size >= {tokenizer.vocab_size}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_config = model_config  # open_clip config dict; saved with checkpoints that use this encoder
+        self.source = source  # how it was loaded: "openclip:MODEL:PRETRAINED" or a run directory
+        self._cache: OrderedDict[str, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self._cache_size = 0
+
+    # ---- sizes, device, dtype --------------------------------------------------------
+    @property
+    def width(self) -> int:
+        """D, the width of the per-token states."""
+        return self.model.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the width of the pooled, projected embedding."""
+        proj = self.model.text_projection
+        if proj is None:  # proj_type "none": the pooled state itself
+            return self.width
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        """T, tokens per prompt including SOT and EOT."""
+        return self.model.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.get_cast_dtype()
+
+    # ---- text --------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids (B, T) on the encoder's device; long prompts are truncated with a PromptTruncatedWarning."""
+        return tokenize(self.tokenizer, prompts, self.context_length).to(self.device)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> TextOutput:
+        """Per-token states, mask and pooled embedding for token ids (B, T) from `tokenize`."""
+        m = self.model
+        cast_dtype = m.transformer.get_cast_dtype()
+        # Same steps as open_clip CLIP.encode_text, kept apart so the states before pooling are visible.
+        x = m.token_embedding(tokens).to(cast_dtype)  # (B, T, D)
+        x = x + m.positional_embedding.to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)  # causal mask: padding after EOT never reaches real tokens
+        states = m.ln_final(x)  # (B, T, D)
+        pooled = text_global_pool(states, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            if isinstance(m.text_projection, nn.Linear):
+                pooled = m.text_projection(pooled)
+            else:
+                pooled = pooled @ m.text_projection  # (B, E)
+        eot_pos = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)  # (B,) first EOT
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = positions[None, :] <= eot_pos[:, None]  # (B, T)
+        return TextOutput(states=states, mask=mask, pooled=pooled)
+
+    def forward(self, prompts: Sequence[str]) -> TextOutput:
+        """Encode prompts (differentiable). "" is the unconditional prompt: just SOT, EOT."""
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return self._empty()
+        return self.forward_tokens(self.tokenize(prompts))
+
+    @torch.no_grad()  # not inference_mode: its tensors could not be saved for the prior's backward pass
+    def encode(self, prompts: Sequence[str]) -> TextOutput:
+        """Encode prompts without autograd, for frozen use by later stages; uses the LRU cache if enabled.
+
+        Works inside torch.inference_mode() too; the outputs can feed a trainable network.
+        """
+        prompts = check_prompts(prompts)
+        if not self._cache_active() or not prompts:
+            return self.forward(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            out = self.forward(missing)
+            lengths = out.mask.sum(dim=1).tolist()
+            for i, p in enumerate(missing):
+                # clone: a view would keep the whole batch alive until every row is evicted; one
+                # dtype (the parameters'), so rows cached inside and outside autocast stack together
+                row_states = out.states[i].to(self.dtype, copy=True)
+                self._cache[p] = (row_states, lengths[i], out.pooled[i].to(self.dtype, copy=True))
+        rows = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            rows.append(self._cache[p])
+        # torch.stack copies, so a caller editing the result cannot corrupt the cache.
+        states = torch.stack([r[0] for r in rows])
+        lengths = torch.tensor([r[1] for r in rows], device=states.device)
+        mask = torch.arange(self.context_length, device=states.device)[None, :] < lengths[:, None]
+        pooled = torch.stack([r[2] for r in rows])
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return TextOutput(states=states, mask=mask, pooled=pooled)
+
+    def _empty(self) -> TextOutput:
+        T, dev = self.context_length, self.device
+        return TextOutput(
+            states=torch.zeros(0, T, self.width, device=dev, dtype=self.dtype),
+            mask=torch.zeros(0, T, dtype=torch.bool, device=dev),
+            pooled=torch.zeros(0, self.embed_dim, device=dev, dtype=self.dtype),
+        )
+
+    # ---- images ------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, E) image embeddings for images (B, 3, H, W) in [-1, 1] (resized and normalised here)."""
+        return self.model.encode_image(preprocess_images(images, self.model), normalize=normalize)
+
+    # ---- frozen use and the cache ------------------------------------------------------------
+    def frozen(self, cache_size: int = 0) -> TextEncoder:
+        """No gradients, eval mode; optionally cache the `cache_size` most recent prompts in `encode`.
+
+        The cache assumes the weights no longer change: it is bypassed while any parameter
+        requires grad and cleared by .to()/.half() and load_state_dict; after editing
+        parameters in place (e.g. copying EMA weights) call clear_cache().
+        """
+        self.requires_grad_(False).eval()
+        self.clear_cache()
+        self._cache_size = int(cache_size)
+        return self
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _cache_active(self) -> bool:
+        return self._cache_size > 0 and not any(p.requires_grad for p in self.parameters())
+
+    def _apply(self, fn, recurse=True):
+        self.clear_cache()  # device/dtype moves would leave cached tensors behind
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()  # runs for load_state_dict on this module or on any module holding it
+        return super()._load_from_state_dict(*args, **kwargs)

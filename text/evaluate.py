@@ -1,0 +1,86 @@
+"""How well a CLIP pairs images with text: zero-shot classification and retrieval recall@k."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.text.encoder import TextEncoder
+
+
+@torch.inference_mode()
+def class_embeddings(
+    encoder: TextEncoder, class_names: Sequence[str], prompt_fn: Callable[[str], str | Sequence[str]]
+) -> torch.Tensor:
+    """(K, E) unit class embeddings; a prompt_fn returning several templates averages them (CLIP's prompt ensembling)."""
+    rows = []
+    for name in class_names:
+        prompts = prompt_fn(name)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        emb = encoder.encode(prompts).normalized_pooled().float().mean(dim=0)  # (E,)
+        rows.append(F.normalize(emb, dim=-1))
+    return torch.stack(rows)
+
+
+def _label_index(label: Any, class_names: Sequence[str]) -> int:
+    if isinstance(label, str):
+        if label not in class_names:
+            raise ValueError(f"label {label!r} is not one of the class names {list(class_names)}")
+        return list(class_names).index(label)
+    index = int(label)
+    if not 0 <= index < len(class_names):
+        raise ValueError(f"label {index} is out of range for {len(class_names)} class names")
+    return index
+
+
+@torch.inference_mode()
+def zero_shot_accuracy(
+    encoder: TextEncoder,
+    batches: Iterable[dict[str, Any]],
+    class_names: Sequence[str],
+    prompt_fn: Callable[[str], str | Sequence[str]] = lambda c: f"a photo of a {c}",
+) -> float:
+    """Top-1 accuracy of classifying each image as the class whose prompt embedding is most cosine-similar.
+
+    Batches are reader dicts: "image" (B, 3, H, W) in [-1, 1] and "meta", a list of dicts whose
+    "label" is a class index or a class name.
+    """
+    classes = class_embeddings(encoder, class_names, prompt_fn)  # (K, E)
+    correct = total = 0
+    for batch in batches:
+        image_emb = encoder.encode_image(batch["image"], normalize=True).float()  # (B, E)
+        predicted = (image_emb @ classes.to(image_emb.device).T).argmax(dim=1).cpu()  # (B,)
+        labels = torch.tensor([_label_index(m["label"], class_names) for m in batch["meta"]])
+        correct += int((predicted == labels).sum())
+        total += len(labels)
+    if total == 0:
+        raise ValueError("zero_shot_accuracy got no images")
+    return correct / total
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Recall@k of image->text and text->image retrieval where pair i is the match of i.
+
+    image_emb, text_emb: (N, E), normalised here. A match counts at rank r when r other
+    candidates score at least as high, so ties count against the model: N identical
+    embeddings score top-1 = 0, not 1.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(
+            f"need two (N, E) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (N, N) image x text
+    n = sim.shape[0]
+    matched = sim.diagonal()  # (N,)
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    # rank = number of wrong candidates scoring >= the match
+    i2t_rank = ((sim >= matched[:, None]) & ~eye).sum(dim=1)  # (N,) over texts for each image
+    t2i_rank = ((sim >= matched[None, :]) & ~eye).sum(dim=0)  # (N,) over images for each text
+    out = {}
+    for k in ks:
+        out[f"i2t_top{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"t2i_top{k}"] = (t2i_rank < k).float().mean().item()
+    return out

@@ -1,0 +1,143 @@
+"""`latentdiff train text`: a CLIP trained contrastively on your (image, caption) pairs.
+
+The symmetric InfoNCE objective of CLIP (Radford et al. 2021, Fig. 3) through open_clip's
+ClipLoss, with the learnable temperature clamped at 100 as CLIP does. The prior later reads
+this model's text tower; evaluation uses its image tower for CLIP score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+
+from latentdiff.core.ema import EMA
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.runtime import unwrap
+from latentdiff.core.train import Run, TrainConfig, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.reader import make_loader, read_info
+
+from .encoder import TextEncoder
+from .evaluate import retrieval_metrics, zero_shot_accuracy
+from .loss import clamp_logit_scale
+from .model import build_clip, load_model_config, preprocess_images
+from .tokens import build_tokenizer
+
+PRESETS = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class TextStageConfig:
+    model: str = "clip-tiny"  # open_clip model config: one of text/configs/*.json, a .json path, or an open_clip name
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resolution: int = 32  # image side read from the shards (the image tower resizes to its own size)
+    eval_images: int = 2000  # validation images for retrieval and zero-shot figures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff train text",
+                                description="Train a CLIP contrastively on (image, caption) shards; "
+                                            "its text tower conditions the prior.")
+    add_train_args(p, "text")
+    return p
+
+
+@torch.no_grad()
+def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str, float]:
+    """Zero-shot accuracy over the class prompts (labelled data) and retrieval recall@1/5 on val."""
+    def val_batches():
+        loader = make_loader(data, "val", 250, shuffle=False, repeat=False, drop_last=False,
+                             resolution=cfg.resolution, rank=0, world_size=1)
+        seen = 0
+        for batch in loader:
+            yield batch
+            seen += len(batch["caption"])
+            if seen >= cfg.eval_images:
+                break
+
+    metrics: dict[str, float] = {}
+    classes = read_info(data).get("classes")
+    if classes:
+        metrics["val_zero_shot_accuracy"] = zero_shot_accuracy(encoder, val_batches(), classes, class_prompt)
+    images, texts = [], []
+    for batch in val_batches():
+        images.append(encoder.encode_image(batch["image"], normalize=True).float())
+        texts.append(encoder.encode(batch["caption"]).normalized_pooled().float())
+    # Retrieval among 1000 candidates, the usual size for a small val set's recall@k.
+    image_emb, text_emb = torch.cat(images)[:1000], torch.cat(texts)[:1000]
+    metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb).items()})
+    metrics["val_retrieval_candidates"] = image_emb.shape[0]
+    return metrics
+
+
+def train(args: argparse.Namespace) -> dict:
+    if args.resume:
+        from latentdiff.core.checkpoint import read_meta
+
+        args.data = args.data or read_meta(args.resume, "text").get("data")
+    if not args.data:
+        raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
+    run = Run.start(args, TextStageConfig, PRESETS, stage="text")
+    cfg, rt = run.config, run.runtime
+    tcfg = cfg.train
+    model_config = load_model_config(cfg.model)
+    model = build_clip(model_config).to(rt.device)
+    encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
+    opt = make_optimizer(model.parameters(), tcfg)
+    ema = EMA(model, tcfg.ema_decay)
+    start, _ = run.restore({"model": model}, {"model": opt}, ema)
+    net = rt.wrap(model)
+    # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
+    clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
+    meta = {"model_config": model_config, "data": str(args.data)}
+
+    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
+                         resolution=cfg.resolution)
+    batches = itertools.islice(iter(loader), start, None)  # a resumed run skips what it has seen
+    done = start
+    for step in run.steps(start):
+        batch = next(batches)
+        tokens = encoder.tokenize(batch["caption"])
+        images = preprocess_images(batch["image"], model)
+        lr = lr_at(step, tcfg)
+        set_lr(opt, lr)
+        with rt.autocast():
+            image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E) each
+            loss = clip_loss(image_features, text_features, logit_scale)  # one value: the softmax spans the batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        clamp_logit_scale(model)
+        ema.update(model)
+        run.count_images(images.shape[0], batch["skipped"])
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"loss": loss.item(), "lr": lr, "logit_scale": model.logit_scale.exp().item()})
+        if run.every(tcfg.ckpt_every, step):
+            run.save(step + 1, {"model": model}, {"model": opt}, ema, meta=meta)
+        done = step + 1
+
+    run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
+    summary = {"steps": done}
+    if rt.is_main:
+        final = ema.module if ema.enabled else unwrap(model)
+        final.eval()
+        summary.update(evaluate(TextEncoder(final, encoder.tokenizer, model_config).frozen(cache_size=64),
+                                args.data, cfg))
+    return run.finish(summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()
