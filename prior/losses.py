@@ -35,7 +35,7 @@ def diffusion_loss(output: Tensor, target: Tensor, t: Tensor, schedule: NoiseSch
     if output.shape != target.shape:
         raise ValueError(f"network output {tuple(output.shape)} and target {tuple(target.shape)} differ in shape")
     dtype = torch.promote_types(output.dtype, torch.float32)  # bf16 outputs: square and average in float32
-    mse = (output.to(dtype) - target.to(dtype)).square().mean()
+    mse = (output.to(dtype) - target.to(dtype)).square().mean(dim=tuple(range(1, output.ndim)))
     if weighting == "uniform":
         return mse
     if weighting == "min_snr":

@@ -1,0 +1,118 @@
+"""Text -> image: text encoder -> prior (guided sampling of z_0) -> decoder.
+
+    pipe = TextToImage.from_run("runs/demo/prior")
+    images = pipe(["a photo of a sneaker"], n=4, steps=20, sampler="dpmpp-2m", guidance=3, seed=0)
+
+`images` is (N, 3, H, W) in [-1, 1]. The prior's run directory records the autoencoder
+and text encoder it was trained with; both are loaded from there and checked by content hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.config import load_toml
+from latentdiff.core.logger import progress
+
+from .conditioning import (check_unet_fits, clip_bound, load_frozen_stages, make_schedule, sample_latents,
+                           text_conditioning)
+from .config import PriorConfig
+from .samplers import SAMPLERS, number_of_evaluations
+from .unet import UNet
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the images, written beside them as JSON."""
+
+    prompts: tuple[str, ...]
+    n: int  # images per prompt
+    steps: int
+    sampler: str
+    guidance: float
+    negative_prompt: str
+    seed: int
+    eta: float  # DDIM stochasticity (ddim only)
+    clip_x0: float | None
+    run: str
+
+
+class TextToImage:
+    def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, meta: dict, ae_meta: dict, run: Path,
+                 decoder: torch.nn.Module | None = None):
+        self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
+        self.decoder = decoder if decoder is not None else autoencoder.decoder
+        self.schedule = make_schedule(cfg.diffusion)
+        self.scale = float(meta["scale_factor"])
+        self.latent_shape = tuple(meta["latent_shape"])
+        self.clip_x0 = clip_bound(cfg.diffusion, ae_meta)
+        self.run = run
+
+    @classmethod
+    def from_run(cls, run: str | Path, *, device: torch.device | str | None = None, ema: bool = True,
+                 autoencoder: str | Path | None = None, text: str | Path | None = None) -> "TextToImage":
+        """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match)."""
+        run = Path(run)
+        meta = ckpt.read_meta(run, "prior")
+        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = load_toml(PriorConfig, run / ckpt.CONFIG)
+        ae, ae_meta, encoder = load_frozen_stages(autoencoder or meta["autoencoder"]["run"],
+                                                  text or meta["text"]["source"], device, expect=meta)
+        check_unet_fits(cfg.model, ae_meta, encoder, str(run))
+        unet = UNet(cfg.model)
+        unet.load_state_dict(ckpt.load_weights(run / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
+        unet.to(device).eval().requires_grad_(False)
+        return cls(unet, cfg, encoder, ae, meta, ae_meta, run)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str] | str, *, n: int = 1, steps: int | None = None, sampler: str | None = None,
+                 guidance: float | None = None, negative_prompt: str = "", seed: int = 0, eta: float = 0.0,
+                 batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
+        """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first)."""
+        settings = self.settings(prompts, n=n, steps=steps, sampler=sampler, guidance=guidance,
+                                 negative_prompt=negative_prompt, seed=seed, eta=eta)
+        rows = [p for p in settings.prompts for _ in range(n)]
+        g = torch.Generator(self.device).manual_seed(seed)
+        options = {"eta": eta} if settings.sampler == "ddim" else {}
+        evals = number_of_evaluations(settings.sampler, settings.steps)
+        bar = progress(evals * ((len(rows) + batch_size - 1) // batch_size), "sampling", enabled=show_progress)
+        images = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            cond = text_conditioning(self.encoder, chunk)
+            uncond = text_conditioning(self.encoder, [negative_prompt] * len(chunk))
+            z0 = sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
+                                self.latent_shape, sampler=settings.sampler, steps=settings.steps,
+                                guidance=settings.guidance, generator=g, clip_x0=self.clip_x0,
+                                callback=lambda *_: bar.update(1), **options)
+            images.append(self.decoder(z0 / self.scale).clamp(-1, 1).float().cpu())
+        bar.close()
+        return torch.cat(images)
+
+    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta) -> GenerationSettings:
+        """Resolve defaults from the run's sampling config and check every value."""
+        prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        if n < 1:
+            raise ValueError(f"n (images per prompt) must be at least 1, got {n}")
+        s = self.cfg.sampling
+        sampler = sampler or s.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        steps = steps or s.steps
+        if not 1 <= steps <= self.schedule.T:
+            raise ValueError(f"steps must be in 1..{self.schedule.T} (the prior's training timesteps), got {steps}")
+        guidance = s.guidance if guidance is None else float(guidance)
+        return GenerationSettings(prompts, n, steps, sampler, guidance, negative_prompt, seed, eta,
+                                  self.clip_x0, str(self.run))
