@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.decoder.load import load_decoder
 from latentdiff.core.config import load_toml
 from latentdiff.core.logger import progress
 
@@ -54,8 +56,13 @@ class TextToImage:
 
     @classmethod
     def from_run(cls, run: str | Path, *, device: torch.device | str | None = None, ema: bool = True,
-                 autoencoder: str | Path | None = None, text: str | Path | None = None) -> "TextToImage":
-        """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match)."""
+                 autoencoder: str | Path | None = None, text: str | Path | None = None,
+                 decoder: str | Path | None = None) -> "TextToImage":
+        """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
+
+        decoder: a run of `latentdiff train decoder` to use instead of the autoencoder's own; it
+        must have been trained on this autoencoder's latent space (same encoder hash).
+        """
         run = Path(run)
         meta = ckpt.read_meta(run, "prior")
         device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +73,15 @@ class TextToImage:
         unet = UNet(cfg.model)
         unet.load_state_dict(ckpt.load_weights(run / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
         unet.to(device).eval().requires_grad_(False)
-        return cls(unet, cfg, encoder, ae, meta, ae_meta, run)
+        swapped = None
+        if decoder is not None:
+            swapped, dec_meta = load_decoder(decoder, device)
+            if dec_meta["encoder_hash"] != ae_meta["encoder_hash"]:
+                raise CheckpointError(
+                    f"decoder {decoder} was trained for the latents of autoencoder {dec_meta['autoencoder']} "
+                    f"(encoder hash {dec_meta['encoder_hash']}), but this prior uses {ae_meta['run_dir']} "
+                    f"(encoder hash {ae_meta['encoder_hash']}); train a decoder with --autoencoder {ae_meta['run_dir']}")
+        return cls(unet, cfg, encoder, ae, meta, ae_meta, run, decoder=swapped)
 
     @property
     def device(self) -> torch.device:

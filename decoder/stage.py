@@ -1,0 +1,179 @@
+"""`latentdiff train decoder`: train the decoder alone, the encoder (and so the latent space) frozen.
+
+As Stable Diffusion's fine-tuned VAE decoders did: a prior trained on these latents stays
+valid, because the encoder never changes. With `upscale = 2` the decoder maps the same
+latents to images at twice the resolution, learning from shards at the higher resolution
+while the encoder sees them downsampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.autoencoder.losses import AutoencoderLoss
+from latentdiff.autoencoder.model import AutoencoderLossConfig
+from latentdiff.core.ema import EMA
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.image_metrics import psnr
+from latentdiff.core.logger import save_grid
+from latentdiff.core.runtime import unwrap
+from latentdiff.core.train import Run, TrainConfig, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.data.reader import make_loader
+
+from .network import Decoder
+
+PRESETS = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class DecoderStageConfig:
+    upscale: int = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
+    init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # kl_weight is unused here
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_images: int = 2000  # validation images for the final figures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff train decoder",
+                                description="Train the decoder alone with the autoencoder's encoder frozen.")
+    add_train_args(p, "decoder")
+    p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (its encoder is frozen)")
+    p.add_argument("--upscale", type=int, choices=[1, 2, 4], help="decode to this many times the resolution")
+    return p
+
+
+def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """What the encoder sees of a high-resolution image: area-averaged to its own resolution."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
+
+
+@torch.no_grad()
+def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_images: int, device) -> dict:
+    """Val PSNR of this decoder against the autoencoder's own decoder (bicubically upsampled when upscale > 1)."""
+    loader = make_loader(data, "val", 100, shuffle=False, repeat=False, drop_last=False,
+                         resolution=res * upscale, rank=0, world_size=1)
+    ours, base, n, shown = [], [], 0, None
+    for batch in loader:
+        x = batch["image"].to(device)
+        z = ae.encode(downsample(x, res)).mode()
+        x_new = decoder(z)
+        x_old = ae.decode(z)
+        if upscale > 1:
+            x_old = F.interpolate(x_old, scale_factor=upscale, mode="bicubic", align_corners=False)
+        ours.append(psnr(x_new, x))
+        base.append(psnr(x_old, x))
+        if shown is None:
+            shown = torch.cat([x[:8], x_old[:8].clamp(-1, 1), x_new[:8].clamp(-1, 1)]).cpu()
+        n += x.shape[0]
+        if n >= eval_images:
+            break
+    baseline = "val_psnr_original_decoder" if upscale == 1 else "val_psnr_bicubic_original_decoder"
+    return {"val_psnr": torch.cat(ours).mean().item(), baseline: torch.cat(base).mean().item(), "val_images": n}, shown
+
+
+def train(args: argparse.Namespace) -> dict:
+    run_meta = None
+    if args.resume:
+        from latentdiff.core.checkpoint import read_meta
+
+        run_meta = read_meta(args.resume, "decoder")
+        args.autoencoder = args.autoencoder or run_meta["autoencoder"]
+        args.data = args.data or run_meta.get("data")
+    if args.upscale:
+        args.set = [*args.set, f"upscale={args.upscale}"]
+    for flag in ("data", "autoencoder"):
+        if not getattr(args, flag):
+            raise ValueError(f"--{flag} is required for `latentdiff train decoder`")
+    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder")
+    cfg, rt = run.config, run.runtime
+    tcfg = cfg.train
+    ae, ae_meta = load_autoencoder(args.autoencoder, rt.device)
+    if run_meta is not None and run_meta["encoder_hash"] != ae_meta["encoder_hash"]:
+        raise ValueError(f"{args.autoencoder} is not the autoencoder this decoder run was started from "
+                         f"(encoder hash {ae_meta['encoder_hash']} != {run_meta['encoder_hash']})")
+    res = ae_meta["resolution"]
+    dec_cfg = replace(ae_meta["config"].model.decoder_config(), upscale=cfg.upscale)
+    decoder = Decoder(dec_cfg).to(rt.device)
+    if cfg.init_from_autoencoder and not run.resuming:
+        # upscale levels are new; every other tensor has the autoencoder decoder's name and shape
+        missing, unexpected = decoder.load_state_dict(ae.decoder.state_dict(), strict=False)
+        assert not unexpected, unexpected
+    loss_fn = AutoencoderLoss(cfg.loss, dec_cfg.out_channels).to(rt.device)
+    opt = make_optimizer(decoder.parameters(), tcfg)
+    modules, optimizers = {"model": decoder}, {"model": opt}
+    if loss_fn.discriminator is not None:
+        opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+        modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
+    ema = EMA(decoder, tcfg.ema_decay)
+    start, _ = run.restore(modules, optimizers, ema)
+    net = rt.wrap(decoder)
+    meta = {"autoencoder": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"], "upscale": cfg.upscale,
+            "resolution": res * cfg.upscale, "decoder_config": {k: getattr(dec_cfg, k) for k in
+                                                                  dec_cfg.__dataclass_fields__},
+            "data": str(args.data)}
+
+    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
+                         resolution=res * cfg.upscale)
+    batches = itertools.islice(iter(loader), start, None)  # a resumed run skips what it has seen
+    done = start
+    for step in run.steps(start):
+        batch = next(batches)
+        x = batch["image"].to(rt.device, non_blocking=True)
+        with torch.no_grad():
+            posterior = ae.encode(downsample(x, res))
+            z = posterior.sample()
+        lr = lr_at(step, tcfg)
+        set_lr(opt, lr)
+        with rt.autocast():
+            x_hat = net(z).float()
+            terms = loss_fn.generator_loss(x, x_hat, posterior, step, unwrap(decoder).last_layer)
+        terms.pop("kl")  # the encoder is frozen: its KL is a constant here
+        loss = (terms["loss"]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), tcfg.grad_clip)
+        opt.step()
+        if loss_fn.gan_active(step):
+            d_loss = loss_fn.discriminator_loss(x, x_hat).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        ema.update(decoder)
+        run.count_images(x.shape[0], batch["skipped"])
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"lr": lr, "psnr": psnr(x_hat.detach(), x).mean().item(),
+                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
+        if run.every(tcfg.sample_every, step) and rt.is_main:
+            save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
+        if run.every(tcfg.ckpt_every, step):
+            run.save(step + 1, modules, optimizers, ema, meta=meta)
+        done = step + 1
+
+    run.save(done, modules, optimizers, ema, meta=meta)
+    summary = {"steps": done}
+    if rt.is_main:
+        final = ema.module if ema.enabled else unwrap(decoder)
+        final.eval()
+        metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)
+        summary.update(metrics)
+        summary["comparison_grid"] = str(save_grid(shown, run.path / "comparison.png", 8))
+    return run.finish(summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()
