@@ -79,6 +79,10 @@ def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfi
 def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
+    if args.resume:
+        from latentdiff.core.checkpoint import read_meta
+
+        args.data = args.data or read_meta(args.resume, "autoencoder").get("data")
     if not args.data:
         raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
     run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder")
@@ -100,7 +104,7 @@ def train(args: argparse.Namespace) -> dict:
     # Same seed, same order: a resumed run skips the batches it has already seen.
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
-    batches = itertools.islice(iter(loader), start, None)
+    batches = run.batches(loader, start)
     done = start
     for step in run.steps(start):
         batch = next(batches)
@@ -133,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.sample_every, step) and rt.is_main:
             save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
         if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, modules, optimizers, ema)
+            run.save(step + 1, modules, optimizers, ema, meta={"data": str(args.data)})
         done = step + 1
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
@@ -141,9 +145,11 @@ def train(args: argparse.Namespace) -> dict:
     final.eval()
     scale_batches = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1,
                                 resolution=cfg.resolution)
-    std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
-    meta = {"scale_factor": 1.0 / std, "latent_std": std, "latent_absmax": absmax, "resolution": cfg.resolution,
-            "latent_channels": cfg.model.latent_channels, "downsampling": cfg.model.downsampling}
+    with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
+        std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
+    meta = {"data": str(args.data), "scale_factor": 1.0 / std, "latent_std": std, "latent_absmax": absmax,
+            "resolution": cfg.resolution, "latent_channels": cfg.model.latent_channels,
+            "downsampling": cfg.model.downsampling}
     run.save(done, modules, optimizers, ema, meta=meta)
     summary = {"steps": done, "latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:

@@ -24,6 +24,10 @@ class EMA(torch.nn.Module):
         )
         if self.averaged is not None:
             self.averaged.requires_grad_(False)
+        # Non-persistent buffers are constants built from the config, not learnt (CLIP's causal
+        # mask, -inf above the diagonal): averaging them would give lerp(-inf, -inf) = nan.
+        persistent = model.state_dict().keys()
+        self._constant_buffers = [name for name, _ in model.named_buffers() if name not in persistent]
 
     @property
     def enabled(self) -> bool:
@@ -37,6 +41,9 @@ class EMA(torch.nn.Module):
     def update(self, model: torch.nn.Module) -> None:
         if self.averaged is not None:
             self.averaged.update_parameters(model)
+            ema_buffers, model_buffers = dict(self.averaged.module.named_buffers()), dict(model.named_buffers())
+            for name in self._constant_buffers:
+                ema_buffers[name].copy_(model_buffers[name])
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged model's state dict, with the same keys as the model's."""

@@ -104,6 +104,16 @@ class Runtime:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def fork_rng(self):
+        """A context after which the global RNGs (CPU and this device's) are as they were before.
+
+        For work between training steps that must not shift the training noise, so a resumed
+        run draws exactly what a straight run draws.
+        """
+        if self.device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        return torch.random.fork_rng(devices=[self.device], device_type=self.device.type)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -6,6 +6,7 @@ sample, checkpoint); this module supplies the parts around it, written once:
     run = Run.start(args, StageConfig, PRESETS, stage="autoencoder")
     ...build model, optimizer, EMA...
     step = run.restore(modules, optimizers, ema)
+    batches = run.batches(loader, step)
     for step in run.steps(step):
         ...
         if run.every(cfg.train.ckpt_every, step): run.save(step, modules, optimizers, ema)
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -208,6 +209,22 @@ class Run:
                 self._bar.update(1)
         finally:
             self._bar.close()
+
+    def batches(self, loader: Iterable[dict], start: int) -> Iterator[dict]:
+        """The loader's batches from number `start` on: a resumed run skips what it has already seen.
+
+        Starting a torch DataLoader draws its workers' base seed from the global torch RNG. A
+        resumed run starts it once more than a straight run, so the start and the skipping
+        happen with the RNG forked: the training noise after a resume is the straight run's.
+        """
+        it = iter(loader)
+        with self.runtime.fork_rng():
+            for _ in range(start):
+                next(it)
+            first = next(it, None)
+        if first is not None:
+            yield first
+            yield from it
 
     def _out_of_time(self) -> bool:
         budget = self.config.train.max_minutes

@@ -12,7 +12,6 @@ learns the unconditional model that classifier-free guidance needs.
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import torch
@@ -87,6 +86,8 @@ def train(args: argparse.Namespace) -> dict:
         args.autoencoder = args.autoencoder or run_meta["autoencoder"]["run"]
         args.text = args.text or run_meta["text"]["source"]
         args.data = args.data or run_meta.get("data")
+        # The resumed run reads its data the way it started: the cache's order is not the shards'.
+        args.cache_latents = args.cache_latents or bool(run_meta.get("cache_latents", False))
     for flag in ("data", "autoencoder", "text"):
         if not getattr(args, flag):
             raise ValueError(f"--{flag} is required for `latentdiff train prior`")
@@ -103,7 +104,8 @@ def train(args: argparse.Namespace) -> dict:
     meta = {"autoencoder": {"run": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"],
                             "weights_hash": ae_meta["weights_hash"]},
             "text": {"source": encoder.source, "hash": text_hash(encoder)},
-            "data": str(args.data), "latent_shape": list(latent_shape), "scale_factor": scale}
+            "data": str(args.data), "latent_shape": list(latent_shape), "scale_factor": scale,
+            "cache_latents": bool(args.cache_latents)}
 
     unet = UNet(cfg.model).to(rt.device)
     opt = make_optimizer(unet.parameters(), tcfg)
@@ -113,13 +115,14 @@ def train(args: argparse.Namespace) -> dict:
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     if args.cache_latents:
-        cache = LatentCache.build(ae, args.data, run.path / "latent_cache", cfg.resolution, rt)
+        with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
+            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", cfg.resolution, rt)
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
         loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                              resolution=cfg.resolution)
     # Same seed, same order: a resumed run skips the batches it has already seen.
-    batches = itertools.islice(iter(loader), start, None)
+    batches = run.batches(loader, start)
     done = start
     for step in run.steps(start):
         batch = next(batches)

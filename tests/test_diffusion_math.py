@@ -70,7 +70,7 @@ class GaussianData:
 
 DATA = GaussianData()
 N = 20_000
-# Tolerances from measured discretisation error at 50 steps (KL, see module docstring):
+# Tolerances from the discretisation error measured at 50 steps, as KL to the data:
 # first-order samplers 0.02-0.08, second-order < 0.016; sampling noise ~1e-3; broken samplers >= 0.4.
 KL_TOL = {1: 0.12, 2: 0.03}
 ORDER = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp-2m": 2, "heun": 2}
@@ -174,7 +174,7 @@ def test_seed_determinism_callback_and_evaluation_count(name):
     assert len(calls) == number_of_evaluations(name, 7)
     assert seen == [(i, 7, (32, 4), (32, 4)) for i in range(7)]
     assert torch.equal(a, run(0))
-    if name in ("ddpm",):  # stochastic: a different seed gives different samples
+    if name == "ddpm":  # stochastic: a different seed gives different samples
         assert not torch.allclose(a, run(1))
 
 

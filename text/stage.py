@@ -8,7 +8,6 @@ this model's text tower; evaluation uses its image tower for CLIP score.
 from __future__ import annotations
 
 import argparse
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def train(args: argparse.Namespace) -> dict:
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
-    batches = itertools.islice(iter(loader), start, None)  # a resumed run skips what it has seen
+    batches = run.batches(loader, start)  # a resumed run skips what it has seen
     done = start
     for step in run.steps(start):
         batch = next(batches)
