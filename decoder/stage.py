@@ -9,7 +9,6 @@ while the encoder sees them downsampled.
 from __future__ import annotations
 
 import argparse
-import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -122,7 +121,7 @@ def train(args: argparse.Namespace) -> dict:
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=res * cfg.upscale)
-    batches = itertools.islice(iter(loader), start, None)  # a resumed run skips what it has seen
+    batches = run.batches(loader, start)  # a resumed run skips what it has seen
     done = start
     for step in run.steps(start):
         batch = next(batches)
