@@ -146,8 +146,14 @@ class Run:
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              ema: EMA | None = None, meta: dict | None = None, state: dict | None = None) -> None:
-        """Write weights, EMA, training state and meta.json (main rank; every file atomic)."""
-        if self.runtime.is_main:
+        """Write weights, EMA, training state and meta.json (main rank; every file atomic).
+
+        Under torchrun every other rank writes its own RNG state beside state.pt, since each
+        rank draws its own noise: a resume restores every rank's stream, not rank 0's on all.
+        """
+        if not self.runtime.is_main:
+            ckpt.save_state(self.path / f"rng_rank{self.runtime.rank}.pt", {"step": step, "rng": rng_state()})
+        else:
             from .runtime import unwrap
 
             for name, module in modules.items():
@@ -156,6 +162,7 @@ class Run:
             if ema is not None and ema.enabled:
                 ckpt.save_weights(self.path / ckpt.EMA, ema.weights(), {"step": step})
             full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
+                          "world_size": self.runtime.world_size,
                           "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                           "ema_count": ema.count() if ema is not None else torch.tensor(0)}
             full_state.update(state or {})
@@ -187,7 +194,15 @@ class Run:
             opt.load_state_dict(state["optimizers"][name])
         if ema is not None and ema.enabled:
             ema.load(ckpt.load_weights(self.path / ckpt.EMA, dev), state["ema_count"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if self.runtime.rank > 0:
+            own = self.path / f"rng_rank{self.runtime.rank}.pt"
+            if not own.exists():
+                raise ckpt.CheckpointError(
+                    f"{self.path} was saved by {state.get('world_size', 1)} process(es) and has no RNG state for "
+                    f"rank {self.runtime.rank}; resume it with --nproc_per_node={state.get('world_size', 1)}")
+            rng = ckpt.load_state(own)["rng"]
+        set_rng_state(rng)
         self.skipped = int(state.get("skipped", 0))
         return int(state["step"]), state
 

@@ -50,10 +50,12 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks.append(ResBlock(in_ch, ch[level]))
                 in_ch = ch[level]
+            # The upsampling conv narrows to the next level's width (cheaper than after it).
             self.up.append(nn.ModuleDict({
                 "blocks": blocks,
-                "upsample": Upsample(in_ch) if level > 0 else nn.Identity(),
+                "upsample": Upsample(in_ch, ch[level - 1]) if level > 0 else nn.Identity(),
             }))
+            in_ch = ch[level - 1] if level > 0 else in_ch
         # Super-resolution levels: extra 2x steps at the image-level width.
         self.extra = nn.ModuleList()
         for _ in range({1: 0, 2: 1, 4: 2}[cfg.upscale]):

@@ -416,3 +416,10 @@ def test_retrieval_metrics_on_known_embeddings():
     # ties count against the model
     same = torch.ones(n, e)
     assert retrieval_metrics(same, same)["i2t_top1"] == 0.0
+
+
+def test_retrieval_metrics_refuse_nan_embeddings():
+    emb = torch.randn(4, 8)
+    emb[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        retrieval_metrics(emb, torch.randn(4, 8))

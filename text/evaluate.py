@@ -72,6 +72,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
         raise ValueError(
             f"need two (N, E) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
+    if not (torch.isfinite(image_emb).all() and torch.isfinite(text_emb).all()):
+        raise ValueError("retrieval_metrics got non-finite embeddings (NaN or inf): the model's weights are broken")
     sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (N, N) image x text
     n = sim.shape[0]
     matched = sim.diagonal()  # (N,)
