@@ -15,6 +15,9 @@ COMMANDS = {
     ("train", "decoder"): ("latentdiff.decoder.stage", "fine-tune or upscale the decoder, encoder frozen"),
     ("train", "classifier"): ("latentdiff.evaluation.classifier_stage", "train the FID feature classifier"),
     ("generate",): ("latentdiff.scripts.generate", "generate images from prompts with a prior run"),
+    ("fid",): ("latentdiff.evaluation.fid_command", "FID and KID between two image sets (folders or shards)"),
+    ("evaluate",): ("latentdiff.evaluation.evaluate", "sweep guidance: FID, prompt accuracy, CLIP score, plot"),
+    ("evaluate-autoencoder",): ("latentdiff.evaluation.reconstruction", "PSNR, SSIM, LPIPS and rFID of an autoencoder"),
 }
 
 

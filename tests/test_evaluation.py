@@ -352,15 +352,16 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
 
     run, _ = classifier_run
     test = load_image_set(shapes_data, split="test")
-    by_caption = {c: test.images[i] for i, c in enumerate(test.captions)}
 
     class StandIn:
         def settings(self, prompts, **kw):
             return SimpleNamespace(steps=kw["steps"] or 7, sampler=kw["sampler"] or "ddim")
 
         def __call__(self, prompts, *, guidance, **kw):
-            x = torch.stack([by_caption[p] for p in prompts]).float().div(127.5).sub(1)
-            return (x + 0.5 * (guidance > 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+            assert list(prompts) == test.captions[:len(prompts)]  # captions mode: the first n, in order
+            x = test.images[:len(prompts)].float().div(127.5).sub(1)
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+            return (x + 0.5 * (guidance > 1) * noise).clamp(-1, 1)
 
     monkeypatch.setattr(pipeline.TextToImage, "from_run", staticmethod(lambda *a, **k: StandIn()))
     report = evaluate.main(["--run", str(tmp_path / "prior"), "--data", str(shapes_data), "--n", "20",
@@ -376,3 +377,18 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
     assert w1["fid"] == pytest.approx(w1["fid_floor"], rel=1e-9) and w5["fid"] > w1["fid"]
     assert (tmp_path / "eval" / "report.json").is_file() and Path(report["plot"]).is_file()
     assert "| 5 |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_evaluate_autoencoder_matches_the_stage_psnr(ae_run, data: Path, classifier_run, tmp_path: Path):
+    from latentdiff.evaluation import reconstruction
+
+    run, summary = ae_run
+    report = reconstruction.main(["--run", str(run), "--data", str(data), "--split", "val", "--n", "8",
+                                  "--lpips", "off", "--features", f"classifier:{classifier_run[0]}",
+                                  "--out", str(tmp_path / "eval"), "--no-cache"])
+    # The same val images, the same posterior-mode reconstructions as the stage's own evaluation.
+    assert report["images"] == summary["val_images"] == 8
+    assert report["psnr"] == pytest.approx(summary["val_psnr"], rel=1e-5)
+    assert 0 < report["ssim"] < 1 and report["lpips"] is None
+    assert report["rfid_n"] == 4 and report["rfid_reference_n"] == 4 and np.isfinite(report["rfid"])
+    assert (tmp_path / "eval" / "reconstruction.json").is_file()

@@ -1,0 +1,141 @@
+"""`latentdiff train classifier`: the CNN whose features FID uses and whose predictions judge prompts.
+
+One loop: lr, forward, loss (cross-entropy summed over heads), backward, clip, step, EMA,
+log, checkpoint. After training: accuracy on val (and test, when the dataset has it), overall
+(every head right) and per head; summary.json carries val_accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.ema import EMA
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.runtime import unwrap
+from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.data.reader import make_loader, read_info, resolve_shards
+
+from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,
+                         targets_from_meta)
+
+PRESETS = Path(__file__).parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff train classifier",
+                                description="Train the small CNN whose penultimate features are the FID feature "
+                                            "space and whose predictions score prompt faithfulness.")
+    add_train_args(p, "classifier")
+    return p
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: Classifier, data: str, split: str, heads: Heads, resolution: int, max_images: int,
+                      batch_size: int = 250) -> dict[str, float]:
+    """Fraction of up to `max_images` images of `split` with every head right ("accuracy") and per head."""
+    loader = make_loader(data, split, batch_size, shuffle=False, repeat=False, drop_last=False,
+                         resolution=resolution, rank=0, world_size=1)
+    device = next(model.parameters()).device
+    hits: dict[str, list[torch.Tensor]] = {}
+    seen = 0
+    for batch in loader:
+        take = min(len(batch["meta"]), max_images - seen)
+        targets = {k: v[:take] for k, v in targets_from_meta(heads, batch["meta"][:take]).items()}
+        for k, v in correct(model.predict(batch["image"][:take].to(device)), targets).items():
+            hits.setdefault(k, []).append(v)
+        seen += take
+        if seen >= max_images:
+            break
+    if not seen:
+        raise ValueError(f"no {split} images in {data}; the {split} split is empty")
+    out = {f"{split}_accuracy": torch.cat(hits["all"]).float().mean().item(), f"{split}_images": seen}
+    if len(heads) > 1:
+        out.update({f"{split}_accuracy_{k}": torch.cat(v).float().mean().item() for k, v in hits.items() if k != "all"})
+    return out
+
+
+def _has_split(data: str, split: str) -> bool:
+    try:
+        resolve_shards(data, split)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def train(args: argparse.Namespace) -> dict:
+    if args.resume:
+        args.data = args.data or ckpt.read_meta(args.resume, "classifier").get("data")
+    if not args.data:
+        raise ValueError("--data DIR is required (labelled shards, e.g. from "
+                         "`latentdiff data fashion-mnist --out DIR`)")
+    heads = heads_from_info(read_info(args.data), where=str(args.data))
+    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier")
+    cfg, rt = run.config, run.runtime
+    tcfg = cfg.train
+    if run.resuming:
+        recorded = run.read_meta_or_empty().get("heads")
+        if recorded is not None and recorded != heads:
+            raise ValueError(f"{run.path} was trained with heads {recorded} but {args.data} has {heads}; "
+                             "resume on the data the run was started with")
+
+    model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
+    opt = make_optimizer(model.parameters(), tcfg)
+    ema = EMA(model, tcfg.ema_decay)
+    start, _ = run.restore({"model": model}, {"model": opt}, ema)
+    net = rt.wrap(model)
+    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
+                         resolution=cfg.resolution)
+    batches = run.batches(loader, start)  # a resumed run skips what it has seen, dropout noise unchanged
+    meta = {"heads": heads, "data": str(args.data), "resolution": cfg.resolution,
+            "feature_dim": cfg.model.feature_dim}
+    done = start
+    model.train()
+    for step in run.steps(start):
+        batch = next(batches)
+        x = batch["image"].to(rt.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        targets = {k: v.to(rt.device) for k, v in targets_from_meta(heads, batch["meta"]).items()}
+        lr = lr_at(step, tcfg)
+        set_lr(opt, lr)
+        with rt.autocast():
+            logits = net(x)
+        loss = classification_loss({k: v.float() for k, v in logits.items()}, targets).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        ema.update(model)
+        run.count_images(x.shape[0], batch["skipped"])
+        if run.every(tcfg.log_every, step):
+            hits = correct({k: v.detach().argmax(-1) for k, v in logits.items()}, targets)
+            run.log(step, {"loss": loss.item(), "lr": lr, "train_accuracy": hits["all"].float().mean().item()})
+        if run.every(tcfg.ckpt_every, step):
+            run.save(step + 1, {"model": model}, {"model": opt}, ema, meta=meta)
+        done = step + 1
+
+    run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
+    summary = {"steps": done, "parameters": sum(p.numel() for p in model.parameters())}
+    if rt.is_main:
+        final = ema.module if ema.enabled else unwrap(model)
+        final.eval()
+        for split in ("val", "test"):
+            if split == "val" or _has_split(args.data, split):
+                summary.update(evaluate_accuracy(final, args.data, split, heads, cfg.resolution, cfg.eval_images))
+        # Recorded beside the weights, so `evaluate` can print the judge's own accuracy with its verdicts.
+        accuracies = {k: v for k, v in summary.items() if k.startswith(("val_", "test_"))}
+        ckpt.write_json(run.path / ckpt.META, {**ckpt.read_meta(run.path), **accuracies})
+    return run.finish(summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""`latentdiff evaluate`: sweep guidance scales of a prior run; FID, KID, prompt accuracy, CLIP score; report + plot.
+
+    latentdiff evaluate --run runs/prior --data data/fmnist --n 1000 --features classifier:runs/classifier \\
+        --sampler ddim --steps 50 --guidance 1,3,5
+
+Per guidance value w, the same prompts and the same seed (so the same starting noise) give n
+images; each set is scored against the real test images:
+- FID and KID in the --features space vs the reference part of the test split, beside the floor
+  (FID of a disjoint real holdout of the same size to the same reference; fid.real_reference);
+- prompt accuracy by the classifier (--classifier, or the one named in --features);
+- CLIP score when --clip RUN is given.
+Prompts: class prompts when the classifier has one class head and info.json lists classes
+(n // classes per class, remainder dropped), else the first n test captions (prompts.py).
+Writes OUT/report.json, OUT/tradeoff.png and a sample grid per guidance value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from latentdiff.core.checkpoint import write_json
+from latentdiff.core.errors import cli_errors
+from latentdiff.core.logger import save_grid
+from latentdiff.core.runtime import Runtime
+from latentdiff.data.reader import read_info
+
+from .classifier import load_classifier
+from .features import load_feature_space
+from .fid import StatisticsCache, extract_features, real_reference, score, statistics
+from .fid_command import add_feature_args
+from .images import load_image_set
+from .plot import tradeoff_plot
+from .prompts import PromptSet, clip_score, evaluation_prompts, prompt_hits
+
+
+def parse_guidance(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: give comma-separated numbers, e.g. 1,3,5") from None
+    if not values:
+        raise ValueError("--guidance needs at least one value, e.g. 1,3,5")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="prior run directory (`latentdiff train prior --out RUN`)")
+    p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run (same encoder)")
+    p.add_argument("--data", required=True, help="dataset with the real test images (and captions, labels)")
+    p.add_argument("--split", default="test", help="split of --data to compare with (default: %(default)s)")
+    p.add_argument("--n", type=int, default=1000, help="images generated per guidance value (default: %(default)s)")
+    p.add_argument("--n-real", type=int, help="real images to read (default: all of the split)")
+    add_feature_args(p, required=False)
+    p.add_argument("--classifier", metavar="RUN", help="classifier run for prompt accuracy "
+                                                       "(default: the one in --features classifier:RUN)")
+    p.add_argument("--clip", metavar="RUN", help="CLIP (text run or openclip:MODEL:PRETRAINED) for CLIP score")
+    p.add_argument("--prompts", choices=["auto", "classes", "captions"], default="auto",
+                   help="class prompts or test captions (default: classes when the data has a single class label)")
+    p.add_argument("--sampler", help="ddpm | ddim | dpmpp-2m | euler | heun (default: the run's)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
+    p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
+    p.add_argument("--out", help="report directory (default: RUN/eval)")
+    return p
+
+
+def _grid_indices(prompts: PromptSet, per_prompt: int = 8, max_rows: int = 10) -> list[int]:
+    """A few images of each of the first prompts (classes mode) or the first images (captions mode)."""
+    if prompts.mode != "classes":
+        return list(range(min(len(prompts.prompts), per_prompt * max_rows)))
+    starts: dict[str, int] = {}
+    for i, p in enumerate(prompts.prompts):
+        starts.setdefault(p, i)
+    return [s + j for s in list(starts.values())[:max_rows] for j in range(per_prompt)
+            if s + j < len(prompts.prompts) and prompts.prompts[s + j] == prompts.prompts[s]]
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from latentdiff.prior.pipeline import TextToImage
+
+    guidances = parse_guidance(args.guidance)
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
+    classifier_run = args.classifier or (args.features.partition(":")[2]
+                                         if args.features and args.features.startswith("classifier:") else None)
+    if not args.features and not classifier_run:
+        raise ValueError("give --features (classifier:RUN, clip:RUN or inception) and/or --classifier RUN")
+    device = Runtime.setup(args.seed, "fp32", args.device).device
+    out = Path(args.out or Path(args.run) / "eval")
+
+    # Everything that can fail fast (missing weights, wrong runs) before minutes of sampling.
+    space = None
+    if args.features:
+        space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
+    classifier = load_classifier(classifier_run, device) if classifier_run else None
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder)
+    clip = None
+    if args.clip:
+        from latentdiff.text.sources import load_text_encoder
+
+        clip = load_text_encoder(args.clip).to(device).frozen(cache_size=4096)
+    info = read_info(args.data)
+    real = load_image_set(args.data, split=args.split, limit=args.n_real)
+    if classifier is not None:
+        prompts = evaluation_prompts(classifier.heads, info, real, args.n, args.prompts)
+    elif args.prompts == "classes" or (args.prompts == "auto" and info.get("classes") and not info.get("attributes")):
+        prompts = evaluation_prompts({"class": list(info.get("classes") or [])}, info, real, args.n, "classes")
+    else:
+        prompts = PromptSet(list(real.captions[:args.n]), {}, "captions")
+    n = len(prompts.prompts)
+
+    cache = ref = None
+    if space is not None:
+        cache = StatisticsCache(None if args.no_cache else args.cache_dir)
+        ref = real_reference(real.images, n, space, cache, args.batch_size)
+        print(f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
+              f"({ref.floor_n} held-out real images) in {space.label}")
+
+    settings = pipe.settings(prompts.prompts, n=1, steps=args.steps, sampler=args.sampler, guidance=None,
+                             negative_prompt="", seed=args.seed, eta=0.0)
+    rows = []
+    for w in guidances:
+        t0 = time.monotonic()
+        images = pipe(prompts.prompts, n=1, steps=settings.steps, sampler=settings.sampler, guidance=w,
+                      seed=args.seed, batch_size=args.gen_batch_size, show_progress=True)  # (n, 3, H, W) in [-1, 1]
+        row: dict = {"guidance": w, "generation_seconds": round(time.monotonic() - t0, 1)}
+        if classifier is not None:
+            hits = prompt_hits(classifier, images, prompts.targets)
+            row["prompt_accuracy"] = hits["all"].float().mean().item()
+            if len(hits) > 2:
+                row.update({f"prompt_accuracy_{k}": v.float().mean().item() for k, v in hits.items() if k != "all"})
+        if space is not None:
+            row.update(score(statistics(extract_features(space, images, args.batch_size)), ref))
+        if clip is not None:
+            row["clip_score"] = clip_score(clip, images, prompts.prompts)
+        row["grid"] = str(save_grid(images[_grid_indices(prompts)], out / f"samples_w{w:g}.png", 8))
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        rows.append(row)
+        print(_row_line(row))
+
+    report = {
+        "prior_run": str(args.run), "decoder": args.decoder, "data": real.source, "n_generated": n,
+        "prompts": prompts.mode,
+        "distinct_prompts": len(set(prompts.prompts)), "sampler": settings.sampler, "steps": settings.steps,
+        "seed": args.seed, "features": space.label if space else None,
+        "feature_weights_hash": space.weights_hash if space else None,
+        "classifier": classifier_run, "clip": args.clip,
+        "classifier_val_accuracy": classifier.meta.get("val_accuracy") if classifier is not None else None,
+        "generated_size": list(images.shape[-2:]), "real_size": list(real.images.shape[-2:]),
+        "cached_real_statistics": cache.hits if cache else 0, "results": rows,
+    }
+    if space is not None and (classifier is not None or clip is not None):
+        report["plot"] = str(tradeoff_plot(rows, out / "tradeoff.png",
+                                           f"{Path(args.run).name}: {settings.sampler} {settings.steps} steps"))
+    write_json(out / "report.json", report)
+    table = markdown_table(report)
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    plot = f"; plot: {report['plot']}" if "plot" in report else ""
+    print(f"report: {out / 'report.json'} (table: report.md){plot}")
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    """The sweep as a Markdown table (what the README shows), with the sample count, extractor and floor."""
+    rows = report["results"]
+    cols = [("guidance", "guidance", "{:g}")]
+    if rows and "prompt_accuracy" in rows[0]:
+        cols.append(("prompt accuracy", "prompt_accuracy", "{:.1%}"))
+    if rows and "fid" in rows[0]:
+        cols += [("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}")]
+    if rows and "clip_score" in rows[0]:
+        cols.append(("CLIP score", "clip_score", "{:.2f}"))
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in cols) + " |" for r in rows]
+    if rows and "fid" in rows[0]:
+        r = rows[0]
+        lines.append(f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
+                     f"({report['sampler']}, {report['steps']} steps) vs {r['n_reference']} real {report['data']} "
+                     f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}.")
+    return "\n".join(lines)
+
+
+def _row_line(row: dict) -> str:
+    parts = [f"guidance {row['guidance']:g}:"]
+    if "prompt_accuracy" in row:
+        parts.append(f"prompt accuracy {100 * row['prompt_accuracy']:.1f}%")
+    if "fid" in row:
+        parts.append(f"FID {row['fid']:.2f} (floor {row['fid_floor']:.2f}; {row['n_fake']} generated vs "
+                     f"{row['n_reference']} real, {row['features']}) KID {row['kid']:.4f}")
+    if "clip_score" in row:
+        parts.append(f"CLIP score {row['clip_score']:.2f}")
+    parts.append(f"[{row['seconds']:.0f} s]")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors(), torch.no_grad():
+        return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Image sets for scoring: shards or a folder of PNG/JPG -> one (N, 3, H, W) uint8 tensor.
+
+torch-fidelity's feature extractors take uint8 RGB batches (B, 3, H, W), so every set is brought
+to that form here, once, and checked: grayscale (1 channel) is repeated to RGB, RGBA and
+palette files are composited on white (as the data reader does), and anything else is refused
+with a message that says what was found and what to do.
+
+    real = load_image_set("data/fmnist", split="test", limit=10000)     # shards
+    fake = load_image_set("samples/")                                   # a folder of PNGs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from latentdiff.core.logger import to_uint8
+from latentdiff.data.images import fit_square, to_rgb
+from latentdiff.data.reader import make_loader
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    source: str  # where the images came from, for reports
+    captions: list[str] = field(default_factory=list)  # per image, when read from shards
+    metas: list[dict[str, Any]] = field(default_factory=list)  # per image json, when read from shards
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, start: int, stop: int) -> "ImageSet":
+        return ImageSet(self.images[start:stop], f"{self.source}[{start}:{stop}]",
+                        self.captions[start:stop], self.metas[start:stop])
+
+
+class UInt8Images(Dataset):
+    """A (N, 3, H, W) uint8 tensor as the map-style Dataset torch-fidelity reads its inputs from."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = as_uint8_rgb(images)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def as_uint8_rgb(images: torch.Tensor, what: str = "images") -> torch.Tensor:
+    """(B, 3, H, W) uint8 from uint8 or float-in-[-1, 1] images with 1 or 3 channels; anything else refused."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what}: expected a batch (B, C, H, W), got {shape}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{what}: expected 1 (grayscale) or 3 (RGB) channels, got {images.shape[1]} "
+                         f"in shape {tuple(images.shape)}; drop the alpha channel or convert to RGB first")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"{what}: expected uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")
+        images = to_uint8(images)  # clamps to [-1, 1] and rounds as PNG writers do
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.contiguous()
+
+
+def pixel_hash(images: torch.Tensor) -> str:
+    """Content hash of a uint8 image tensor (shape and pixels): the data half of a statistics cache key."""
+    images = as_uint8_rgb(images).cpu().contiguous()
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _is_shards(source: str) -> bool:
+    if os.path.isdir(source):
+        return any(p.suffix == ".tar" for p in Path(source).iterdir()) or (Path(source) / "info.json").exists()
+    return source.endswith(".tar") or "{" in source or source.startswith("pipe:") or "://" in source
+
+
+def load_image_set(source: str | os.PathLike, *, split: str = "test", limit: int | None = None,
+                   resolution: int | None = None) -> ImageSet:
+    """Images from a shard directory or pattern (split `split`) or a folder of image files, in a fixed order."""
+    source = str(source)
+    if limit is not None and limit < 1:
+        raise ValueError(f"the image limit must be at least 1, got {limit}")
+    if _is_shards(source):
+        return _from_shards(source, split, limit, resolution)
+    if os.path.isdir(source):
+        return _from_folder(Path(source), limit, resolution)
+    raise FileNotFoundError(f"{source} is neither a folder of images nor webdataset shards; pass a directory of "
+                            f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} files or a dataset directory")
+
+
+def _from_shards(data: str, split: str, limit: int | None, resolution: int | None) -> ImageSet:
+    loader = make_loader(data, split, 250, shuffle=False, repeat=False, drop_last=False, resolution=resolution,
+                         rank=0, world_size=1)
+    chunks, captions, metas = [], [], []
+    for batch in loader:
+        chunks.append(to_uint8(batch["image"]))  # the reader's [-1, 1] back to the exact stored pixels
+        captions += batch["caption"]
+        metas += batch["meta"]
+        if limit is not None and len(captions) >= limit:
+            break
+    if not chunks:
+        raise ValueError(f"no readable {split!r} images in {data}")
+    images = torch.cat(chunks)[:limit]
+    return ImageSet(images, f"{data} ({split})", captions[:limit], metas[:limit])
+
+
+def _from_folder(folder: Path, limit: int | None, resolution: int | None) -> ImageSet:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise FileNotFoundError(f"no {', '.join(IMAGE_SUFFIXES)} files in {folder}")
+    arrays, sizes = [], {}
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                image = to_rgb(image)  # grayscale -> RGB, alpha composited on white
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {path}: {e}; remove it or replace it") from None
+        if resolution is not None:
+            image = fit_square(image, resolution)
+        sizes.setdefault(image.size, path.name)
+        arrays.append(np.asarray(image, dtype=np.uint8))  # (H, W, 3)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h} ({name})" for (w, h), name in list(sizes.items())[:3])
+        raise ValueError(f"images in {folder} have different sizes: {listed}; pass --resolution R to resize and "
+                         "center-crop them all to R x R")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    return ImageSet(images, str(folder))

@@ -1,0 +1,114 @@
+"""Prompt faithfulness: does a generated image show what its prompt asked for?
+
+- prompt accuracy: the fraction of generated images the classifier assigns to the prompted class
+  (Fashion-MNIST), or, for shapes, whose first shape the classifier reads with every prompted
+  attribute right (shape, colour, size, position); per-head accuracies are reported too.
+- CLIP score (Hessel et al. 2021): 100 * max(cos(E_image, E_text), 0), averaged, in the space
+  of a CLIP given on the command line.
+
+Which prompts an evaluation uses (`evaluation_prompts`): with a single class head and a dataset
+that lists classes, each class's canonical prompt ("a photo of a sneaker") n // classes times
+(the remainder of n is dropped); otherwise the first n test captions, each once, with the
+targets read from their json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.data.fashion_mnist import class_prompt
+
+from .classifier import Classifier, Heads, correct, targets_from_meta
+from .images import ImageSet, as_uint8_rgb
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts to generate from, one image each, and what the classifier should see in each image."""
+
+    prompts: list[str]  # (N,) prompt per image, grouped by distinct prompt
+    targets: dict[str, torch.Tensor]  # head -> (N,) class index
+    mode: str  # "classes" or "captions": how they were chosen
+
+    def distinct(self) -> list[tuple[str, int]]:
+        """[(prompt, count)] in order: the pipeline generates `count` images of each prompt."""
+        out: list[tuple[str, int]] = []
+        for p in self.prompts:
+            if out and out[-1][0] == p:
+                out[-1] = (p, out[-1][1] + 1)
+            else:
+                out.append((p, 1))
+        return out
+
+
+def evaluation_prompts(heads: Heads, info: dict[str, Any], test: ImageSet | None, n: int,
+                       mode: str = "auto") -> PromptSet:
+    """Class prompts (n // classes each) or the first n test captions; see the module docstring."""
+    classes = info.get("classes")
+    if mode == "auto":
+        mode = "classes" if list(heads) == ["class"] and classes else "captions"
+    if mode == "classes":
+        if list(heads) != ["class"] or not classes:
+            raise ValueError("class prompts need a single-head classifier and a dataset whose info.json lists classes; "
+                             "use --prompts captions")
+        if list(classes) != heads["class"]:
+            raise ValueError(f"the classifier's classes {heads['class']} differ from the dataset's {classes}")
+        per = n // len(classes)
+        if per < 1:
+            raise ValueError(f"--n {n} is fewer than the {len(classes)} classes; give at least {len(classes)}")
+        prompts = [class_prompt(c) for c in classes for _ in range(per)]
+        labels = torch.arange(len(classes)).repeat_interleave(per)
+        return PromptSet(prompts, {"class": labels}, mode)
+    if mode != "captions":
+        raise ValueError(f"prompt mode {mode!r}: choose auto, classes or captions")
+    if test is None or len(test) < n:
+        have = 0 if test is None else len(test)
+        raise ValueError(f"--n {n} captions asked for but the test split has {have}; lower --n")
+    return PromptSet(list(test.captions[:n]), targets_from_meta(heads, test.metas[:n]), mode)
+
+
+@torch.no_grad()
+def prompt_hits(classifier: Classifier, images: torch.Tensor, labels: dict[str, torch.Tensor] | torch.Tensor,
+                batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """Per-head (N,) bool hits and "all" for images (N, C, H, W) (uint8, or float in [-1, 1])."""
+    if isinstance(labels, torch.Tensor):
+        if list(classifier.heads) != ["class"]:
+            raise ValueError(f"the classifier has heads {list(classifier.heads)}; pass labels as a dict per head")
+        labels = {"class": labels}
+    if any(len(v) != images.shape[0] for v in labels.values()):
+        raise ValueError(f"{images.shape[0]} images but labels of lengths {[len(v) for v in labels.values()]}")
+    device = next(classifier.parameters()).device
+    size = (classifier.resolution, classifier.resolution)
+    hits: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, images.shape[0], batch_size):
+        x = as_uint8_rgb(images[i:i + batch_size]).to(device).float().div(127.5).sub(1.0)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
+        chunk = {k: v[i:i + batch_size] for k, v in labels.items()}
+        for k, v in correct(classifier.predict(x), chunk).items():
+            hits.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in hits.items()}
+
+
+def prompt_accuracy(classifier: Classifier, images: torch.Tensor,
+                    labels: dict[str, torch.Tensor] | torch.Tensor) -> float:
+    """Fraction of images whose every head the classifier reads as the prompt's label(s)."""
+    return prompt_hits(classifier, images, labels)["all"].float().mean().item()
+
+
+@torch.no_grad()
+def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: int = 250) -> float:
+    """Mean 100 * max(cos(image, text), 0) (Hessel et al. 2021, without their 2.5 weight) over images (N, C, H, W)."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        x = as_uint8_rgb(images[i:i + batch_size]).to(encoder.device).float().div(127.5).sub(1.0)
+        e_image = encoder.encode_image(x, normalize=True).float()  # (B, E)
+        e_text = encoder.encode(prompts[i:i + batch_size]).normalized_pooled().float()  # (B, E)
+        scores.append(100 * (e_image * e_text).sum(-1).clamp_min(0))
+    return torch.cat(scores).mean().item()
