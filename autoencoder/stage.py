@@ -18,7 +18,7 @@ from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
 from latentdiff.data.reader import make_loader
 
 from .losses import AutoencoderLoss
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> dict:
     for step in run.steps(start):
         batch = next(batches)
         x = batch["image"].to(rt.device, non_blocking=True)
-        lr = lr_at(step, tcfg)
+        lr = run.lr(step)
         set_lr(opt, lr)
         with rt.autocast():
             x_hat, posterior = net(x)

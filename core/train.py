@@ -53,13 +53,20 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (always one at the end)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up, then constant or cosine decay to 10% of the peak.
+
+    progress: the fraction of the run done after warm-up, 0..1 (default: by steps). A run with
+    a time budget passes the larger of the step and time fractions, so the decay completes
+    when the budget ends rather than at a step count it never reaches.
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "cosine":
-        progress_ = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+        if progress is None:
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, max(0.0, progress))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
     if cfg.lr_decay != "constant":
         raise UserError(f"train.lr_decay {cfg.lr_decay!r}: choose constant or cosine")
     return cfg.lr
@@ -240,6 +247,20 @@ class Run:
         if first is not None:
             yield first
             yield from it
+
+    def lr(self, step: int) -> float:
+        """The learning rate for `step`; with --max-minutes the cosine decay follows the clock too.
+
+        Time-based progress depends on the machine, so only budgeted runs use it: a run with
+        no budget stays exactly reproducible and exactly resumable.
+        """
+        cfg = self.config.train
+        progress = None
+        if cfg.max_minutes > 0 and step >= cfg.warmup_steps:
+            by_steps = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            by_time = (time.monotonic() - self._t0) / (cfg.max_minutes * 60)
+            progress = max(by_steps, by_time)
+        return lr_at(step, cfg, progress)
 
     def _out_of_time(self) -> bool:
         budget = self.config.train.max_minutes

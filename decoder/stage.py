@@ -23,7 +23,7 @@ from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr
 from latentdiff.data.reader import make_loader
 
 from .network import Decoder
@@ -129,7 +129,7 @@ def train(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             posterior = ae.encode(downsample(x, res))
             z = posterior.sample()
-        lr = lr_at(step, tcfg)
+        lr = run.lr(step)
         set_lr(opt, lr)
         with rt.autocast():
             x_hat = net(z).float()

@@ -16,7 +16,7 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
 from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,
@@ -98,7 +98,7 @@ def train(args: argparse.Namespace) -> dict:
         batch = next(batches)
         x = batch["image"].to(rt.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         targets = {k: v.to(rt.device) for k, v in targets_from_meta(heads, batch["meta"]).items()}
-        lr = lr_at(step, tcfg)
+        lr = run.lr(step)
         set_lr(opt, lr)
         with rt.autocast():
             logits = net(x)

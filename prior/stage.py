@@ -20,7 +20,7 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -137,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
         eps = torch.randn_like(z0)
         z_t = schedule.q_sample(z0, t, eps)
         target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
-        lr = lr_at(step, tcfg)
+        lr = run.lr(step)
         set_lr(opt, lr)
         with rt.autocast():
             out = net(z_t, t.float(), states, mask, pooled)

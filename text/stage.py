@@ -17,7 +17,7 @@ import torch
 from latentdiff.core.ema import EMA
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, lr_at, make_optimizer, set_lr
+from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -103,7 +103,7 @@ def train(args: argparse.Namespace) -> dict:
         batch = next(batches)
         tokens = encoder.tokenize(batch["caption"])
         images = preprocess_images(batch["image"], model)
-        lr = lr_at(step, tcfg)
+        lr = run.lr(step)
         set_lr(opt, lr)
         with rt.autocast():
             image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E) each
