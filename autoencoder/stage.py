@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> dict:
     if loss_fn.discriminator is not None:
         opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
-    ema = EMA(model, tcfg.ema_decay)
+    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore(modules, optimizers, ema)
     net = rt.wrap(model)
     disc = rt.wrap(loss_fn.discriminator) if loss_fn.discriminator is not None else None

@@ -6,6 +6,21 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
+def _warmup_ema_multi_avg_fn(decay: float):
+    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+
+    With a fixed 0.999, the weights of step 0 still hold 0.999^500 = 61% of the average after
+    500 steps, so a short CPU run's EMA would be mostly its untrained start.
+    """
+    @torch.no_grad()
+    def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return ema_update
+
+
 class EMA(torch.nn.Module):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step.
 
@@ -13,15 +28,13 @@ class EMA(torch.nn.Module):
     follow) that saves and restores like any module. `decay = 0` keeps no copy at all.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.averaged = (
-            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-            if decay > 0 else None
-        )
+        avg_fn = _warmup_ema_multi_avg_fn(decay) if warmup else get_ema_multi_avg_fn(decay)
+        self.averaged = AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=True) if decay > 0 else None
         if self.averaged is not None:
             self.averaged.requires_grad_(False)
         # Non-persistent buffers are constants built from the config, not learnt (CLIP's causal

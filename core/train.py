@@ -45,6 +45,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     ema_decay: float = 0.0  # EMA of the weights (0: none)
+    ema_warmup: bool = True  # ramp the EMA decay up as min(ema_decay, (1+n)/(10+n)) over the first n updates
     seed: int = 0  # one seed for weights, data order and noise
     num_workers: int = 0  # data-loader worker processes per rank
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"

@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> dict:
     if loss_fn.discriminator is not None:
         opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
-    ema = EMA(decoder, tcfg.ema_decay)
+    ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore(modules, optimizers, ema)
     net = rt.wrap(decoder)
     meta = {"autoencoder": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"], "upscale": cfg.upscale,

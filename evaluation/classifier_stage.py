@@ -84,7 +84,7 @@ def train(args: argparse.Namespace) -> dict:
 
     model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
-    ema = EMA(model, tcfg.ema_decay)
+    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore({"model": model}, {"model": opt}, ema)
     net = rt.wrap(model)
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,

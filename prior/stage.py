@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> dict:
 
     unet = UNet(cfg.model).to(rt.device)
     opt = make_optimizer(unet.parameters(), tcfg)
-    ema = EMA(unet, tcfg.ema_decay)
+    ema = EMA(unet, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore({"model": unet}, {"model": opt}, ema)
     net = rt.wrap(unet)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)

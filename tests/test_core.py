@@ -90,7 +90,7 @@ def test_read_meta_checks_the_stage(tmp_path):
 
 def test_ema_follows_the_formula():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, 0.9)
+    ema = EMA(model, 0.9, warmup=False)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -100,6 +100,18 @@ def test_ema_follows_the_formula():
     ema.update(model)
     expected = 0.9 * (start + 1) + 0.1 * (start + 2)
     assert torch.allclose(ema.module.weight, expected)
+
+
+def test_ema_warmup_ramps_the_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, 0.999)
+    ema.update(model)  # n = 0: a copy
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 1: decay min(0.999, 2/11)
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])

@@ -423,3 +423,13 @@ def test_retrieval_metrics_refuse_nan_embeddings():
     emb[1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         retrieval_metrics(emb, torch.randn(4, 8))
+
+
+def test_retrieval_counts_repeated_captions_as_matches():
+    # Two pairs share a caption; image 1 is closest to text 0 (same caption): a hit with captions given.
+    text = torch.eye(3)
+    image = torch.tensor([[1.0, 0, 0], [1.0, 0.1, 0], [0, 0, 1.0]])
+    plain = retrieval_metrics(image, text)
+    shared = retrieval_metrics(image, text, captions=["a bag", "a bag", "a coat"])
+    assert plain["i2t_top1"] < 1.0
+    assert shared["i2t_top1"] == 1.0 and shared["t2i_top1"] == 1.0

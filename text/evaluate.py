@@ -61,12 +61,15 @@ def zero_shot_accuracy(
     return correct / total
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5),
+                      captions: Sequence[str] | None = None) -> dict[str, float]:
     """Recall@k of image->text and text->image retrieval where pair i is the match of i.
 
-    image_emb, text_emb: (N, E), normalised here. A match counts at rank r when r other
+    image_emb, text_emb: (N, E), normalised here. A match counts at rank r when r wrong
     candidates score at least as high, so ties count against the model: N identical
-    embeddings score top-1 = 0, not 1.
+    embeddings score top-1 = 0, not 1. With `captions`, every candidate whose caption is the
+    same text as pair i's is a match too (datasets with repeated captions, such as
+    Fashion-MNIST's templates, would otherwise score ~0 however good the model).
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(
@@ -76,11 +79,19 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
         raise ValueError("retrieval_metrics got non-finite embeddings (NaN or inf): the model's weights are broken")
     sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (N, N) image x text
     n = sim.shape[0]
-    matched = sim.diagonal()  # (N,)
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    # rank = number of wrong candidates scoring >= the match
-    i2t_rank = ((sim >= matched[:, None]) & ~eye).sum(dim=1)  # (N,) over texts for each image
-    t2i_rank = ((sim >= matched[None, :]) & ~eye).sum(dim=0)  # (N,) over images for each text
+    if captions is None:
+        same = torch.eye(n, dtype=torch.bool, device=sim.device)
+    else:
+        if len(captions) != n:
+            raise ValueError(f"got {len(captions)} captions for {n} pairs")
+        ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        label = torch.tensor([ids[c] for c in captions], device=sim.device)
+        same = label[:, None] == label[None, :]  # (N, N) True where candidate j matches query i
+    # best score among the correct candidates; rank = wrong candidates scoring at least that
+    best_i2t = sim.masked_fill(~same, float("-inf")).amax(dim=1)  # (N,) per image
+    best_t2i = sim.masked_fill(~same, float("-inf")).amax(dim=0)  # (N,) per text
+    i2t_rank = ((sim >= best_i2t[:, None]) & ~same).sum(dim=1)
+    t2i_rank = ((sim >= best_t2i[None, :]) & ~same).sum(dim=0)
     out = {}
     for k in ks:
         out[f"i2t_top{k}"] = (i2t_rank < k).float().mean().item()

@@ -63,13 +63,14 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     classes = read_info(data).get("classes")
     if classes:
         metrics["val_zero_shot_accuracy"] = zero_shot_accuracy(encoder, val_batches(), classes, class_prompt)
-    images, texts = [], []
+    images, texts, captions = [], [], []
     for batch in val_batches():
         images.append(encoder.encode_image(batch["image"], normalize=True).float())
         texts.append(encoder.encode(batch["caption"]).normalized_pooled().float())
-    # Retrieval among 1000 candidates, the usual size for a small val set's recall@k.
+        captions += batch["caption"]
+    # Retrieval among 1000 candidates; a candidate with the same caption text is a match too.
     image_emb, text_emb = torch.cat(images)[:1000], torch.cat(texts)[:1000]
-    metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb).items()})
+    metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions=captions[:1000]).items()})
     metrics["val_retrieval_candidates"] = image_emb.shape[0]
     return metrics
 
@@ -88,7 +89,7 @@ def train(args: argparse.Namespace) -> dict:
     model = build_clip(model_config).to(rt.device)
     encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
     opt = make_optimizer(model.parameters(), tcfg)
-    ema = EMA(model, tcfg.ema_decay)
+    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore({"model": model}, {"model": opt}, ema)
     net = rt.wrap(model)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
