@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from latentdiff.core.ema import EMA
-from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader
 
 from .losses import AutoencoderLoss
@@ -141,8 +140,7 @@ def train(args: argparse.Namespace) -> dict:
         done = step + 1
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
-    final = ema.module if ema.enabled else unwrap(model)
-    final.eval()
+    final = ema.final(model)
     scale_batches = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1,
                                 resolution=cfg.resolution)
     with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
@@ -161,9 +159,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    with cli_errors():
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,13 @@ class EMA(torch.nn.Module):
             for name in self._constant_buffers:
                 ema_buffers[name].copy_(model_buffers[name])
 
+    def final(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a finished run evaluates and ships: the EMA weights when kept, else the model; in eval mode."""
+        from .runtime import unwrap
+
+        chosen = self.averaged.module if self.averaged is not None else unwrap(model)
+        return chosen.eval()
+
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged model's state dict, with the same keys as the model's."""
         return self.averaged.module.state_dict() if self.averaged is not None else {}

@@ -28,6 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import apply_overrides, dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
+from .errors import cli_errors
 from .errors import UserError
 from .logger import MetricLogger, progress
 from .runtime import Runtime, rng_state, set_rng_state
@@ -303,5 +304,8 @@ class Run:
         return summary
 
 
-def config_field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def stage_main(build_parser, train, argv: list[str] | None = None):
+    """A stage's command: parse its flags, train, and turn bad input into one line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return train(args)

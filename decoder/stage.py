@@ -19,11 +19,10 @@ from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.autoencoder.losses import AutoencoderLoss
 from latentdiff.autoencoder.model import AutoencoderLossConfig
 from latentdiff.core.ema import EMA
-from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr
+from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader
 
 from .network import Decoder
@@ -160,8 +159,7 @@ def train(args: argparse.Namespace) -> dict:
     run.save(done, modules, optimizers, ema, meta=meta)
     summary = {"steps": done}
     if rt.is_main:
-        final = ema.module if ema.enabled else unwrap(decoder)
-        final.eval()
+        final = ema.final(decoder)
         metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)
         summary.update(metrics)
         summary["comparison_grid"] = str(save_grid(shown, run.path / "comparison.png", 8))
@@ -169,9 +167,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    with cli_errors():
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
-from latentdiff.core.errors import cli_errors
-from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
 from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,
@@ -120,8 +118,7 @@ def train(args: argparse.Namespace) -> dict:
     run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
     summary = {"steps": done, "parameters": sum(p.numel() for p in model.parameters())}
     if rt.is_main:
-        final = ema.module if ema.enabled else unwrap(model)
-        final.eval()
+        final = ema.final(model)
         for split in ("val", "test"):
             if split == "val" or _has_split(args.data, split):
                 summary.update(evaluate_accuracy(final, args.data, split, heads, cfg.resolution, cfg.eval_images))
@@ -132,9 +129,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    with cli_errors():
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 if __name__ == "__main__":

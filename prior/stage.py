@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from latentdiff.core.ema import EMA
-from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr
+from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -162,8 +161,7 @@ def train(args: argparse.Namespace) -> dict:
     run.save(done, {"model": unet}, {"model": opt}, ema, meta=meta)
     summary = {"steps": done}
     if rt.is_main:
-        final = ema.module if ema.enabled else unwrap(unet)
-        final.eval()
+        final = ema.final(unet)
         grid = sample_grid(final, schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
                            run.path / "samples.png", seed=tcfg.seed)
         summary["sample_grid"] = str(grid)
@@ -171,9 +169,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    with cli_errors():
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def class_prompts(data: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m latentdiff.scripts.demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="where the demo writes everything (default: %(default)s)")
-    p.add_argument("--minutes", type=float, nargs=3, default=[3.5, 3.0, 8.0], metavar=("AE", "TEXT", "PRIOR"),
+    p.add_argument("--minutes", type=float, nargs=3, default=[3.5, 3.0, 10.0], metavar=("AE", "TEXT", "PRIOR"),
                    help="time budget per stage (default: %(default)s)")
     args = p.parse_args(argv)
     out = Path(args.out)

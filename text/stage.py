@@ -15,9 +15,7 @@ import open_clip
 import torch
 
 from latentdiff.core.ema import EMA
-from latentdiff.core.errors import cli_errors
-from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr
+from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -126,17 +124,14 @@ def train(args: argparse.Namespace) -> dict:
     run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
     summary = {"steps": done}
     if rt.is_main:
-        final = ema.module if ema.enabled else unwrap(model)
-        final.eval()
+        final = ema.final(model)
         summary.update(evaluate(TextEncoder(final, encoder.tokenizer, model_config).frozen(cache_size=64),
                                 args.data, cfg))
     return run.finish(summary)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    with cli_errors():
-        return train(args)
+    return stage_main(build_parser, train, argv)
 
 
 if __name__ == "__main__":
