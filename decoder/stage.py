@@ -104,6 +104,11 @@ def train(args: argparse.Namespace) -> dict:
         # upscale levels are new; every other tensor has the autoencoder decoder's name and shape
         missing, unexpected = decoder.load_state_dict(ae.decoder.state_dict(), strict=False)
         assert not unexpected, unexpected
+        # The new upsampling convs start as the identity (their ResBlocks already do, zero-init),
+        # so an upscaling decoder starts as nearest-neighbour upsampling of the original's features.
+        for upsample, _ in decoder.extra:
+            torch.nn.init.dirac_(upsample.conv.weight)
+            torch.nn.init.zeros_(upsample.conv.bias)
     loss_fn = AutoencoderLoss(cfg.loss, dec_cfg.out_channels).to(rt.device)
     opt = make_optimizer(decoder.parameters(), tcfg)
     modules, optimizers = {"model": decoder}, {"model": opt}
