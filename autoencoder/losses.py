@@ -92,3 +92,30 @@ class AutoencoderLoss(nn.Module):
 
     def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         return hinge_d_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
+
+    def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
+        """AdamW for the PatchGAN with LDM's betas (0.5, 0.9), or None when there is no discriminator."""
+        if self.discriminator is None:
+            return None
+        return torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
+
+    def optimise(self, terms: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, step: int,
+                 opt: torch.optim.Optimizer, params, grad_clip: float, opt_d: torch.optim.Optimizer | None,
+                 autocast) -> None:
+        """Backward and step on the generator loss, then a discriminator step once the GAN is on.
+
+        Adds the discriminator's loss to `terms` as "disc" when it trains. `params` are the
+        generator's (autoencoder or decoder) parameters, clipped to grad_clip when it is > 0.
+        """
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].mean().backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        if self.gan_active(step):
+            with autocast():
+                d_loss = self.discriminator_loss(x, x_hat).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            terms["disc"] = d_loss.detach().expand(x.shape[0])

@@ -75,6 +75,18 @@ def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfi
     return metrics, shown
 
 
+def train_step(net: torch.nn.Module, loss_fn: AutoencoderLoss, opt: torch.optim.Optimizer,
+               opt_d: torch.optim.Optimizer | None, x: torch.Tensor, step: int, grad_clip: float,
+               rt) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One step: reconstruct, the loss terms, the optimiser step(s); returns (per-sample terms, x_hat)."""
+    with rt.autocast():
+        x_hat, posterior = net(x)
+        x_hat = x_hat.float()
+        terms = loss_fn.generator_loss(x, x_hat, posterior, step, unwrap(net).decoder.last_layer)
+    loss_fn.optimise(terms, x, x_hat, step, opt, net.parameters(), grad_clip, opt_d, rt.autocast)
+    return terms, x_hat
+
+
 def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
@@ -92,13 +104,12 @@ def train(args: argparse.Namespace) -> dict:
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     modules, optimizers = {"model": model}, {"model": opt}
-    if loss_fn.discriminator is not None:
-        opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+    opt_d = loss_fn.discriminator_optimizer()
+    if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore(modules, optimizers, ema)
     net = rt.wrap(model)
-    disc = rt.wrap(loss_fn.discriminator) if loss_fn.discriminator is not None else None
 
     # Same seed, same order: a resumed run skips the batches it has already seen.
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
@@ -110,22 +121,7 @@ def train(args: argparse.Namespace) -> dict:
         x = batch["image"].to(rt.device, non_blocking=True)
         lr = run.lr(step)
         set_lr(opt, lr)
-        with rt.autocast():
-            x_hat, posterior = net(x)
-            terms = loss_fn.generator_loss(x, x_hat.float(), posterior, step, unwrap(model).decoder.last_layer)
-        loss = terms["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        if loss_fn.gan_active(step):
-            with rt.autocast():
-                d_loss = loss_fn.discriminator_loss(x, x_hat.float()).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            terms["disc"] = d_loss.detach().expand(x.shape[0])
+        terms, x_hat = train_step(net, loss_fn, opt, opt_d, x, step, tcfg.grad_clip, rt)
         ema.update(model)
         run.count_images(x.shape[0], batch["skipped"])
 

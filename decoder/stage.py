@@ -112,8 +112,8 @@ def train(args: argparse.Namespace) -> dict:
     loss_fn = AutoencoderLoss(cfg.loss, dec_cfg.out_channels).to(rt.device)
     opt = make_optimizer(decoder.parameters(), tcfg)
     modules, optimizers = {"model": decoder}, {"model": opt}
-    if loss_fn.discriminator is not None:
-        opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+    opt_d = loss_fn.discriminator_optimizer()
+    if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore(modules, optimizers, ema)
@@ -138,18 +138,8 @@ def train(args: argparse.Namespace) -> dict:
         with rt.autocast():
             x_hat = net(z).float()
             terms = loss_fn.generator_loss(x, x_hat, posterior, step, unwrap(decoder).last_layer)
+        loss_fn.optimise(terms, x, x_hat, step, opt, decoder.parameters(), tcfg.grad_clip, opt_d, rt.autocast)
         terms.pop("kl")  # the encoder is frozen: its KL is a constant here
-        loss = (terms["loss"]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), tcfg.grad_clip)
-        opt.step()
-        if loss_fn.gan_active(step):
-            d_loss = loss_fn.discriminator_loss(x, x_hat).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
         ema.update(decoder)
         run.count_images(x.shape[0], batch["skipped"])
         if run.every(tcfg.log_every, step):

@@ -63,6 +63,39 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 
 @torch.no_grad()
+def batch_latents(batch: dict, ae, scale: float, cached: bool, device: torch.device) -> torch.Tensor:
+    """Scaled z_0 ~ q(z|x) for a batch: from cached posterior moments, or by encoding its images."""
+    if cached:
+        return LatentCache.sample(batch, device) * scale
+    return ae.encode(batch["image"].to(device, non_blocking=True)).sample() * scale
+
+
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: PriorConfig, encoder,
+               z0: torch.Tensor, captions: list[str], rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on the objective above (Alg. 1); returns (loss, grad norm) as tensors.
+
+    The loop around it sets the learning rate and updates the EMA; benchmarks time it alone.
+    """
+    with torch.no_grad():
+        states, mask, pooled = text_conditioning(encoder, drop_captions(captions, cfg.caption_dropout))
+    B = z0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), device=z0.device)
+    eps = torch.randn_like(z0)
+    z_t = schedule.q_sample(z0, t, eps)
+    target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
+    with rt.autocast():
+        out = net(z_t, t.float(), states, mask, pooled)
+    loss = diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
+                          cfg.diffusion.prediction).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    opt.step()
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
 def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, scale: float, clip_x0, prompts, latent_shape,
                 path: Path, seed: int = 0) -> Path:
     prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
@@ -125,29 +158,12 @@ def train(args: argparse.Namespace) -> dict:
     done = start
     for step in run.steps(start):
         batch = next(batches)
-        with torch.no_grad():
-            if args.cache_latents:
-                z0 = LatentCache.sample(batch, rt.device) * scale
-            else:
-                z0 = ae.encode(batch["image"].to(rt.device, non_blocking=True)).sample() * scale
-            states, mask, pooled = text_conditioning(encoder, drop_captions(batch["caption"], cfg.caption_dropout))
-        B = z0.shape[0]
-        t = torch.randint(0, schedule.T, (B,), device=rt.device)
-        eps = torch.randn_like(z0)
-        z_t = schedule.q_sample(z0, t, eps)
-        target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
         lr = run.lr(step)
         set_lr(opt, lr)
-        with rt.autocast():
-            out = net(z_t, t.float(), states, mask, pooled)
-        loss = diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
-                              cfg.diffusion.prediction).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-        opt.step()
+        z0 = batch_latents(batch, ae, scale, args.cache_latents, rt.device)
+        loss, grad_norm = train_step(net, opt, schedule, cfg, encoder, z0, batch["caption"], rt)
         ema.update(unet)
-        run.count_images(B, batch.get("skipped", 0))
+        run.count_images(z0.shape[0], batch.get("skipped", 0))
 
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})

@@ -1,0 +1,188 @@
+"""What every benchmark shares: timing, the machine's description, tables, JSON, tiny models, data.
+
+Each benchmark is `python -m bench.NAME [flags]` from the repository root: it prints a Markdown
+table (what the README carries) and writes the same figures as JSON under --out (default
+runs/bench/NAME.json), with the machine, torch version and thread count they were measured on.
+Figures are wall-clock medians over repeats after warm-up; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "runs" / "demo"
+OUT = ROOT / "runs" / "bench"
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, device: torch.device | None = None) -> float:
+    """Median seconds per call of fn() over `repeats` calls after `warmup` untimed ones."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MB (Linux /proc; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, MB (ru_maxrss is in KB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured: they mean nothing without it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"date": datetime.date.today().isoformat(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return info
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+def table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats are printed as they were formatted by the caller (pass strings)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, title: str, text: str, figures: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Print the table under its title and write {machine, figures, table} as JSON."""
+    m = machine()
+    print(f"\n## {title}\n")
+    print(f"_{m['date']}, {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
+          f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}_\n")
+    print(text, flush=True)
+    path = Path(out) if out else OUT / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": name, "title": title, "machine": m, "figures": figures,
+                                "table": text}, indent=2) + "\n")
+    print(f"\n(figures: {path})")
+    return path
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help=f"JSON file for the figures (default: runs/bench/{name}.json)")
+    return p
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def bench_data(data: str | None = None) -> str:
+    """The demo's shards when they exist, else 6,000 procedural shapes made once under runs/bench/data."""
+    if data:
+        return data
+    if (DEMO / "data" / "info.json").exists():
+        return str(DEMO / "data")
+    path = OUT / "data"
+    if not (path / "info.json").exists():
+        from latentdiff.data.shapes import build
+
+        print(f"no demo data ({DEMO / 'data'}); writing 6,000 shapes to {path}", flush=True)
+        build(path, n=6000, seed=0)
+    return str(path)
+
+
+def tiny_prior_config():
+    from latentdiff.core.config import load_preset
+    from latentdiff.prior.config import PriorConfig
+    from latentdiff.prior.stage import PRESETS
+
+    return load_preset(PriorConfig, PRESETS, "tiny")
+
+
+def tiny_autoencoder(dev: torch.device):
+    """The tiny preset's autoencoder with its initial weights (speed does not depend on the weights)."""
+    from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
+    from latentdiff.autoencoder.stage import PRESETS
+    from latentdiff.core.config import load_preset
+
+    cfg = load_preset(AutoencoderConfig, PRESETS, "tiny")
+    return Autoencoder(cfg.model).to(dev), cfg
+
+
+def tiny_text_encoder(dev: torch.device):
+    """The demo's frozen text encoder when it exists, else clip-tiny with initial weights."""
+    from latentdiff.text.encoder import TextEncoder
+    from latentdiff.text.model import build_clip, load_model_config
+    from latentdiff.text.sources import load_text_encoder
+    from latentdiff.text.tokens import build_tokenizer
+
+    if (DEMO / "text" / "meta.json").exists():
+        encoder = load_text_encoder(str(DEMO / "text"))
+    else:
+        config = load_model_config("clip-tiny")
+        encoder = TextEncoder(build_clip(config), build_tokenizer(config), config, "clip-tiny (initial weights)")
+    return encoder.to(dev).frozen(cache_size=4096)
+
+
+def demo_pipeline(dev: torch.device, required: bool = False):
+    """(TextToImage of the demo prior, True), or a tiny pipeline with initial weights and False."""
+    from latentdiff.prior.pipeline import TextToImage
+
+    if (DEMO / "prior" / "meta.json").exists():
+        return TextToImage.from_run(DEMO / "prior", device=dev), True
+    if required:
+        raise SystemExit(f"this benchmark scores the demo model and {DEMO / 'prior'} does not exist: run `make demo` first")
+    from latentdiff.prior.unet import UNet
+
+    cfg = tiny_prior_config()
+    ae, _ = tiny_autoencoder(dev)
+    ae.eval().requires_grad_(False)
+    encoder = tiny_text_encoder(dev)
+    unet = UNet(cfg.model).to(dev).eval().requires_grad_(False)
+    side = cfg.resolution // ae.cfg.downsampling
+    meta = {"scale_factor": 1.0, "latent_shape": [ae.cfg.latent_channels, side, side]}
+    ae_meta = {"latent_absmax": 4.0}
+    return TextToImage(unet, cfg, encoder, ae, meta, ae_meta, ROOT / "runs" / "bench" / "random-prior"), False

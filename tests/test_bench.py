@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end on tiny settings and write what they print.
+
+No figure is asserted against a speed: the benchmarks measure, the tests only check that each
+script runs, counts what it says it counts and writes its JSON (STYLE: speed lives in bench/).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import common, generation, latent_cache, samplers
+from latentdiff.prior.samplers import number_of_evaluations
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
+@pytest.mark.parametrize("budget", [5, 10, 20, 1000])
+def test_sampler_steps_fit_the_evaluation_budget(sampler, budget):
+    steps = samplers.steps_for(sampler, budget)
+    nfe = number_of_evaluations(sampler, steps)
+    assert nfe <= budget
+    assert number_of_evaluations(sampler, steps + 1) > budget  # the most steps that fit
+
+
+def test_table_is_markdown():
+    text = common.table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+
+
+def test_generation_benchmark_writes_its_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEMO", tmp_path / "no-demo")  # the tiny pipeline with initial weights
+    out = tmp_path / "generation.json"
+    figures = generation.main(["--batch-sizes", "1,2", "--steps", "2", "--repeats", "1", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["figures"] == figures and figures["weights"] == "initial weights"
+    assert [r["batch_size"] for r in figures["results"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in figures["results"])
+    assert written["machine"]["torch_threads"] == 1 and "| batch |" in written["table"]
+
+
+def test_latent_cache_benchmark_encodes_the_whole_split(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(common, "DEMO", tmp_path / "no-demo")
+    out = tmp_path / "latent_cache.json"
+    # A batch of 16 (the fixture has 64 training images) keeps the steps quick.
+    monkeypatch.setattr(latent_cache, "tiny_prior_config", _small_prior(common.tiny_prior_config))
+    figures = latent_cache.main(["--data", str(data), "--steps", "1", "--out", str(out)])
+    assert figures["cached_images"] == 64  # every training image, once
+    assert figures["cached_images_per_s"] > 0 and figures["on_the_fly_images_per_s"] > 0
+    assert json.loads(out.read_text())["figures"]["speedup"] == pytest.approx(figures["speedup"])
+
+
+def _small_prior(make):
+    import dataclasses
+
+    def small():
+        cfg = make()
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=16),
+                                   model=dataclasses.replace(cfg.model, channels=(16, 32)))
+    return small
