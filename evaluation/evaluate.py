@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
     p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
     p.add_argument("--out", help="report directory (default: RUN/eval)")
     return p
@@ -100,7 +102,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.features:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     classifier = load_classifier(classifier_run, device) if classifier_run else None
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder)
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
     clip = None
     if args.clip:
         from latentdiff.text.sources import load_text_encoder
@@ -149,6 +151,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "prior_run": str(args.run), "decoder": args.decoder, "data": real.source, "n_generated": n,
         "prompts": prompts.mode,
         "distinct_prompts": len(set(prompts.prompts)), "sampler": settings.sampler, "steps": settings.steps,
+        "precision": settings.precision,
         "seed": args.seed, "features": space.label if space else None,
         "feature_weights_hash": space.weights_hash if space else None,
         "classifier": classifier_run, "clip": args.clip,

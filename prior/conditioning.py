@@ -27,14 +27,44 @@ from .unet import UNet
 Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (states (B,T,D), mask (B,T), pooled (B,E))
 
 
-def text_conditioning(encoder: TextEncoder, prompts: list[str]) -> Conditioning:
+def text_conditioning(encoder: TextEncoder, prompts: list[str], length: int | None = None) -> Conditioning:
+    """(states, mask, pooled) of the prompts, cut after the longest prompt's last token (or at `length`).
+
+    Positions after every prompt's EOT are masked out of cross-attention, so cutting them gives the
+    same attention output for less work: the text encoder pads to its context length (77), while
+    a caption is ~10 tokens. The key and value projections and the attention scale with it.
+    """
     out = encoder.encode(prompts)
-    return out.states, out.mask, out.pooled
+    if length is None:
+        length = int(out.mask.sum(dim=1).max()) if len(prompts) else out.mask.shape[1]
+    return out.states[:, :length], out.mask[:, :length], out.pooled
 
 
-def unet_model(unet: torch.nn.Module) -> Callable:
-    """model(z_t, t, c) over the UNet, the form guidance and the samplers take."""
-    return lambda z_t, t, c: unet(z_t, t, c[0], c[1], c[2])
+def guided_conditioning(encoder: TextEncoder, prompts: list[str], negative: list[str]) -> tuple[Conditioning, Conditioning]:
+    """Conditioning for the prompts and for their negative (or empty) prompts, cut to one length.
+
+    Classifier-free guidance runs both halves as one batch, so they must have the same length.
+    """
+    cond, uncond = encoder.encode(prompts), encoder.encode(negative)
+    length = int(torch.cat([cond.mask, uncond.mask]).sum(dim=1).max())
+    return ((cond.states[:, :length], cond.mask[:, :length], cond.pooled),
+            (uncond.states[:, :length], uncond.mask[:, :length], uncond.pooled))
+
+
+def unet_model(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Callable:
+    """model(z_t, t, c) over the UNet, the form guidance and the samplers take.
+
+    dtype: run the network under autocast to it (e.g. bf16) and return float32, so the sampler's
+    update arithmetic keeps full precision.
+    """
+    if dtype is None:
+        return lambda z_t, t, c: unet(z_t, t, c[0], c[1], c[2])
+
+    def model(z_t, t, c):
+        with torch.autocast(z_t.device.type, dtype=dtype):
+            return unet(z_t, t, c[0], c[1], c[2]).float()
+
+    return model
 
 
 def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
@@ -93,11 +123,15 @@ def clip_bound(cfg: DiffusionConfig, ae_meta: dict) -> float | None:
 @torch.no_grad()
 def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: Conditioning, uncond: Conditioning,
                    shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
-                   generator: torch.Generator, clip_x0: float | None, callback=None, **options) -> torch.Tensor:
-    """z_0 for each row of `cond`, classifier-free guided against `uncond` (same batch size)."""
+                   generator: torch.Generator, clip_x0: float | None, callback=None, dtype: torch.dtype | None = None,
+                   **options) -> torch.Tensor:
+    """z_0 for each row of `cond`, classifier-free guided against `uncond` (same batch size).
+
+    dtype: autocast dtype for the network (runtime.sampling_dtype), None for float32.
+    """
     B = cond[0].shape[0]
     device = cond[0].device
     z_T = torch.randn((B, *shape), generator=generator, device=device)
-    model_fn = cfg_model_fn(unet_model(unet), cond, uncond, guidance)
+    model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     return sample(sampler, denoiser, z_T, schedule, steps, generator=generator, callback=callback, **options)

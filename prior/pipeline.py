@@ -19,9 +19,10 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.decoder.load import load_decoder
 from latentdiff.core.config import load_toml
 from latentdiff.core.logger import progress
+from latentdiff.core.runtime import sampling_dtype
 
-from .conditioning import (check_unet_fits, clip_bound, load_frozen_stages, make_schedule, sample_latents,
-                           text_conditioning)
+from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
+                           sample_latents)
 from .config import PriorConfig
 from .samplers import SAMPLERS, number_of_evaluations
 from .unet import UNet
@@ -41,11 +42,12 @@ class GenerationSettings:
     eta: float  # DDIM stochasticity (ddim only)
     clip_x0: float | None
     run: str
+    precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device
 
 
 class TextToImage:
     def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, meta: dict, ae_meta: dict, run: Path,
-                 decoder: torch.nn.Module | None = None):
+                 decoder: torch.nn.Module | None = None, precision: str = "auto"):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
         self.decoder = decoder if decoder is not None else autoencoder.decoder
         self.schedule = make_schedule(cfg.diffusion)
@@ -53,15 +55,17 @@ class TextToImage:
         self.latent_shape = tuple(meta["latent_shape"])
         self.clip_x0 = clip_bound(cfg.diffusion, ae_meta)
         self.run = run
+        self.precision = precision
 
     @classmethod
     def from_run(cls, run: str | Path, *, device: torch.device | str | None = None, ema: bool = True,
                  autoencoder: str | Path | None = None, text: str | Path | None = None,
-                 decoder: str | Path | None = None) -> "TextToImage":
+                 decoder: str | Path | None = None, precision: str = "auto") -> "TextToImage":
         """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
 
         decoder: a run of `latentdiff train decoder` to use instead of the autoencoder's own; it
         must have been trained on this autoencoder's latent space (same encoder hash).
+        precision: the UNet's while sampling, "auto" | "fp32" | "bf16" (core.runtime.sampling_dtype).
         """
         run = Path(run)
         meta = ckpt.read_meta(run, "prior")
@@ -81,7 +85,7 @@ class TextToImage:
                     f"decoder {decoder} was trained for the latents of autoencoder {dec_meta['autoencoder']} "
                     f"(encoder hash {dec_meta['encoder_hash']}), but this prior uses {ae_meta['run_dir']} "
                     f"(encoder hash {ae_meta['encoder_hash']}); train a decoder with --autoencoder {ae_meta['run_dir']}")
-        return cls(unet, cfg, encoder, ae, meta, ae_meta, run, decoder=swapped)
+        return cls(unet, cfg, encoder, ae, meta, ae_meta, run, decoder=swapped, precision=precision)
 
     @property
     def device(self) -> torch.device:
@@ -97,17 +101,17 @@ class TextToImage:
         rows = [p for p in settings.prompts for _ in range(n)]
         g = torch.Generator(self.device).manual_seed(seed)
         options = {"eta": eta} if settings.sampler == "ddim" else {}
+        dtype = sampling_dtype(self.device, self.precision)
         evals = number_of_evaluations(settings.sampler, settings.steps)
         bar = progress(evals * ((len(rows) + batch_size - 1) // batch_size), "sampling", enabled=show_progress)
         images = []
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            cond = text_conditioning(self.encoder, chunk)
-            uncond = text_conditioning(self.encoder, [negative_prompt] * len(chunk))
+            cond, uncond = guided_conditioning(self.encoder, chunk, [negative_prompt] * len(chunk))
             z0 = sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
                                 self.latent_shape, sampler=settings.sampler, steps=settings.steps,
                                 guidance=settings.guidance, generator=g, clip_x0=self.clip_x0,
-                                callback=lambda *_: bar.update(1), **options)
+                                callback=lambda *_: bar.update(1), dtype=dtype, **options)
             images.append(self.decoder(z0 / self.scale).clamp(-1, 1).float().cpu())
         bar.close()
         return torch.cat(images)
@@ -129,5 +133,6 @@ class TextToImage:
         if not 1 <= steps <= self.schedule.T:
             raise ValueError(f"steps must be in 1..{self.schedule.T} (the prior's training timesteps), got {steps}")
         guidance = s.guidance if guidance is None else float(guidance)
+        precision = "bf16" if sampling_dtype(self.device, self.precision) == torch.bfloat16 else "fp32"
         return GenerationSettings(prompts, n, steps, sampler, guidance, negative_prompt, seed, eta,
-                                  self.clip_x0, str(self.run))
+                                  self.clip_x0, str(self.run), precision)

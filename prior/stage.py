@@ -23,8 +23,8 @@ from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, s
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
-from .conditioning import (check_unet_fits, clip_bound, load_frozen_stages, make_schedule, sample_latents,
-                           text_conditioning, text_hash)
+from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
+                           sample_latents, text_conditioning, text_hash)
 from .config import PriorConfig
 from .latent_cache import LatentCache
 from .losses import diffusion_loss
@@ -99,8 +99,7 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: 
 def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, scale: float, clip_x0, prompts, latent_shape,
                 path: Path, seed: int = 0) -> Path:
     prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
-    cond = text_conditioning(encoder, prompts)
-    uncond = text_conditioning(encoder, [""] * len(prompts))
+    cond, uncond = guided_conditioning(encoder, prompts, [""] * len(prompts))
     g = torch.Generator(cond[0].device).manual_seed(seed)
     z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, latent_shape,
                         sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,

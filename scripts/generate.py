@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="same seed and settings give the same images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
     return p
 
 
@@ -44,7 +46,7 @@ def generate(args: argparse.Namespace) -> Path:
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE')
-    pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder)
+    pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision)
     kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                   negative_prompt=args.negative, seed=args.seed, eta=args.eta)
     settings = pipe.settings(prompts, **kwargs)

@@ -1,0 +1,56 @@
+"""The speed-ups keep the answers: cut text padding, bf16 sampling, the sampling precision choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiff.core.runtime import sampling_dtype
+from latentdiff.prior.conditioning import guided_conditioning, text_conditioning
+
+
+def test_cut_padding_leaves_the_unet_output_unchanged(pipe):
+    prompts = ["a red circle", "a small blue square at the top left", ""]
+    short = text_conditioning(pipe.encoder, prompts)
+    full = text_conditioning(pipe.encoder, prompts, length=pipe.encoder.context_length)
+    lengths = full[1].sum(dim=1)
+    assert short[0].shape[1] == int(lengths.max()) < full[0].shape[1]  # cut after the longest prompt
+    assert torch.equal(short[1].sum(dim=1), lengths)  # no real token lost
+    z = torch.randn(3, *pipe.latent_shape)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    with torch.no_grad():
+        a = pipe.unet(z, t, short[0], short[1], short[2])
+        b = pipe.unet(z, t, full[0], full[1], full[2])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_halves_share_one_length(pipe):
+    cond, uncond = guided_conditioning(pipe.encoder, ["a large green triangle at the bottom"] * 2, ["", ""])
+    assert cond[0].shape == uncond[0].shape and cond[1].shape == uncond[1].shape
+    assert uncond[1].sum(dim=1).tolist() == [2, 2]  # "" is SOT, EOT
+
+
+def test_sampling_precision_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sampling_dtype(cpu, "fp32") is None and sampling_dtype(cpu, "bf16") is torch.bfloat16
+    assert sampling_dtype(cuda, "auto") is torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert sampling_dtype(cpu, "auto") is (torch.bfloat16 if amx else None)
+    with pytest.raises(ValueError, match="fp16"):
+        sampling_dtype(cpu, "fp16")
+
+
+def test_bf16_sampling_stays_close_to_fp32(pipe):
+    kw = dict(n=2, steps=4, sampler="dpmpp-2m", guidance=3.0, seed=0)
+    pipe.precision = "fp32"
+    ref = pipe(["a red circle", "a blue square"], **kw)
+    pipe.precision = "bf16"
+    try:
+        fast = pipe(["a red circle", "a blue square"], **kw)
+        assert pipe.settings(["x"], n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0,
+                             eta=0.0).precision == "bf16"
+    finally:
+        pipe.precision = "auto"
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape
+    assert not torch.equal(fast, ref)  # bf16 really ran
+    assert (fast - ref).abs().mean() < 0.02  # images in [-1, 1]
