@@ -10,7 +10,7 @@ steps and the table shows the NFE it really made. Writes a plot of FID against N
 
 The issue's full grid (n = 2000, NFE up to 1000) costs ~13 CPU-hours here; `make bench` runs a
 reduced grid (see the Makefile) and the README gives the command of each larger run it quotes.
-Results are written after every point, and --resume continues a run that was stopped.
+Results are written after every point; --resume continues a stopped run or adds points to a finished one.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
-    p.add_argument("--resume", action="store_true", help="keep the points already in --out made with these settings")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the points already in --out (or its .partial.json) made with these settings, add the rest")
     args = p.parse_args(argv)
 
     dev = device()
@@ -112,11 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "features": space.label, "classifier_val_accuracy": classifier.meta.get("val_accuracy")}
     points: list[dict] = []
     partial = out.with_suffix(".partial.json")
-    if args.resume and partial.exists():
-        saved = json.loads(partial.read_text())
-        if saved["settings"] == settings:
-            points = saved["points"]
-            print(f"resuming: {len(points)} points from {partial}")
+    if args.resume:  # a stopped run's partial file, or a finished run's report, made with these settings
+        for source in (partial, out):
+            saved = json.loads(source.read_text()) if source.exists() else {}
+            saved = saved.get("figures", saved)
+            if saved.get("settings") == settings:
+                points = saved["points"]
+                print(f"resuming: {len(points)} points from {source}")
+                break
     done = {(q["sampler"], q["nfe_budget"]) for q in points}
     for sampler in args.samplers.split(","):
         for budget in [int(v) for v in args.nfe.split(",")]:

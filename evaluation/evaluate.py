@@ -126,7 +126,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               f"({ref.floor_n} held-out real images) in {space.label}")
 
     settings = pipe.settings(prompts.prompts, n=1, steps=args.steps, sampler=args.sampler, guidance=None,
-                             negative_prompt="", seed=args.seed, eta=0.0)
+                             negative_prompt="", seed=args.seed, eta=0.0, batch_size=args.gen_batch_size)
     rows = []
     for w in guidances:
         t0 = time.monotonic()

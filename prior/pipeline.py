@@ -42,7 +42,8 @@ class GenerationSettings:
     eta: float  # DDIM stochasticity (ddim only)
     clip_x0: float | None
     run: str
-    precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device
+    batch_size: int  # images per sampling batch (stochastic samplers draw their noise batch by batch)
+    precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device and batch
 
 
 class TextToImage:
@@ -97,11 +98,11 @@ class TextToImage:
                  batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
         """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first)."""
         settings = self.settings(prompts, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                 negative_prompt=negative_prompt, seed=seed, eta=eta)
+                                 negative_prompt=negative_prompt, seed=seed, eta=eta, batch_size=batch_size)
         rows = [p for p in settings.prompts for _ in range(n)]
         g = torch.Generator(self.device).manual_seed(seed)
         options = {"eta": eta} if settings.sampler == "ddim" else {}
-        dtype = sampling_dtype(self.device, self.precision)
+        dtype = torch.bfloat16 if settings.precision == "bf16" else None
         evals = number_of_evaluations(settings.sampler, settings.steps)
         bar = progress(evals * ((len(rows) + batch_size - 1) // batch_size), "sampling", enabled=show_progress)
         images = []
@@ -116,7 +117,8 @@ class TextToImage:
         bar.close()
         return torch.cat(images)
 
-    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta) -> GenerationSettings:
+    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta,
+                 batch_size: int = 64) -> GenerationSettings:
         """Resolve defaults from the run's sampling config and check every value."""
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if not prompts:
@@ -133,6 +135,10 @@ class TextToImage:
         if not 1 <= steps <= self.schedule.T:
             raise ValueError(f"steps must be in 1..{self.schedule.T} (the prior's training timesteps), got {steps}")
         guidance = s.guidance if guidance is None else float(guidance)
-        precision = "bf16" if sampling_dtype(self.device, self.precision) == torch.bfloat16 else "fp32"
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # One precision for every batch of the call: rows per network pass of a full batch.
+        rows = min(batch_size, len(prompts) * n) * (1 if guidance in (0.0, 1.0) else 2)
+        precision = "bf16" if sampling_dtype(self.device, self.precision, rows) == torch.bfloat16 else "fp32"
         return GenerationSettings(prompts, n, steps, sampler, guidance, negative_prompt, seed, eta,
-                                  self.clip_x0, str(self.run), precision)
+                                  self.clip_x0, str(self.run), batch_size, precision)

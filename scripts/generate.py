@@ -49,7 +49,7 @@ def generate(args: argparse.Namespace) -> Path:
     pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision)
     kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                   negative_prompt=args.negative, seed=args.seed, eta=args.eta)
-    settings = pipe.settings(prompts, **kwargs)
+    settings = pipe.settings(prompts, **kwargs, batch_size=args.batch_size)
     images = pipe(prompts, **kwargs, batch_size=args.batch_size, show_progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
