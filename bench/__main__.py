@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; choose from {[name for name, _ in SUITE]}")
     t_all = time.monotonic()
-    sections, failed = [], []
+    failed = []
     for name, args in SUITE:
         if wanted and name not in wanted:
             continue
@@ -41,15 +41,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"=== bench.{name}: {time.monotonic() - t0:.0f} s", flush=True)
         if done.returncode != 0:
             failed.append(name)
-            continue
-        result = json.loads((OUT / f"{name}.json").read_text())
-        m = result["machine"]
-        sections.append(f"## {result['title']}\n\n_{m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch "
-                        f"{m['torch']}; `python -m bench.{name} {' '.join(args)}`_\n\n{result['table']}\n")
     total = time.monotonic() - t_all
+    # all.md: every table there is, so a partial run (`python -m bench generation`) updates its own.
+    sections = []
+    for name, args in SUITE:
+        path = OUT / f"{name}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            m = result["machine"]
+            sections.append(f"## {result['title']}\n\n_{m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch "
+                            f"{m['torch']}; `python -m bench.{name} {' '.join(args)}`_\n\n{result['table']}\n")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "all.md").write_text("\n".join(sections) + f"\nSuite time: {total / 60:.1f} min.\n")
-    print(f"\nbench: {len(sections)} tables in {total / 60:.1f} min; all of them in {OUT / 'all.md'}")
+    (OUT / "all.md").write_text("\n".join(sections))
+    print(f"\nbench: {len(sections)} tables in {OUT / 'all.md'}; this run took {total / 60:.1f} min")
     if failed:
         raise SystemExit(f"bench: failed: {', '.join(failed)}")
 

@@ -97,6 +97,7 @@ def table(columns: list[str], rows: list[list[Any]]) -> str:
 def report(name: str, title: str, text: str, figures: dict[str, Any], out: str | Path | None = None) -> Path:
     """Print the table under its title and write {machine, figures, table} as JSON."""
     m = machine()
+    text = text.replace(f"{ROOT}/", "")  # paths as a user in the repository root types them
     print(f"\n## {title}\n")
     print(f"_{m['date']}, {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
           f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}_\n")

@@ -48,8 +48,32 @@ def uint8_to_input(x: torch.Tensor, size: tuple[int, int], device: torch.device)
     return x
 
 
-class ClassifierFeatures(FeatureExtractorBase):
+class OneFeatureExtractor(FeatureExtractorBase):
+    """What torch-fidelity asks of an extractor of ours: one named feature, used for every metric."""
+
+    FEATURE = ""  # the name of the one feature forward() returns
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return (cls.FEATURE,)
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return cls.FEATURE
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+
+class ClassifierFeatures(OneFeatureExtractor):
     """torch-fidelity view of our classifier: one feature, "features" (B, feature_dim), pre-ReLU."""
+
+    FEATURE = "features"
 
     def __init__(self, name: str, features_list, feature_extractor_weights_path=None,
                  classifier: Classifier | None = None, **kwargs):
@@ -61,30 +85,16 @@ class ClassifierFeatures(FeatureExtractorBase):
             classifier = load_classifier(feature_extractor_weights_path)
         self.classifier = classifier.eval().requires_grad_(False)
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("features",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "features"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         size = (self.classifier.resolution, self.classifier.resolution)
         device = self.classifier.embed.weight.device
         return (self.classifier.features(uint8_to_input(x, size, device)).float(),)
 
 
-class ClipFeatures(FeatureExtractorBase):
+class ClipFeatures(OneFeatureExtractor):
     """torch-fidelity view of a CLIP image tower: "image_embedding" (B, E), projected, not normalised."""
+
+    FEATURE = "image_embedding"
 
     def __init__(self, name: str, features_list, feature_extractor_weights_path=None, encoder=None, **kwargs):
         super().__init__(name, features_list)
@@ -95,22 +105,6 @@ class ClipFeatures(FeatureExtractorBase):
 
             encoder = load_text_encoder(str(feature_extractor_weights_path))
         self.encoder = encoder.frozen()
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("image_embedding",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "image_embedding"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The encoder resizes to its tower's size and normalises (text.model.preprocess_images).
