@@ -168,14 +168,12 @@ def tiny_text_encoder(dev: torch.device):
     return encoder.to(dev).frozen(cache_size=4096)
 
 
-def demo_pipeline(dev: torch.device, required: bool = False):
+def demo_pipeline(dev: torch.device):
     """(TextToImage of the demo prior, True), or a tiny pipeline with initial weights and False."""
     from latentdiff.prior.pipeline import TextToImage
 
     if (DEMO / "prior" / "meta.json").exists():
         return TextToImage.from_run(DEMO / "prior", device=dev), True
-    if required:
-        raise SystemExit(f"this benchmark scores the demo model and {DEMO / 'prior'} does not exist: run `make demo` first")
     from latentdiff.prior.unet import UNet
 
     cfg = tiny_prior_config()

@@ -8,8 +8,6 @@ tiny preset's networks with initial weights (the same speed, meaningless images)
 
 from __future__ import annotations
 
-import torch
-
 from .common import demo_pipeline, device, parser, report, table, time_it
 
 PROMPTS = ["a photo of a sneaker", "a photo of a dress", "a photo of a bag", "a photo of a coat"]

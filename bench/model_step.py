@@ -35,12 +35,16 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
     from latentdiff.prior.stage import PRESETS
     from latentdiff.prior.unet import UNet
 
+    from latentdiff.autoencoder import stage as autoencoder_stage
+    from latentdiff.autoencoder.model import AutoencoderConfig
+
     cfg = load_preset(PriorConfig, PRESETS, preset)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
     opt = make_optimizer(unet.parameters(), cfg.train)
     schedule = make_schedule(cfg.diffusion)
-    B, f = cfg.train.batch_size, 4 if cfg.resolution <= 64 else 8
-    side = cfg.resolution // f
+    B = cfg.train.batch_size
+    # The latent grid of the autoencoder preset of the same name (tiny: f=4, base: f=8).
+    side = cfg.resolution // load_preset(AutoencoderConfig, autoencoder_stage.PRESETS, preset).model.downsampling
     g = torch.Generator(dev).manual_seed(0)
     z0 = torch.randn(B, cfg.model.in_channels, side, side, device=dev, generator=g)
     context = torch.randn(B, 77, cfg.model.context_dim, device=dev, generator=g)

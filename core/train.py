@@ -16,7 +16,6 @@ sample, checkpoint); this module supplies the parts around it, written once:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import apply_overrides, dumps_toml, load_preset, load_toml, to_dict
+from .config import dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
 from .errors import cli_errors
 from .errors import UserError

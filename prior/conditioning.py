@@ -37,7 +37,7 @@ def text_conditioning(encoder: TextEncoder, prompts: list[str], length: int | No
     out = encoder.encode(prompts)
     if length is None:
         length = int(out.mask.sum(dim=1).max()) if len(prompts) else out.mask.shape[1]
-    return out.states[:, :length], out.mask[:, :length], out.pooled
+    return _cut(out, length)
 
 
 def guided_conditioning(encoder: TextEncoder, prompts: list[str], negative: list[str]) -> tuple[Conditioning, Conditioning]:
@@ -47,8 +47,11 @@ def guided_conditioning(encoder: TextEncoder, prompts: list[str], negative: list
     """
     cond, uncond = encoder.encode(prompts), encoder.encode(negative)
     length = int(torch.cat([cond.mask, uncond.mask]).sum(dim=1).max())
-    return ((cond.states[:, :length], cond.mask[:, :length], cond.pooled),
-            (uncond.states[:, :length], uncond.mask[:, :length], uncond.pooled))
+    return _cut(cond, length), _cut(uncond, length)
+
+
+def _cut(out, length: int) -> Conditioning:
+    return out.states[:, :length], out.mask[:, :length], out.pooled
 
 
 def unet_model(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Callable:

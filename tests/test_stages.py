@@ -31,7 +31,6 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import load_toml
 from latentdiff.core.logger import to_uint8
 from latentdiff.core.runtime import Runtime
-from latentdiff.data import shapes
 from latentdiff.data.reader import make_loader
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.prior.latent_cache import LatentCache
@@ -42,7 +41,6 @@ from latentdiff.text.encoder import TextEncoder
 from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.sources import load_text_encoder, save_text_run_weights
 from latentdiff.text.stage import TextStageConfig, evaluate
-from latentdiff.text.stage import main as text_main
 from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer
 
 from conftest import AE_ARGS, PRIOR_ARGS, RESUME_LR, SUBPROCESS_TIMEOUT, N_TRAIN  # noqa: E402
