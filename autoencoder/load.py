@@ -26,7 +26,7 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
                                    f"resume it with `latentdiff train autoencoder --resume {run_dir}`")
     cfg = load_toml(AutoencoderConfig, run_dir / ckpt.CONFIG)
     model = Autoencoder(cfg.model)
-    path = run_dir / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)
+    path = ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)
     state = ckpt.load_weights(path)
     model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)

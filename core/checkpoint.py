@@ -67,6 +67,15 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def committed_file(run_dir: str | Path, name: str) -> Path:
+    """Path of file `name` (e.g. MODEL, EMA, STATE) in the newest complete checkpoint of `run_dir`.
+
+    Every reader of a run's checkpoint files goes through here, so the on-disk layout of a
+    checkpoint is known in this module alone.
+    """
+    return Path(run_dir) / name
+
+
 def load_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():

@@ -17,5 +17,5 @@ def load_decoder(run_dir: str | Path, device: torch.device | str = "cpu", ema: b
     run_dir = Path(run_dir)
     meta = ckpt.read_meta(run_dir, "decoder")
     decoder = Decoder(from_dict(DecoderConfig, meta["decoder_config"], f"{run_dir}/meta.json decoder_config"))
-    decoder.load_state_dict(ckpt.load_weights(run_dir / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
+    decoder.load_state_dict(ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
     return decoder.to(device).eval().requires_grad_(False), meta

@@ -178,7 +178,7 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu", ema
                                    f"resume it with `latentdiff train classifier --resume {run_dir}`")
     cfg = load_toml(ClassifierStageConfig, run_dir / ckpt.CONFIG)
     model = Classifier(cfg.model, meta["heads"], cfg.resolution)
-    state = ckpt.load_weights(run_dir / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL))
+    state = ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -76,7 +76,7 @@ class TextToImage:
                                                   text or meta["text"]["source"], device, expect=meta)
         check_unet_fits(cfg.model, ae_meta, encoder, str(run))
         unet = UNet(cfg.model)
-        unet.load_state_dict(ckpt.load_weights(run / (ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
+        unet.load_state_dict(ckpt.load_weights(ckpt.committed_file(run, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
         unet.to(device).eval().requires_grad_(False)
         swapped = None
         if decoder is not None:
