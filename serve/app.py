@@ -13,6 +13,7 @@ import html
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +79,17 @@ def _generate_tab(generator: Generator) -> None:
 
     # One request at a time over every tab and session; the others wait in the queue, with their position shown.
     event = gr.on([go.click, prompt.submit], run, [prompt, negative, sampler, steps, guidance, seed, n],
-                  [gallery, command, files], concurrency_limit=1, concurrency_id="generate")
+                  [gallery, command, files], concurrency_limit=1, concurrency_id="generate", show_progress_on=gallery)
     stop.click(cancel, None, None, cancels=[event], queue=False)
 
 
 def _runs_tab(stages: list[Stage]):
     """Lay out one group per run; returns the function that fills them and the components it fills."""
     with gr.Row():
-        refresh = gr.Button("Refresh", elem_id="refresh", scale=0)
-        live = gr.Checkbox(label=f"refresh every {REFRESH_SECONDS} s (while a run trains)", value=False)
-    outputs = []
+        refresh = gr.Button("Refresh", elem_id="refresh", scale=0, min_width=120)
+        live = gr.Checkbox(label=f"refresh every {REFRESH_SECONDS} s (while a run trains)", value=False, scale=2)
+        stamp = gr.Markdown(elem_id="runs-read-at")
+    outputs = [stamp]
     for stage in stages:
         with gr.Group():
             heading = gr.Markdown(f"### {stage.name}")
@@ -101,20 +103,22 @@ def _runs_tab(stages: list[Stage]):
         outputs += [heading, plot, grids, summary, report, report_plots]
 
     def show():
-        values = []
+        values = [f"read at {time.strftime('%H:%M:%S')}"]
         for stage in stages:
             v = view(stage)
             note = "" if v.curves is not None else "\n\nNo per-step metrics in metrics.jsonl yet."
             plots = [p for _, p in v.reports if p]
-            values += [f"### {stage.name} · `{stage.path}`{note}", v.curves, v.grids, v.summary,
+            values += [f"### {stage.name} · `{stage.path}`{note}",
+                       gr.update(value=v.curves, visible=v.curves is not None), v.grids, v.summary,
                        "\n\n".join(text for text, _ in v.reports),
                        gr.update(value=plots, visible=bool(plots))]
         return values
 
     timer = gr.Timer(REFRESH_SECONDS, active=False)
     live.change(lambda on: gr.Timer(active=on), live, timer)
-    for trigger in (refresh.click, timer.tick):
-        trigger(show, None, outputs, concurrency_id="runs")
+    # Re-reading is cheap (one metrics.jsonl per run); the tick must not grey out the page every 10 s.
+    refresh.click(show, None, outputs, concurrency_id="runs", show_progress="minimal")
+    timer.tick(show, None, outputs, concurrency_id="runs", show_progress="hidden")
     return show, outputs
 
 
@@ -125,10 +129,9 @@ def build(generator: Generator, stages: list[Stage], run: str | Path) -> gr.Bloc
         with gr.Tabs():
             with gr.Tab("Generate", id="generate-tab", elem_id="generate-tab"):
                 _generate_tab(generator)
-            with gr.Tab("Runs", id="runs-tab", elem_id="runs-tab") as runs_tab:
+            with gr.Tab("Runs", id="runs-tab", elem_id="runs-tab"):
                 show, outputs = _runs_tab(stages)
-        runs_tab.select(show, None, outputs, concurrency_id="runs")
-        blocks.load(show, None, outputs, concurrency_id="runs")
+        blocks.load(show, None, outputs, concurrency_id="runs", show_progress="hidden")
     blocks.queue(default_concurrency_limit=1)
     return blocks
 

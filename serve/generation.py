@@ -108,6 +108,16 @@ class Generator:
         if self._running is not None and self._running.is_set():
             raise Cancelled("generation cancelled")
 
+    @property
+    def busy(self) -> bool:
+        """A request is sampling now."""
+        return self._running is not None
+
+    @property
+    def completed(self) -> int:
+        """Requests that ran to the end (and wrote their PNGs), since the server started."""
+        return self._requests
+
     def defaults(self) -> GenerationSettings:
         """The run's own sampling settings: the form's initial values."""
         return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0,
@@ -141,7 +151,8 @@ class Generator:
         """Sample n images for one prompt and write them as PNGs; raises UserError or Cancelled."""
         settings = self.check(prompt, negative_prompt, sampler, steps, guidance, seed, n)
         command = generate_command(settings, **self.command_flags)
-        flag = self._flags[session] = threading.Event()  # registered before waiting, so a waiting request can be cancelled
+        # Registered before waiting for the lock, so a request still waiting can be cancelled too.
+        flag = self._flags[session] = threading.Event()
         try:
             with self._lock:
                 if flag.is_set():
@@ -160,8 +171,8 @@ class Generator:
             if self._flags.get(session) is flag:
                 del self._flags[session]
         folder.mkdir(parents=True, exist_ok=True)
-        files = [write_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png", png_parameters(settings, i, command))
-                 for i, image in enumerate(images)]
+        files = [write_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png",
+                           png_parameters(settings, i, command)) for i, image in enumerate(images)]
         return Result(files, settings, command)
 
     def cancel(self, session: str = "") -> bool:
