@@ -1,0 +1,69 @@
+"""The `latentdiff` dispatcher and the benchmark driver: help that is true, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiff.core.errors import UserError
+from latentdiff.core.runtime import parse_device, pick_device
+from latentdiff.scripts import cli
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("latentdiff ") and out.split()[1][0].isdigit()
+
+
+def test_train_without_stage_lists_the_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "train needs one of" in err
+    for stage in ("autoencoder", "text", "prior", "decoder", "classifier"):
+        assert f"train {stage}" in err
+
+
+def test_train_help_and_unknown_stage(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    assert "train prior" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "priors"])
+    assert e.value.code == 2
+    assert "unknown train 'priors'" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate"])
+    assert e.value.code == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_that_is_missing_is_one_line():
+    with pytest.raises(UserError, match=r"--device cuda: this machine has no cuda device"):
+        parse_device("cuda")
+    with pytest.raises(UserError, match=r"--device 'gpu' is not a device name"):
+        parse_device("gpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None) == torch.device("cpu")
+
+
+def test_bench_help_and_samplers_skipped_without_the_demo(tmp_path, monkeypatch, capsys):
+    import bench.__main__ as suite
+
+    suite.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m bench") and "generation" in out
+
+    monkeypatch.setattr(suite, "DEMO", tmp_path / "no-demo")
+    monkeypatch.setattr(suite, "OUT", tmp_path / "bench")
+    suite.main(["samplers"])  # returns (exit 0) instead of failing on the missing demo prior
+    out = capsys.readouterr().out
+    assert "bench.samplers: skipped" in out and "make demo" in out
+
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        suite.main(["nope"])
