@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from latentdiff.core.errors import cli_errors
-from latentdiff.core.logger import save_grid
+from latentdiff.core.logger import save_grid, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +57,12 @@ def generate(args: argparse.Namespace) -> Path:
     for i, image in enumerate(images):
         prompt = prompts[i // args.n]
         path = out / f"{i // args.n:03d}_{slug(prompt)}_{i % args.n:02d}.png"
-        save_grid(image[None], path, nrow=1)
+        save_png(image, path)
         files.append(path.name)
-    grid = save_grid(images, out / "grid.png", nrow=args.n)
+    title = (f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
+             + (f", negative: {args.negative}" if args.negative else ""))
+    grid = save_grid(images, out / "grid.png", nrow=args.n, labels=[p or "(unconditional)" for p in prompts],
+                     title=title)
     (out / "settings.json").write_text(json.dumps({**dataclasses.asdict(settings), "files": files}, indent=2) + "\n")
     print(f"{len(images)} images in {out}/ (grid: {grid}; one row per prompt; settings.json beside them)")
     return grid
