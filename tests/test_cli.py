@@ -67,3 +67,46 @@ def test_bench_help_and_samplers_skipped_without_the_demo(tmp_path, monkeypatch,
 
     with pytest.raises(SystemExit, match="unknown benchmark"):
         suite.main(["nope"])
+
+
+def test_output_folders_never_mix_two_results(tmp_path, capsys):
+    from latentdiff.core.outputs import fresh_output_dir
+
+    out = tmp_path / "gen"
+    fresh_output_dir(out, overwrite=False)
+    (out / "000_a_00.png").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*gen is not empty \(000_a_00.png, notes.txt\); pass --overwrite"):
+        fresh_output_dir(out, overwrite=False, ours=["[0-9][0-9][0-9]_*.png"])
+    # --overwrite deletes only what the command writes; a user's own file still blocks the folder.
+    with pytest.raises(UserError, match=r"not empty \(notes.txt\)"):
+        fresh_output_dir(out, overwrite=True, ours=["[0-9][0-9][0-9]_*.png"])
+    assert not (out / "000_a_00.png").exists() and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert fresh_output_dir(out, overwrite=True) == out
+
+
+def test_generate_refuses_a_used_folder_and_overwrite_replaces_it(prior_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    args = ["generate", "a red circle", "--run", str(prior_run[0]), "--n", "2", "--steps", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    again = ["generate", "🙂 猫", "--run", str(prior_run[0]), "--n", "1", "--steps", "2", "--out", str(out)]
+    assert cli.main([*again, "--overwrite"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["000_prompt_00.png", "grid.png", "settings.json"]
+
+
+def test_data_refuses_an_existing_dataset(tmp_path, capsys):
+    from latentdiff.scripts.data import main as data_main
+
+    out = tmp_path / "shapes"
+    args = ["shapes", "--out", str(out), "--n", "20", "--val-n", "4", "--test-n", "4", "--quiet"]
+    assert data_main(args) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert data_main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert data_main([*args, "--overwrite"]) == 0
