@@ -110,3 +110,23 @@ def test_data_refuses_an_existing_dataset(tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
     assert data_main([*args, "--overwrite"]) == 0
+
+
+def test_fid_reads_only_what_generate_generated(tmp_path):
+    import json
+
+    from latentdiff.core.logger import save_grid, save_png
+    from latentdiff.evaluation.images import load_image_set
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    names = [f"000_a-cat_{k:02d}.png" for k in range(3)]
+    for name, image in zip(names, x):
+        save_png(image, out / name)
+    save_grid(x, out / "grid.png", nrow=3)  # a different size: would break (or bias) the set
+    (out / "settings.json").write_text(json.dumps({"files": names}))
+    assert len(load_image_set(out)) == 3
+    (out / names[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="settings.json lists 000_a-cat_01.png but it is missing"):
+        load_image_set(out)
