@@ -17,10 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
-
 from latentdiff.core.errors import UserError
-from latentdiff.core.logger import to_uint8
+from latentdiff.core.logger import save_png
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
 from latentdiff.prior.samplers import SAMPLERS
 
@@ -79,15 +77,6 @@ def generate_command(settings: GenerationSettings, decoder: str | None = None, d
 def png_parameters(settings: GenerationSettings, index: int, command: str) -> str:
     """The `parameters` text chunk of image `index` of a request: its settings and command, as JSON."""
     return json.dumps({**dataclasses.asdict(settings), "index": index, "command": command})
-
-
-def write_png(image, path: Path, parameters: str) -> Path:
-    """(3, H, W) in [-1, 1] -> an 8-bit RGB PNG at path with the settings in its `parameters` text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, parameters)
-    pixels = to_uint8(image[None])[0].permute(1, 2, 0).numpy()  # (H, W, 3)
-    Image.fromarray(pixels, "RGB").save(path, pnginfo=info)
-    return path
 
 
 class Generator:
@@ -170,9 +159,8 @@ class Generator:
         finally:
             if self._flags.get(session) is flag:
                 del self._flags[session]
-        folder.mkdir(parents=True, exist_ok=True)
-        files = [write_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png",
-                           png_parameters(settings, i, command)) for i, image in enumerate(images)]
+        files = [save_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png",
+                          text={PNG_KEY: png_parameters(settings, i, command)}) for i, image in enumerate(images)]
         return Result(files, settings, command)
 
     def cancel(self, session: str = "") -> bool:
