@@ -46,8 +46,10 @@ def sampler_names() -> list[str]:
 
 def _integer(name: str, value, low: int, high: int) -> int:
     """A form value as an int in low..high, or a UserError naming the field."""
+    if isinstance(value, bool):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
     try:
-        number = float(value)
+        number = value if isinstance(value, int) else float(value)  # an int stays exact beyond 2**53
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a whole number, got {value!r}") from None
     if not math.isfinite(number) or number != int(number):
@@ -57,20 +59,29 @@ def _integer(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
+def _option(name: str, value: str) -> list[str]:
+    """`--name value`, or `--name=value` when the value starts with "-" (argparse would read it as an option)."""
+    return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+
 def generate_command(settings: GenerationSettings, decoder: str | None = None, device: str | None = None,
                      precision: str = "auto") -> str:
     """The `latentdiff generate` command line that makes the same images (one shell-quoted line)."""
-    words = ["latentdiff", "generate", *settings.prompts, "--run", settings.run, "--n", str(settings.n),
-             "--steps", str(settings.steps), "--sampler", settings.sampler, "--guidance", repr(settings.guidance),
-             "--seed", str(settings.seed)]
+    # Prompts come first, unless one starts with "-" and would read as an option: then last, after "--".
+    dashed = any(p.startswith("-") for p in settings.prompts)
+    words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
+             "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
+             "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
     if settings.negative_prompt:
-        words += ["--negative", settings.negative_prompt]
+        words += _option("--negative", settings.negative_prompt)
     if decoder:
-        words += ["--decoder", decoder]
+        words += _option("--decoder", decoder)
     if device:
         words += ["--device", device]
     if precision != "auto":
         words += ["--precision", precision]
+    if dashed:
+        words += ["--", *settings.prompts]
     return shlex.join(words)
 
 

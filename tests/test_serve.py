@@ -23,6 +23,7 @@ pytest.importorskip("gradio", reason="latentdiff serve needs gradio: pip install
 from latentdiff.serve import runs  # noqa: E402
 from latentdiff.serve.app import exposure_warning, start  # noqa: E402
 from latentdiff.serve.generation import PNG_KEY, Cancelled, Generator, sampler_names  # noqa: E402
+from latentdiff.serve.generation import generate_command as generate_command_of  # noqa: E402
 
 FORM = dict(prompt="a red circle", negative_prompt="", sampler="ddim", steps=2, guidance=3.0, seed=0, n=1)
 
@@ -86,6 +87,16 @@ def test_generated_pngs_carry_their_settings_and_the_command_remakes_them(genera
         a = np.asarray(Image.open(ours).convert("RGB"), dtype=int)
         b = np.asarray(Image.open(theirs).convert("RGB"), dtype=int)
         assert np.abs(a - b).max() <= 1, (ours, theirs)  # the same images (PNG rounding aside)
+
+
+def test_the_command_keeps_prompts_that_look_like_options(generator):
+    from latentdiff.scripts.generate import build_parser
+
+    for prompt in ("--n 3", "-", "", "a 'quoted' prompt; rm -rf /"):
+        settings = generator.check(prompt, "-blurry", "ddim", 2, 1.0, 2**60 + 1, 1)
+        command = generate_command_of(settings)
+        args = build_parser().parse_args(shlex.split(command)[2:])
+        assert args.prompts == [prompt] and args.negative == "-blurry" and args.seed == 2**60 + 1 and args.n == 1
 
 
 def test_requests_run_one_at_a_time_and_can_be_cancelled(generator, pipe):
