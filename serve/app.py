@@ -95,8 +95,9 @@ def _runs_tab(stages: list[Stage]):
             heading = gr.Markdown(f"### {stage.name}")
             plot = gr.Plot(label=f"{stage.name}: training curves", format="png", elem_id=f"curves-{stage.name}")
             with gr.Row():
-                grids = gr.Gallery(label="sample grids, oldest first", columns=4, height=260, object_fit="contain",
-                                   elem_classes=["grids"], scale=3)
+                # Preview mode: the newest grid whole (grids are wide: 16 images a row), the others below it.
+                grids = gr.Gallery(label="sample grids, oldest first", columns=8, height=300, object_fit="contain",
+                                   preview=True, elem_classes=["grids"], scale=3)
                 summary = gr.JSON(label="summary.json", scale=2)
             report = gr.Markdown()
             report_plots = gr.Gallery(label="evaluation trade-off", columns=2, height=320, visible=False)
@@ -109,7 +110,8 @@ def _runs_tab(stages: list[Stage]):
             note = "" if v.curves is not None else "\n\nNo per-step metrics in metrics.jsonl yet."
             plots = [p for _, p in v.reports if p]
             values += [f"### {stage.name} · `{stage.path}`{note}",
-                       gr.update(value=v.curves, visible=v.curves is not None), v.grids, v.summary,
+                       gr.update(value=v.curves, visible=v.curves is not None),
+                       gr.update(value=v.grids, selected_index=len(v.grids) - 1 if v.grids else None), v.summary,
                        "\n\n".join(text for text, _ in v.reports),
                        gr.update(value=plots, visible=bool(plots))]
         return values

@@ -84,6 +84,7 @@ def _screenshot(driver, path: Path) -> Path:
     """The whole page: the window grown to the page's height (at most 2400 px), once its images have loaded."""
     height = driver.execute_script("return document.querySelector('.gradio-container').scrollHeight")
     driver.set_window_size(1400, min(height + 160, 2400))  # + the window's own chrome
+    driver.execute_script("window.scrollTo(0, 0)")
     WebDriverWait(driver, WAIT).until(lambda d: d.execute_script(
         "return Array.from(document.images).every(i => i.complete)"))
     driver.save_screenshot(str(path))
