@@ -104,20 +104,30 @@ def test_generate_and_runs_tabs_in_headless_chromium(browser, server, pipe, tmp_
     assert "steps must be in 1.." in toast[0].text and "Traceback" not in browser.page_source
     browser.find_element(By.CSS_SELECTOR, ".toast-close").click()
 
-    # A long request (1000 steps of 16 images, far beyond a few seconds on a CPU), cancelled while it samples.
+    # A long request in this tab (1000 steps of 16 images: far more than a few seconds on a CPU)...
     _fill(browser, "#steps input", "1000")
     _fill(browser, "#n input[type=number]", "16")
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .progress-text"))  # the sampling progress bar
-    browser.find_element(By.ID, "cancel").click()
-    wait.until(lambda d: not server.generator.busy)
-    assert server.generator.completed == 0 and not browser.find_elements(By.CSS_SELECTOR, "#gallery img")
+    first = browser.current_window_handle
 
+    # ...and a short one from a second tab: it waits in the queue, it does not run beside it or crash.
+    browser.switch_to.new_window("tab")
+    browser.get(server.url)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"))
     _fill(browser, "#prompt textarea", "a large red circle on the left")
-    _fill(browser, "#n input[type=number]", "4")
     _fill(browser, "#steps input", "3")
     _fill(browser, "#seed input", "5")
     browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .meta-text, #gallery .progress-text"))  # pending
+    assert server.generator.busy and server.generator.completed == 0
+
+    # Cancel the long one in the first tab: it stops, writes nothing, and the queued one then runs.
+    browser.switch_to.window(first)
+    browser.find_element(By.ID, "cancel").click()
+    wait.until(lambda d: server.generator.completed == 1 and not server.generator.busy)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")
+    browser.switch_to.window(next(h for h in browser.window_handles if h != first))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 4)
     command = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value"))
     assert command.startswith("latentdiff generate 'a large red circle on the left' --run ")
