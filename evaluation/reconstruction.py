@@ -123,7 +123,8 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
         cache = StatisticsCache(None if args.no_cache else args.cache_dir)
         ref = real_reference(real.images, len(real) // 2, space, cache, args.batch_size)
-        result = score(statistics(extract_features(space, recon[:ref.floor_n], args.batch_size)), ref)
+        # The reconstructions of the held-out images: their real originals are not in the reference.
+        result = score(statistics(extract_features(space, recon[ref.holdout], args.batch_size)), ref)
         report.update({"rfid": result["fid"], "rfid_floor": result["fid_floor"], "rfid_n": result["n_fake"],
                        "rfid_reference_n": result["n_reference"], "features": result["features"],
                        "rkid": result["kid"]})

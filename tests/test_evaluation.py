@@ -108,9 +108,13 @@ def test_floor_is_measured_on_a_disjoint_holdout(tmp_path: Path):
     real = _images(100, 4)
     ref = real_reference(real, 30, space, StatisticsCache(tmp_path))
     assert ref.floor_n == 30 and ref.reference.n == 70
-    expected = frechet_distance(statistics(extract_features(space, real[:30])),
-                                statistics(extract_features(space, real[30:])))
+    held = ref.holdout.tolist()
+    assert len(held) == 30 and held != list(range(30))  # a seeded permutation, not file order
+    kept = sorted(set(range(100)) - set(held))
+    expected = frechet_distance(statistics(extract_features(space, real[held])),
+                                statistics(extract_features(space, real[kept])))
     assert ref.floor_fid == pytest.approx(expected, rel=1e-9)
+    assert torch.equal(real_reference(real, 30, space, StatisticsCache(None)).holdout, ref.holdout)  # seeded
     assert real_reference(real, 80, space, StatisticsCache(None)).floor_n == 50  # at most half the real set
 
 
