@@ -130,8 +130,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def fit_square(image: Image.Image, resolution: int) -> Image.Image:
     """Center-crop the largest square, then resize it to resolution x resolution.
 
-    Cropping first (the crop box is handed to resize) means a very long or wide image costs
-    memory for its central square only, never for a resized copy of its whole long side.
+    Cropping first means a very long or wide image costs memory for its central square only,
+    never for a resized copy of its whole long side; pixels outside the square never bleed in.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -140,7 +140,8 @@ def fit_square(image: Image.Image, resolution: int) -> Image.Image:
         return image
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return image.resize((resolution, resolution), RESAMPLE, box=(left, top, left + side, top + side))
+    square = image.crop((left, top, left + side, top + side))
+    return square if side == resolution else square.resize((resolution, resolution), RESAMPLE)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -344,3 +344,39 @@ def test_two_workers(dataset: Path):
     assert sorted(_keys(batches)) == [f"s_{i:04d}" for i in range(24)]
     again = list(make_loader(str(dataset), "train", 4, num_workers=2, seed=2, repeat=False, drop_last=False))
     assert _keys(again) == _keys(batches)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A shard written member by member (webdataset's writer cannot put one file twice in a sample)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: Path):
+    from image_files import bad_exif_jpeg
+
+    good = _random_samples(9, prefix="ok")
+    members = []
+    for i, s in enumerate(good):
+        image = _png(s.image)
+        if i == 3:
+            image = bad_exif_jpeg()  # Pillow's exif_transpose raises AttributeError
+        if i == 4:
+            image = image[: len(image) // 2]  # a truncated image
+        members += [(f"{s.key}.{'jpg' if i == 3 else 'png'}", image), (f"{s.key}.txt", s.caption.encode())]
+        if i == 5:
+            members.append((f"{s.key}.txt", b"the same file twice in one sample"))
+    members.append(("ok_0009.png", _png(good[0].image)))
+    members.append(("ok_0009.txt", "caf\u00e9 cr\u00e8me".encode("cp1252")))  # not UTF-8: decoded as cp1252
+    (tmp_path / "ds").mkdir()
+    _tar(tmp_path / "ds" / "train-000000.tar", members)
+    batches = list(make_loader(str(tmp_path / "ds"), "train", 2, shuffle=False, repeat=False, drop_last=False))
+    assert _keys(batches) == ["ok_0000", "ok_0001", "ok_0002", "ok_0006", "ok_0007", "ok_0008", "ok_0009"]
+    assert batches[-1]["caption"][-1] == "caf\u00e9 cr\u00e8me"
+    counter = SkipCounter()
+    for b in batches:
+        counter.update(b)
+    assert counter.by_reason == Counter({"undecodable image": 2, "duplicate file in a sample": 1})

@@ -4,6 +4,7 @@ Inception weights handling, image conversion, the classifier stage, prompt accur
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from latentdiff.evaluation.classifier import (Classifier, ClassifierModelConfig,
                                               targets_from_meta)
 from latentdiff.evaluation.features import (CLASSIFIER_EXTRACTOR, INCEPTION_FILE, ClassifierFeatures, FeatureSpace,
                                             load_feature_space)
-from latentdiff.evaluation.fid import (StatisticsCache, extract_features, frechet_distance, real_reference,
-                                       statistics)
+from latentdiff.evaluation.evaluate import markdown_table
+from latentdiff.evaluation.fid import (FewImagesWarning, StatisticsCache, describe, extract_features, format_kid,
+                                       frechet_distance, real_reference, statistics)
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
@@ -116,6 +118,27 @@ def test_floor_is_measured_on_a_disjoint_holdout(tmp_path: Path):
     assert ref.floor_fid == pytest.approx(expected, rel=1e-9)
     assert torch.equal(real_reference(real, 30, space, StatisticsCache(None)).holdout, ref.holdout)  # seeded
     assert real_reference(real, 80, space, StatisticsCache(None)).floor_n == 50  # at most half the real set
+
+
+def test_fid_from_fewer_images_than_feature_dimensions_warns():
+    rng = np.random.default_rng(0)
+    few = statistics(torch.from_numpy(rng.normal(size=(10, 12))))  # 10 images, 12 dimensions
+    many = statistics(torch.from_numpy(rng.normal(size=(40, 12))))
+    with pytest.warns(FewImagesWarning, match="FID from 10 images in a 12-dimensional feature space") as record:
+        frechet_distance(few, many)
+    assert "use at least 12 images" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewImagesWarning)
+        frechet_distance(many, statistics(torch.from_numpy(rng.normal(size=(12, 12)))))  # N = D: no warning
+
+
+def test_kid_is_printed_with_its_scale():
+    assert format_kid(0.0030149, 0.00012) == "KID x1e3 3.01 +- 0.12"
+    result = {"fid": 26.73, "fid_floor": 0.39, "n_floor": 2000, "n_reference": 8000, "features": "classifier:r",
+              "n_fake": 2000, "kid": 0.0030149, "kid_std": 0.00012}
+    assert describe(result).endswith("; KID x1e3 3.01 +- 0.12")
+    table = markdown_table({"results": [{"guidance": 1.0, **result}], "sampler": "ddim", "steps": 2, "data": "d"})
+    assert "| guidance | FID | KID x1e3 |" in table and "| 1 | 26.73 | 3.01 |" in table
 
 
 # ---------------------------------------------------------------- cache
