@@ -134,8 +134,12 @@ def test_every_dropped_file_is_named_with_its_reason(tmp_path: Path, caplog):
 def test_captions_in_other_encodings_are_read_with_a_warning(tmp_path: Path, caplog):
     src = tmp_path / "src"
     src.mkdir()
-    captions = {"utf8": "café crème".encode(), "bom": "\ufeffnaïve".encode(), "cp1252": "“quoted” café".encode("cp1252"),
-                "latin1": b"caf\xe9 \x81"}  # 0x81 is undefined in cp1252: latin-1 takes it  # fmt: skip
+    captions = {
+        "utf8": "café crème".encode(),
+        "bom": "\ufeffnaïve".encode(),
+        "cp1252": "“quoted” café".encode("cp1252"),
+        "latin1": b"caf\xe9 \x81",  # 0x81 is undefined in cp1252: latin-1 takes it
+    }
     for name, data in captions.items():
         Image.new("RGB", (4, 4)).save(src / f"{name}.png")
         (src / f"{name}.txt").write_bytes(data)
