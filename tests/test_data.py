@@ -16,7 +16,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from latentdiff.core.logger import from_uint8, to_uint8
 from latentdiff.data import fashion_mnist, shapes
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import SkipCounter, make_loader, read_info, resolve_shards
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.scripts.data import main as data_main
@@ -41,7 +43,7 @@ def _keys(batches) -> list[str]:
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return to_uint8(image).permute(1, 2, 0).numpy()
 
 
 @pytest.fixture
@@ -182,8 +184,8 @@ def test_read_idx_raw_gz_and_errors(tmp_path: Path):
 
 
 def test_class_prompts_and_captions():
-    assert fashion_mnist.class_prompt("ankle boot") == "a photo of an ankle boot"
-    assert fashion_mnist.class_prompt("sneaker") == "a photo of a sneaker"
+    assert class_prompt("ankle boot") == "a photo of an ankle boot"
+    assert class_prompt("sneaker") == "a photo of a sneaker"
     assert fashion_mnist.caption_for(9, fashion_mnist.CAPTION_TEMPLATES.index("{}")) == "an ankle boot"
 
 
@@ -380,3 +382,12 @@ def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: 
     for b in batches:
         counter.update(b)
     assert counter.by_reason == Counter({"undecodable image": 2, "duplicate file in a sample": 1})
+
+
+def test_from_uint8_inverts_to_uint8_exactly():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = from_uint8(pixels)
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+    assert torch.equal(to_uint8(x), pixels) and pixels.max() == 255  # the input is left as it was
+    with pytest.raises(TypeError, match="expects uint8"):
+        from_uint8(x)

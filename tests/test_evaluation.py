@@ -24,7 +24,7 @@ from latentdiff.evaluation.features import (CLASSIFIER_EXTRACTOR, INCEPTION_FILE
                                             load_feature_space)
 from latentdiff.evaluation.evaluate import markdown_table
 from latentdiff.evaluation.fid import (FewImagesWarning, StatisticsCache, describe, extract_features, format_kid,
-                                       frechet_distance, real_reference, statistics)
+                                       frechet_distance, real_reference, split_real, statistics)
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
@@ -401,8 +401,13 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
     expected = classifier_stage.evaluate_accuracy(classifier, str(shapes_data), "test", classifier.heads, 16, 20)
     assert w1["prompt_accuracy"] == pytest.approx(expected["test_accuracy"])
     assert (w1["n_fake"], w1["n_floor"], w1["n_reference"]) == (20, 20, 40)
-    # w=1 "samples" are the real holdout itself, so their FID is the floor exactly; noise moves it away.
-    assert w1["fid"] == pytest.approx(w1["fid_floor"], rel=1e-9) and w5["fid"] > w1["fid"]
+    # The reference and the floor's holdout are a seeded permutation of the real set, cut after 20.
+    space = load_feature_space(f"classifier:{run}")
+    held, kept = split_real(len(test), 20)
+    reference = statistics(extract_features(space, test.images[kept]))
+    fid = lambda x: frechet_distance(statistics(extract_features(space, x)), reference)  # noqa: E731
+    assert w1["fid_floor"] == pytest.approx(fid(test.images[held]), rel=1e-9)
+    assert w1["fid"] == pytest.approx(fid(test.images[:20]), rel=1e-9) and w5["fid"] > w1["fid"]
     assert (tmp_path / "eval" / "report.json").is_file() and Path(report["plot"]).is_file()
     assert "| 5 |" in (tmp_path / "eval" / "report.md").read_text()
 
