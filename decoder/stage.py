@@ -42,7 +42,7 @@ class DecoderStageConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train decoder",
                                 description="Train the decoder alone with the autoencoder's encoder frozen.")
-    add_train_args(p, "decoder")
+    add_train_args(p, "decoder", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (its encoder is frozen)")
     p.add_argument("--upscale", type=int, choices=[1, 2, 4], help="decode to this many times the resolution")
     return p

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train text",
                                 description="Train a CLIP contrastively on (image, caption) shards; "
                                             "its text tower conditions the prior.")
-    add_train_args(p, "text")
+    add_train_args(p, "text", presets=PRESETS)
     return p
 
 
