@@ -144,7 +144,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             f"{where}: unknown key {unknown[0]!r} for {cls.__name__} "
             f"(known keys: {', '.join(sorted(types_))})"
         )
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    # Field names join with dots ("config.toml.train.lr"); after --set, with a space ("--set train.lr").
+    kwargs = {k: _coerce(v, types_[k], f"{where} {k}" if where == "--set" else f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field without a default is missing
