@@ -11,7 +11,8 @@ README's Data section):
 - 16-bit greyscale (I;16, I;16L, I;16B, I;16N) is scaled, 65535 -> 255 (v / 257, rounded), not
   clipped. Mode I (32-bit integers, how Pillow reads 16-bit PGM files) is read on the same
   0..65535 scale, values outside it clipped. Mode F (32-bit float) is read as 0..1 when all its
-  values lie in [0, 1], else as 0..255; values outside are clipped, NaN becomes 0.
+  values lie in [0, 1], else as 0..255; values outside are clipped, NaN becomes 0. A
+  transparency key on these modes (a 16-bit PNG's tRNS) turns that grey level into BACKGROUND.
 - Multi-frame files (animated GIF, multi-page TIFF) give their first frame.
 - The EXIF orientation is applied.
 
@@ -110,6 +111,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _wide_gray_to_rgb(image)
     if mode in _ALPHA_MODES or image.has_transparency_data:
         rgba = image.convert("RGBA")  # also un-premultiplies La/RGBa and applies a palette's or key's alpha
         canvas = Image.new("RGB", rgba.size, BACKGROUND)
@@ -117,14 +120,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return canvas
     if mode in _PILLOW_RGB_MODES:
         return image.convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image).astype(np.float64)  # (H, W); I;16B arrives big-endian and is read as such
-        return gray_to_rgb(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8))
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-        top = 1.0 if values.size and values.min() >= 0 and values.max() <= 1 else 255.0
-        return gray_to_rgb(np.round(np.clip(values, 0, top) * (255.0 / top)).astype(np.uint8))
     raise BadImage(f"unsupported image mode {mode}")
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale scaled to 0..255 (module docstring); a transparency key is BACKGROUND."""
+    values = np.asarray(image).astype(np.float64)  # (H, W); I;16B arrives big-endian and is read as such
+    key = image.info.get("transparency")
+    if image.mode == "F":
+        values = np.nan_to_num(values, nan=0.0)
+        top = 1.0 if values.size and values.min() >= 0 and values.max() <= 1 else 255.0
+    else:
+        top = 65535.0
+    gray = np.round(np.clip(values, 0, top) * (255.0 / top)).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
+    if isinstance(key, (int, float)):
+        rgb[values == key] = BACKGROUND  # a PNG tRNS key: that grey level is transparent
+    return Image.fromarray(rgb)
 
 
 def fit_square(image: Image.Image, resolution: int) -> Image.Image:

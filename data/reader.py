@@ -136,6 +136,7 @@ class _Skips:
     def __init__(self) -> None:
         self.pending: Counter = Counter()
         self.seen: Counter = Counter()  # all skips of this stream, for rate-limited warnings
+        self.noted: Counter = Counter()  # things read anyway (warned once each)
 
     def add(self, reason: str, where: str) -> None:
         self.pending[reason] += 1
@@ -146,9 +147,9 @@ class _Skips:
 
     def note(self, what: str, where: str) -> None:
         """Something read anyway (a caption in a fallback encoding): warned the first time only."""
-        if not self.seen[what]:
+        if not self.noted[what]:
             log.warning("%s at %s (warned once per stream)", what, where)
-        self.seen[what] += 1
+        self.noted[what] += 1
 
     def take(self) -> Counter:
         taken, self.pending = self.pending, Counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import struct
 import tarfile
 from collections import Counter
@@ -357,7 +358,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: Path):
+def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: Path, caplog):
     from image_files import bad_exif_jpeg
 
     good = _random_samples(9, prefix="ok")
@@ -375,8 +376,12 @@ def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: 
     members.append(("ok_0009.txt", "caf\u00e9 cr\u00e8me".encode("cp1252")))  # not UTF-8: decoded as cp1252
     (tmp_path / "ds").mkdir()
     _tar(tmp_path / "ds" / "train-000000.tar", members)
-    batches = list(make_loader(str(tmp_path / "ds"), "train", 2, shuffle=False, repeat=False, drop_last=False))
+    with caplog.at_level(logging.WARNING, logger="latentdiff.data.reader"):
+        batches = list(make_loader(str(tmp_path / "ds"), "train", 2, shuffle=False, repeat=False, drop_last=False))
     assert _keys(batches) == ["ok_0000", "ok_0001", "ok_0002", "ok_0006", "ok_0007", "ok_0008", "ok_0009"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("a caption is not UTF-8 and was decoded as cp1252" in m for m in messages) == 1
+    assert any("ok_0003" in m and "AttributeError" in m for m in messages)  # the log names the sample and why
     assert batches[-1]["caption"][-1] == "caf\u00e9 cr\u00e8me"
     counter = SkipCounter()
     for b in batches:

@@ -82,6 +82,12 @@ def test_every_mode_gives_the_rgb_values_it_means(name: str):
         assert got == expected  # no blending or colour maths: exact
 
 
+def test_a_16_bit_transparency_key_is_background_and_the_rest_is_scaled():
+    image = _row("I;16", [1000, 32896, 65535])
+    image.info["transparency"] = 1000  # what Pillow reads from a 16-bit PNG's tRNS chunk
+    assert _pixels(to_rgb(image)) == [BACKGROUND, (128, 128, 128), (255, 255, 255)]
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_a_16_bit_ramp_file_keeps_its_ramp(fmt: str):
     ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16)[None, :].repeat(4, 0)  # (4, 256) 0..65535
