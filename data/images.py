@@ -124,7 +124,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float greyscale scaled to 0..255 (module docstring); a transparency key is BACKGROUND."""
+    """16-bit, 32-bit integer and float greyscale scaled to 0..255 (module docstring); a transparency key -> white."""
     values = np.asarray(image).astype(np.float64)  # (H, W); I;16B arrives big-endian and is read as such
     key = image.info.get("transparency")
     if image.mode == "F":
