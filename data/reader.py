@@ -8,12 +8,12 @@
 
 Each batch is {"image", "caption", "meta", "key", "skipped", "skip_reasons"}. "skipped" is the
 number of samples dropped (undecodable image, empty caption, missing part, truncated shard)
-since the previous batch of the same stream: a bad sample is skipped and the rest of its shard
-is still read. Images go through data/images.py's load_rgb (every Pillow mode to RGB; any
-error skips the sample) and captions that are not UTF-8 are read as cp1252/latin-1 (warned
-once per stream), so summing it over batches (SkipCounter) gives
+since the previous batch of the same stream, so summing it over batches (SkipCounter) gives
 the run's total; per-sample problems are logged at most once per reason and every
-WARN_EVERY-th time after, never one line per sample.
+WARN_EVERY-th time after, never one line per sample. A bad sample is skipped and the rest of
+its shard is still read. Images go through data/images.py's load_rgb (every Pillow mode to
+RGB; any error skips the sample); captions that are not UTF-8 are read as cp1252/latin-1,
+with one warning per stream.
 
 Order is a pure function of (seed, num_workers, world_size): every epoch shuffles the shard
 order with a generator seeded by (seed, epoch), shared by all ranks so their shares stay
