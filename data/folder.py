@@ -214,6 +214,15 @@ def _log_report(report: Report) -> None:
         log.warning("%d images: %s", n, note)
 
 
+def _refuse_empty(empty: list[str], src: str | os.PathLike, report: Report) -> None:
+    if empty:
+        _log_report(report)
+        raise ValueError(
+            f"no usable image is left for the {' and '.join(empty)} split of {src} "
+            f"({len(report.skipped)} files skipped: {report.by_reason()}); fix or add images"
+        )
+
+
 def convert(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -247,18 +256,14 @@ def convert(
         )
     report = Report(root, skipped=[(path, reason, "") for path, reason in found.skipped])
     splits = assign_splits(found.pairs, root, resolution, report, seed, fractions, max_pixels)
+    _refuse_empty([s for s in needed if s != "train" and not splits[s]], src, report)  # before writing anything
     counts = {}
     for split, pairs in splits.items():
         samples = tqdm(iter_samples(split, pairs, resolution, report, max_pixels), total=len(pairs),
                        desc=f"folder {split}", disable=not progress)  # fmt: skip
         counts[split] = write_split(out_dir, split, samples, maxcount=maxcount)
+    _refuse_empty([s for s in needed if counts[s] == 0], src, report)  # train, whose files are read only now
     _log_report(report)
-    empty = [s for s in needed if counts[s] == 0]
-    if empty:
-        raise ValueError(
-            f"no usable image is left for the {' and '.join(empty)} split of {src} "
-            f"({len(report.skipped)} files skipped: {report.by_reason()}); fix or add images"
-        )
     report.skipped.sort(key=lambda r: r[0])
     return write_info(
         out_dir,
