@@ -204,7 +204,7 @@ def iter_samples(
 
 def _log_report(report: Report) -> None:
     """Name every dropped file on the log (after the progress bars), and what was read anyway."""
-    for path, reason, detail in report.skipped:
+    for path, reason, detail in sorted(report.skipped, key=lambda r: r[0]):
         log.warning("skipped %s: %s%s", report.name(path), reason, f" ({detail})" if detail else "")
     if report.fallback_captions:
         names = ", ".join(f"{report.name(p)} ({enc})" for p, enc in report.fallback_captions)
@@ -264,7 +264,6 @@ def convert(
         counts[split] = write_split(out_dir, split, samples, maxcount=maxcount)
     _refuse_empty([s for s in needed if counts[s] == 0], src, report)  # train, whose files are read only now
     _log_report(report)
-    report.skipped.sort(key=lambda r: r[0])
     return write_info(
         out_dir,
         source="folder",
@@ -275,7 +274,7 @@ def convert(
         split_by="sha256 of seed and path",
         skipped=len(report.skipped),
         skipped_by_reason=report.by_reason(),
-        skipped_files=[{"file": report.name(p), "reason": r} for p, r, _ in report.skipped],
+        skipped_files=[{"file": report.name(p), "reason": r} for p, r, _ in sorted(report.skipped, key=lambda r: r[0])],
         captions_not_utf8={report.name(p): enc for p, enc in report.fallback_captions},
         notes=dict(sorted(report.notes.items())),
         max_pixels=max_pixels,
