@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ class TrainConfig:
     log_every: int = 25  # steps between metric lines
     sample_every: int = 500  # steps between sample/reconstruction grids (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in RUN/checkpoints (at least 1)
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -134,13 +137,13 @@ class Run:
         if args.resume:
             path = Path(args.resume)
             ckpt.read_meta(path, stage)
-            config = load_toml(config_cls, path / ckpt.CONFIG, overrides)
+            config = load_toml(config_cls, ckpt.committed_file(path, ckpt.CONFIG), overrides)
             resuming = True
         else:
             if not args.out:
                 raise UserError("--out RUN is required (or --resume RUN to continue a run)")
             path = Path(args.out)
-            if (path / ckpt.META).exists():
+            if (path / ckpt.META).exists() or ckpt.has_checkpoint(path):
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
             resuming = False
@@ -154,57 +157,119 @@ class Run:
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              ema: EMA | None = None, meta: dict | None = None, state: dict | None = None) -> None:
-        """Write weights, EMA, training state and meta.json (main rank; every file atomic).
+        """Write one checkpoint (weights, EMA, training state, meta, config) and commit it as a unit.
 
-        Under torchrun every other rank writes its own RNG state beside state.pt, since each
-        rank draws its own noise: a resume restores every rank's stream, not rank 0's on all.
+        Every rank writes into the same staging folder, the others their own RNG state (each rank
+        draws its own noise, so a resume restores every rank's stream); after a barrier the main
+        rank commits it (core.checkpoint.commit) and refreshes the root meta.json people read.
+        A failed write (a full disk) removes the staging folder and raises CheckpointError; the
+        previous checkpoint stays the newest.
         """
-        if not self.runtime.is_main:
-            ckpt.save_state(self.path / f"rng_rank{self.runtime.rank}.pt", {"step": step, "rng": rng_state()})
-        else:
-            from .runtime import unwrap
+        from .runtime import unwrap
 
-            for name, module in modules.items():
-                fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-                ckpt.save_weights(self.path / fname, unwrap(module).state_dict(), {"step": step})
-            if ema is not None and ema.enabled:
-                ckpt.save_weights(self.path / ckpt.EMA, ema.weights(), {"step": step})
-            full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
-                          "world_size": self.runtime.world_size,
-                          "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                          "ema_count": ema.count() if ema is not None else torch.tensor(0)}
-            full_state.update(state or {})
-            ckpt.save_state(self.path / ckpt.STATE, full_state)
-            full_meta = self.read_meta_or_empty()
-            full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
-                              "ema": bool(ema is not None and ema.enabled)})
-            full_meta.update(meta or {})
+        staging = ckpt.staging_dir(self.path, step)
+        full_meta = {}
+        try:
+            if not self.runtime.is_main:
+                ckpt.save_state(staging / f"rng_rank{self.runtime.rank}.pt", {"step": step, "rng": rng_state()})
+            else:
+                for name, module in modules.items():
+                    fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
+                    ckpt.save_weights(staging / fname, unwrap(module).state_dict(), {"step": step})
+                if ema is not None and ema.enabled:
+                    ckpt.save_weights(staging / ckpt.EMA, ema.weights(), {"step": step})
+                full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
+                              "world_size": self.runtime.world_size,
+                              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                              "ema_count": ema.count() if ema is not None else torch.tensor(0)}
+                full_state.update(state or {})
+                ckpt.save_state(staging / ckpt.STATE, full_state)
+                ckpt.write_text(staging / ckpt.CONFIG, dumps_toml(to_dict(self.config)))
+                full_meta = self.read_meta_or_empty()
+                full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
+                                  "ema": bool(ema is not None and ema.enabled)})
+                full_meta.update(meta or {})
+                ckpt.write_json(staging / ckpt.META, full_meta)
+        except BaseException as e:
+            if self.runtime.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ckpt.CheckpointError(
+                    f"could not write the checkpoint of step {step} in {self.path} ({e.strerror or e}); the previous "
+                    f"checkpoint is kept: free space and resume with --resume {self.path}") from e
+            raise
+        self.runtime.barrier()
+        if self.runtime.is_main:
+            ckpt.commit(self.path, staging, step, self.config.train.keep_checkpoints)
             ckpt.write_json(self.path / ckpt.META, full_meta)
         self.runtime.barrier()
 
     def read_meta_or_empty(self) -> dict:
-        path = self.path / ckpt.META
-        return ckpt.read_meta(self.path) if path.exists() else {}
+        """The run's meta (newest checkpoint over the root copy), or {} before its first checkpoint."""
+        exists = (self.path / ckpt.META).exists() or ckpt.has_checkpoint(self.path)
+        return ckpt.read_meta(self.path) if exists else {}
+
+    def _checkpoint_to_resume(self) -> ckpt.Checkpoint:
+        """The newest complete checkpoint, chosen (and verified) by the main rank and shared with the others.
+
+        Newer ones that fail verification are renamed to checkpoints/rejected-step-..., and one
+        line says so; every rank then reads the same checkpoint.
+        """
+        chosen, error = None, None
+        if self.runtime.is_main:
+            rejected: list = []
+            try:
+                chosen = ckpt.latest(self.path, rejected)
+                if chosen is None:
+                    raise ckpt.CheckpointError(f"{self.path} has no checkpoint yet (it stopped before its first "
+                                               f"save); start it again with --out {self.path}")
+            except ckpt.CheckpointError as e:
+                error = e
+            if chosen is not None and rejected:
+                moved = [ckpt.set_aside(self.path, folder).name for folder, _ in rejected]
+                print(ckpt.fallback_message(self.path, chosen, rejected, f"; set aside as {', '.join(moved)}"),
+                      file=sys.stderr)
+        # (found, step, seq, legacy) from the main rank; the all-reduce is also the barrier.
+        code = torch.zeros(4, dtype=torch.int64, device=self.runtime.device)
+        if chosen is not None:
+            seq = 0 if chosen.legacy else ckpt.folder_order(chosen.path)[1]
+            code += torch.tensor([1, chosen.step, seq, int(chosen.legacy)], device=code.device)
+        found, step, seq, legacy = self.runtime.all_reduce_sum(code).tolist()
+        if error is not None:
+            raise error
+        if not found:
+            raise ckpt.CheckpointError(f"{self.path}: the main rank found no checkpoint to resume from")
+        if chosen is None:
+            chosen = (ckpt.Checkpoint(self.path, step, legacy=True) if legacy
+                      else ckpt.Checkpoint(ckpt.step_folder(self.path, step, seq), step))
+        return chosen
 
     def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                 ema: EMA | None = None) -> tuple[int, dict]:
-        """Load the last checkpoint when resuming; returns (step, training state) or (0, {})."""
-        if not self.resuming:
-            return 0, {}
+        """Load the newest complete checkpoint when resuming; returns (step, training state) or (0, {}).
+
+        First removes what an interrupted save left behind (staging folders, temporary files).
+        """
         from .runtime import unwrap
 
-        state = ckpt.load_state(self.path / ckpt.STATE)
+        if self.runtime.is_main:
+            ckpt.remove_leftovers(self.path)
+        if not self.resuming:
+            self.runtime.barrier()
+            return 0, {}
+        chosen = self._checkpoint_to_resume()
+        state = ckpt.load_state(chosen.file(ckpt.STATE))
         dev = self.runtime.device
         for name, module in modules.items():
             fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-            unwrap(module).load_state_dict(ckpt.load_weights(self.path / fname, dev))
+            unwrap(module).load_state_dict(ckpt.load_weights(chosen.file(fname), dev))
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         if ema is not None and ema.enabled:
-            ema.load(ckpt.load_weights(self.path / ckpt.EMA, dev), state["ema_count"])
+            ema.load(ckpt.load_weights(chosen.file(ckpt.EMA), dev), state["ema_count"])
         rng = state["rng"]
         if self.runtime.rank > 0:
-            own = self.path / f"rng_rank{self.runtime.rank}.pt"
+            own = chosen.file(f"rng_rank{self.runtime.rank}.pt")
             if not own.exists():
                 raise ckpt.CheckpointError(
                     f"{self.path} was saved by {state.get('world_size', 1)} process(es) and has no RNG state for "
