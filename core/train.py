@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -129,6 +130,9 @@ class Run:
         self._t0 = time.monotonic()
         self._images = 0
         self._bar = None
+        self._data_position: dict | None = None  # this rank's loader positions, from the checkpoint resumed
+        self._positions: dict[int, tuple[int, int]] = {}  # worker -> (epoch, raw samples read) of batches used
+        self._workers = 1
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -171,7 +175,8 @@ class Run:
         full_meta = {}
         try:
             if not self.runtime.is_main:
-                ckpt.save_state(staging / f"rng_rank{self.runtime.rank}.pt", {"step": step, "rng": rng_state()})
+                ckpt.save_state(staging / f"rng_rank{self.runtime.rank}.pt",
+                                {"step": step, "rng": rng_state(), "data_position": self._data_state()})
             else:
                 for name, module in modules.items():
                     fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
@@ -179,7 +184,7 @@ class Run:
                 if ema is not None and ema.enabled:
                     ckpt.save_weights(staging / ckpt.EMA, ema.weights(), {"step": step})
                 full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
-                              "world_size": self.runtime.world_size,
+                              "world_size": self.runtime.world_size, "data_position": self._data_state(),
                               "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                               "ema_count": ema.count() if ema is not None else torch.tensor(0)}
                 full_state.update(state or {})
@@ -274,7 +279,10 @@ class Run:
                 raise ckpt.CheckpointError(
                     f"{self.path} was saved by {state.get('world_size', 1)} process(es) and has no RNG state for "
                     f"rank {self.runtime.rank}; resume it with --nproc_per_node={state.get('world_size', 1)}")
-            rng = ckpt.load_state(own)["rng"]
+            own_state = ckpt.load_state(own)
+            rng, self._data_position = own_state["rng"], own_state.get("data_position")
+        else:
+            self._data_position = state.get("data_position")
         set_rng_state(rng)
         self.skipped = int(state.get("skipped", 0))
         return int(state["step"]), state
@@ -301,18 +309,42 @@ class Run:
     def batches(self, loader: Iterable[dict], start: int) -> Iterator[dict]:
         """The loader's batches from number `start` on: a resumed run skips what it has already seen.
 
-        Starting a torch DataLoader draws its workers' base seed from the global torch RNG. A
-        resumed run starts it once more than a straight run, so the start and the skipping
-        happen with the RNG forked: the training noise after a resume is the straight run's.
+        A shard loader (data.reader.Loader) restarts each worker at the position the checkpoint
+        recorded, reading but not decoding the rest of its epoch; any other loader, or a run
+        saved without positions or with another number of workers, is replayed batch by batch.
+        Either way the batches are the straight run's, bit for bit. Starting a torch DataLoader
+        draws its workers' base seed from the global torch RNG; a resumed run starts it once more
+        than a straight run, so the start and the skipping happen with the RNG forked: the
+        training noise after a resume is the straight run's.
         """
-        it = iter(loader)
+        workers = max(1, getattr(loader, "num_workers", 0))
+        recorded = self._data_position
+        fast = (start > 0 and hasattr(loader, "resumed") and recorded is not None
+                and recorded["workers"] == workers and recorded["at"])
+        self._positions = {int(w): tuple(p) for w, p in recorded["at"].items()} if fast else {}
+        self._workers = workers
         with self.runtime.fork_rng():
-            for _ in range(start):
-                next(it)
+            if fast:
+                it = self._recorded(_in_turn(iter(loader.resumed(recorded["at"])), start % workers, workers))
+            else:
+                it = self._recorded(iter(loader))
+                for _ in range(start):
+                    next(it)
             first = next(it, None)
         if first is not None:
             yield first
             yield from it
+
+    def _recorded(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Pass batches through, noting each worker's stream position for the next checkpoint."""
+        for batch in batches:
+            if "position" in batch:
+                worker, epoch, n = batch["position"]
+                self._positions[int(worker)] = (int(epoch), int(n))
+            yield batch
+
+    def _data_state(self) -> dict:
+        return {"workers": self._workers, "at": {w: list(p) for w, p in self._positions.items()}}
 
     def lr(self, step: int) -> float:
         """The learning rate for `step`; with --max-minutes the cosine decay follows the clock too.
@@ -366,6 +398,22 @@ class Run:
         self.logger.close()
         self.runtime.barrier()
         return summary
+
+
+def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:
+    """A restarted DataLoader's batches in the interrupted one's order: worker `first`, then round robin.
+
+    A DataLoader takes its workers' batches in turn from worker 0; the interrupted run had last
+    taken one from worker first - 1. Each worker's own batches keep their order; at most
+    `workers - 1` wait.
+    """
+    waiting: dict[int, deque] = {w: deque() for w in range(workers)}
+    turn = first
+    for batch in batches:
+        waiting[int(batch["position"][0])].append(batch)
+        while waiting[turn]:
+            yield waiting[turn].popleft()
+            turn = (turn + 1) % workers
 
 
 def stage_main(build_parser, train, argv: list[str] | None = None):
