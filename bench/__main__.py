@@ -1,4 +1,4 @@
-"""`python -m bench` (what `make bench` runs): the six benchmarks, each in its own process.
+"""`python -m bench` (what `make bench` runs): the seven benchmarks, each in its own process.
 
 The samplers benchmark runs a reduced grid here (--n and --nfe below) so the suite stays under
 20 minutes on 2 CPU cores; run `python -m bench.samplers` with the issue's defaults for the
@@ -22,6 +22,7 @@ SUITE = [
     ("latent_cache", []),
     ("model_step", []),
     ("generation", []),
+    ("resume", []),
 ]
 
 

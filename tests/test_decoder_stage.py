@@ -72,7 +72,7 @@ def test_decoder_resume_is_exact(root, data, ae_run):
     decoder_main([*common, "--out", str(resumed), "--steps", "2"])
     decoder_main(["--resume", str(resumed), "--steps", "4"])
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(str(ckpt.committed_file(straight, name))), load_file(str(ckpt.committed_file(resumed, name)))
+        a, b = (load_file(str(ckpt.committed_file(run, name))) for run in (straight, resumed))
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 

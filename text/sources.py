@@ -11,7 +11,6 @@ for ~45 s before failing with a generic error.)
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
