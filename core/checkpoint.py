@@ -215,6 +215,8 @@ def commit(run_dir: str | Path, staging: Path, step: int, keep: int) -> Path:
     target = step_folder(run_dir, step, max(seqs) + 1 if seqs else 0)
     os.replace(staging, target)  # the commit
     fsync_dir(root)
+    # The hashes were just computed from these files: the next read need not hash them again.
+    _verified[target] = (_signature(target, files), Checkpoint(target, step, files))
     _prune(run_dir, keep)
     for name in names:  # a resumed format-1 run: its flat copies are now stale
         if name not in READABLE:
@@ -268,6 +270,20 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
 _verified: dict[Path, tuple[Any, Checkpoint]] = {}  # folder -> (stat signature, checkpoint): hash each file once
 
 
+def _signature(folder: Path, files: dict[str, dict]) -> tuple:
+    """What must not change for a verified folder to stay verified; raises CheckpointError on a missing file or size."""
+    signature = []
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder.name}/{name} is missing")
+        st = path.stat()
+        if st.st_size != want["bytes"]:
+            raise CheckpointError(f"{folder.name}/{name} has {st.st_size} bytes, the manifest says {want['bytes']}")
+        signature.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return (folder / MANIFEST).stat().st_mtime_ns, tuple(signature)
+
+
 def verify(folder: str | Path) -> Checkpoint:
     """The checkpoint in `folder` after checking its manifest, sizes and sha256 hashes; CheckpointError if not."""
     folder = Path(folder)
@@ -284,16 +300,7 @@ def verify(folder: str | Path) -> Checkpoint:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); "
                               "upgrade latentdiff")
-    signature = []
-    for name, want in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder.name}/{name} is missing")
-        st = path.stat()
-        if st.st_size != want["bytes"]:
-            raise CheckpointError(f"{folder.name}/{name} has {st.st_size} bytes, the manifest says {want['bytes']}")
-        signature.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
-    signature = (manifest_path.stat().st_mtime_ns, tuple(signature))
+    signature = _signature(folder, files)
     cached = _verified.get(folder)
     if cached is not None and cached[0] == signature:
         return cached[1]
@@ -394,14 +401,16 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
 
 
 def amend(run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | None = None,
-          meta: dict | None = None, keep: int = 2) -> Path:
+          meta: dict | None = None) -> Path:
     """Commit a new checkpoint of a run's newest step with some weights files replaced and/or meta updated.
 
     weights: {file name: state dict}; meta: keys to set in meta.json. Every other file is copied
-    from the newest checkpoint. For hand-edited weights (a converted or patched model) and for
-    facts measured after training. Returns the new checkpoint folder.
+    from the newest checkpoint, which the new one replaces; older steps are kept. For
+    hand-edited weights (a converted or patched model) and for facts measured after training.
+    Returns the new checkpoint folder.
     """
     run_dir = Path(run_dir)
+    keep = max(1, len({folder_order(f)[0] for f in checkpoint_dirs(run_dir)}))
     current = latest(run_dir)
     full_meta = read_meta(run_dir)
     staging = staging_dir(run_dir, current.step if current else 0)

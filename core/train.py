@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import dumps_toml, load_preset, load_toml, to_dict
+from .config import ConfigError, dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
 from .errors import cli_errors
 from .errors import UserError
@@ -257,6 +257,8 @@ class Run:
         """
         from .runtime import unwrap
 
+        if self.config.train.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be at least 1, got {self.config.train.keep_checkpoints}")
         if self.runtime.is_main:
             ckpt.remove_leftovers(self.path)
         if not self.resuming:

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from latentdiff.data import reader
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.evaluation import classifier_stage
 from latentdiff.evaluation.classifier import load_classifier
+
+from conftest import SUBPROCESS_TIMEOUT  # noqa: E402
 
 STEPS = 10
 CLF = ["--batch-size", "4", "--set", "resolution=16", "--set", "model.channels=[8, 16]",
@@ -254,6 +257,14 @@ def test_every_checkpoint_corrupt_is_a_clear_error(noisy_data, tmp_path, capsys,
     assert "no complete checkpoint" in err and "state.pt is missing" in err
 
 
+def test_keeping_no_checkpoint_is_refused_before_training(noisy_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        classifier_stage.main(_fresh(noisy_data, tmp_path / "none", "--set", "train.keep_checkpoints=0"))
+    assert exc.value.code == 2 and "train.keep_checkpoints must be at least 1" in capsys.readouterr().err
+    assert not ckpt.has_checkpoint(tmp_path / "none") and not (tmp_path / "none" / "metrics.jsonl").read_text()
+
+
 def test_a_format_1_run_loads_and_resumes(noisy_data, straight, tmp_path):
     """Runs written before checkpoints/ kept flat files in the run directory; they still load and resume."""
     run = tmp_path / "v1"
@@ -315,3 +326,36 @@ def test_resume_restarts_each_worker_where_it_stopped(noisy_data, tmp_path, work
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
     if workers == 0:  # decoding happens in this process: only the 7 batches asked for were decoded
         assert len(decoded) == sum(len(b["key"]) for b in again) + sum(b["skipped"] for b in again)
+
+
+def _rank(argv: list[str], rank: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    classifier_stage.main(argv)
+
+
+def _two_processes(argv: list[str]) -> None:
+    """What `torchrun --nproc_per_node=2` runs, as two forks of this process (torchrun would import torch thrice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [multiprocessing.get_context("fork").Process(target=_rank, args=(argv, r, port)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=SUBPROCESS_TIMEOUT)
+    assert [p.exitcode for p in ranks] == [0, 0], f"{argv}: exit codes {[p.exitcode for p in ranks]}"
+
+
+def test_two_processes_resume_from_the_same_fallback_checkpoint(noisy_data, tmp_path, capfd):
+    """The main rank verifies and picks the checkpoint; rank 1 reads its RNG and data position from the same one."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _two_processes(_fresh(noisy_data, straight, "--steps", "5"))
+    _two_processes(_fresh(noisy_data, split, "--steps", "3"))
+    newest = ckpt.latest(split)
+    assert (newest.path / "rng_rank1.pt").is_file() and "rng_rank1.pt" in newest.files
+    newest.file(ckpt.STATE).write_bytes(b"torn")
+    capfd.readouterr()
+    _two_processes(["--resume", str(split), "--steps", "5"])
+    assert "using step 2" in capfd.readouterr().err
+    _assert_same_weights(split, straight)
