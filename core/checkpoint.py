@@ -69,6 +69,10 @@ class CheckpointError(ValueError):
     """A run directory that is missing, incomplete or of another stage."""
 
 
+class NewerFormatError(CheckpointError):
+    """A checkpoint written by a newer latentdiff: not corrupt, so never skipped or set aside."""
+
+
 # ---- single files -------------------------------------------------------------------------
 
 
@@ -298,7 +302,7 @@ def verify(folder: str | Path) -> Checkpoint:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder.name}/{MANIFEST} is unreadable ({e})") from None
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); "
+        raise NewerFormatError(f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); "
                               "upgrade latentdiff")
     signature = _signature(folder, files)
     cached = _verified.get(folder)
@@ -325,6 +329,8 @@ def latest(run_dir: str | Path, rejected: list[tuple[Path, str]] | None = None) 
     for folder in folders:
         try:
             return verify(folder)
+        except NewerFormatError:
+            raise
         except CheckpointError as e:
             reasons.append((folder, str(e)))
             if rejected is not None:

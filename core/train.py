@@ -16,6 +16,7 @@ sample, checkpoint); this module supplies the parts around it, written once:
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import shutil
 import sys
@@ -196,18 +197,26 @@ class Run:
                 full_meta.update(meta or {})
                 ckpt.write_json(staging / ckpt.META, full_meta)
         except BaseException as e:
-            if self.runtime.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise ckpt.CheckpointError(
-                    f"could not write the checkpoint of step {step} in {self.path} ({e.strerror or e}); the previous "
-                    f"checkpoint is kept: free space and resume with --resume {self.path}") from e
-            raise
+            self._save_failed(step, staging, e)
         self.runtime.barrier()
         if self.runtime.is_main:
-            ckpt.commit(self.path, staging, step, self.config.train.keep_checkpoints)
+            try:
+                ckpt.commit(self.path, staging, step, self.config.train.keep_checkpoints)
+            except BaseException as e:
+                self._save_failed(step, staging, e)
             ckpt.write_json(self.path / ckpt.META, full_meta)
         self.runtime.barrier()
+
+    def _save_failed(self, step: int, staging: Path, error: BaseException) -> None:
+        """Remove the staging folder and re-raise; a write error (a full disk) becomes one line that says what to do."""
+        if self.runtime.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise error
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise ckpt.CheckpointError(
+            f"could not write the checkpoint of step {step} in {self.path} ({error.strerror or error}); the previous "
+            f"checkpoint is kept: {fix} and resume with --resume {self.path}") from error
 
     def read_meta_or_empty(self) -> dict:
         """The run's meta (newest checkpoint over the root copy), or {} before its first checkpoint."""
