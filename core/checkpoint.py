@@ -391,6 +391,9 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
         raise CheckpointError(f"run directory {run_dir} does not exist")
     root = run_dir / META
     committed = committed_file(run_dir, META)
+    if not root.is_file() and not committed.is_file() and (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint yet: its run stopped before the first save; "
+                              f"start it again with --out {run_dir}")
     if not root.is_file() and not committed.is_file():
         raise CheckpointError(f"{run_dir} is not a latentdiff run directory (no {META}); "
                               "train one with `latentdiff train STAGE --out DIR`")

@@ -257,6 +257,18 @@ def test_every_checkpoint_corrupt_is_a_clear_error(noisy_data, tmp_path, capsys,
     assert "no complete checkpoint" in err and "state.pt is missing" in err
 
 
+def test_a_run_killed_before_its_first_save_says_to_start_again(noisy_data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "early"
+    # Events 1-3 write config.toml; event 4 is in step 1.
+    assert _run_child(_fresh(noisy_data, run), 4, tmp_path / "count") == -signal.SIGKILL
+    assert (run / ckpt.CONFIG).is_file() and not ckpt.has_checkpoint(run)
+    monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
+    with pytest.raises(SystemExit):
+        classifier_stage.main(["--resume", str(run)])
+    assert "no checkpoint yet" in capsys.readouterr().err
+    assert classifier_stage.main(_fresh(noisy_data, run, "--steps", "1"))["steps"] == 1
+
+
 def test_keeping_no_checkpoint_is_refused_before_training(noisy_data, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exc:
