@@ -299,6 +299,8 @@ class Run:
             rng, self._data_position = own_state["rng"], own_state.get("data_position")
         else:
             self._data_position = state.get("data_position")
+        if self._data_position:  # kept as they are by a save before any batch is drawn (resumed at the last step)
+            self._workers, self._positions = int(self._data_position["workers"]), _positions(self._data_position)
         set_rng_state(rng)
         self.skipped = int(state.get("skipped", 0))
         return int(state["step"]), state
@@ -337,7 +339,8 @@ class Run:
         recorded = self._data_position
         fast = (start > 0 and hasattr(loader, "resumed") and recorded is not None
                 and recorded["workers"] == workers and recorded["at"])
-        self._positions = {int(w): tuple(p) for w, p in recorded["at"].items()} if fast else {}
+        # The replay below records the positions again; a restart starts from the recorded ones.
+        self._positions = _positions(recorded) if fast else {}
         self._workers = workers
         with self.runtime.fork_rng():
             if fast:
@@ -414,6 +417,11 @@ class Run:
         self.logger.close()
         self.runtime.barrier()
         return summary
+
+
+def _positions(recorded: dict) -> dict[int, tuple[int, int]]:
+    """{worker: (epoch, samples read)} from a checkpoint's data_position {"workers", "at"}."""
+    return {int(w): (int(e), int(n)) for w, (e, n) in recorded["at"].items()}
 
 
 def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:

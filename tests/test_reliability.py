@@ -299,6 +299,15 @@ def test_a_format_1_run_loads_and_resumes(noisy_data, straight, tmp_path):
 # ---------------------------------------------------------------- resume without decoding
 
 
+def test_a_resume_with_no_step_left_keeps_the_data_positions(noisy_data, tmp_path):
+    run = tmp_path / "done"
+    classifier_stage.main(_fresh(noisy_data, run, "--steps", "3"))
+    before = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["data_position"]
+    classifier_stage.main(["--resume", str(run), "--steps", "3"])  # nothing to train, saved again
+    assert ckpt.latest(run).path.name == f"step-{3:09d}.2"
+    assert before["at"] and ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["data_position"] == before
+
+
 def _batches_of(run_obj, loader, start: int, n: int) -> list[dict]:
     it = run_obj.batches(loader, start)
     return [next(it) for _ in range(n)]
