@@ -125,7 +125,8 @@ def clip_bound(cfg: DiffusionConfig, ae_meta: dict) -> float | None:
 
 @torch.no_grad()
 def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: Conditioning, uncond: Conditioning,
-                   shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float, guidance_rescale: float = 0.0,
+                   shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
+                   guidance_rescale: float = 0.0,
                    generator: torch.Generator, clip_x0: float | None, callback=None, dtype: torch.dtype | None = None,
                    **options) -> torch.Tensor:
     """z_0 for each row of `cond`, classifier-free guided against `uncond` (same batch size).

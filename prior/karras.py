@@ -36,7 +36,10 @@ def _denoise_ve(denoiser: Denoiser, x: Tensor, sigma: float, t: float) -> tuple[
 
 
 def _churn(schedule: NoiseSchedule, sigmas: list[float], s_churn: float) -> tuple[list[float], list[float]]:
-    """Karras et al. 2022 Alg. 2: sigma_hat_i = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt(2) - 1), and t of each."""
+    """Karras et al. 2022 Alg. 2: sigma_hat_i = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt(2) - 1).
+
+    Returns the sigma_hat_i and the float t of each.
+    """
     if not s_churn >= 0:
         raise ValueError(f"s_churn must be >= 0, got {s_churn!r}")
     n = len(sigmas) - 1

@@ -141,5 +141,6 @@ class TextToImage:
         # One precision for every batch of the call: rows per network pass of a full batch.
         rows = min(batch_size, len(prompts) * n) * (1 if guidance in (0.0, 1.0) else 2)
         precision = "bf16" if sampling_dtype(self.device, self.precision, rows) == torch.bfloat16 else "fp32"
-        return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt, seed,
+        return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt,
+                                  seed,
                                   self.clip_x0, str(self.run), batch_size, precision)

@@ -94,7 +94,8 @@ class SamplerSpec:
     def options(self) -> dict[str, Any]:
         """The options this sampler takes, with their defaults: its keyword parameters."""
         params = inspect.signature(self.fn).parameters.values()
-        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")}
+        skip = ("generator", "callback")
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
 
     def evaluations(self, steps: int) -> int:
         return self.evaluations_per_step * steps - (self.evaluations_per_step - 1)

@@ -76,7 +76,7 @@ def _second_order_to_data(x0: Tensor, eps: Tensor, eps_prev: Tensor, sigma: floa
 
 def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
                     generator: torch.Generator | None = None, callback: Callback | None = None,
-                    spacing: str = "logsnr", rho: float = 7.0, sigma_min: float | None = None,
+                    spacing: str = "trailing", rho: float = 7.0, sigma_min: float | None = None,
                     sigma_max: float | None = None) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022b Alg. 2: multistep data prediction in lambda = log(alpha/sigma).
 
@@ -108,7 +108,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, st
 
 def sample_dpmpp_2m_sde(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
                         generator: torch.Generator | None = None, callback: Callback | None = None,
-                        eta: float = 1.0, spacing: str = "karras", rho: float = 7.0,
+                        eta: float = 1.0, spacing: str = "logsnr", rho: float = 7.0,
                         sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
     """SDE-DPM-Solver++(2M) of Lu et al. 2022b (DPM-Solver++), eta scaling the injected noise.
 
@@ -199,7 +199,9 @@ def sample_unipc(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps
         rks = [(lam[s - k] - lam[s]) / h for k in range(1, p)] + ([1.0] if x0_new is not None else [])
         if not rks or math.isinf(lam[s]) or any(math.isinf(r) for r in rks):
             return base
-        Ds = [(x0s[s - k] - x0s[s]) / rks[k - 1] for k in range(1, p)] + ([x0_new - x0s[s]] if x0_new is not None else [])
+        Ds = [(x0s[s - k] - x0s[s]) / rks[k - 1] for k in range(1, p)]
+        if x0_new is not None:
+            Ds.append(x0_new - x0s[s])
         if x0_new is None and p == 2:  # UniP-2: a_1 = 1/2 makes it DPM-Solver++(2M) (Zhao et al. §3.2)
             B, a = math.expm1(-h) if variant == "bh2" else -h, [0.5]
         else:

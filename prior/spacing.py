@@ -13,8 +13,11 @@ followed by abar = 1 (the data), where it lands with a final step that needs no 
   "karras": Karras et al. 2022 eq. 5 in sigma = sqrt((1 - abar) / abar), rho = 7, from
       min(sigma(T-1), 80) down to sigma(0). Karras et al.'s sigma_max = 80 (Table 1): the cosine
       schedule's own sigma(T-1) ~ 2e4 wasted the few steps on pure noise (README, Samplers).
-  "logsnr": uniform in lambda = log(alpha / sigma) from lambda(T-1) to lambda(0), the steps
-      DPM-Solver takes (Lu et al. 2022a, §3.3 "time step schedule", logSNR option).
+      Where sigma(T-1) > 80, z_T is taken as the state at sigma = 80 (kept: the FID figures of
+      the README were measured so).
+  "logsnr": uniform in lambda = log(alpha / sigma) (Lu et al. 2022a, DPM-Solver: the "logSNR"
+      time steps) from lambda(min(sigma(T-1), 80)) to lambda(0). Where sigma(T-1) > 80 the first
+      level is T-1 itself, where z_T is, and the other N-1 levels follow from sigma = 80.
 Karras and log-SNR levels are float timesteps: t_from_sigma inverts the schedule's linear
 interpolation of abar, so the network sees the noise level the sampler assumes.
 """
@@ -90,8 +93,8 @@ def noise_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
     """The levels of `spacing` (SPACINGS) for `steps` network evaluations on `schedule`.
 
     rho, sigma_min and sigma_max shape the continuous spacings ("karras", "logsnr"): by default
-    from the schedule's sigma(0) up to min(sigma(T-1), 80) for "karras" and to the largest finite
-    sigma for "logsnr". Raises ValueError for an unknown spacing or bad bounds.
+    from the schedule's sigma(0) up to min(its largest finite sigma, 80). Raises ValueError for an
+    unknown spacing or bounds outside the schedule's range.
     """
     check_steps(schedule, steps)
     if spacing not in SPACINGS:
