@@ -100,12 +100,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = Runtime.setup(args.seed, "fp32", args.device).device
     out = Path(args.out or Path(args.run) / "eval")
 
-    # Everything that can fail fast (missing weights, wrong runs) before minutes of sampling.
+    # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
+    sampling = dict(steps=args.steps, sampler=args.sampler, guidance=None, negative_prompt="", seed=args.seed,
+                    batch_size=args.gen_batch_size, guidance_rescale=args.guidance_rescale,
+                    sampler_options=sampler_arguments(args))
+    pipe.settings([""], n=1, **sampling)
     space = None
     if args.features:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     classifier = load_classifier(classifier_run, device) if classifier_run else None
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
     clip = None
     if args.clip:
         from latentdiff.text.sources import load_text_encoder
@@ -128,9 +132,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
               f"({ref.floor_n} held-out real images) in {space.label}")
 
-    settings = pipe.settings(prompts.prompts, n=1, steps=args.steps, sampler=args.sampler, guidance=None,
-                             negative_prompt="", seed=args.seed, batch_size=args.gen_batch_size,
-                             guidance_rescale=args.guidance_rescale, sampler_options=sampler_arguments(args))
+    settings = pipe.settings(prompts.prompts, n=1, **sampling)
     rows = []
     for w in guidances:
         t0 = time.monotonic()

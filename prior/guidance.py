@@ -48,7 +48,7 @@ def concat_conditioning(a: Conditioning, b: Conditioning, _where: str = "conditi
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
-    """Guidance rescale, Lin et al. 2024 §3.4 (and its Alg. 2): the guided output's per-sample std brought
+    """Guidance rescale, Lin et al. 2024 §3.4: the guided output's per-sample std brought
     back towards the conditional output's.
 
     x_rescaled = x_cfg * std(x_pos) / std(x_cfg), out = phi x_rescaled + (1 - phi) x_cfg, the std taken

@@ -147,7 +147,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule
 
 
 def _unipc_weights(rks: list[float], h: float, variant: str) -> tuple[float, list[float]]:
-    """B(h) and the weights a solving R a = phi(h) / B(h) (Zhao et al. 2023, Theorem 3.1 / eq. 9 with B(h)).
+    """B(h) and the weights a solving UniPC's order condition R_p(h) a = phi_p(h) / B(h) (Zhao et al. 2023, §3).
 
     rks: the r_k = (lambda_{s-k} - lambda_s) / h of the points used (last 1.0 for the corrector);
     row j of R is r_k^j and phi_j = j! (e^x - sum_{k<=j} x^k / k!) / x^j with x = -h (the data
@@ -170,7 +170,7 @@ def sample_unipc(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps
                  generator: torch.Generator | None = None, callback: Callback | None = None,
                  order: int = 3, variant: str = "bh2", spacing: str = "logsnr", rho: float = 7.0,
                  sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
-    """UniPC, Zhao et al. 2023: UniP-p predictor and UniC corrector on data prediction (Alg. 2 and 3).
+    """UniPC, Zhao et al. 2023: the UniP-p predictor and UniC corrector, multistep, on data prediction.
 
     At level s with the last p-1 levels s-k, h = lambda_t - lambda_s, r_k = (lambda_{s-k} - lambda_s) / h,
     D_k = (x0_{s-k} - x0_s) / r_k:
@@ -202,7 +202,7 @@ def sample_unipc(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps
         Ds = [(x0s[s - k] - x0s[s]) / rks[k - 1] for k in range(1, p)]
         if x0_new is not None:
             Ds.append(x0_new - x0s[s])
-        if x0_new is None and p == 2:  # UniP-2: a_1 = 1/2 makes it DPM-Solver++(2M) (Zhao et al. §3.2)
+        if x0_new is None and p == 2:  # a_1 = 1/2 (the system gives 1/2 + O(h)) makes UniP-2 DPM-Solver++(2M)
             B, a = math.expm1(-h) if variant == "bh2" else -h, [0.5]
         else:
             B, a = _unipc_weights(rks, h, variant)

@@ -7,7 +7,9 @@ their convergence orders live in test_diffusion_math.py.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -194,16 +196,30 @@ def test_generate_refuses_bad_numbers_with_the_range(prior_run, tmp_path, capsys
         cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--out", str(out), *flags])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and pytest.importorskip("re").search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()  # nothing written
 
 
 def test_generate_takes_names_users_know_and_records_every_option(prior_run, tmp_path):
-    import json
-
     out = tmp_path / "gen"
     assert cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--n", "1", "--steps", "3",
                      "--sampler", "DPM++ 2M Karras", "--guidance-rescale", "0.7", "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())
     assert settings["sampler"] == "dpmpp-2m" and settings["sampler_options"]["spacing"] == "karras"
     assert settings["guidance_rescale"] == 0.7 and set(settings["sampler_options"]) == set(SAMPLERS["dpmpp-2m"].options)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], r"steps must be an integer in 1\.\.1000"),
+    (["--guidance", "1,nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--eta", "2", "--sampler", "euler-a"], r"eta must be a finite number in \[0, 1\], got 2"),
+    (["--guidance-rescale", "-1"], r"guidance_rescale must be a finite number in \[0, 1\]"),
+    (["--order", "5", "--sampler", "unipc"], "order must be one of 1, 2, 3"),
+])
+def test_evaluate_refuses_bad_sampler_flags_before_loading_anything_else(prior_run, tmp_path, capsys, flags, message):
+    # --classifier names no run: the sampler flags must be refused before it is read.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--run", str(prior_run[0]), "--data", str(tmp_path / "no-data"),
+                  "--classifier", str(tmp_path / "no-classifier"), *flags])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
