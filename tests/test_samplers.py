@@ -197,7 +197,7 @@ def test_generate_refuses_bad_numbers_with_the_range(prior_run, tmp_path, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
-    assert not out.exists()  # nothing written
+    assert not out.exists() or not any(out.iterdir())  # no image or settings written
 
 
 def test_generate_takes_names_users_know_and_records_every_option(prior_run, tmp_path):
