@@ -5,7 +5,7 @@ Samplers are plain functions with one signature (solvers.py, karras.py):
     sample_xxx(denoiser, z_T, schedule, steps, *, generator=None, callback=None, **options) -> z_0
 
 `SAMPLERS` maps each name to a `SamplerSpec` (function, title, network evaluations per step,
-order, k-diffusion's name); a sampler's options and their defaults are its keyword parameters,
+order, fewest steps); a sampler's options and their defaults are its keyword parameters,
 and `OPTIONS` gives each option's type and allowed range, so the command line, the pipeline and
 the benchmarks derive their choices, help and checks from here. `ALIASES` holds the names users
 know from Stable Diffusion front-ends ("DPM++ 2M Karras", "Euler a", ...): a sampler plus preset
@@ -86,7 +86,6 @@ class SamplerSpec:
     title: str  # as tables print it
     evaluations_per_step: int  # network evaluations per step (Heun: 2, its last step 1)
     order: int  # convergence order of the deterministic solver (in steps); 0: stochastic by default
-    k_diffusion: str  # the same method in k-diffusion (crowsonkb/k-diffusion, sampling.py), for readers
     min_steps: int = 1  # fewer steps are refused (see `refusal`)
     refusal: str = ""  # what to use instead, in the error for steps < min_steps
 
@@ -106,16 +105,16 @@ class SamplerSpec:
 
 
 _SPECS = [
-    SamplerSpec("ddpm", sample_ddpm, "DDPM", 1, 0, "sample_euler_ancestral on DDPM's levels"),
-    SamplerSpec("ddim", sample_ddim, "DDIM", 1, 1, "sample_euler (same step at eta = 0)"),
-    SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M)", 1, 2, "sample_dpmpp_2m"),
-    SamplerSpec("euler", sample_euler, "Euler", 1, 1, "sample_euler"),
-    SamplerSpec("heun", sample_heun, "Heun", 2, 2, "sample_heun", min_steps=6,
+    SamplerSpec("ddpm", sample_ddpm, "DDPM", 1, 0),
+    SamplerSpec("ddim", sample_ddim, "DDIM", 1, 1),
+    SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M)", 1, 2),
+    SamplerSpec("euler", sample_euler, "Euler", 1, 1),
+    SamplerSpec("heun", sample_heun, "Heun", 2, 2, min_steps=6,
                 refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
-                        "132 at 9; README); use dpmpp-2m or unipc, accurate from 5 evaluations"),
-    SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0, "sample_euler_ancestral"),
-    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0, "sample_dpmpp_2m_sde"),
-    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3, "(none; diffusers UniPCMultistepScheduler)"),
+                        "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step"),
+    SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0),
+    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0),
+    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),
 ]
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
 
