@@ -55,7 +55,9 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     per sample over every dim but the batch; rescale = phi in [0, 1] (the paper uses 0.7). Shapes (B, ...).
     """
     dims = tuple(range(1, guided.ndim))
-    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    std_cfg = guided.std(dim=dims, keepdim=True)
+    # a constant guided output (std 0) is left as it is rather than divided by zero
+    ratio = torch.where(std_cfg > 0, cond.std(dim=dims, keepdim=True) / std_cfg, torch.ones_like(std_cfg))
     return guided * (rescale * ratio + (1 - rescale))
 
 

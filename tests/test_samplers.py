@@ -16,7 +16,7 @@ import torch
 
 from bench.sampler_accuracy import MU, STD, gaussian_denoiser, output_moments
 from latentdiff.prior.config import SamplingConfig
-from latentdiff.prior.guidance import cfg_model_fn
+from latentdiff.prior.guidance import cfg_model_fn, rescale_guidance
 from latentdiff.prior.samplers import (ALIASES, KNOWN_AS, OPTIONS, SAMPLERS, check_options, normalise,
                                        number_of_evaluations, resolve, resolve_options, sample)
 from latentdiff.prior.schedule import NoiseSchedule
@@ -168,6 +168,8 @@ def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional
     assert not torch.allclose(plain.flatten(1).std(1), c_out.flatten(1).std(1))
     half = cfg_model_fn(model, cond, uncond, 7.5, rescale=0.5)(z, t)
     torch.testing.assert_close(half, 0.5 * full + 0.5 * plain)  # phi x_rescaled + (1 - phi) x_cfg
+    flat = torch.ones(2, 3)  # a constant guided output stays as it is, not inf / nan
+    torch.testing.assert_close(rescale_guidance(flat, torch.randn(2, 3), 1.0), flat)
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"guidance rescale in \[0, 1\]"):
             cfg_model_fn(model, cond, uncond, 7.5, rescale=bad)
