@@ -1,6 +1,6 @@
 """The one reader every training stage uses: webdataset shards -> batches of images and captions.
 
-    loader = make_loader("data/shapes", "train", batch_size=64, seed=0)
+    loader = make_loader("datasets/shapes", "train", batch_size=64, seed=0)
     skips = SkipCounter()
     for step, batch in enumerate(loader):
         skips.update(batch)        # batch["image"]: (B, 3, H, W) float32 in [-1, 1]

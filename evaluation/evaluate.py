@@ -1,6 +1,6 @@
 """`latentdiff evaluate`: sweep guidance scales of a prior run; FID, KID, prompt accuracy, CLIP score; report + plot.
 
-    latentdiff evaluate --run runs/prior --data data/fmnist --n 1000 --features classifier:runs/classifier \\
+    latentdiff evaluate --run runs/prior --data datasets/fmnist --n 1000 --features classifier:runs/classifier \\
         --sampler ddim --steps 50 --guidance 1,3,5
 
 Per guidance value w, the same prompts and the same seed (so the same starting noise) give n

@@ -6,7 +6,7 @@ commands and the shard reader (data/images.py load_rgb: every Pillow mode to RGB
 composited on white, 16-bit scaled); a file that cannot be read is refused with a message that
 names it.
 
-    real = load_image_set("data/fmnist", split="test", limit=10000)     # shards
+    real = load_image_set("datasets/fmnist", split="test", limit=10000)     # shards
     fake = load_image_set("samples/")                                   # a folder of PNGs
 """
 

@@ -1,6 +1,6 @@
 """`latentdiff evaluate-autoencoder`: how well an autoencoder reconstructs held-out images.
 
-    latentdiff evaluate-autoencoder --run runs/ae --data data/fmnist [--features classifier:runs/clf]
+    latentdiff evaluate-autoencoder --run runs/ae --data datasets/fmnist [--features classifier:runs/clf]
 
 Reconstructions are x_hat = D(mode of q(z|x)), as the prior's samples are decoded; with --decoder,
 D is a `latentdiff train decoder` run for the same encoder (an upscaling decoder sees the images

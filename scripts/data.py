@@ -1,7 +1,7 @@
 """`latentdiff data ...`: write a dataset directory of webdataset shards from a built-in source.
 
-    latentdiff data fashion-mnist --out data/fmnist
-    latentdiff data shapes --out data/shapes --n 20000 --holdout "blue triangle"
+    latentdiff data fashion-mnist --out datasets/fmnist
+    latentdiff data shapes --out datasets/shapes --n 20000 --holdout "blue triangle"
     latentdiff data folder photos/ --out data/photos --resolution 64
 """
 

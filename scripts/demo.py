@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"done. One row per prompt: {out / 'samples' / 'grid.png'}")
     print("Make more with, for example:\n"
           f"  .venv/bin/latentdiff generate \"{prompts[0]}\" --run {out / 'prior'} --n 16 "
-          "--sampler dpmpp-2m --steps 20 --guidance 3 --seed 1 --out outputs")
+          "--sampler dpmpp-2m --steps 20 --guidance 3 --seed 1 --out outputs/more")
     return 0
 
 
