@@ -69,6 +69,11 @@ def sampling_dtype(device: torch.device, precision: str = "auto", rows: int | No
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """The device a command runs on when none is forced: this process's GPU when there is one, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -95,12 +100,7 @@ class Runtime:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is not None:
-            dev = torch.device(device)
-        elif torch.cuda.is_available():
-            dev = torch.device("cuda", local_rank)
-        else:
-            dev = torch.device("cpu")
+        dev = torch.device(device) if device is not None else default_device(local_rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = True

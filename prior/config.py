@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from latentdiff.core.config import ConfigError
 from latentdiff.core.train import TrainConfig
 
+from .schedule import NoiseSchedule
 from .unet import UNetConfig
 
 
@@ -17,7 +20,14 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet predicts: eps | v | x0
     loss_weighting: str = "uniform"  # uniform | min_snr
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
-    clip_x0: float = -1.0  # sampling: clamp predicted z_0 to [-c, c] (0: off; -1: the autoencoder's measured range)
+    # Sampling clamps the predicted z_0 to [-c, c]: "latent" takes c from the autoencoder's latent space (the
+    # largest |z| it measured, in prior units), "off" never clamps, a number > 0 is c itself.
+    clip_x0: float | Literal["latent", "off"] = "latent"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip_x0, float) and not self.clip_x0 > 0:
+            raise ConfigError(f"diffusion.clip_x0 = {self.clip_x0}: a bound must be > 0; "
+                              'use "latent" (the autoencoder\'s measured range) or "off"')
 
 
 @dataclass(frozen=True)
@@ -36,4 +46,9 @@ class PriorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
-    resolution: int = 32  # image side fed to the autoencoder
+    resolution: int = 32  # image side; must equal the autoencoder's (its LatentSpace), or the run is refused
+
+
+def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
+    """The noise schedule the config names."""
+    return NoiseSchedule.make(cfg.schedule, cfg.timesteps, zero_terminal_snr=cfg.zero_terminal_snr)

@@ -16,18 +16,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.text.encoder import TextEncoder, TextOutput
 from latentdiff.text.evaluate import retrieval_metrics, zero_shot_accuracy
 from latentdiff.text.loss import contrastive_loss
 from latentdiff.text.model import build_clip, load_model_config, preprocess_images
 from latentdiff.text.sources import (
     load_pretrained,
-    load_run_weights,
     load_text_encoder,
     parse_spec,
-    save_text_run_weights,
 )
 from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer
+
+from helpers import write_text_run
 
 EDGE_PROMPTS = [
     "",
@@ -280,11 +281,10 @@ def test_parse_spec():
 
 
 def test_run_directory_round_trip(encoder, tmp_path):
-    run = save_text_run_weights(tmp_path / "text", encoder.model, encoder.model_config)
-    meta, state, config = load_run_weights(run)
-    assert meta["stage"] == "text" and config == encoder.model_config and set(state) == set(encoder.model.state_dict())
+    run = write_text_run(tmp_path / "text", encoder.model)
     loaded = load_text_encoder(run)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    assert loaded.model_config == encoder.model_config
     prompts = ["a photo of a dog", "Größe"]
     assert all(torch.equal(a, b) for a, b in zip(encoder.model.state_dict().values(), loaded.model.state_dict().values()))
     # compare in the same mode: frozen + eval takes nn.MultiheadAttention's fused fast path,
@@ -297,31 +297,29 @@ def test_run_directory_round_trip(encoder, tmp_path):
 
 
 def test_run_directory_prefers_ema_weights_when_meta_says_so(encoder, tmp_path):
-    run = save_text_run_weights(tmp_path / "text", encoder.model, encoder.model_config)
+    run = write_text_run(tmp_path / "text", encoder.model)
     ema = {k: v.detach().clone().contiguous() + 1.0 for k, v in encoder.model.state_dict().items()}
     save_file(ema, str(run / "ema.safetensors"))
-    _, state, _ = load_run_weights(run)
-    assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach())  # meta says no EMA
+    scale = encoder.model.logit_scale.detach()
+    assert torch.equal(load_text_encoder(run).model.logit_scale, scale)  # meta says no EMA
     meta = json.loads((run / "meta.json").read_text())
     (run / "meta.json").write_text(json.dumps({**meta, "ema": True}))
-    _, state, _ = load_run_weights(run)
-    assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach() + 1.0)
+    assert torch.equal(load_text_encoder(run).model.logit_scale, scale + 1.0)
 
 
 def test_run_directory_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_text_encoder(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="has no meta.json"):
+    with pytest.raises(CheckpointError, match="no meta.json"):
         load_text_encoder(tmp_path)
     run = tmp_path / "ae"
     run.mkdir()
     (run / "meta.json").write_text(json.dumps({"stage": "autoencoder", "format_version": 1}))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(CheckpointError) as info:
         load_text_encoder(run)
-    assert str(info.value) == (
-        f"{run} is a autoencoder run, not a text encoder run; pass the run directory of "
-        "`latentdiff train text` or openclip:MODEL:PRETRAINED"
-    )
+    assert str(info.value) == (f"{run} is a 'autoencoder' run, not a 'text' run; "
+                               "pass the output directory of `latentdiff train text` "
+                               "(or a pretrained open_clip model: openclip:MODEL:PRETRAINED)")
 
 
 def test_shipped_configs_are_valid_and_registered_with_open_clip():

@@ -11,22 +11,20 @@ for ~45 s before failing with a generic error.)
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
-from safetensors.torch import load_file, save_file
 
+from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.core.runs import load_run
 from latentdiff.text.encoder import TextEncoder
-from latentdiff.text.model import build_clip, load_model_config, register_configs, validate_model_config
+from latentdiff.text.model import build_clip, load_model_config, register_configs
 from latentdiff.text.tokens import build_tokenizer
 
 SPEC_PREFIX = "openclip:"
-RUN_FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -135,74 +133,30 @@ def load_pretrained(
 
 
 # ---- text-stage run directories ------------------------------------------------------------
-# The layout core.train.Run.save writes: meta.json ({"stage": "text", "format_version": 1,
-# "model_config": {...}, "ema": bool, ...}), model.safetensors (open_clip CLIP state-dict keys)
-# and ema.safetensors when meta says "ema": true. Read here without core so text/ stands alone.
 
 
-def _not_a_text_run(run_dir: Path, why: str) -> str:
-    return f"{run_dir} {why}; pass the run directory of `latentdiff train text` or openclip:MODEL:PRETRAINED"
+def load_text_run(run_dir: str | Path) -> TextEncoder:
+    """The TextEncoder of a `latentdiff train text` run (EMA weights when it kept them), through core.runs.load_run."""
+    from .stage import TextStageConfig  # what the run's config.toml holds
 
-
-def load_run_weights(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(meta, state_dict, model_config) of a text-stage run; the EMA weights when the run kept them."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(_not_a_text_run(run_dir, "is not a directory"))
-    meta_path = run_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(_not_a_text_run(run_dir, "has no meta.json, so it is not a latentdiff run"))
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    stage = meta.get("stage")
-    if stage != "text":
-        raise ValueError(_not_a_text_run(run_dir, f"is a {stage} run, not a text encoder run"))
-    version = meta.get("format_version", 0)
-    if version > RUN_FORMAT_VERSION:
-        raise ValueError(
-            f"{run_dir} was written by a newer latentdiff (format {version} > {RUN_FORMAT_VERSION}); upgrade latentdiff"
-        )
-    if "model_config" not in meta:
-        raise ValueError(f"{meta_path} has no model_config, so the model cannot be rebuilt")
-    model_config = validate_model_config(meta["model_config"], where=f"{meta_path} model_config")
-    use_ema = meta.get("ema") and (run_dir / "ema.safetensors").is_file()
-    weights = run_dir / ("ema.safetensors" if use_ema else "model.safetensors")
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: the text run in {run_dir} has no saved weights")
-    return meta, load_file(weights, device="cpu"), model_config
-
-
-def save_text_run_weights(run_dir: str | Path, model: open_clip.CLIP, model_config: dict[str, Any]) -> Path:
-    """Write model.safetensors and meta.json (atomically: temp file + rename) for load_run_weights."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = run_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, run_dir / "model.safetensors")
-    meta = {"stage": "text", "format_version": RUN_FORMAT_VERSION, "model_config": model_config, "ema": False}
-    tmp = run_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "meta.json")
-    return run_dir
+    try:
+        run = load_run(run_dir, "text", TextStageConfig, lambda cfg, meta: build_clip(load_model_config(cfg.model)))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or a pretrained open_clip model: openclip:MODEL:PRETRAINED)") from None
+    model_config = load_model_config(run.config.model)
+    return TextEncoder(run.model, build_tokenizer(model_config), model_config=model_config, source=str(run_dir))
 
 
 def load_text_encoder(
-    spec_or_run_dir: str | Path, *, cache_dir: str | None = None, frozen: bool = True
+    spec_or_run_dir: str | Path, *, cache_dir: str | None = None
 ) -> TextEncoder:
     """The one way later stages get a text encoder: an openclip:MODEL:PRETRAINED spec or a text run directory.
 
-    frozen=True (the default) returns it with gradients off and in eval mode.
+    It is returned frozen: gradients off, eval mode.
     """
     spec = str(spec_or_run_dir)
     if spec.startswith(SPEC_PREFIX):
         encoder = load_pretrained(*parse_spec(spec), cache_dir=cache_dir)
     else:
-        meta, state_dict, model_config = load_run_weights(spec)
-        model = build_clip(model_config)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"weights in {spec} do not fit the model_config in its meta.json: {e}") from e
-        encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=spec)
-    return encoder.frozen() if frozen else encoder
+        encoder = load_text_run(spec)
+    return encoder.frozen()
