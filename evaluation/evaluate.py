@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="prior run directory (`latentdiff train prior --out RUN`)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run (same encoder)")
+    p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
+                                                        "(its latent space must be the one the prior trained on)")
+    p.add_argument("--text", metavar="RUN", help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+                                                 "not where the run recorded it (same weights, checked by hash)")
     p.add_argument("--data", required=True, help="dataset with the real test images (and captions, labels)")
     p.add_argument("--split", default="test", help="split of --data to compare with (default: %(default)s)")
     p.add_argument("--n", type=int, default=1000, help="images generated per guidance value (default: %(default)s)")
@@ -102,7 +106,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.features:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     classifier = load_classifier(classifier_run, device) if classifier_run else None
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision,
+                                autoencoder=args.autoencoder, text=args.text)
     clip = None
     if args.clip:
         from latentdiff.text.sources import load_text_encoder
