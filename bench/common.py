@@ -188,7 +188,7 @@ def demo_pipeline(dev: torch.device):
 
 
 def untrained_latent_space(ae, resolution: int):
-    """A LatentSpace for an autoencoder with initial weights: unit scale, a clip bound of 4 (speed depends on neither)."""
+    """A LatentSpace for an autoencoder with initial weights: unit scale, clip bound 4 (speed depends on neither)."""
     from latentdiff.autoencoder.load import encoder_hash
     from latentdiff.core.latent_space import LatentSpace
 

@@ -165,8 +165,8 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step) and rt.is_main:
-            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, space, clip_x0, prompts,
-                        run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
+            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, space, clip_x0,
+                        prompts, run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
         if run.every(tcfg.ckpt_every, step):
             run.save(step + 1, {"model": unet}, {"model": opt}, ema, meta=meta)
         done = step + 1

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
-from latentdiff.autoencoder.stage import PRESETS as AE_PRESETS
 from latentdiff.autoencoder.stage import main as autoencoder_main
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
