@@ -81,9 +81,9 @@ def machine() -> dict[str, Any]:
 
 
 def device() -> torch.device:
-    from latentdiff.core.runtime import default_device
+    from latentdiff.core.runtime import pick_device
 
-    return default_device()
+    return pick_device()
 
 
 # ---- reporting ----------------------------------------------------------------------------------

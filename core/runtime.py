@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one user seed."""
@@ -69,8 +71,28 @@ def sampling_dtype(device: torch.device, precision: str = "auto", rows: int | No
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    """The device a command runs on when none is forced: this process's GPU when there is one, else the CPU."""
+def parse_device(name: str) -> torch.device:
+    """`--device NAME` as a torch.device that this machine has; UserError otherwise (one line)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise UserError(f"--device {name}: this machine has no {dev.type} device that torch {torch.__version__} "
+                        "can use; leave --device out to use the best one there is")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def pick_device(name: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """The device named by `--device` (checked), else this process's GPU when there is one, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name:
+        return parse_device(name)
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -100,7 +122,7 @@ class Runtime:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device(device) if device is not None else default_device(local_rank)
+        dev = pick_device(device, local_rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -19,7 +19,7 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import progress
 from latentdiff.core.runs import load_run
-from latentdiff.core.runtime import default_device, sampling_dtype
+from latentdiff.core.runtime import pick_device, sampling_dtype
 from latentdiff.decoder.load import load_decoder
 
 from .config import PriorConfig, make_schedule
@@ -73,7 +73,7 @@ class TextToImage:
         precision: the UNet's while sampling, "auto" | "fp32" | "bf16" (core.runtime.sampling_dtype).
         """
         run = Path(run)
-        device = torch.device(device) if device else default_device()
+        device = pick_device(device)
         prior = load_run(run, "prior", PriorConfig, lambda cfg, meta: UNet(cfg.model), device=device, ema=ema)
         stages = load_frozen_stages(*recorded_stages(prior.meta, run, autoencoder, text), device)
         check_recorded(stages, prior.meta, run)
