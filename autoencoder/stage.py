@@ -17,10 +17,10 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import record_path, recorded_data
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import make_loader, read_info
 
 from .load import encoder_hash
 from .losses import AutoencoderLoss
@@ -97,7 +97,9 @@ def train(args: argparse.Namespace) -> dict:
         args.data = args.data or recorded_data(args.resume, "autoencoder")
     if not args.data:
         raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
-    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder")
+    # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder",
+                    derive=follow(args, "resolution", read_info(args.data).get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 

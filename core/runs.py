@@ -17,6 +17,8 @@ content hashes the stages check afterwards prove that what was found is what was
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +128,14 @@ def recorded_data(run_dir: str | Path, stage: str) -> str | None:
     """The --data a run was trained on, for `--resume RUN` without --data (None if it recorded none)."""
     record = ckpt.read_meta(run_dir, stage).get("data")
     return None if record is None else find_recorded(record, run_dir, "its data", "--data")
+
+
+# ---- fields a new run takes from what it reads ------------------------------------------------
+
+def follow(args: argparse.Namespace, key: str, value: Any) -> Callable[[Any], Any]:
+    """A `Run.start(derive=...)` step: a new run takes top-level field `key` = `value` from what it reads
+    (the dataset's resolution, the autoencoder's), unless the command line set it with `--set key=...`
+    (then the stage checks the two agree, or resizes on purpose) or `value` is None (unknown)."""
+    if value is None or any(item.partition("=")[0].strip() == key for item in getattr(args, "set", [])):
+        return lambda cfg: cfg
+    return lambda cfg: dataclasses.replace(cfg, **{key: value})

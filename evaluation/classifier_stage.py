@@ -14,7 +14,7 @@ import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
-from latentdiff.core.runs import record_path, recorded_data
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
@@ -71,8 +71,11 @@ def train(args: argparse.Namespace) -> dict:
     if not args.data:
         raise ValueError("--data DIR is required (labelled shards, e.g. from "
                          "`latentdiff data fashion-mnist --out DIR`)")
-    heads = heads_from_info(read_info(args.data), where=str(args.data))
-    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier")
+    info = read_info(args.data)
+    heads = heads_from_info(info, where=str(args.data))
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
+    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier",
+                    derive=follow(args, "resolution", info.get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     if run.resuming:

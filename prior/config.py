@@ -46,7 +46,7 @@ class PriorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
-    resolution: int = 32  # image side; must equal the autoencoder's (its LatentSpace), or the run is refused
+    resolution: int = 32  # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
 
 
 def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:

@@ -20,7 +20,7 @@ from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import record_path, recorded_data
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
@@ -123,7 +123,11 @@ def train(args: argparse.Namespace) -> dict:
     for flag in ("data", "autoencoder", "text"):
         if not getattr(args, flag):
             raise ValueError(f"--{flag} is required for `latentdiff train prior`")
-    run = Run.start(args, PriorConfig, PRESETS, stage="prior")
+    # A new prior makes images at its autoencoder's resolution unless --set resolution=N says otherwise
+    # (and then check_prior_fits refuses a disagreement).
+    recorded = read_meta(args.autoencoder, "autoencoder").get("latent_space") or {}
+    run = Run.start(args, PriorConfig, PRESETS, stage="prior",
+                    derive=follow(args, "resolution", recorded.get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     stages = load_frozen_stages(args.autoencoder, args.text, rt.device)

@@ -114,18 +114,31 @@ def test_a_prior_refuses_an_autoencoder_whose_scale_was_remeasured(capsys, root,
     assert "\n" not in str(exc.value)
 
 
-def test_a_64px_autoencoder_needs_a_64px_prior(capsys, data, text_run, tmp_path):
+def test_stages_follow_the_data_and_the_prior_follows_its_autoencoder(capsys, root, text_run, tmp_path):
+    data64 = root / "shapes64_contract"
+    shapes.build(data64, 16, val_n=4, test_n=2, seed=4, resolution=64, maxcount=16)
+    # The tiny presets say 32 px; a new run takes the data's 64 unless --set resolution=N is given.
     ae = tmp_path / "ae64"
-    autoencoder_main(["--data", str(data), "--out", str(ae), "--steps", "1", *AE_ARGS, "--set", "resolution=64"])
-    common = ["--data", str(data), "--autoencoder", str(ae), "--text", str(text_run[0]), "--steps", "1", *PRIOR_ARGS]
-    # The tiny preset's 32 px disagrees with the autoencoder: refused, naming the flag.
-    err = _one_line_exit(capsys, prior_main, [*common, "--out", str(tmp_path / "p32")])
-    assert "--set resolution=64" in err and "32-px" in err
-    prior_main([*common, "--out", str(tmp_path / "p64"), "--set", "resolution=64"])
+    autoencoder_main(["--data", str(data64), "--out", str(ae), "--steps", "1", *AE_ARGS])
+    assert load_autoencoder(ae)[1].resolution == 64
+    autoencoder_main(["--data", str(data64), "--out", str(tmp_path / "ae32"), "--steps", "1", *AE_ARGS,
+                      "--set", "resolution=32"])
+    assert load_autoencoder(tmp_path / "ae32")[1].resolution == 32
+    classifier_main(["--data", str(data64), "--out", str(tmp_path / "clf"), "--steps", "1", "--batch-size", "4",
+                     "--set", "eval_images=4", "--set", "model.channels=[8, 8, 8, 8]"])
+    assert ckpt.read_meta(tmp_path / "clf")["resolution"] == 64
+    # The tiny prior preset with the 64-px autoencoder trains a 64-px prior over 16x16 latents...
+    common = ["--data", str(data64), "--autoencoder", str(ae), "--text", str(text_run[0]), "--steps", "1",
+              *PRIOR_ARGS]
+    prior_main([*common, "--out", str(tmp_path / "p64")])
+    assert load_preset(PriorConfig, PRIOR_PRESETS, "tiny").resolution == 32
     assert ckpt.read_meta(tmp_path / "p64")["latent_space"]["resolution"] == 64
     pipe = TextToImage.from_run(tmp_path / "p64", device="cpu")
-    assert pipe.latent_shape == (4, 16, 16)
+    assert pipe.cfg.resolution == 64 and pipe.latent_shape == (4, 16, 16)
     assert pipe("a red circle", n=1, steps=2).shape == (1, 3, 64, 64)
+    # ...and a resolution set by hand that disagrees with the autoencoder is refused, naming the flag.
+    err = _one_line_exit(capsys, prior_main, [*common, "--out", str(tmp_path / "p32"), "--set", "resolution=32"])
+    assert "--set resolution=64" in err and "32-px" in err
 
 
 # ---------------------------------------------------------------- one way to load a run

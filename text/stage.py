@@ -15,7 +15,7 @@ import open_clip
 import torch
 
 from latentdiff.core.ema import EMA
-from latentdiff.core.runs import record_path, recorded_data
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
@@ -79,10 +79,15 @@ def train(args: argparse.Namespace) -> dict:
         args.data = args.data or recorded_data(args.resume, "text")
     if not args.data:
         raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
-    # A model config given as a .json path is recorded resolved, so the run rebuilds from any directory.
-    run = Run.start(args, TextStageConfig, PRESETS, stage="text",
-                    derive=lambda cfg: replace(cfg, model=str(Path(cfg.model).resolve()))
-                    if cfg.model.endswith(".json") else cfg)
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise, and
+    # records a model config given as a .json path resolved, so the run rebuilds from any directory.
+    at_data_resolution = follow(args, "resolution", read_info(args.data).get("resolution"))
+
+    def derive(cfg: TextStageConfig) -> TextStageConfig:
+        cfg = at_data_resolution(cfg)
+        return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
+
+    run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     model_config = load_model_config(cfg.model)
