@@ -8,7 +8,7 @@ import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.latent_space import LatentSpace
-from latentdiff.core.runs import LoadedRun, load_run
+from latentdiff.core.runs import LoadedRun, load_run, read_config
 
 from .model import Autoencoder, AutoencoderConfig
 
@@ -17,6 +17,11 @@ def load_autoencoder_run(run_dir: str | Path, device: torch.device | str = "cpu"
     """The LoadedRun of `latentdiff train autoencoder --out RUN` (model frozen, in eval mode)."""
     return load_run(run_dir, "autoencoder", AutoencoderConfig, lambda cfg, meta: Autoencoder(cfg.model),
                     device=device, ema=ema, needs=("latent_space",))
+
+
+def read_autoencoder_config(run_dir: str | Path) -> AutoencoderConfig:
+    """The config.toml of an autoencoder run (what rebuilds it; the decoder stage derives its network from it)."""
+    return read_config(run_dir, AutoencoderConfig)
 
 
 def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",

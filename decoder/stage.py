@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.autoencoder.load import load_autoencoder, read_autoencoder_config
 from latentdiff.autoencoder.losses import AutoencoderLoss
-from latentdiff.autoencoder.model import AutoencoderConfig, AutoencoderLossConfig
+from latentdiff.autoencoder.model import AutoencoderLossConfig
 from latentdiff.core.checkpoint import read_meta
+from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import find_recorded, read_config, record_path, recorded_data
+from latentdiff.core.runs import find_recorded, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader
@@ -34,20 +36,20 @@ PRESETS = Path(__file__).parent
 
 @dataclass(frozen=True)
 class DecoderStageConfig:
-    upscale: int = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
+    upscale: Literal[1, 2, 4] = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
     # The network: filled from the autoencoder's decoder (and `upscale`) when a run starts, so that
     # config.toml alone rebuilds it; presets leave it out.
     model: DecoderConfig = field(default_factory=DecoderConfig)
     init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # kl_weight is unused here
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_images: int = 2000  # validation images for the final figures
+    eval_images: PositiveInt = 2000  # validation images for the final figures
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train decoder",
                                 description="Train the decoder alone with the autoencoder's encoder frozen.")
-    add_train_args(p, "decoder")
+    add_train_args(p, "decoder", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (its encoder is frozen)")
     p.add_argument("--upscale", type=int, choices=[1, 2, 4], help="decode to this many times the resolution")
     return p
@@ -94,7 +96,7 @@ def train(args: argparse.Namespace) -> dict:
     for flag in ("data", "autoencoder"):
         if not getattr(args, flag):
             raise ValueError(f"--{flag} is required for `latentdiff train decoder`")
-    ae_network = read_config(args.autoencoder, AutoencoderConfig).model.decoder_config()
+    ae_network = read_autoencoder_config(args.autoencoder).model.decoder_config()
     run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder",
                     derive=lambda cfg: replace(cfg, model=replace(ae_network, upscale=cfg.upscale)))
     cfg, rt = run.config, run.runtime

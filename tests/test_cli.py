@@ -130,3 +130,32 @@ def test_fid_reads_only_what_generate_generated(tmp_path):
     (out / names[1]).unlink()
     with pytest.raises(FileNotFoundError, match="settings.json lists 000_a-cat_01.png but it is missing"):
         load_image_set(out)
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "text", "prior", "decoder", "classifier"])
+def test_train_help_is_true_for_every_stage(stage, capsys):
+    import importlib
+    import re
+
+    from latentdiff.core.config import load_preset
+
+    module = importlib.import_module(cli.COMMANDS[("train", stage)][0])
+    text = module.build_parser().format_help()
+    assert "(--out RUN | --resume RUN)" in text  # shown as required, one or the other
+    presets = sorted(p.stem for p in (module.PRESETS / "presets").glob("*.toml"))
+    assert f"{', '.join(presets)}, or a .toml file" in " ".join(text.split())
+    example = re.search(r"e\.g\. --set\s+(\S+=[^\s)]+)", " ".join(text.split())).group(1)
+    config_cls = type(load_preset(_config_class(module), module.PRESETS, "tiny"))
+    load_preset(config_cls, module.PRESETS, "tiny", [example])  # the example in the help works here
+    with pytest.raises(SystemExit):
+        module.build_parser().parse_args(["--data", "d"])  # neither --out nor --resume
+    assert "one of the arguments --out --resume is required" in capsys.readouterr().err
+
+
+def _config_class(module):
+    import dataclasses
+
+    classes = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+               and {"train"} <= {f.name for f in dataclasses.fields(v)}]
+    assert len(classes) == 1, classes
+    return classes[0]

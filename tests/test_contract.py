@@ -7,6 +7,7 @@ the whole tree moved; only local paths are read back from a run's records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,10 +21,10 @@ from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.autoencoder.stage import main as autoencoder_main
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
-from latentdiff.core.config import ConfigError, load_preset
+from latentdiff.core.config import ConfigError, dumps_toml, load_preset, to_dict
 from latentdiff.core.errors import UserError
 from latentdiff.core.latent_space import LatentSpace
-from latentdiff.core.runs import find_recorded, load_run, record_path
+from latentdiff.core.runs import find_recorded, load_run, read_config, record_path
 from latentdiff.data import shapes
 from latentdiff.decoder.network import Decoder
 from latentdiff.decoder.stage import DecoderStageConfig
@@ -184,8 +185,9 @@ def test_load_run_round_trip(stage, ae_run, text_run, prior_run, small_runs):
 def test_load_run_refuses_weights_that_do_not_fit_the_config(ae_run, tmp_path):
     copy = tmp_path / "ae"
     shutil.copytree(ae_run[0], copy)
-    config = (copy / ckpt.CONFIG).read_text().replace("channels = [8, 16, 16]", "channels = [8, 16, 32]")
-    (copy / ckpt.CONFIG).write_text(config)
+    config = read_config(copy, AutoencoderConfig)
+    wider = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=(8, 16, 32)))
+    (copy / ckpt.CONFIG).write_text(dumps_toml(to_dict(wider)))
     with pytest.raises(CheckpointError, match="do not fit its config.toml") as exc:
         load_autoencoder(copy)
     assert "\n" not in str(exc.value)
