@@ -23,7 +23,7 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
 from .config import PriorConfig, make_schedule

@@ -18,7 +18,7 @@ from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
 from .encoder import TextEncoder
