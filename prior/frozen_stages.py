@@ -52,7 +52,7 @@ def load_frozen_stages(autoencoder: str | Path, text: str | Path, device: torch.
 
 
 def stage_records(stages: FrozenStages, run_dir: Path) -> dict[str, Any]:
-    """What a prior's meta.json says about its frozen stages (read back by `recorded_stages`, checked by `check`)."""
+    """What a prior's meta.json says about its frozen stages (read back by `recorded_stages`, checked by `check_recorded`)."""
     return {"autoencoder": record_path(stages.autoencoder_path, run_dir),
             "latent_space": stages.latent_space.to_dict(),
             "text": {**_record_text(stages.text_source, run_dir), "hash": text_hash(stages.text)}}
@@ -61,6 +61,7 @@ def stage_records(stages: FrozenStages, run_dir: Path) -> dict[str, Any]:
 def recorded_stages(meta: dict[str, Any], run_dir: str | Path, autoencoder: str | Path | None = None,
                     text: str | Path | None = None) -> tuple[str, str]:
     """(autoencoder, text): the ones given, else the ones the prior run recorded, found from here or from the run."""
+    recorded_latent_space(meta, run_dir)  # a prior written before latent spaces were recorded stops here
     if autoencoder is None:
         autoencoder = find_recorded(meta["autoencoder"], run_dir, "its autoencoder", "--autoencoder")
     return str(autoencoder), str(text) if text is not None else _find_text(meta["text"], run_dir)
@@ -68,15 +69,20 @@ def recorded_stages(meta: dict[str, Any], run_dir: str | Path, autoencoder: str 
 
 def check_recorded(stages: FrozenStages, meta: dict[str, Any], run_dir: str | Path) -> None:
     """Refuse (CheckpointError, one line) stages other than the ones the prior in `run_dir` was trained with."""
-    if "latent_space" not in meta:
-        raise CheckpointError(f"{run_dir} was written before priors recorded their latent space; train it again")
-    recorded = LatentSpace.from_dict(meta["latent_space"], f"{run_dir}/meta.json latent_space")
+    recorded = recorded_latent_space(meta, run_dir)
     stages.latent_space.check_same(recorded, stages.autoencoder_path, f"the prior {run_dir}")
     want, got = meta["text"]["hash"], text_hash(stages.text)
     if got != want:
         raise CheckpointError(
             f"the prior was trained with text encoder {meta['text']['source']} (hash {want}), "
             f"but {stages.text_source} has hash {got}; use the text encoder the prior was trained with")
+
+
+def recorded_latent_space(meta: dict[str, Any], run_dir: str | Path) -> LatentSpace:
+    """The LatentSpace a prior run trained on (its meta.json)."""
+    if "latent_space" not in meta:
+        raise CheckpointError(f"{run_dir} was written before priors recorded their latent space; train it again")
+    return LatentSpace.from_dict(meta["latent_space"], f"{run_dir}/meta.json latent_space")
 
 
 def check_prior_fits(cfg: PriorConfig, stages: FrozenStages, where: str) -> None:

@@ -249,3 +249,18 @@ def test_runs_work_from_any_directory_and_after_the_tree_moved(monkeypatch, data
     assert cli.main(["generate", "a red circle", "--run", str(moved / "prior"), "--n", "1", "--steps", "2",
                      "--autoencoder", str(tmp_path / "ae_elsewhere"), "--text", str(moved / "text"),
                      "--out", "gen2"]) == 0
+
+
+def test_runs_from_before_latent_spaces_get_a_one_line_answer(ae_run, prior_run, tmp_path):
+    ae, prior = tmp_path / "ae", tmp_path / "prior"
+    shutil.copytree(ae_run[0], ae)
+    shutil.copytree(prior_run[0], prior)
+    for run in (ae, prior):
+        meta = json.loads((run / ckpt.META).read_text())
+        del meta["latent_space"]
+        (run / ckpt.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="resume it with `latentdiff train autoencoder --resume"):
+        load_autoencoder(ae)
+    with pytest.raises(CheckpointError, match="before priors recorded their latent space") as exc:
+        TextToImage.from_run(prior, device="cpu")
+    assert "\n" not in str(exc.value)
