@@ -52,7 +52,7 @@ def load_frozen_stages(autoencoder: str | Path, text: str | Path, device: torch.
 
 
 def stage_records(stages: FrozenStages, run_dir: Path) -> dict[str, Any]:
-    """What a prior's meta.json says about its frozen stages (read back by `recorded_stages`, checked by `check_recorded`)."""
+    """What a prior's meta.json says about its frozen stages (read by `recorded_stages` and `check_recorded`)."""
     return {"autoencoder": record_path(stages.autoencoder_path, run_dir),
             "latent_space": stages.latent_space.to_dict(),
             "text": {**_record_text(stages.text_source, run_dir), "hash": text_hash(stages.text)}}
