@@ -80,7 +80,7 @@ def check_recorded(stages: FrozenStages, meta: dict[str, Any], run_dir: str | Pa
 
 def recorded_latent_space(meta: dict[str, Any], run_dir: str | Path) -> LatentSpace:
     """The LatentSpace a prior run trained on (its meta.json)."""
-    if "latent_space" not in meta:
+    if meta.get("latent_space") is None:
         raise CheckpointError(f"{run_dir} was written before priors recorded their latent space; train it again")
     return LatentSpace.from_dict(meta["latent_space"], f"{run_dir}/meta.json latent_space")
 

@@ -12,9 +12,15 @@ from latentdiff.text.stage import TextStageConfig
 
 
 def write_text_run(run_dir: Path, model: open_clip.CLIP, model_name: str = "clip-tiny") -> Path:
-    """A text-stage run directory holding `model`'s weights, laid out as `latentdiff train text` writes one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text(run_dir / ckpt.CONFIG, dumps_toml(to_dict(TextStageConfig(model=model_name))))
-    ckpt.save_weights(run_dir / ckpt.MODEL, model.state_dict())
-    ckpt.write_json(run_dir / ckpt.META, {"stage": "text", "format_version": ckpt.FORMAT_VERSION, "ema": False})
+    """A text-stage run holding `model`'s weights as one committed checkpoint of step 0, as `latentdiff train text`
+    writes one (config.toml names the open_clip model config; no EMA)."""
+    meta = {"stage": "text", "format_version": ckpt.FORMAT_VERSION, "step": 0, "ema": False}
+    config = dumps_toml(to_dict(TextStageConfig(model=model_name)))
+    staging = ckpt.staging_dir(run_dir, 0)
+    ckpt.save_weights(staging / ckpt.MODEL, model.state_dict())
+    ckpt.write_text(staging / ckpt.CONFIG, config)
+    ckpt.write_json(staging / ckpt.META, meta)
+    ckpt.commit(run_dir, staging, 0, keep=1)
+    ckpt.write_text(run_dir / ckpt.CONFIG, config)
+    ckpt.write_json(run_dir / ckpt.META, meta)
     return run_dir

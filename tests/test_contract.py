@@ -21,7 +21,7 @@ from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.autoencoder.stage import main as autoencoder_main
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
-from latentdiff.core.config import ConfigError, dumps_toml, load_preset, to_dict
+from latentdiff.core.config import ConfigError, load_preset
 from latentdiff.core.errors import UserError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.runs import find_recorded, load_run, read_config, record_path
@@ -172,7 +172,7 @@ def test_load_run_round_trip(stage, ae_run, text_run, prior_run, small_runs):
     meta = ckpt.read_meta(run, stage)
     for ema in (True, False):
         loaded = load_run(run, stage, config_cls, build, ema=ema)
-        file = load_file(str(run / (ckpt.EMA if ema and meta["ema"] else ckpt.MODEL)))
+        file = load_file(str(ckpt.committed_file(run, ckpt.EMA if ema and meta["ema"] else ckpt.MODEL)))
         state = loaded.model.state_dict()
         assert state.keys() == file.keys() and all(torch.equal(state[k], file[k]) for k in file)
         assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
@@ -186,8 +186,8 @@ def test_load_run_refuses_weights_that_do_not_fit_the_config(ae_run, tmp_path):
     copy = tmp_path / "ae"
     shutil.copytree(ae_run[0], copy)
     config = read_config(copy, AutoencoderConfig)
-    wider = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=(8, 16, 32)))
-    (copy / ckpt.CONFIG).write_text(dumps_toml(to_dict(wider)))
+    wider = Autoencoder(dataclasses.replace(config.model, channels=(8, 16, 32)))
+    ckpt.amend(copy, {ckpt.MODEL: wider.state_dict()})
     with pytest.raises(CheckpointError, match="do not fit its config.toml") as exc:
         load_autoencoder(copy)
     assert "\n" not in str(exc.value)
@@ -216,9 +216,8 @@ def test_resume_reads_back_only_local_data(capsys, ae_run, tmp_path):
     assert record_path("pipe:curl -s https://host/x.tar", tmp_path) == {"path": "pipe:curl -s https://host/x.tar"}
     copy = tmp_path / "ae"
     shutil.copytree(ae_run[0], copy)
-    meta = json.loads((copy / ckpt.META).read_text())
     for source in ("pipe:cat /tmp/x.tar", "https://host/train-{000..009}.tar"):
-        (copy / ckpt.META).write_text(json.dumps({**meta, "data": {"path": source}}))
+        ckpt.amend(copy, meta={"data": {"path": source}})
         err = _one_line_exit(capsys, autoencoder_main, ["--resume", str(copy)])
         assert "not a local path" in err and "--data" in err and source in err
 
@@ -256,9 +255,7 @@ def test_runs_from_before_latent_spaces_get_a_one_line_answer(ae_run, prior_run,
     shutil.copytree(ae_run[0], ae)
     shutil.copytree(prior_run[0], prior)
     for run in (ae, prior):
-        meta = json.loads((run / ckpt.META).read_text())
-        del meta["latent_space"]
-        (run / ckpt.META).write_text(json.dumps(meta))
+        ckpt.amend(run, meta={"latent_space": None})
     with pytest.raises(CheckpointError, match="resume it with `latentdiff train autoencoder --resume"):
         load_autoencoder(ae)
     with pytest.raises(CheckpointError, match="before priors recorded their latent space") as exc:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.text.encoder import TextEncoder, TextOutput
 from latentdiff.text.evaluate import retrieval_metrics, zero_shot_accuracy
@@ -342,11 +343,10 @@ def test_run_directory_round_trip(encoder, tmp_path):
 def test_run_directory_prefers_ema_weights_when_meta_says_so(encoder, tmp_path):
     run = write_text_run(tmp_path / "text", encoder.model)
     ema = {k: v.detach().clone().contiguous() + 1.0 for k, v in encoder.model.state_dict().items()}
-    save_file(ema, str(run / "ema.safetensors"))
+    ckpt.amend(run, {ckpt.EMA: ema})
     scale = encoder.model.logit_scale.detach()
     assert torch.equal(load_text_encoder(run).model.logit_scale, scale)  # meta says no EMA
-    meta = json.loads((run / "meta.json").read_text())
-    (run / "meta.json").write_text(json.dumps({**meta, "ema": True}))
+    ckpt.amend(run, meta={"ema": True})
     assert torch.equal(load_text_encoder(run).model.logit_scale, scale + 1.0)
 
 
