@@ -120,8 +120,7 @@ class Generator:
 
     def defaults(self) -> GenerationSettings:
         """The run's own sampling settings: the form's initial values."""
-        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0,
-                                  eta=0.0)
+        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0)
 
     def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n) -> GenerationSettings:
         """Form values -> resolved settings; any bad value is a UserError that says which and why."""
@@ -142,7 +141,7 @@ class Generator:
             raise UserError(f"guidance must be a finite number, got {guidance}")
         try:
             return self.pipe.settings(prompt, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                      negative_prompt=negative_prompt, seed=seed, eta=0.0)
+                                      negative_prompt=negative_prompt, seed=seed)
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
@@ -162,7 +161,7 @@ class Generator:
                     images = self.pipe(list(settings.prompts), n=settings.n, steps=settings.steps,
                                        sampler=settings.sampler, guidance=settings.guidance,
                                        negative_prompt=settings.negative_prompt, seed=settings.seed,
-                                       eta=settings.eta, show_progress=show_progress)
+                                       sampler_options=settings.sampler_options, show_progress=show_progress)
                 finally:
                     self._running = None
                 self._requests += 1
