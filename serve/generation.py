@@ -72,6 +72,12 @@ def generate_command(settings: GenerationSettings, decoder: str | None = None, d
     words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
              "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
              "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
+    for key, value in sorted(settings.sampler_options.items()):
+        if value is None:  # "the sampler's own" (e.g. sigma_max of the schedule): the command's default too
+            continue
+        words += _option(f"--{key.replace('_', '-')}", str(value))
+    if settings.guidance_rescale:
+        words += ["--guidance-rescale", repr(settings.guidance_rescale)]
     if settings.negative_prompt:
         words += _option("--negative", settings.negative_prompt)
     if decoder:
@@ -161,7 +167,8 @@ class Generator:
                     images = self.pipe(list(settings.prompts), n=settings.n, steps=settings.steps,
                                        sampler=settings.sampler, guidance=settings.guidance,
                                        negative_prompt=settings.negative_prompt, seed=settings.seed,
-                                       sampler_options=settings.sampler_options, show_progress=show_progress)
+                                       guidance_rescale=settings.guidance_rescale,
+                                       sampler_options=dict(settings.sampler_options), show_progress=show_progress)
                 finally:
                     self._running = None
                 self._requests += 1
