@@ -20,11 +20,12 @@ from .fid import StatisticsCache, default_cache_dir, describe, extract_features,
 from .images import load_image_set
 
 
-def add_feature_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags every command that computes FID takes."""
+def add_feature_args(p: argparse.ArgumentParser, required: bool = True, without: str = "") -> None:
+    """The flags every command that computes FID takes; `without`: what an optional --features' absence means."""
     p.add_argument("--features", required=required, metavar="SPEC",
                    help="feature space: classifier:RUN (from `latentdiff train classifier`), clip:RUN "
-                        "(from `latentdiff train text`) or inception (torch-fidelity's Inception-v3)")
+                        "(from `latentdiff train text`) or inception (torch-fidelity's Inception-v3)"
+                        + (f"; without it, {without}" if without else ""))
     p.add_argument("--inception-weights", metavar="FILE",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: its torch hub cache)")
     p.add_argument("--cache-dir", default=str(default_cache_dir()),

@@ -8,7 +8,8 @@ area-downsampled to the encoder's resolution and is scored at its own, larger on
 averaged over the images: PSNR and SSIM (Wang et al. 2004, gaussian window; both from
 core.image_metrics), LPIPS (Zhang et al. 2018) when torchvision's VGG16 weights are in the torch
 hub cache, and with --features the rFID: the real images are split into halves A and B; rFID is the FID
-of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes).
+of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes). Without --features
+rFID is not computed, and the command says so.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from .fid_command import add_feature_args
 from .images import load_image_set
 
 
+NO_RFID = ("rFID: not computed, it needs a feature space: pass --features classifier:RUN (a `latentdiff train "
+           "classifier` run on the same kind of images), clip:RUN (a text run) or inception")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff evaluate-autoencoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="autoencoder run directory (`latentdiff train autoencoder --out RUN`)")
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
                    help="LPIPS: auto (when VGG16 weights are cached), on (error if missing) or off")
     p.add_argument("--out", help="report directory (default: RUN/eval)")
-    add_feature_args(p, required=False)
+    add_feature_args(p, required=False, without="no rFID")
     return p
 
 
@@ -66,7 +71,7 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     res = latent_space.resolution
     real = load_image_set(args.data, split=args.split, limit=args.n, resolution=res * upscale)
     use_lpips = args.lpips == "on" or (args.lpips == "auto" and lpips_available())
-    lpips_model = load_lpips().to(device) if use_lpips else None
+    lpips_model = load_lpips(without="evaluate without it: --lpips off").to(device) if use_lpips else None
     t0 = time.monotonic()
     psnrs, ssims, lpipss, recons = [], [], [], []
     for i in range(0, len(real), args.batch_size):
@@ -95,6 +100,9 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
                        "rfid_reference_n": result["n_reference"], "features": result["features"],
                        "rkid": result["kid"]})
         print("rFID: " + describe(result, "reconstructed"))
+    else:
+        report["rfid"] = None
+        print(NO_RFID)
     report["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out or Path(args.run) / "eval")
     shown = from_uint8(torch.cat([real.images[:16], recon[:16]]))
@@ -103,7 +111,7 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     figures = [f"PSNR {report['psnr']:.2f} dB", f"SSIM {report['ssim']:.4f}"]
     if report["lpips"] is not None:
         figures.append(f"LPIPS {report['lpips']:.4f}")
-    if "rfid" in report:
+    if report["rfid"] is not None:
         figures.append(f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
                        f"{report['features']})")
     print(f"{args.run} on {len(real)} images of {real.source}: " + ", ".join(figures))

@@ -47,12 +47,14 @@ class GenerationSettings:
     run: str
     batch_size: int  # images per sampling batch (stochastic samplers draw their noise batch by batch)
     precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device and batch
+    decoder: str | None = None  # the `latentdiff train decoder` run decoding the latents; None: the autoencoder's
 
 
 class TextToImage:
     def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, latent_space: LatentSpace, run: Path,
-                 decoder: torch.nn.Module | None = None, precision: str = "auto"):
+                 decoder: torch.nn.Module | None = None, precision: str = "auto", decoder_run: str | None = None):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
+        self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
         self.decoder = decoder if decoder is not None else autoencoder.decoder
         self.schedule = make_schedule(cfg.diffusion)
         self.latent_space = latent_space
@@ -89,7 +91,7 @@ class TextToImage:
                     f"(encoder hash {stages.latent_space.encoder_hash}); "
                     f"train a decoder with --autoencoder {stages.autoencoder_path}")
         return cls(prior.model, prior.config, stages.text, stages.autoencoder, stages.latent_space, run,
-                   decoder=swapped, precision=precision)
+                   decoder=swapped, precision=precision, decoder_run=None if decoder is None else str(decoder))
 
     @property
     def device(self) -> torch.device:
@@ -144,5 +146,4 @@ class TextToImage:
         rows = min(batch_size, len(prompts) * n) * (1 if guidance in (0.0, 1.0) else 2)
         precision = "bf16" if sampling_dtype(self.device, self.precision, rows) == torch.bfloat16 else "fp32"
         return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt,
-                                  seed,
-                                  self.clip_x0, str(self.run), batch_size, precision)
+                                  seed, self.clip_x0, str(self.run), batch_size, precision, self.decoder_run)
