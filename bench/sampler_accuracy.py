@@ -2,8 +2,8 @@
 
 Data x_0 ~ N(0.5, 0.7^2) in one dimension has an exact denoiser, E[x_0 | z_t] = mu + sqrt(abar) s^2
 (z_t - sqrt(abar) mu) / (abar s^2 + 1 - abar), so whatever error is left is the sampler's own.
-z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in issue 14's measurement. A
-deterministic sampler is then an affine map z_0 = M z_T + b, read off from two inputs, so its
+z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in the comparison with diffusers that the
+README quotes. A deterministic sampler is then an affine map z_0 = M z_T + b, read off from two inputs, so its
 output mean and std are exact (no sampling noise); stochastic samplers are run on --n samples.
 Prints, per schedule, the relative error of the std (and of the mean) of every sampler with its
 default spacing at each budget of evaluations, then the std error of every sampler x spacing.
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                     + table(["sampler", "spacing"] + [str(b) for b in budgets], rows))
     text.append(f"Relative error of the output's std (and mean) for data N({MU}, {STD}^2), T = 1000, z_T from the "
                 f"exact marginal at t = T-1; deterministic samplers exactly, stochastic ones on {args.n} samples "
-                f"(sampling noise ~{100 / math.sqrt(2 * args.n):.2f}% on the std). For comparison, issue 14 measured "
-                f"diffusers at 20 evaluations on scaled_linear: {DIFFUSERS_20}.")
+                f"(sampling noise ~{100 / math.sqrt(2 * args.n):.2f}% on the std). For comparison, diffusers' samplers "
+                f"at 20 evaluations on scaled_linear: {DIFFUSERS_20}.")
     report("sampler_accuracy", "Sampler accuracy on exact Gaussian data", "\n\n".join(text), figures, args.out)
     return figures
 
