@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.config import load_toml
+from latentdiff.core.config import dumps_toml, load_toml, to_dict
 
 from .model import Autoencoder, AutoencoderConfig
 
@@ -33,6 +33,26 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
     meta = {**meta, "weights_hash": ckpt.tensors_hash(state), "encoder_hash": encoder_hash(model),
             "run_dir": str(run_dir.resolve()), "config": cfg}
     return model, meta
+
+
+def write_autoencoder_run(run_dir: str | Path, cfg: AutoencoderConfig, state: dict[str, torch.Tensor],
+                          latent: dict, extra: dict | None = None) -> Path:
+    """Write a finished autoencoder run that did not come from training (an imported one).
+
+    The files and meta keys are the ones `latentdiff train autoencoder` leaves, so every later
+    command reads it unchanged. latent: the latent-space facts, as the stage records them
+    (scale_factor, resolution, latent_channels, downsampling; latent_std and latent_absmax when
+    measured); extra: where the weights came from. Raises CheckpointError if `run_dir` holds a run.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / ckpt.META).exists():
+        raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --out")
+    ckpt.write_text(run_dir / ckpt.CONFIG, dumps_toml(to_dict(cfg)))
+    ckpt.save_weights(run_dir / ckpt.MODEL, state, {"step": 0})
+    # meta.json last: a run directory without it is not a run, so a failed import leaves none.
+    ckpt.write_json(run_dir / ckpt.META, {"stage": "autoencoder", "format_version": ckpt.FORMAT_VERSION,
+                                          "step": 0, "ema": False, **latent, **(extra or {})})
+    return run_dir
 
 
 def encoder_hash(model: Autoencoder) -> str:
