@@ -192,6 +192,8 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        # Normalise the flattened (B, C, HW) view, as diffusers does: on a channels-last x the 4-D GroupNorm
+        # kernel sums in another order, and imported Stable Diffusion VAEs would then differ by ~1e-5.
+        h = self.norm(x.reshape(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
         h = self.attn(h)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
