@@ -137,16 +137,18 @@ def _measure(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torc
     return std, absmax_over_std * std
 
 
-def import_autoencoder(src: str | Path, out: str | Path, *, data: str | None = None, scale: str = "source",
+def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: str = "source",
                        scaling_factor: float | None = None, resolution: int | None = None,
                        batch_size: int = 8, batches: int = 16, device: torch.device | str = "cpu") -> dict:
     """Turn a pretrained KL autoencoder into a latentdiff autoencoder run at `out`; returns a summary.
 
-    scale: "source" takes the latent scale from the source's config (`scaling_factor`, 0.18215
-    for SD 1.x/2.x) or from `scaling_factor` when given; "data" measures 1 / std of z on `data`
-    as `latentdiff train autoencoder` does (LDM §4.3.2). With `data`, the clip bound
-    latent_absmax (max |z| in scaled units) is measured too. resolution: the image side later
-    stages train at (default: the source's sample_size, else 256).
+    data: training shards, encoded as the autoencoder stage does after training, to measure the
+    latent std and range (`batches` batches of `batch_size` images at `resolution`). scale:
+    "source" takes the latent scale from the source's config (`scaling_factor`, 0.18215 for SD
+    1.x/2.x) or from `scaling_factor` when given; "data" takes 1 / std as a trained run does (LDM
+    §4.3.2). latent_absmax (max |z| in scaled units, the samplers' clip bound) is measured either
+    way. resolution: the image side later stages train at (default: the source's sample_size,
+    else 256). Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
     """
     if scale not in ("source", "data"):
         raise UserError(f"--scale {scale!r}: choose source or data")
@@ -154,36 +156,30 @@ def import_autoencoder(src: str | Path, out: str | Path, *, data: str | None = N
     factor = scaling_factor if scaling_factor is not None else source.scaling_factor
     if scale == "source" and factor is None:
         raise UserError(f"{source.path} records no scaling_factor: pass --scaling-factor (0.18215 for Stable "
-                        "Diffusion 1.x/2.x's VAE) or --scale data --data DIR to measure it")
-    if scale == "data" and not data:
-        raise UserError("--scale data needs --data DIR (images to measure the latent std on)")
+                        "Diffusion 1.x/2.x's VAE) or --scale data to measure it")
     side = resolution or source.sample_size or 256
     if side % source.model.downsampling:
         raise UserError(f"resolution {side} is not a multiple of the downsampling factor {source.model.downsampling}")
-    # No training happened (steps 0); batch_size and scale_batches are what measured the scale.
+    # No training happened (steps 0); batch_size and scale_batches are what measured the latents.
     cfg = AutoencoderConfig(model=source.model, resolution=side, scale_batches=batches,
                             train=TrainConfig(steps=0, batch_size=batch_size))
-    latent = {"resolution": side, "latent_channels": cfg.model.latent_channels,
-              "downsampling": cfg.model.downsampling}
-    if data:
-        device = torch.device(device)
+    device = torch.device(device)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced (84M for SD's VAE)
         model = Autoencoder(cfg.model)
-        model.load_state_dict(source.state)
-        model.to(device).eval().requires_grad_(False)
-        std, absmax = _measure(model, data, cfg, device)
-        if scale == "data":
-            factor = 1.0 / std
-        latent.update(latent_std=std, latent_absmax=absmax * factor, data=str(data))
+    model.load_state_dict(source.state, assign=True)
+    model.to(device).eval().requires_grad_(False)
+    std, absmax = _measure(model, data, cfg, device)
+    if scale == "data":
+        factor = 1.0 / std
     scale_from = "data" if scale == "data" else ("argument" if scaling_factor is not None else "config")
-    latent.update(scale_factor=float(factor), scale_from=scale_from)
+    latent = {"scale_factor": float(factor), "scale_from": scale_from, "latent_std": std,
+              "latent_absmax": absmax * factor, "resolution": side, "latent_channels": cfg.model.latent_channels,
+              "downsampling": cfg.model.downsampling, "data": str(data)}
     origin = {"imported_from": {"path": str(source.path.resolve()), "format": source.format}}
     run = write_autoencoder_run(out, cfg, source.state, latent, origin)
-    summary = {"run": str(run), "format": source.format, "scale_factor": float(factor), "scale_from": scale_from,
-               "channels": list(cfg.model.channels), "latent_channels": cfg.model.latent_channels,
-               "downsampling": cfg.model.downsampling, "resolution": side}
-    if "latent_absmax" in latent:
-        summary.update(latent_std=latent["latent_std"], latent_absmax=latent["latent_absmax"])
-    return summary
+    return {"run": str(run), "format": source.format, "channels": list(cfg.model.channels),
+            **{k: latent[k] for k in ("scale_factor", "scale_from", "latent_std", "latent_absmax", "resolution",
+                                      "latent_channels", "downsampling")}}
 
 
 def export_autoencoder(run: str | Path, out: str | Path) -> dict:

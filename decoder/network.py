@@ -26,7 +26,7 @@ class DecoderConfig:
     upscale: int = 1  # extra 2x upsampling levels' total factor (1, 2, 4): a super-resolving decoder
     # The fields below express LDM's / Stable Diffusion's decoder exactly; their defaults are the tiny preset's.
     norm_groups: int = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
-    upsample_narrows: bool = True  # the upsampling conv narrows to the next width (False: the next ResBlock does, as LDM)
+    upsample_narrows: bool = True  # the upsampling conv narrows the width (False: the next ResBlock does, as LDM)
     post_quant_conv: bool = False  # a 1x1 conv on z before conv_in (LDM's post_quant_conv)
     attention_bias: bool = False  # biases on the mid-block attention's q, k, v projections (LDM has them)
 
