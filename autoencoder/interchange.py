@@ -160,9 +160,9 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     side = resolution or source.sample_size or 256
     if side % source.model.downsampling:
         raise UserError(f"resolution {side} is not a multiple of the downsampling factor {source.model.downsampling}")
-    # No training happened (steps 0); batch_size and scale_batches are what measured the latents.
+    # Nothing was trained (meta.json says step 0); batch_size and scale_batches are what measured the latents.
     cfg = AutoencoderConfig(model=source.model, resolution=side, scale_batches=batches,
-                            train=TrainConfig(steps=0, batch_size=batch_size))
+                            train=TrainConfig(batch_size=batch_size))
     device = torch.device(device)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced (84M for SD's VAE)
         model = Autoencoder(cfg.model)

@@ -60,8 +60,6 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lpips = load_lpips() if cfg.perceptual == "lpips" else None
-        if cfg.perceptual not in ("lpips", "none"):
-            raise ValueError(f"loss.perceptual {cfg.perceptual!r}: choose lpips or none")
         self.discriminator = (PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
                               if cfg.disc_weight > 0 else None)
 

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from latentdiff.core.blocks import AttentionBackend
+from latentdiff.core.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from latentdiff.core.train import TrainConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
@@ -16,17 +18,17 @@ from .encoder import DiagonalGaussian, Encoder
 
 @dataclass(frozen=True)
 class AutoencoderModelConfig:
-    in_channels: int = 3  # image channels
-    channels: tuple[int, ...] = (16, 32, 64)  # width per level; f = 2^(levels-1) (3 levels: f=4)
-    num_res_blocks: int = 1  # ResBlocks per level, in the encoder and the decoder
-    latent_channels: int = 4  # c: channels of the latent z
+    in_channels: PositiveInt = 3  # image channels
+    channels: tuple[PositiveInt, ...] = (16, 32, 64)  # width per level; f = 2^(levels-1) (3 levels: f=4)
+    num_res_blocks: PositiveInt = 1  # ResBlocks per level, in the encoder and the decoder
+    latent_channels: PositiveInt = 4  # c: channels of the latent z
     mid_attention: bool = False  # self-attention at the latent resolution (worth it at 256px)
-    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+    attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
     # The fields below express LDM's and Stable Diffusion's KL autoencoder exactly (`import autoencoder`
     # and the base preset set them); their defaults are the tiny preset's own measured choices.
-    norm_groups: int = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
+    norm_groups: PositiveInt = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
     downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric"  # asymmetric: bottom/right only (LDM)
-    decoder_res_blocks: int | None = None  # ResBlocks per decoder level (None: num_res_blocks; LDM: one more)
+    decoder_res_blocks: PositiveInt | None = None  # ResBlocks per decoder level (None: num_res_blocks; LDM: one more)
     upsample_narrows: bool = True  # the decoder's upsampling conv narrows the width (False: the next ResBlock, LDM)
     quant_conv: bool = False  # 1x1 conv on the posterior moments (LDM's quant_conv); part of the encoder
     post_quant_conv: bool = False  # 1x1 conv on z before decoding (LDM's post_quant_conv); part of the decoder
@@ -48,15 +50,15 @@ class AutoencoderModelConfig:
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
-    reconstruction: str = "l1"  # "l1" or "l2", per pixel
-    perceptual: str = "none"  # "lpips" (VGG weights from the torch hub cache) or "none"
-    perceptual_weight: float = 1.0  # weight of LPIPS
-    kl_weight: float = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
-    disc_weight: float = 0.0  # PatchGAN generator loss weight (0: no discriminator)
-    disc_start: int = 5000  # step at which the discriminator switches on
-    disc_channels: int = 64  # PatchGAN base width
-    disc_layers: int = 3  # PatchGAN strided conv layers
-    disc_lr: float = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
+    reconstruction: Literal["l1", "l2"] = "l1"  # per-pixel distance
+    perceptual: Literal["lpips", "none"] = "none"  # lpips: VGG weights from the torch hub cache
+    perceptual_weight: NonNegativeFloat = 1.0  # weight of LPIPS
+    kl_weight: NonNegativeFloat = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
+    disc_weight: NonNegativeFloat = 0.0  # PatchGAN generator loss weight (0: no discriminator)
+    disc_start: NonNegativeInt = 5000  # step at which the discriminator switches on
+    disc_channels: PositiveInt = 64  # PatchGAN base width
+    disc_layers: PositiveInt = 3  # PatchGAN strided conv layers
+    disc_lr: PositiveFloat = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,15 @@ class AutoencoderConfig:
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    resolution: int = 32  # training image side (images are resized to it when they differ)
-    scale_batches: int = 16  # batches of training data used to measure the latent std after training
-    eval_images: int = 2000  # validation images for the final PSNR/LPIPS
+    resolution: PositiveInt = 32  # training image side (images are resized to it when they differ)
+    scale_batches: PositiveInt = 16  # batches of training data used to measure the latent std after training
+    eval_images: PositiveInt = 2000  # validation images for the final PSNR/LPIPS
+
+    def __post_init__(self):
+        f = self.model.downsampling
+        if self.resolution % f:
+            raise ConfigError(f"resolution {self.resolution} is not a multiple of the downsampling factor {f} "
+                              f"of model.channels ({len(self.model.channels)} levels); use a multiple of {f}")
 
 
 class Autoencoder(nn.Module):

@@ -20,38 +20,39 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import dumps_toml, load_preset, load_toml, to_dict
+from .config import (Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, dumps_toml, load_preset,
+                     load_toml, to_dict)
 from .ema import EMA
 from .errors import cli_errors
 from .errors import UserError
 from .logger import MetricLogger, progress
-from .runtime import Runtime, rng_state, set_rng_state
+from .runtime import Precision, Runtime, rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000  # optimizer steps; the run ends at `steps` or `max_minutes`, whichever comes first
-    max_minutes: float = 0.0  # wall-clock budget for this invocation (0: none); stops cleanly and saves
-    batch_size: int = 64  # per rank
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    warmup_steps: int = 0  # linear warm-up from 0 to lr
-    lr_decay: str = "constant"  # "constant" or "cosine" (to 10% of lr at `steps`)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay, not applied to norms and biases
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    ema_decay: float = 0.0  # EMA of the weights (0: none)
+    steps: PositiveInt = 1000  # optimizer steps; the run ends at `steps` or `max_minutes`, whichever comes first
+    max_minutes: NonNegativeFloat = 0.0  # wall-clock budget for this invocation (0: none); stops cleanly and saves
+    batch_size: PositiveInt = 64  # per rank
+    lr: PositiveFloat = 1e-3  # peak learning rate (AdamW)
+    warmup_steps: NonNegativeInt = 0  # linear warm-up from 0 to lr
+    lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: to 10% of lr at `steps`
+    weight_decay: NonNegativeFloat = 0.0  # AdamW decoupled weight decay, not applied to norms and biases
+    betas: tuple[Decay, Decay] = (0.9, 0.999)  # AdamW betas
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0: no clipping)
+    ema_decay: Decay = 0.0  # EMA of the weights (0: none)
     ema_warmup: bool = True  # ramp the EMA decay up as min(ema_decay, (1+n)/(10+n)) over the first n updates
     seed: int = 0  # one seed for weights, data order and noise
-    num_workers: int = 0  # data-loader worker processes per rank
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
-    log_every: int = 25  # steps between metric lines
-    sample_every: int = 500  # steps between sample/reconstruction grids (0: only at the end)
-    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+    num_workers: NonNegativeInt = 0  # data-loader worker processes per rank
+    precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    log_every: NonNegativeInt = 25  # steps between metric lines (0: none)
+    sample_every: NonNegativeInt = 500  # steps between sample/reconstruction grids (0: only at the end)
+    ckpt_every: NonNegativeInt = 500  # steps between checkpoints (0: none; always one at the end)
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -68,9 +69,7 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
             progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         progress = min(1.0, max(0.0, progress))
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    if cfg.lr_decay != "constant":
-        raise UserError(f"train.lr_decay {cfg.lr_decay!r}: choose constant or cosine")
-    return cfg.lr
+    return cfg.lr  # "constant"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -88,12 +87,19 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny") -> None:
-    """The flags every `latentdiff train STAGE` takes."""
-    parser.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern")
-    parser.add_argument("--preset", default=default_preset, help=f"{stage} preset name or a .toml file (default: %(default)s)")
-    parser.add_argument("--out", help="run directory to create")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny",
+                   presets: Path | None = None) -> None:
+    """The flags every `latentdiff train STAGE` takes; `presets` is the folder holding presets/*.toml."""
+    where = parser.add_argument_group("run (one of --out and --resume is required)")
+    target = where.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", metavar="RUN", help="run directory to create (new or empty)")
+    target.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    where.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern; "
+                                      "required for a new run, read from the run's records on --resume")
+    names = sorted(p.stem for p in (Path(presets) / "presets").glob("*.toml")) if presets else []
+    listed = f"{', '.join(names)}, " if names else ""
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"{stage} preset: {listed or 'a name, '}or a .toml file (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
     parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
@@ -101,8 +107,9 @@ def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: 
     parser.add_argument("--seed", type=int, help="random seed (train.seed)")
     parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set model.latent_channels=8 (repeatable)")
-    parser.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+                        help="override any config field, e.g. --set train.weight_decay=0.01 (repeatable; "
+                             "an unknown key is an error that lists the known ones)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the GPU when there is one)")
 
 
 def _cli_overrides(args: argparse.Namespace) -> list[str]:

@@ -20,7 +20,7 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
 from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
@@ -36,7 +36,7 @@ PRESETS = Path(__file__).parent
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train prior",
                                 description="Train the text-conditioned latent diffusion model (the prior).")
-    add_train_args(p, "prior")
+    add_train_args(p, "prior", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (frozen)")
     p.add_argument("--text", help="run directory of `latentdiff train text`, or openclip:MODEL:PRETRAINED (frozen)")
     p.add_argument("--cache-latents", action="store_true",

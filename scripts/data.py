@@ -11,7 +11,9 @@ import argparse
 import sys
 from typing import Any
 
+from latentdiff.core.outputs import fresh_output_dir
 from latentdiff.data import fashion_mnist, folder, shapes
+from latentdiff.data.images import DEFAULT_MAX_PIXELS
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS
 
 
@@ -20,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
 
     def common(p: argparse.ArgumentParser, resolution_required: bool = False) -> None:
-        p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json)")
+        p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json), new or empty")
+        p.add_argument("--overwrite", action="store_true", help="replace the shards and info.json of a dataset in --out")
         if resolution_required:
             p.add_argument("--resolution", type=int, required=True, help="output images are R x R")
         else:
@@ -48,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folder", help="images with a same-named .txt caption beside each")
     p.add_argument("src", help="folder of images and captions (searched recursively)")
     common(p, resolution_required=True)
+    p.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help="skip images over N pixels, checked before decoding (default %(default)s, Pillow's "
+        "decompression-bomb limit); 0 removes the limit",
+    )  # fmt: skip
     return parser
 
 
@@ -62,9 +70,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             args.out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
             args.maxcount, progress=progress,
         )  # fmt: skip
+    if args.max_pixels < 0:
+        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     return folder.convert(
-        args.src, args.out, args.resolution, args.seed, maxcount=args.maxcount, progress=progress
-    )
+        args.src, args.out, args.resolution, args.seed, maxcount=args.maxcount, progress=progress,
+        max_pixels=args.max_pixels or None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        fresh_output_dir(args.out, args.overwrite, ours=["*.tar", "info.json"])
         info = _run(args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"latentdiff data {args.command}: error: {e}", file=sys.stderr)
