@@ -232,8 +232,10 @@ def cli_error(src: Path, out: Path, data: Path, capsys) -> str:
 
 
 def test_a_prior_trains_on_imported_latents_and_generates(small_folder, data, text_run, root, tmp_path):
-    """The imported run works unchanged downstream: measured scale, prior, decoder fine-tuning, generate."""
+    """The imported run works unchanged downstream: measured scale, prior, evaluate-autoencoder, decoder
+    fine-tuning, generate."""
     from latentdiff.decoder.stage import main as decoder_main
+    from latentdiff.evaluation import reconstruction
     from latentdiff.prior.stage import main as prior_main
     from latentdiff.scripts.import_autoencoder import main as import_main
 
@@ -247,6 +249,9 @@ def test_a_prior_trains_on_imported_latents_and_generates(small_folder, data, te
     prior_main(["--data", str(data), "--autoencoder", str(ae), "--text", str(text_run[0]), "--out", str(prior),
                 "--steps", "2", *PRIOR_ARGS, "--set", "train.warmup_steps=0"])
     assert ckpt.read_meta(prior, "prior")["scale_factor"] == pytest.approx(meta["scale_factor"])
+    report = reconstruction.main(["--run", str(ae), "--data", str(data), "--split", "val", "--n", "4",
+                                  "--lpips", "off", "--out", str(tmp_path / "eval")])
+    assert report["images"] == 4 and report["psnr"] > 0
     decoder_main(["--autoencoder", str(ae), "--data", str(data), "--out", str(tmp_path / "decoder"),
                   "--steps", "1", "--batch-size", "4", "--set", "eval_images=4"])
     out = tmp_path / "gen"
