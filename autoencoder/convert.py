@@ -113,8 +113,7 @@ def rename_state(model_state: dict[str, torch.Tensor], source: dict[str, torch.T
             continue
         fitted = _fit(source[theirs], model_state[ours].shape)
         if fitted is None:
-            misshapen.append(f"{theirs} is {tuple(source[theirs].shape)}, "
-                             f"{what} needs {tuple(model_state[ours].shape)}")
+            misshapen.append(f"{theirs} is {tuple(source[theirs].shape)}, needs {tuple(model_state[ours].shape)}")
         else:
             out[ours] = fitted.to(model_state[ours].dtype).contiguous()
     problems = []
@@ -123,7 +122,7 @@ def rename_state(model_state: dict[str, torch.Tensor], source: dict[str, torch.T
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing ({_examples(missing)})")
     if unused:
-        problems.append(f"{len(unused)} tensor(s) {what} does not have ({_examples(unused)})")
+        problems.append(f"{len(unused)} tensor(s) it does not have ({_examples(unused)})")
     if problems:
         raise CheckpointError(f"{where} does not match {what}: {'; '.join(problems)}")
     return out

@@ -118,6 +118,9 @@ def read_source(src: str | Path) -> Source:
     tensors = read_tensors(src)
     if any(k.startswith(LDM_PREFIX) for k in tensors):
         tensors = {k[len(LDM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
+    if "encoder.down.0.blocks.0.conv1.weight" in tensors:
+        raise UserError(f"{src} holds latentdiff's own tensor names: it is a latentdiff run's weights, which later "
+                        "commands read from its run directory without an import")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
         raise UserError(f"{src} uses diffusers' tensor names: put it in a folder beside its {DIFFUSERS_CONFIG} "
                         f"as {DIFFUSERS_WEIGHTS[0]} and import the folder")
