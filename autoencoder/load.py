@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
     if "scale_factor" not in meta:
         raise ckpt.CheckpointError(f"{run_dir} has no latent scale factor yet: its training did not finish; "
                                    f"resume it with `latentdiff train autoencoder --resume {run_dir}`")
-    cfg = load_toml(AutoencoderConfig, run_dir / ckpt.CONFIG)
+    cfg = load_toml(AutoencoderConfig, ckpt.committed_file(run_dir, ckpt.CONFIG))
     model = Autoencoder(cfg.model)
     path = ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)
     state = ckpt.load_weights(path)
@@ -39,19 +40,30 @@ def write_autoencoder_run(run_dir: str | Path, cfg: AutoencoderConfig, state: di
                           latent: dict, extra: dict | None = None) -> Path:
     """Write a finished autoencoder run that did not come from training (an imported one).
 
-    The files and meta keys are the ones `latentdiff train autoencoder` leaves, so every later
-    command reads it unchanged. latent: the latent-space facts, as the stage records them
-    (scale_factor, resolution, latent_channels, downsampling; latent_std and latent_absmax when
-    measured); extra: where the weights came from. Raises CheckpointError if `run_dir` holds a run.
+    One committed checkpoint of step 0 (config.toml, model.safetensors, meta.json; see
+    core.checkpoint) and the root copies people read: the files and meta keys that `latentdiff
+    train autoencoder` leaves, so every later command reads the run unchanged. latent: the
+    latent-space facts as the stage records them (scale_factor, latent_std, latent_absmax,
+    resolution, latent_channels, downsampling); extra: where the weights came from. Raises
+    CheckpointError if `run_dir` already holds a run; a failed write leaves no checkpoint.
     """
     run_dir = Path(run_dir)
-    if (run_dir / ckpt.META).exists():
+    if (run_dir / ckpt.META).exists() or ckpt.has_checkpoint(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --out")
-    ckpt.write_text(run_dir / ckpt.CONFIG, dumps_toml(to_dict(cfg)))
-    ckpt.save_weights(run_dir / ckpt.MODEL, state, {"step": 0})
-    # meta.json last: a run directory without it is not a run, so a failed import leaves none.
-    ckpt.write_json(run_dir / ckpt.META, {"stage": "autoencoder", "format_version": ckpt.FORMAT_VERSION,
-                                          "step": 0, "ema": False, **latent, **(extra or {})})
+    config = dumps_toml(to_dict(cfg))
+    meta = {"stage": "autoencoder", "format_version": ckpt.FORMAT_VERSION, "step": 0, "ema": False,
+            **latent, **(extra or {})}
+    staging = ckpt.staging_dir(run_dir, 0)
+    try:
+        ckpt.write_text(staging / ckpt.CONFIG, config)
+        ckpt.save_weights(staging / ckpt.MODEL, state, {"step": 0})
+        ckpt.write_json(staging / ckpt.META, meta)
+        ckpt.commit(run_dir, staging, 0, keep=1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ckpt.write_text(run_dir / ckpt.CONFIG, config)
+    ckpt.write_json(run_dir / ckpt.META, meta)
     return run_dir
 
 

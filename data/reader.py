@@ -13,12 +13,14 @@ the run's total; per-sample problems are logged at most once per reason and ever
 WARN_EVERY-th time after, never one line per sample. A bad sample is skipped and the rest of
 its shard is still read. Images go through data/images.py's load_rgb (every Pillow mode to
 RGB; any error skips the sample); captions that are not UTF-8 are read as cp1252/latin-1,
-with one warning per stream.
+with one warning per stream. An endless stream's batches also carry "position", (worker,
+epoch, raw samples of that epoch read), from which `Loader.resumed` restarts it.
 
 Order is a pure function of (seed, num_workers, world_size): every epoch shuffles the shard
 order with a generator seeded by (seed, epoch), shared by all ranks so their shares stay
 disjoint, and shuffles samples in a buffer seeded by (seed, epoch, rank, worker). Exact resume
-is therefore: make the loader again with the same arguments and discard the first `step` batches.
+is therefore: make the loader again with the same arguments and discard the first `step` batches,
+or, faster, start each worker at its recorded position (`Loader.resumed`) without decoding what it skips.
 
 Sharding: each (rank, worker) pair reads every (world_size * num_workers)-th shard; when there
 are fewer shards than pairs, every pair reads all shards and keeps every n-th sample instead.
@@ -27,6 +29,7 @@ Shards may be uneven, so with repeat=False ranks can get different numbers of ba
 
 from __future__ import annotations
 
+import copy
 import glob
 import itertools
 import json
@@ -337,6 +340,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.seed, self.repeat = shuffle, seed % 2**63, repeat
         self.resolution, self.drop_last = resolution, drop_last
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.start_at: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples read in it): see `resumed`
 
     def _raw_samples(self, epoch: int, part: int, parts: int, skips: _Skips) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
@@ -361,10 +365,17 @@ class ShardStream(IterableDataset):
         # A one-pass stream holds each batch back until the next exists, so skips met after the
         # last batch (a truncated last shard, a dropped tail) are still reported, on that batch.
         held: dict[str, Any] | None = None
+        start_epoch, start_index = self.start_at.get(worker, (0, 0))
         for epoch in itertools.count() if self.repeat else range(1):
+            if epoch < start_epoch:
+                continue  # an epoch's order depends on (seed, epoch) alone: earlier ones need not be read
             raw = self._raw_samples(epoch, part, parts, skips)
             if self.shuffle:
                 raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank, worker]))
+            raw = _Counted(raw)
+            resuming = epoch == start_epoch and start_index > 0
+            if resuming:
+                _skip_raw(raw, start_index, skips)
             kept = 0
             for sample in raw:
                 item = _decode(sample, self.resolution, skips)
@@ -374,13 +385,14 @@ class ShardStream(IterableDataset):
                 pending.append(item)
                 if len(pending) == self.batch_size:
                     batch, pending = _collate(pending, skips.take()), []
+                    batch["position"] = (worker, epoch, raw.n)
                     if self.repeat:
                         yield batch
                         continue
                     if held is not None:
                         yield held
                     held = batch
-            if kept == 0:  # this share has nothing readable: repeating would spin forever
+            if kept == 0 and not resuming:  # this share has nothing readable: repeating would spin forever
                 break
         if pending and not self.drop_last:
             if held is not None:
@@ -393,6 +405,27 @@ class ShardStream(IterableDataset):
             yield held
 
 
+class _Counted:
+    """An iterator that counts the items it has handed out: a stream's position within its epoch."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.n = iter(items), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.n += 1
+        return item
+
+
+def _skip_raw(raw: _Counted, n: int, skips: _Skips) -> None:
+    """Read (but do not decode) the first `n` raw samples of an epoch; problems met there were counted before."""
+    next(itertools.islice(raw, n - 1, None), None)
+    skips.take()
+
+
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch  # batches are built in the workers; DataLoader only moves them
 
@@ -402,6 +435,19 @@ class Loader:
 
     def __init__(self, dataset: ShardStream, num_workers: int, name: str) -> None:
         self.dataset, self.num_workers, self.name = dataset, num_workers, name
+
+    def resumed(self, positions: dict[int, tuple[int, int]]) -> "Loader":
+        """The same stream, each worker starting where a previous run of it stopped, without decoding images.
+
+        positions: {worker: (epoch, raw samples of that epoch read)}, from the `position` (worker,
+        epoch, n) of the last batch each worker gave. Only the epoch in progress is read again (tar
+        members and the shuffle buffer's draws); earlier epochs are skipped outright, since each
+        epoch's order is seeded by (seed, epoch). A new DataLoader starts at worker 0: the caller
+        puts the workers back in the interrupted run's turn (core.train.Run.batches).
+        """
+        dataset = copy.copy(self.dataset)
+        dataset.start_at = {int(w): (int(e), int(n)) for w, (e, n) in positions.items()}
+        return Loader(dataset, self.num_workers, self.name)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)

@@ -68,6 +68,10 @@ def _our_names(vae) -> dict[str, torch.Tensor]:
     return {k: theirs[diffusers_name(k)] for k in keys}
 
 
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.committed_file(run, ckpt.MODEL)))
+
+
 @torch.no_grad()
 def assert_same_autoencoder(vae, run: Path, side: int, n: int = 2) -> None:
     """Posterior mean and log-variance, and the decoder output, equal diffusers' within 1e-5 (float32)."""
@@ -126,7 +130,7 @@ def test_stable_diffusion_layout_imports_exactly_from_a_folder_and_a_single_file
     summary = import_autoencoder(tmp_path / "sd.safetensors", tmp_path / "run_file", data, batch_size=1, batches=1,
                                  scaling_factor=0.18215, resolution=32)
     assert summary["format"] == "single-file" and summary["scale_from"] == "argument"
-    a, b = load_file(str(tmp_path / "run" / ckpt.MODEL)), load_file(str(tmp_path / "run_file" / ckpt.MODEL))
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "run_file")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "run" / ckpt.CONFIG).read_text() == (tmp_path / "run_file" / ckpt.CONFIG).read_text()
 
@@ -167,7 +171,7 @@ def test_export_and_reimport_round_trip_exactly(small_vae, small_folder, data, t
     assert back.state_dict().keys() == original.keys()
     assert all(torch.equal(back.state_dict()[k], original[k]) for k in original)
     import_autoencoder(tmp_path / "exported", tmp_path / "again", data, **MEASURE)
-    a, b = load_file(str(tmp_path / "run" / ckpt.MODEL)), load_file(str(tmp_path / "again" / ckpt.MODEL))
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "run" / ckpt.CONFIG).read_text() == (tmp_path / "again" / ckpt.CONFIG).read_text()
     # the same weights measured on the same images: the same latent facts, to the last bit
@@ -222,7 +226,8 @@ def test_mismatched_sources_give_one_line_naming_what_differs(small_folder, data
         err = capsys.readouterr().err.strip()
         assert err.startswith("latentdiff: error:") and "\n" not in err
     assert "holds no KL autoencoder" in cli_error(tmp_path / "unet.safetensors", tmp_path / "r5", data, capsys)
-    assert "latentdiff's own tensor names" in cli_error(ae_run[0] / ckpt.MODEL, tmp_path / "r5", data, capsys)
+    own_weights = ckpt.committed_file(ae_run[0], ckpt.MODEL)
+    assert "latentdiff's own tensor names" in cli_error(own_weights, tmp_path / "r5", data, capsys)
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))
 
 

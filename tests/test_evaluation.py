@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.image_metrics import ssim
@@ -156,9 +156,9 @@ def test_changed_extractor_weights_invalidate_cached_statistics(classifier_run, 
 
     retrained = tmp_path / "retrained"
     shutil.copytree(run, retrained)
-    weights = load_file(retrained / ckpt.MODEL)
+    weights = load_file(ckpt.committed_file(retrained, ckpt.MODEL))
     weights["embed.bias"] = weights["embed.bias"] + 1.0
-    save_file(weights, retrained / ckpt.MODEL)
+    ckpt.amend(retrained, {ckpt.MODEL: weights})
     other = cache.statistics(images, load_feature_space(f"classifier:{retrained}"))
     assert (cache.misses, cache.hits) == (2, 1)
     np.testing.assert_allclose(other.mu, first.mu + 1.0, rtol=0, atol=1e-5)
@@ -234,7 +234,7 @@ def test_images_are_converted_or_refused_clearly(tmp_path: Path):
 def test_classifier_trains_saves_and_reloads(classifier_run, shapes_data: Path):
     run, summary = classifier_run
     assert {"val_accuracy", "test_accuracy", "val_accuracy_color"} <= set(summary)
-    assert (run / "summary.json").is_file() and (run / ckpt.MODEL).is_file()
+    assert (run / "summary.json").is_file() and ckpt.committed_file(run, ckpt.MODEL).is_file()
     info_heads = heads_from_info({"attributes": shapes.vocabularies()})
     model = load_classifier(run)
     assert model.heads == info_heads and model.meta["val_accuracy"] == summary["val_accuracy"]
@@ -257,7 +257,7 @@ def test_classifier_resume_continues_exactly(shapes_data: Path, tmp_path: Path):
     classifier_stage.main([*args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     classifier_stage.main([*args, "--out", str(tmp_path / "split"), "--steps", "2"])
     classifier_stage.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
-    a, b = load_file(tmp_path / "straight" / ckpt.MODEL), load_file(tmp_path / "split" / ckpt.MODEL)
+    a, b = (load_file(ckpt.committed_file(tmp_path / name, ckpt.MODEL)) for name in ("straight", "split"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -383,7 +383,7 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
     class StandIn:
         def settings(self, prompts, **kw):
             return SimpleNamespace(steps=kw["steps"] or 7, sampler=kw["sampler"] or "ddim",
-                                   precision="fp32")
+                                   precision="fp32", sampler_options={}, guidance_rescale=0.0)
 
         def __call__(self, prompts, *, guidance, **kw):
             assert list(prompts) == test.captions[:len(prompts)]  # captions mode: the first n, in order

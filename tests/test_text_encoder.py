@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from latentdiff.core import checkpoint as ckpt
 from latentdiff.text.encoder import TextEncoder, TextOutput
 from latentdiff.text.evaluate import retrieval_metrics, zero_shot_accuracy
 from latentdiff.text.loss import contrastive_loss
@@ -343,11 +344,10 @@ def test_run_directory_round_trip(encoder, tmp_path):
 def test_run_directory_prefers_ema_weights_when_meta_says_so(encoder, tmp_path):
     run = save_text_run_weights(tmp_path / "text", encoder.model, encoder.model_config)
     ema = {k: v.detach().clone().contiguous() + 1.0 for k, v in encoder.model.state_dict().items()}
-    save_file(ema, str(run / "ema.safetensors"))
+    ckpt.amend(run, {ckpt.EMA: ema})
     _, state, _ = load_run_weights(run)
     assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach())  # meta says no EMA
-    meta = json.loads((run / "meta.json").read_text())
-    (run / "meta.json").write_text(json.dumps({**meta, "ema": True}))
+    ckpt.amend(run, meta={"ema": True})
     _, state, _ = load_run_weights(run)
     assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach() + 1.0)
 
