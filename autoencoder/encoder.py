@@ -33,8 +33,8 @@ class DiagonalGaussian:
 class Encoder(nn.Module):
     """Images (B, 3, H, W) -> posterior moments (B, 2c, H/f, W/f), f = 2^(levels-1).
 
-    The keyword options express LDM's and Stable Diffusion's KL encoder exactly (Rombach et al.
-    2022, App. G): GroupNorm over gcd(norm_groups, width) groups, downsampling padded at the
+    The keyword options express the KL encoder of LDM's released models and Stable Diffusion
+    (Rombach et al. 2022) exactly: GroupNorm over gcd(norm_groups, width) groups, downsampling padded at the
     bottom and right only, biased q/k/v in the mid-block attention, and a 1x1 conv on the moments
     (LDM's quant_conv). Their defaults are the tiny preset's own choices.
     """

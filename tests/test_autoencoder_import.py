@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentdiff.autoencoder.convert import LDM_PREFIX, diffusers_name, ldm_namer
-from latentdiff.autoencoder.interchange import export_autoencoder, import_autoencoder
+from latentdiff.autoencoder.interchange import import_autoencoder
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
