@@ -25,12 +25,14 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import ConfigError
 from latentdiff.core.errors import UserError
+from latentdiff.core.latent_space import LatentSpace
+from latentdiff.core.runs import record_path
 from latentdiff.core.train import TrainConfig
 from latentdiff.data.reader import make_loader
 
 from .convert import (LDM_PREFIX, config_from_diffusers, config_from_ldm, describe, diffusers_config,
                       diffusers_name, export_problems, ldm_namer, rename_state)
-from .load import load_autoencoder, write_autoencoder_run
+from .load import encoder_hash, load_autoencoder, read_autoencoder_config, write_autoencoder_run
 from .model import Autoencoder, AutoencoderConfig, AutoencoderModelConfig
 from .stage import measure_latents
 
@@ -146,11 +148,11 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     """Turn a pretrained KL autoencoder into a latentdiff autoencoder run at `out`; returns a summary.
 
     data: training shards, encoded as the autoencoder stage does after training, to measure the
-    latent std and range (`batches` batches of `batch_size` images at `resolution`). scale:
+    latent std and range (`batches` batches of `batch_size` images at `resolution`), written into
+    the run's LatentSpace (core.latent_space) as a trained run's is. scale:
     "source" takes the latent scale from the source's config (`scaling_factor`, 0.18215 for SD
     1.x/2.x) or from `scaling_factor` when given; "data" takes 1 / std as a trained run does (LDM
-    §4.3.2). latent_absmax (max |z| in scaled units, the samplers' clip bound) is measured either
-    way. resolution: the image side later stages train at (default: the source's sample_size,
+    §4.3.2). absmax (max |z| in scaled units, the samplers' clip bound) is measured either way. resolution: the image side later stages train at (default: the source's sample_size,
     else 256). Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
     """
     if scale not in ("source", "data"):
@@ -175,14 +177,15 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     if scale == "data":
         factor = 1.0 / std
     scale_from = "data" if scale == "data" else ("argument" if scaling_factor is not None else "config")
-    latent = {"scale_factor": float(factor), "scale_from": scale_from, "latent_std": std,
-              "latent_absmax": absmax * factor, "resolution": side, "latent_channels": cfg.model.latent_channels,
-              "downsampling": cfg.model.downsampling, "data": str(data)}
-    origin = {"imported_from": {"path": str(source.path.resolve()), "format": source.format}}
-    run = write_autoencoder_run(out, cfg, source.state, latent, origin)
+    space = LatentSpace(scale=float(factor), absmax=absmax * factor, channels=cfg.model.latent_channels,
+                        downsampling=cfg.model.downsampling, resolution=side, encoder_hash=encoder_hash(model))
+    extra = {"data": record_path(data, out), "latent_std": std, "scale_from": scale_from,
+             "imported_from": {"path": str(source.path.resolve()), "format": source.format}}
+    run = write_autoencoder_run(out, cfg, source.state, space, extra)
     return {"run": str(run), "format": source.format, "channels": list(cfg.model.channels),
-            **{k: latent[k] for k in ("scale_factor", "scale_from", "latent_std", "latent_absmax", "resolution",
-                                      "latent_channels", "downsampling")}}
+            "scale_factor": space.scale, "scale_from": scale_from, "latent_std": std,
+            "latent_absmax": space.absmax, "resolution": side, "latent_channels": space.channels,
+            "downsampling": space.downsampling}
 
 
 def export_autoencoder(run: str | Path, out: str | Path) -> dict:
@@ -194,14 +197,14 @@ def export_autoencoder(run: str | Path, out: str | Path) -> dict:
     out = Path(out)
     if (out / DIFFUSERS_CONFIG).exists():
         raise UserError(f"{out} already holds {DIFFUSERS_CONFIG}; choose another --out")
-    model, meta = load_autoencoder(run)
-    cfg: AutoencoderConfig = meta["config"]
+    model, space = load_autoencoder(run)
+    cfg = read_autoencoder_config(run)
     problems = export_problems(cfg.model)
     if problems:
         raise CheckpointError(f"{run} cannot be written as a diffusers AutoencoderKL: {'; '.join(problems)} "
                               "(train with --preset base, Stable Diffusion's layout, to export)")
     state = {diffusers_name(k): v for k, v in model.state_dict().items()}
-    config = diffusers_config(cfg.model, float(meta["scale_factor"]), int(meta["resolution"]))
+    config = diffusers_config(cfg.model, space.scale, space.resolution)
     ckpt.save_weights(out / DIFFUSERS_WEIGHTS[0], state, {"format": "pt"})
     ckpt.write_json(out / DIFFUSERS_CONFIG, config)
     return {"out": str(out), "scaling_factor": config["scaling_factor"], "tensors": len(state)}

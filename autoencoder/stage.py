@@ -15,11 +15,14 @@ import torch
 
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
+from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import make_loader, read_info
 
+from .load import encoder_hash
 from .losses import AutoencoderLoss
 from .model import Autoencoder, AutoencoderConfig
 from .perceptual import lpips_distance
@@ -91,12 +94,12 @@ def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
     if args.resume:
-        from latentdiff.core.checkpoint import read_meta
-
-        args.data = args.data or read_meta(args.resume, "autoencoder").get("data")
+        args.data = args.data or recorded_data(args.resume, "autoencoder")
     if not args.data:
         raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
-    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder")
+    # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder",
+                    derive=follow(args, "resolution", read_info(args.data).get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 
@@ -132,7 +135,9 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.sample_every, step) and rt.is_main:
             save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
         if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, modules, optimizers, ema, meta={"data": str(args.data)})
+            # The latent space is measured after training: until then later stages cannot use the run.
+            run.save(step + 1, modules, optimizers, ema,
+                     meta={"data": record_path(args.data, run.path), "latent_space": None})
         done = step + 1
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
@@ -141,9 +146,10 @@ def train(args: argparse.Namespace) -> dict:
                                 resolution=cfg.resolution)
     with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
         std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
-    meta = {"data": str(args.data), "scale_factor": 1.0 / std, "latent_std": std, "latent_absmax": absmax,
-            "resolution": cfg.resolution, "latent_channels": cfg.model.latent_channels,
-            "downsampling": cfg.model.downsampling}
+    space = LatentSpace(scale=1.0 / std, absmax=absmax, channels=cfg.model.latent_channels,
+                        downsampling=cfg.model.downsampling, resolution=cfg.resolution,
+                        encoder_hash=encoder_hash(final))
+    meta = {"data": record_path(args.data, run.path), "latent_std": std, "latent_space": space.to_dict()}
     run.save(done, modules, optimizers, ema, meta=meta)
     summary = {"steps": done, "latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
@@ -144,7 +144,13 @@ class Run:
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
-    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str) -> "Run":
+    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str,
+              derive: Callable[[Any], Any] | None = None) -> "Run":
+        """Open (or reopen, with --resume) the run directory and write its resolved config.toml.
+
+        derive: on a new run, a function config -> config that fills fields from the stages it
+        reads (the decoder's network from its autoencoder), so config.toml alone rebuilds the model.
+        """
         overrides = _cli_overrides(args)
         if args.resume:
             path = Path(args.resume)
@@ -158,6 +164,8 @@ class Run:
             if (path / ckpt.META).exists() or ckpt.has_checkpoint(path):
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
+            if derive is not None:
+                config = derive(config)
             resuming = False
         runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
         if runtime.is_main:

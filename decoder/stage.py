@@ -16,18 +16,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.autoencoder.load import load_autoencoder, read_autoencoder_config
 from latentdiff.autoencoder.losses import AutoencoderLoss
 from latentdiff.autoencoder.model import AutoencoderLossConfig
+from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import find_recorded, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader
 
-from .network import Decoder
+from .network import Decoder, DecoderConfig
 
 PRESETS = Path(__file__).parent
 
@@ -35,6 +37,9 @@ PRESETS = Path(__file__).parent
 @dataclass(frozen=True)
 class DecoderStageConfig:
     upscale: Literal[1, 2, 4] = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
+    # The network: filled from the autoencoder's decoder (and `upscale`) when a run starts, so that
+    # config.toml alone rebuilds it; presets leave it out.
+    model: DecoderConfig = field(default_factory=DecoderConfig)
     init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # kl_weight is unused here
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -82,25 +87,26 @@ def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_image
 def train(args: argparse.Namespace) -> dict:
     run_meta = None
     if args.resume:
-        from latentdiff.core.checkpoint import read_meta
-
         run_meta = read_meta(args.resume, "decoder")
-        args.autoencoder = args.autoencoder or run_meta["autoencoder"]
-        args.data = args.data or run_meta.get("data")
+        args.autoencoder = args.autoencoder or find_recorded(run_meta["autoencoder"], args.resume,
+                                                             "its autoencoder", "--autoencoder")
+        args.data = args.data or recorded_data(args.resume, "decoder")
     if args.upscale:
         args.set = [*args.set, f"upscale={args.upscale}"]
     for flag in ("data", "autoencoder"):
         if not getattr(args, flag):
             raise ValueError(f"--{flag} is required for `latentdiff train decoder`")
-    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder")
+    ae_network = read_autoencoder_config(args.autoencoder).model.decoder_config()
+    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder",
+                    derive=lambda cfg: replace(cfg, model=replace(ae_network, upscale=cfg.upscale)))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
-    ae, ae_meta = load_autoencoder(args.autoencoder, rt.device)
-    if run_meta is not None and run_meta["encoder_hash"] != ae_meta["encoder_hash"]:
+    ae, space = load_autoencoder(args.autoencoder, rt.device)
+    if run_meta is not None and run_meta["encoder_hash"] != space.encoder_hash:
         raise ValueError(f"{args.autoencoder} is not the autoencoder this decoder run was started from "
-                         f"(encoder hash {ae_meta['encoder_hash']} != {run_meta['encoder_hash']})")
-    res = ae_meta["resolution"]
-    dec_cfg = replace(ae_meta["config"].model.decoder_config(), upscale=cfg.upscale)
+                         f"(encoder hash {space.encoder_hash} != {run_meta['encoder_hash']})")
+    res = space.resolution
+    dec_cfg = cfg.model
     decoder = Decoder(dec_cfg).to(rt.device)
     if cfg.init_from_autoencoder and not run.resuming:
         # upscale levels are new; every other tensor has the autoencoder decoder's name and shape
@@ -120,10 +126,8 @@ def train(args: argparse.Namespace) -> dict:
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
     start, _ = run.restore(modules, optimizers, ema)
     net = rt.wrap(decoder)
-    meta = {"autoencoder": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"], "upscale": cfg.upscale,
-            "resolution": res * cfg.upscale, "decoder_config": {k: getattr(dec_cfg, k) for k in
-                                                                  dec_cfg.__dataclass_fields__},
-            "data": str(args.data)}
+    meta = {"autoencoder": record_path(args.autoencoder, run.path), "encoder_hash": space.encoder_hash,
+            "upscale": cfg.upscale, "resolution": res * cfg.upscale, "data": record_path(args.data, run.path)}
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=res * cfg.upscale)

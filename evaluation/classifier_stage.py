@@ -14,6 +14,7 @@ import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
@@ -66,12 +67,15 @@ def _has_split(data: str, split: str) -> bool:
 
 def train(args: argparse.Namespace) -> dict:
     if args.resume:
-        args.data = args.data or ckpt.read_meta(args.resume, "classifier").get("data")
+        args.data = args.data or recorded_data(args.resume, "classifier")
     if not args.data:
         raise ValueError("--data DIR is required (labelled shards, e.g. from "
                          "`latentdiff data fashion-mnist --out DIR`)")
-    heads = heads_from_info(read_info(args.data), where=str(args.data))
-    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier")
+    info = read_info(args.data)
+    heads = heads_from_info(info, where=str(args.data))
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
+    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier",
+                    derive=follow(args, "resolution", info.get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     if run.resuming:
@@ -88,7 +92,7 @@ def train(args: argparse.Namespace) -> dict:
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
     batches = run.batches(loader, start)  # a resumed run skips what it has seen, dropout noise unchanged
-    meta = {"heads": heads, "data": str(args.data), "resolution": cfg.resolution,
+    meta = {"heads": heads, "data": record_path(args.data, run.path), "resolution": cfg.resolution,
             "feature_dim": cfg.model.feature_dim}
     done = start
     model.train()

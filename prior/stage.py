@@ -16,18 +16,22 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
+from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
-from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
-                           sample_latents, text_conditioning, text_hash)
-from .config import PriorConfig
+from .config import PriorConfig, make_schedule
+from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages, stage_records
 from .latent_cache import LatentCache
+from .latent_sampling import clip_bound, sample_latents
 from .losses import diffusion_loss
+from .text_conditioning import guided_conditioning, text_conditioning
 from .unet import UNet
 
 PRESETS = Path(__file__).parent
@@ -63,11 +67,11 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 
 @torch.no_grad()
-def batch_latents(batch: dict, ae, scale: float, cached: bool, device: torch.device) -> torch.Tensor:
-    """Scaled z_0 ~ q(z|x) for a batch: from cached posterior moments, or by encoding its images."""
+def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: torch.device) -> torch.Tensor:
+    """The prior's z_0 (scaled z ~ q(z|x)) for a batch: from cached posterior moments, or by encoding its images."""
     if cached:
-        return LatentCache.sample(batch, device) * scale
-    return ae.encode(batch["image"].to(device, non_blocking=True)).sample() * scale
+        return space.to_prior(LatentCache.sample(batch, device))
+    return space.to_prior(ae.encode(batch["image"].to(device, non_blocking=True)).sample())
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: PriorConfig, encoder,
@@ -96,46 +100,44 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: 
 
 
 @torch.no_grad()
-def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, scale: float, clip_x0, prompts, latent_shape,
+def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpace, clip_x0, prompts,
                 path: Path, seed: int = 0) -> Path:
     prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
     cond, uncond = guided_conditioning(encoder, prompts, [""] * len(prompts))
     g = torch.Generator(cond[0].device).manual_seed(seed)
-    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, latent_shape,
+    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, space.latent_shape,
                         sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
                         generator=g, clip_x0=clip_x0)
-    images = ae.decode(z0 / scale)
+    images = ae.decode(space.to_decoder(z0))
     return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
 
 
 def train(args: argparse.Namespace) -> dict:
     run_meta = None
     if args.resume:
-        from latentdiff.core.checkpoint import read_meta
-
         run_meta = read_meta(args.resume, "prior")
-        args.autoencoder = args.autoencoder or run_meta["autoencoder"]["run"]
-        args.text = args.text or run_meta["text"]["source"]
-        args.data = args.data or run_meta.get("data")
+        args.autoencoder, args.text = recorded_stages(run_meta, args.resume, args.autoencoder, args.text)
+        args.data = args.data or recorded_data(args.resume, "prior")
         # The resumed run reads its data the way it started: the cache's order is not the shards'.
         args.cache_latents = args.cache_latents or bool(run_meta.get("cache_latents", False))
     for flag in ("data", "autoencoder", "text"):
         if not getattr(args, flag):
             raise ValueError(f"--{flag} is required for `latentdiff train prior`")
-    run = Run.start(args, PriorConfig, PRESETS, stage="prior")
+    # A new prior makes images at its autoencoder's resolution unless --set resolution=N says otherwise
+    # (and then check_prior_fits refuses a disagreement).
+    recorded = read_meta(args.autoencoder, "autoencoder").get("latent_space") or {}
+    run = Run.start(args, PriorConfig, PRESETS, stage="prior",
+                    derive=follow(args, "resolution", recorded.get("resolution")))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
-    ae, ae_meta, encoder = load_frozen_stages(args.autoencoder, args.text, rt.device, expect=run_meta)
-    check_unet_fits(cfg.model, ae_meta, encoder, f"prior preset {args.preset}")
-    scale = float(ae_meta["scale_factor"])
-    side = cfg.resolution // ae_meta["downsampling"]
-    latent_shape = (ae_meta["latent_channels"], side, side)
+    stages = load_frozen_stages(args.autoencoder, args.text, rt.device)
+    if run_meta is not None:
+        check_recorded(stages, run_meta, run.path)
+    check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run_meta is None else str(run.path))
+    ae, space, encoder = stages.autoencoder, stages.latent_space, stages.text
     schedule = make_schedule(cfg.diffusion)
-    clip_x0 = clip_bound(cfg.diffusion, ae_meta)
-    meta = {"autoencoder": {"run": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"],
-                            "weights_hash": ae_meta["weights_hash"]},
-            "text": {"source": encoder.source, "hash": text_hash(encoder)},
-            "data": str(args.data), "latent_shape": list(latent_shape), "scale_factor": scale,
+    clip_x0 = clip_bound(cfg.diffusion, space)
+    meta = {**stage_records(stages, run.path), "data": record_path(args.data, run.path),
             "cache_latents": bool(args.cache_latents)}
 
     unet = UNet(cfg.model).to(rt.device)
@@ -147,11 +149,11 @@ def train(args: argparse.Namespace) -> dict:
 
     if args.cache_latents:
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
-            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", cfg.resolution, rt)
+            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", space.resolution, rt)
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
         loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                             resolution=cfg.resolution)
+                             resolution=space.resolution)
     # Same seed, same order: a resumed run skips the batches it has already seen.
     batches = run.batches(loader, start)
     done = start
@@ -159,7 +161,7 @@ def train(args: argparse.Namespace) -> dict:
         batch = next(batches)
         lr = run.lr(step)
         set_lr(opt, lr)
-        z0 = batch_latents(batch, ae, scale, args.cache_latents, rt.device)
+        z0 = batch_latents(batch, ae, space, args.cache_latents, rt.device)
         loss, grad_norm = train_step(net, opt, schedule, cfg, encoder, z0, batch["caption"], rt)
         ema.update(unet)
         run.count_images(z0.shape[0], batch.get("skipped", 0))
@@ -167,8 +169,8 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step) and rt.is_main:
-            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
-                        run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
+            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, space, clip_x0,
+                        prompts, run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
         if run.every(tcfg.ckpt_every, step):
             run.save(step + 1, {"model": unet}, {"model": opt}, ema, meta=meta)
         done = step + 1
@@ -177,7 +179,7 @@ def train(args: argparse.Namespace) -> dict:
     summary = {"steps": done}
     if rt.is_main:
         final = ema.final(unet)
-        grid = sample_grid(final, schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
+        grid = sample_grid(final, schedule, cfg, encoder, ae, space, clip_x0, prompts,
                            run.path / "samples.png", seed=tcfg.seed)
         summary["sample_grid"] = str(grid)
     return run.finish(summary)

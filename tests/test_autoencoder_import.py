@@ -101,9 +101,12 @@ def test_small_diffusers_folder_imports_exactly(small_vae, small_folder, data, t
     assert summary["downsampling"] == 4 and summary["channels"] == [32, 32, 64]
     assert summary["scale_from"] == "config" and summary["scale_factor"] == pytest.approx(0.18215)
     meta = ckpt.read_meta(tmp_path / "run", "autoencoder")
-    assert meta["scale_factor"] == pytest.approx(0.18215) and meta["downsampling"] == 4
-    assert meta["scale_from"] == "config" and meta["latent_absmax"] > 0 and meta["latent_std"] > 0
-    assert meta["imported_from"]["format"] == "diffusers" and meta["resolution"] == 32
+    space = meta["latent_space"]  # what a trained run records, read by every later stage
+    assert space["scale"] == pytest.approx(0.18215) and space["downsampling"] == 4 and space["resolution"] == 32
+    assert meta["scale_from"] == "config" and space["absmax"] > 0 and meta["latent_std"] > 0
+    assert meta["imported_from"]["format"] == "diffusers"
+    _, loaded = load_autoencoder(tmp_path / "run")
+    assert loaded.to_dict() == space  # the encoder hash recorded is the one of the weights written
     assert_same_autoencoder(small_vae, tmp_path / "run", 32)
 
 
@@ -250,11 +253,12 @@ def test_a_prior_trains_on_imported_latents_and_generates(small_folder, data, te
                            "--batch-size", "4", "--batches", "2", "--device", "cpu"])
     assert summary["scale_from"] == "data" and summary["scale_factor"] != pytest.approx(0.18215)
     meta = ckpt.read_meta(ae, "autoencoder")
-    assert meta["latent_absmax"] > 0 and meta["scale_factor"] == pytest.approx(1 / meta["latent_std"])
+    space = meta["latent_space"]
+    assert space["absmax"] > 0 and space["scale"] == pytest.approx(1 / meta["latent_std"])
     prior = tmp_path / "prior"
     prior_main(["--data", str(data), "--autoencoder", str(ae), "--text", str(text_run[0]), "--out", str(prior),
                 "--steps", "2", *PRIOR_ARGS, "--set", "train.warmup_steps=0"])
-    assert ckpt.read_meta(prior, "prior")["scale_factor"] == pytest.approx(meta["scale_factor"])
+    assert ckpt.read_meta(prior, "prior")["latent_space"] == space
     report = reconstruction.main(["--run", str(ae), "--data", str(data), "--split", "val", "--n", "4",
                                   "--lpips", "off", "--out", str(tmp_path / "eval")])
     assert report["images"] == 4 and report["psnr"] > 0

@@ -8,7 +8,7 @@ this model's text tower; evaluation uses its image tower for CLIP score.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import open_clip
@@ -16,6 +16,7 @@ import torch
 
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
+from latentdiff.core.runs import follow, record_path, recorded_data
 from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
@@ -76,12 +77,18 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
 
 def train(args: argparse.Namespace) -> dict:
     if args.resume:
-        from latentdiff.core.checkpoint import read_meta
-
-        args.data = args.data or read_meta(args.resume, "text").get("data")
+        args.data = args.data or recorded_data(args.resume, "text")
     if not args.data:
         raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
-    run = Run.start(args, TextStageConfig, PRESETS, stage="text")
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise, and
+    # records a model config given as a .json path resolved, so the run rebuilds from any directory.
+    at_data_resolution = follow(args, "resolution", read_info(args.data).get("resolution"))
+
+    def derive(cfg: TextStageConfig) -> TextStageConfig:
+        cfg = at_data_resolution(cfg)
+        return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
+
+    run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     model_config = load_model_config(cfg.model)
@@ -93,7 +100,7 @@ def train(args: argparse.Namespace) -> dict:
     net = rt.wrap(model)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
-    meta = {"model_config": model_config, "data": str(args.data)}
+    meta = {"data": record_path(args.data, run.path)}
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
