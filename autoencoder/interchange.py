@@ -152,8 +152,8 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     the run's LatentSpace (core.latent_space) as a trained run's is. scale:
     "source" takes the latent scale from the source's config (`scaling_factor`, 0.18215 for SD
     1.x/2.x) or from `scaling_factor` when given; "data" takes 1 / std as a trained run does (LDM
-    §4.3.2). absmax (max |z| in scaled units, the samplers' clip bound) is measured either way. resolution: the image side later stages train at (default: the source's sample_size,
-    else 256). Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
+    §4.3.2). absmax (max |z| in scaled units, the samplers' clip bound) is measured either way.
+    resolution: the image side later stages train at (default: the source's sample_size, else 256). Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
     """
     if scale not in ("source", "data"):
         raise UserError(f"--scale {scale!r}: choose source or data")
