@@ -3,7 +3,8 @@
 A newcomer runs the README top to bottom; so does this test. Each `latentdiff ...` command is run
 in-process (cwd = a temporary folder, so the README's relative paths land there) after a rewrite to
 tiny budgets: training stops after 2 steps of tiny models, generation and evaluation make a few
-images with 2 sampler steps, datasets hold a few dozen images. The test fails when a command fails,
+images with 2 sampler steps, datasets hold a few dozen images; pretrained files the README names
+(Stable Diffusion's VAE) are small random stand-ins made with diffusers. The test fails when a command fails,
 when its --out is inside (or holds) another command's output, or when it changes files outside what
 it owns. A command that cannot run here is listed in SKIPPED with the reason, and every entry of
 SKIPPED must still match a README command: a new README command is either run or consciously skipped.
@@ -36,7 +37,11 @@ SKIPPED = {
     r"^latentdiff serve\b": "serves until stopped (tests/test_serve.py and test_serve_browser.py drive it)",
     r"^tensorboard\b": "serves until stopped",
     r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/test_bench.py runs it on a tiny one)",
+    r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
+    r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
 }
+# README paths of pretrained files -> how the test makes a tiny stand-in (diffusers, a test dependency)
+PRETRAINED = {"/models/sd-vae-ft-mse": "folder", "/models/v1-5-pruned-emaonly.safetensors": "single-file"}
 
 # Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
 TINY_TRAIN = {
@@ -102,9 +107,20 @@ def _my_images(root: Path) -> Path:
     return folder
 
 
+def _pretrained_vae(root: Path) -> dict[str, Path]:
+    """A small random diffusers AutoencoderKL as a diffusers folder and as a single-file SD checkpoint."""
+    import test_autoencoder_import as imports  # its helpers; importing it skips when diffusers is missing
+
+    vae = imports.make_diffusers_vae(imports.SMALL)
+    vae.save_pretrained(root / "vae-folder")
+    imports.ldm_checkpoint(vae, root / "vae.safetensors")
+    return {"folder": root / "vae-folder", "single-file": root / "vae.safetensors"}
+
+
 def tiny(argv: list[str], inputs: dict[str, Path]) -> list[str]:
     """The README's `latentdiff` argv with tiny budgets (see the module docstring)."""
-    argv = [str(inputs["my-images"]) if a == "~/my-images" else a for a in argv]
+    stand_ins = {"~/my-images": inputs["my-images"], **{k: inputs[v] for k, v in PRETRAINED.items() if v in inputs}}
+    argv = [str(stand_ins.get(a, a)) for a in argv]
     words = tuple(argv[:2])
     if words == ("data", "fashion-mnist") and not Path(fashion_mnist.DEFAULT_SOURCE).is_dir():
         _set(argv, "--source", str(inputs["idx"]))
@@ -114,6 +130,10 @@ def tiny(argv: list[str], inputs: dict[str, Path]) -> list[str]:
         _set(argv, "--test-n", "24")
     elif argv[0] == "train":
         argv += ["--steps", "2", *TINY_TRAIN[argv[1]]]
+    elif words == ("import", "autoencoder"):
+        _set(argv, "--resolution", "32")
+        _set(argv, "--batch-size", "2")
+        _set(argv, "--batches", "1")
     elif argv[0] == "generate":
         _set(argv, "--n", "2")
         _set(argv, "--steps", "3")
@@ -156,12 +176,16 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     work = tmp_path / "clone"
     work.mkdir()
     inputs = {"idx": _fashion_mnist_source(tmp_path), "my-images": _my_images(tmp_path)}
+    try:
+        inputs.update(_pretrained_vae(tmp_path))
+    except pytest.skip.Exception:  # no diffusers (the dev extra): the imports are not run, the rest is
+        pass
     monkeypatch.chdir(work)
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path / "cache"))  # FID statistics outside the clone
     outputs: dict[Path, str] = {}  # output folder -> the command that made it
     ran = 0
     for command in readme_commands((REPO / "README.md").read_text()):
-        if skip_reason(command):
+        if skip_reason(command) or any(path in command and how not in inputs for path, how in PRETRAINED.items()):
             continue
         words = shlex.split(command)
         before = _files(work)
