@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from latentdiff.core.train import TrainConfig
+from latentdiff.decoder.losses import DecoderLossConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
 from .encoder import DiagonalGaussian, Encoder
@@ -33,16 +34,10 @@ class AutoencoderModelConfig:
 
 
 @dataclass(frozen=True)
-class AutoencoderLossConfig:
-    reconstruction: str = "l1"  # "l1" or "l2", per pixel
-    perceptual: str = "none"  # "lpips" (VGG weights from the torch hub cache) or "none"
-    perceptual_weight: float = 1.0  # weight of LPIPS
+class AutoencoderLossConfig(DecoderLossConfig):
+    """The decoder-output losses' fields (decoder/losses.py), plus the KL weight."""
+
     kl_weight: float = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
-    disc_weight: float = 0.0  # PatchGAN generator loss weight (0: no discriminator)
-    disc_start: int = 5000  # step at which the discriminator switches on
-    disc_channels: int = 64  # PatchGAN base width
-    disc_layers: int = 3  # PatchGAN strided conv layers
-    disc_lr: float = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
 
 
 @dataclass(frozen=True)

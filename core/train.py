@@ -1,16 +1,29 @@
 """What every training stage shares: the common flags, the run directory, resume, budget, checkpoints.
 
-A stage's `main` stays one readable loop (lr, forward, loss, backward, clip, step, EMA, log,
-sample, checkpoint); this module supplies the parts around it, written once:
+A stage's `train` is one loop that reads straight down (nanoGPT's and DiT's train.py are the
+model); this module supplies the parts around it, written once:
 
-    run = Run.start(args, StageConfig, PRESETS, stage="autoencoder")
+    run = Run.start(args, StageConfig, PRESETS, stage="prior", from_run=FROM_RUN)
     ...build model, optimizer, EMA...
-    step = run.restore(modules, optimizers, ema)
-    batches = run.batches(loader, step)
-    for step in run.steps(step):
-        ...
-        if run.every(cfg.train.ckpt_every, step): run.save(step, modules, optimizers, ema)
-    run.finish(step, summary, modules, optimizers, ema)
+    start = run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # restores when resuming
+    scheduler = run.lr_schedule(opt)
+    batches = run.batches(loader)
+    for step in run.steps():  # stops at train.steps, the time budget or a signal; saves at the end
+        batch = next(batches)
+        lr = scheduler.get_last_lr()[0]
+        loss = ...forward and loss...
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):  # a non-finite step is skipped and counted
+            opt.step()
+        scheduler.step()
+        ema.update(model)
+        if run.every(tcfg.log_every, step): run.log(step, {...})
+        if run.every(tcfg.sample_every, step): run.sample(step, lambda: ...)
+        if run.every(tcfg.ckpt_every, step): run.checkpoint(step + 1)
+    summary = {"steps": run.done, ...evaluation of ema.final(model)...}
+    return run.finish(summary)
 """
 
 from __future__ import annotations
@@ -20,15 +33,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint as ckpt
 from .config import dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
-from .errors import cli_errors
-from .errors import UserError
+from .errors import Stopped, UserError, cli_errors
+from .faults import NonFiniteError, RunLock, StopSignals, check_finite_config, nonfinite_weights
 from .logger import MetricLogger, progress
 from .runtime import Runtime, rng_state, set_rng_state
 
@@ -52,30 +66,26 @@ class TrainConfig:
     log_every: int = 25  # steps between metric lines
     sample_every: int = 500  # steps between sample/reconstruction grids (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+    max_nonfinite_steps: int = 10  # non-finite losses or gradient norms in a row before the run stops
 
 
-def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warm-up, then constant or cosine decay to 10% of the peak.
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """The learning rate at `step` as a fraction of the peak: linear warm-up, then constant or cosine to 10%.
 
     progress: the fraction of the run done after warm-up, 0..1 (default: by steps). A run with
     a time budget passes the larger of the step and time fractions, so the decay completes
     when the budget ends rather than at a step count it never reaches.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "cosine":
         if progress is None:
             progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         progress = min(1.0, max(0.0, progress))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.lr_decay != "constant":
         raise UserError(f"train.lr_decay {cfg.lr_decay!r}: choose constant or cosine")
-    return cfg.lr
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    return 1.0
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -112,30 +122,83 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.set)
 
 
+HINTS = {"data": "make one with `latentdiff data fashion-mnist --out DIR`"}
+
+
+def fill_from_run(args: argparse.Namespace, meta: dict, from_run: dict[str, str]) -> None:
+    """Give each flag the user left out the value the run recorded (`from_run`: flag -> dotted meta key)."""
+    for flag, key in from_run.items():
+        if getattr(args, flag, None):
+            continue
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        setattr(args, flag, value)
+
+
+def _changes(old: dict, new: dict, where: str = "") -> list[str]:
+    """'key: old -> new' for every config field that differs (nested dicts flattened to dotted keys)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{where}{k}.")
+        elif a != b:
+            out.append(f"{where}{k}: {a} -> {b}")
+    return out
+
+
+_OPEN: list["Run"] = []  # runs holding their directory's lock; stage_main releases them however train ends
+
+
 class Run:
     """A stage's run directory and everything a loop needs around it."""
 
-    def __init__(self, path: Path, stage: str, config: Any, runtime: Runtime, resuming: bool):
+    def __init__(self, path: Path, stage: str, config: Any, runtime: Runtime, resuming: bool,
+                 recorded: dict | None = None, changes: list[str] | None = None, lock: RunLock | None = None):
         self.path = path
         self.stage = stage
         self.config = config
         self.runtime = runtime
         self.resuming = resuming
-        self.logger = MetricLogger(path, enabled=runtime.is_main)
+        self.recorded = recorded  # the run's meta.json when resuming, else None
+        self._changes = changes or []
+        self._lock = lock
+        self.logger: MetricLogger | None = None
         self.skipped = 0  # samples the data reader skipped (bad images, empty captions)
+        self.nonfinite_steps = 0  # optimizer steps skipped because a loss or gradient norm was not finite
+        self.sample_errors = 0  # periodic sample grids that failed (the run went on)
+        self.start_step = 0
+        self.done = 0  # steps done so far: the step the next checkpoint records
+        self._in_a_row: dict[str, int] = {}
+        self._saved_step: int | None = None
+        self._tracked: tuple = ({}, {}, None)
+        self.meta: dict = {}
+        self._progress0: float | None = None  # clock-following LR progress reached by earlier invocations
+        self._last_progress: float | None = None
+        self._signals: StopSignals | None = None
         self._t0 = time.monotonic()
         self._images = 0
         self._bar = None
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
-    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str) -> "Run":
+    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str,
+              from_run: dict[str, str] | None = None, required: tuple[str, ...] = ("data",)) -> "Run":
+        """Resolve the config (fresh from a preset, or the run's own on --resume), lock the directory.
+
+        On --resume the flags in `from_run` that the user left out are read back from the run,
+        and nothing is written until `begin` has checked the checkpoint against the config.
+        """
         overrides = _cli_overrides(args)
+        recorded, changes = None, []
         if args.resume:
             path = Path(args.resume)
-            ckpt.read_meta(path, stage)
+            recorded = ckpt.read_meta(path, stage)
+            fill_from_run(args, recorded, {"data": "data", **(from_run or {})})
+            old = load_toml(config_cls, path / ckpt.CONFIG)
             config = load_toml(config_cls, path / ckpt.CONFIG, overrides)
-            resuming = True
+            changes = _changes(to_dict(old), to_dict(config))
         else:
             if not args.out:
                 raise UserError("--out RUN is required (or --resume RUN to continue a run)")
@@ -143,13 +206,92 @@ class Run:
             if (path / ckpt.META).exists():
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
-            resuming = False
+        for flag in required:
+            if not getattr(args, flag, None):
+                hint = f" ({HINTS[flag]})" if flag in HINTS else ""
+                raise UserError(f"--{flag.replace('_', '-')} is required for `latentdiff train {stage}`{hint}")
+        check_finite_config(config)
         runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
+        lock, error = None, None
         if runtime.is_main:
             path.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text(path / ckpt.CONFIG, dumps_toml(to_dict(config)))
+            lock = RunLock(path)
+            try:
+                lock.acquire()
+            except UserError as e:
+                lock, error = None, e
+        if runtime.any_rank(error is not None)[0]:
+            raise error or UserError(f"{path} is in use by another process (see rank 0)")
+        run = cls(path, stage, config, runtime, bool(args.resume), recorded, changes, lock)
+        _OPEN.append(run)
+        if not run.resuming:
+            run._write_config()
         runtime.barrier()
-        return cls(path, stage, config, runtime, resuming)
+        return run
+
+    def _write_config(self) -> None:
+        if self.runtime.is_main:
+            ckpt.write_text(self.path / ckpt.CONFIG, dumps_toml(to_dict(self.config)))
+
+    def begin(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+              ema: EMA | None = None, meta: dict | None = None) -> int:
+        """Name what the run checkpoints; when resuming, check and load the last checkpoint. Returns the step.
+
+        A resume is checked before anything is written: weights that do not fit the resolved
+        config (a changed model shape) or another number of processes are refused with one
+        line, and config.toml stays as it was. After loading, each optimizer's
+        hyper-parameters (weight decay, betas, a constant lr) are the resolved config's, not
+        the ones saved in its state. A module or EMA that the checkpoint does not have (EMA or
+        the discriminator switched on at resume) starts from its current weights.
+        """
+        self._tracked = (modules, optimizers, ema)
+        self.meta = dict(meta or {})
+        if self.resuming:
+            self.start_step = self._resume(modules, optimizers, ema)
+            self._write_config()
+            self.runtime.barrier()
+        self.done = self.start_step
+        self._saved_step = self.start_step if self.resuming else None
+        self.logger = MetricLogger(self.path, enabled=self.runtime.is_main)
+        return self.start_step
+
+    def _resume(self, modules, optimizers, ema) -> int:
+        hyper = {name: [{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in opt.param_groups]
+                 for name, opt in optimizers.items()}
+        present = {name: m for name, m in modules.items() if name == "model" or ckpt.committed_file(
+            self.path, f"{name}.safetensors").exists()}
+        fresh = [name for name in modules if name not in present]
+        with_ema = ema is not None and ema.enabled and bool(self.recorded.get("ema"))
+        try:
+            step, state = self.restore(present, {k: o for k, o in optimizers.items() if k in present},
+                                       ema if with_ema else None)
+        except ckpt.CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict: shapes or groups do not fit
+            changed = "; ".join(self._changes) or "no config change"
+            first = str(e).strip().splitlines()[-1][:200]
+            raise ckpt.CheckpointError(f"cannot resume {self.path}: its checkpoint does not fit the config "
+                                       f"({changed}): {first}. Start a new run with --out instead") from None
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.runtime.world_size:
+            raise ckpt.CheckpointError(
+                f"{self.path} was trained by {saved_world} process(es) and this resume has "
+                f"{self.runtime.world_size}: each process's data shard and random stream are part of the run; "
+                f"resume it with {saved_world} (torchrun --nproc_per_node={saved_world})")
+        for name, opt in optimizers.items():
+            for group, values in zip(opt.param_groups, hyper[name]):
+                group.update(values)
+        notes = [f"{name} starts from its initial weights" for name in fresh]
+        if ema is not None and ema.enabled and not with_ema:
+            ema.restart(modules["model"])
+            notes.append(f"EMA switched on: it starts from the weights of step {step}")
+        for note in notes:
+            self._note(f"resume: {note}")
+        self.skipped = int(state.get("skipped", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        progress0 = state.get("lr_progress")
+        self._progress0 = float(progress0) if progress0 is not None else None
+        return step
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
@@ -215,26 +357,71 @@ class Run:
         return int(state["step"]), state
 
     # ---- the loop -------------------------------------------------------------------------
-    def steps(self, start: int) -> Iterator[int]:
-        """Yield step numbers from `start` until train.steps or the time budget is spent."""
-        cfg = self.config.train
-        self._bar = progress(cfg.steps, f"train {self.stage}", initial=start, enabled=self.runtime.is_main)
-        self._t0 = time.monotonic()
-        step = start
-        try:
-            while step < cfg.steps:
-                if self._out_of_time():
-                    if self.runtime.is_main:
-                        self._bar.write(f"time budget of {cfg.max_minutes} min spent at step {step}; saving")
-                    break
-                yield step
-                step += 1
-                self._bar.update(1)
-        finally:
-            self._bar.close()
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
+        """torch's LambdaLR over `lr_factor`, positioned at the run's step; call `.step()` after each step.
 
-    def batches(self, loader: Iterable[dict], start: int) -> Iterator[dict]:
-        """The loader's batches from number `start` on: a resumed run skips what it has already seen.
+        With --max-minutes the cosine decay follows the clock too, continuing from the progress
+        an earlier invocation reached (recorded in the checkpoint). Time-based progress depends
+        on the machine, so only budgeted runs use it: a run with no budget stays exactly
+        reproducible and exactly resumable.
+        """
+        cfg = self.config.train
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+        return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, self._progress(step)),
+                        last_epoch=self.start_step - 1)
+
+    def _progress(self, step: int) -> float | None:
+        cfg = self.config.train
+        if step < cfg.warmup_steps or (cfg.max_minutes <= 0 and self._progress0 is None):
+            return None
+        p0 = self._progress0 or 0.0
+        by_steps = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        by_time = p0
+        if cfg.max_minutes > 0:
+            by_time = p0 + (1 - p0) * (time.monotonic() - self._t0) / (cfg.max_minutes * 60)
+        self._last_progress = min(1.0, max(by_steps, by_time))
+        return self._last_progress
+
+    def steps(self) -> Iterator[int]:
+        """Step numbers from the start until train.steps, the time budget or a signal; then a checkpoint.
+
+        SIGTERM or SIGINT lets the current step finish, saves, and raises `Stopped` ("stopped
+        at step N; resume with --resume RUN"); every rank agrees through one collective.
+        """
+        cfg = self.config.train
+        self._bar = progress(cfg.steps, f"train {self.stage}", initial=self.start_step, enabled=self.runtime.is_main)
+        self._t0 = time.monotonic()
+        step = self.start_step
+        with StopSignals(self._note) as signals:
+            self._signals = signals
+            try:
+                while step < cfg.steps:
+                    out_of_time, signalled = self._should_stop(signals)
+                    if signalled:
+                        break
+                    if out_of_time:
+                        self._note(f"time budget of {cfg.max_minutes} min spent at step {step}; saving")
+                        break
+                    yield step
+                    step += 1
+                    self.done = step
+                    self._bar.update(1)
+            finally:
+                self._bar.close()
+            self.checkpoint(self.done)
+            if self._should_stop(signals)[1]:
+                raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}",
+                              signals.received or 15)
+
+    def _should_stop(self, signals: StopSignals) -> tuple[bool, bool]:
+        budget = self.config.train.max_minutes
+        over = budget > 0 and time.monotonic() - self._t0 > budget * 60
+        # Every rank must stop at the same step, or DDP's collectives would hang.
+        return self.runtime.any_rank(over, signals.received is not None)
+
+    def batches(self, loader: Iterable[dict]) -> Iterator[dict]:
+        """The loader's batches from the run's start step on: a resumed run skips what it has already seen.
 
         Starting a torch DataLoader draws its workers' base seed from the global torch RNG. A
         resumed run starts it once more than a straight run, so the start and the skipping
@@ -242,34 +429,68 @@ class Run:
         """
         it = iter(loader)
         with self.runtime.fork_rng():
-            for _ in range(start):
+            for _ in range(self.start_step):
                 next(it)
             first = next(it, None)
         if first is not None:
             yield first
             yield from it
 
-    def lr(self, step: int) -> float:
-        """The learning rate for `step`; with --max-minutes the cosine decay follows the clock too.
+    def finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, part: str = "model") -> bool:
+        """True when the loss and gradient norm are finite on every rank; else the step is skipped and counted.
 
-        Time-based progress depends on the machine, so only budgeted runs use it: a run with
-        no budget stays exactly reproducible and exactly resumable.
+        After train.max_nonfinite_steps in a row (for one `part`) the run stops with a
+        NonFiniteError naming the step; the last checkpoint is left as it was.
         """
-        cfg = self.config.train
-        progress = None
-        if cfg.max_minutes > 0 and step >= cfg.warmup_steps:
-            by_steps = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            by_time = (time.monotonic() - self._t0) / (cfg.max_minutes * 60)
-            progress = max(by_steps, by_time)
-        return lr_at(step, cfg, progress)
+        bad = not (bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(grad_norm).all()))
+        (bad,) = self.runtime.any_rank(bad)
+        if not bad:
+            self._in_a_row[part] = 0
+            return True
+        self.nonfinite_steps += 1
+        row = self._in_a_row[part] = self._in_a_row.get(part, 0) + 1
+        limit = self.config.train.max_nonfinite_steps
+        self._note(f"step {step + 1}: the {part}'s loss or gradient norm is not finite; step skipped ({row} in a row)")
+        if row >= limit:
+            kept = f"step {self._saved_step}" if self._saved_step is not None else "none yet"
+            raise NonFiniteError(f"step {step + 1}: the {part}'s loss or gradient norm was not finite {row} steps in "
+                                 f"a row (train.max_nonfinite_steps = {limit}); stopped, last checkpoint kept "
+                                 f"({kept}); lower train.lr or check the data")
+        return False
 
-    def _out_of_time(self) -> bool:
-        budget = self.config.train.max_minutes
-        if budget <= 0:
-            return False
-        over = torch.tensor(float(time.monotonic() - self._t0 > budget * 60))
-        # Every rank must stop at the same step, or DDP's collectives would hang.
-        return bool(self.runtime.all_reduce_sum(over).item() > 0)
+    def checkpoint(self, step: int, meta: dict | None = None) -> None:
+        """Save what `begin` named at `step` (the number of steps done); refuses weights that are not finite."""
+        modules, optimizers, ema = self._tracked
+        ema_weights = {"ema": ema.weights()} if ema is not None and ema.enabled else {}
+        bad = nonfinite_weights(modules, ema_weights)
+        if any(self.runtime.any_rank(bool(bad))):
+            raise NonFiniteError(f"step {step}: the weights of {', '.join(bad) or 'another rank'} are not finite; "
+                                 f"not saved, last checkpoint kept (step {self._saved_step}); lower train.lr")
+        self.meta.update(meta or {})
+        state = {"nonfinite_steps": self.nonfinite_steps}
+        if self._last_progress is not None:
+            state["lr_progress"] = self._last_progress
+        self.save(step, modules, optimizers, ema, meta=self.meta, state=state)
+        self._saved_step = step
+
+    def sample(self, step: int, make_grid: Callable[[], Any]) -> None:
+        """Run a periodic sample grid on the main rank; an error in it is reported and counted, not fatal."""
+        if not self.runtime.is_main:
+            return
+        try:
+            with self.runtime.fork_rng():
+                make_grid()
+        except Exception as e:  # a grid is a by-product: a broken one must not end hours of training
+            self.sample_errors += 1
+            self._note(f"step {step + 1}: the sample grid failed ({type(e).__name__}: {e}); training goes on")
+
+    def _note(self, text: str) -> None:
+        if not self.runtime.is_main:
+            return
+        if self._bar is not None and not getattr(self._bar, "disable", False):
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
 
     def count_images(self, n: int, skipped: int = 0) -> None:
         self._images += n
@@ -282,7 +503,7 @@ class Run:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         elapsed = max(1e-9, time.monotonic() - self._t0)
         metrics = {**metrics, "images_per_s": self._images * self.runtime.world_size / elapsed,
-                   "skipped_samples": self.skipped}
+                   "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps}
         self.logger.log(step + 1, metrics)
         if self._bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()
@@ -291,20 +512,37 @@ class Run:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json (flat keys) and print it: how scripts and people read results."""
-        summary = {**summary, "skipped_samples": self.skipped}
+        summary = {**summary, "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps,
+                   "sample_errors": self.sample_errors}
         if self.runtime.is_main:
             ckpt.write_json(self.path / "summary.json", summary)
             self.logger.log(summary.get("steps", 0), {f"final/{k}": v for k, v in summary.items()
                                                       if isinstance(v, (int, float))})
             figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
             print(f"{self.stage} run {self.path}: {figures}")
-        self.logger.close()
         self.runtime.barrier()
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Close the metric log and release the directory's lock (stage_main calls it however train ends)."""
+        if self.logger is not None:
+            self.logger.close()
+        if self._signals is not None:
+            self._signals.__exit__()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self in _OPEN:
+            _OPEN.remove(self)
 
 
 def stage_main(build_parser, train, argv: list[str] | None = None):
     """A stage's command: parse its flags, train, and turn bad input into one line and exit code 2."""
     args = build_parser().parse_args(argv)
     with cli_errors():
-        return train(args)
+        try:
+            return train(args)
+        finally:
+            for run in list(_OPEN):
+                run.close()
