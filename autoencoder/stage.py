@@ -19,7 +19,8 @@ from latentdiff.core.faults import NonFiniteError
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 from latentdiff.decoder.losses import discriminator_step
 from latentdiff.decoder.perceptual import lpips_distance
@@ -96,7 +97,7 @@ def train(args: argparse.Namespace) -> dict:
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    start = run.begin(modules, optimizers, ema, meta={"data": str(args.data)})
+    run.begin(modules, optimizers, ema, meta={"data": str(args.data)})
     if opt_d is not None:
         rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
     net = rt.wrap(model)

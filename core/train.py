@@ -1,11 +1,11 @@
-"""What every training stage shares: the common flags, the run directory, resume, budget, checkpoints.
+"""What every training stage shares: the run directory, resume, LR schedule, budget, faults, checkpoints.
 
 A stage's `train` is one loop that reads straight down (nanoGPT's and DiT's train.py are the
 model); this module supplies the parts around it, written once:
 
     run = Run.start(args, StageConfig, PRESETS, stage="prior", from_run=FROM_RUN)
     ...build model, optimizer, EMA...
-    start = run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # restores when resuming
+    run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # checks and restores when resuming
     scheduler = run.lr_schedule(opt)
     batches = run.batches(loader)
     for step in run.steps():  # stops at train.steps, the time budget or a signal; saves at the end
@@ -23,7 +23,9 @@ model); this module supplies the parts around it, written once:
         if run.every(tcfg.sample_every, step): run.sample(step, lambda: ...)
         if run.every(tcfg.ckpt_every, step): run.checkpoint(step + 1)
     summary = {"steps": run.done, ...evaluation of ema.final(model)...}
-    return run.finish(summary)
+    return run.finish(summary)  # summary.json; releases the run directory's lock
+
+The flags (`add_train_args`) live in core/flags.py, what happens on each fault in core/faults.py.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from . import checkpoint as ckpt
 from .config import dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
 from .errors import Stopped, UserError, cli_errors
+from .flags import cli_overrides, config_changes, fill_from_run, require
 from .faults import NonFiniteError, RunLock, StopSignals, check_finite_config, nonfinite_weights
 from .logger import MetricLogger, progress
 from .runtime import Runtime, rng_state, set_rng_state
@@ -98,56 +101,6 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny") -> None:
-    """The flags every `latentdiff train STAGE` takes."""
-    parser.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern")
-    parser.add_argument("--preset", default=default_preset, help=f"{stage} preset name or a .toml file (default: %(default)s)")
-    parser.add_argument("--out", help="run directory to create")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
-    parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
-    parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
-    parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set model.latent_channels=8 (repeatable)")
-    parser.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
-
-
-def _cli_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"steps": "train.steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
-             "lr": "train.lr", "seed": "train.seed", "num_workers": "train.num_workers"}
-    out = [f"{key}={getattr(args, name)!r}" for name, key in flags.items() if getattr(args, name, None) is not None]
-    return out + list(args.set)
-
-
-HINTS = {"data": "make one with `latentdiff data fashion-mnist --out DIR`"}
-
-
-def fill_from_run(args: argparse.Namespace, meta: dict, from_run: dict[str, str]) -> None:
-    """Give each flag the user left out the value the run recorded (`from_run`: flag -> dotted meta key)."""
-    for flag, key in from_run.items():
-        if getattr(args, flag, None):
-            continue
-        value = meta
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        setattr(args, flag, value)
-
-
-def _changes(old: dict, new: dict, where: str = "") -> list[str]:
-    """'key: old -> new' for every config field that differs (nested dicts flattened to dotted keys)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changes(a, b, f"{where}{k}.")
-        elif a != b:
-            out.append(f"{where}{k}: {a} -> {b}")
-    return out
-
-
 _OPEN: list["Run"] = []  # runs holding their directory's lock; stage_main releases them however train ends
 
 
@@ -190,7 +143,7 @@ class Run:
         On --resume the flags in `from_run` that the user left out are read back from the run,
         and nothing is written until `begin` has checked the checkpoint against the config.
         """
-        overrides = _cli_overrides(args)
+        overrides = cli_overrides(args)
         recorded, changes = None, []
         if args.resume:
             path = Path(args.resume)
@@ -198,7 +151,7 @@ class Run:
             fill_from_run(args, recorded, {"data": "data", **(from_run or {})})
             old = load_toml(config_cls, path / ckpt.CONFIG)
             config = load_toml(config_cls, path / ckpt.CONFIG, overrides)
-            changes = _changes(to_dict(old), to_dict(config))
+            changes = config_changes(to_dict(old), to_dict(config))
         else:
             if not args.out:
                 raise UserError("--out RUN is required (or --resume RUN to continue a run)")
@@ -206,10 +159,7 @@ class Run:
             if (path / ckpt.META).exists():
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
-        for flag in required:
-            if not getattr(args, flag, None):
-                hint = f" ({HINTS[flag]})" if flag in HINTS else ""
-                raise UserError(f"--{flag.replace('_', '-')} is required for `latentdiff train {stage}`{hint}")
+        require(args, required, stage)
         check_finite_config(config)
         runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
         lock, error = None, None

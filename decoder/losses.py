@@ -66,7 +66,10 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Balance the GAN term against reconstruction by their gradient norms at the last layer (Esser et al. 2021, eq. 7)."""
+    """Balance the GAN term against reconstruction by their gradient norms at the last layer.
+
+    Esser et al. 2021, eq. 7: lambda = |grad rec| / (|grad g| + 1e-4), clamped to [0, 1e4].
+    """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

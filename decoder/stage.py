@@ -21,7 +21,8 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 
 from .losses import DecoderLoss, DecoderLossConfig, discriminator_step

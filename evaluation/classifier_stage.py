@@ -15,7 +15,8 @@ import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
-from latentdiff.core.train import Run, add_train_args, make_optimizer, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
 from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,

@@ -186,7 +186,8 @@ def short_run(ae_run, tmp_path) -> Path:
 def test_resume_with_another_model_shape_is_refused_and_writes_nothing(short_run, capsys, monkeypatch):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     def files() -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in short_run.iterdir() if p.is_file() and not p.name.startswith("run.lock")}
+        kept = [p for p in short_run.iterdir() if p.is_file() and not p.name.startswith("run.lock")]
+        return {p.name: p.read_bytes() for p in kept}
 
     before = files()
     assert _exit_code(["--resume", str(short_run), "--steps", "4", "--set", "model.latent_channels=8"]) == 2

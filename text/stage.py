@@ -16,7 +16,8 @@ import open_clip
 import torch
 
 from latentdiff.core.ema import EMA
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 

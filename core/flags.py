@@ -1,0 +1,65 @@
+"""The flags every `latentdiff train STAGE` takes, and how a resume fills in the ones left out."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import UserError
+
+
+def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny") -> None:
+    """The flags every `latentdiff train STAGE` takes."""
+    parser.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern")
+    parser.add_argument("--preset", default=default_preset, help=f"{stage} preset name or a .toml file (default: %(default)s)")
+    parser.add_argument("--out", help="run directory to create")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
+    parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set model.latent_channels=8 (repeatable)")
+    parser.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+
+
+def cli_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"steps": "train.steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
+             "lr": "train.lr", "seed": "train.seed", "num_workers": "train.num_workers"}
+    out = [f"{key}={getattr(args, name)!r}" for name, key in flags.items() if getattr(args, name, None) is not None]
+    return out + list(args.set)
+
+
+HINTS = {"data": "make one with `latentdiff data fashion-mnist --out DIR`"}
+
+
+def fill_from_run(args: argparse.Namespace, meta: dict, from_run: dict[str, str]) -> None:
+    """Give each flag the user left out the value the run recorded (`from_run`: flag -> dotted meta key)."""
+    for flag, key in from_run.items():
+        if getattr(args, flag, None):
+            continue
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        setattr(args, flag, value)
+
+
+def config_changes(old: dict, new: dict, where: str = "") -> list[str]:
+    """'key: old -> new' for every config field that differs (nested dicts flattened to dotted keys)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{where}{k}.")
+        elif a != b:
+            out.append(f"{where}{k}: {a} -> {b}")
+    return out
+
+
+def require(args: argparse.Namespace, flags: tuple[str, ...], stage: str) -> None:
+    """A one-line error for the first of `flags` that is still missing."""
+    for flag in flags:
+        if not getattr(args, flag, None):
+            hint = f" ({HINTS[flag]})" if flag in HINTS else ""
+            raise UserError(f"--{flag.replace('_', '-')} is required for `latentdiff train {stage}`{hint}")
