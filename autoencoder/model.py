@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from latentdiff.core.blocks import AttentionBackend
+from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveInt
 from latentdiff.core.train import TrainConfig
 from latentdiff.decoder.losses import DecoderLossConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
@@ -16,12 +18,12 @@ from .encoder import DiagonalGaussian, Encoder
 
 @dataclass(frozen=True)
 class AutoencoderModelConfig:
-    in_channels: int = 3  # image channels
-    channels: tuple[int, ...] = (16, 32, 64)  # width per level; f = 2^(levels-1) (3 levels: f=4)
-    num_res_blocks: int = 1  # ResBlocks per level, in the encoder and the decoder
-    latent_channels: int = 4  # c: channels of the latent z
+    in_channels: PositiveInt = 3  # image channels
+    channels: tuple[PositiveInt, ...] = (16, 32, 64)  # width per level; f = 2^(levels-1) (3 levels: f=4)
+    num_res_blocks: PositiveInt = 1  # ResBlocks per level, in the encoder and the decoder
+    latent_channels: PositiveInt = 4  # c: channels of the latent z
     mid_attention: bool = False  # self-attention at the latent resolution (worth it at 256px)
-    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+    attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
 
     @property
     def downsampling(self) -> int:
@@ -37,7 +39,7 @@ class AutoencoderModelConfig:
 class AutoencoderLossConfig(DecoderLossConfig):
     """The decoder-output losses' fields (decoder/losses.py), plus the KL weight."""
 
-    kl_weight: float = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
+    kl_weight: NonNegativeFloat = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,15 @@ class AutoencoderConfig:
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    resolution: int = 32  # training image side (images are resized to it when they differ)
-    scale_batches: int = 16  # batches of training data used to measure the latent std after training
-    eval_images: int = 2000  # validation images for the final PSNR/LPIPS
+    resolution: PositiveInt = 32  # training image side (images are resized to it when they differ)
+    scale_batches: PositiveInt = 16  # batches of training data used to measure the latent std after training
+    eval_images: PositiveInt = 2000  # validation images for the final PSNR/LPIPS
+
+    def __post_init__(self):
+        f = self.model.downsampling
+        if self.resolution % f:
+            raise ConfigError(f"resolution {self.resolution} is not a multiple of the downsampling factor {f} "
+                              f"of model.channels ({len(self.model.channels)} levels); use a multiple of {f}")
 
 
 class Autoencoder(nn.Module):

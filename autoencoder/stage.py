@@ -34,7 +34,7 @@ PRESETS = Path(__file__).parent
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train autoencoder",
                                 description="Train the KL autoencoder that defines the latent space.")
-    add_train_args(p, "autoencoder")
+    add_train_args(p, "autoencoder", presets=PRESETS)
     p.add_argument("--perceptual", choices=["lpips", "none"],
                    help="LPIPS perceptual loss (needs VGG16 weights in the torch hub cache) or none")
     return p

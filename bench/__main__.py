@@ -1,9 +1,10 @@
 """`python -m bench` (what `make bench` runs): the six benchmarks, each in its own process.
 
-The samplers benchmark runs a reduced grid here (--n and --nfe below) so the suite stays under
-20 minutes on 2 CPU cores; run `python -m bench.samplers` with the issue's defaults for the
-full grid. Every table goes to stdout and runs/bench/NAME.json; all of them to runs/bench/all.md.
-Pass names to run a subset: `python -m bench data_loading generation`.
+The samplers benchmark runs a reduced grid here (n = 250, NFE 5-50, in SUITE below) so the
+suite stays under 20 minutes on 2 CPU cores; `python -m bench.samplers` alone runs its full
+default grid (n = 2000, NFE up to 1000: many CPU-hours). Every table goes to stdout and runs/bench/NAME.json; all of them to runs/bench/all.md.
+Pass names to run a subset: `python -m bench data_loading generation`. The samplers table
+scores the demo's prior; before `make demo` has made it, that table is skipped with a note.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from .common import OUT, ROOT
+from .common import DEMO, OUT, ROOT
 
 SUITE = [
     ("latent_vs_pixel", []),
@@ -25,21 +26,45 @@ SUITE = [
 ]
 
 
+def run_one(name: str, args: list[str]) -> int:
+    """Run bench.NAME in its own process; Ctrl-C stops it and ends the suite with one line."""
+    child = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *args], cwd=ROOT,
+                             start_new_session=True)  # Ctrl-C reaches only this process, not a traceback per child
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        print(f"\nbench: interrupted during bench.{name}; finished tables are in {OUT}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    wanted = set(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        names = "\n".join(f"  {name}" for name, _ in SUITE)
+        print(f"usage: python -m bench [NAME ...]\n\n{__doc__}\nbenchmarks (each also runs alone as "
+              f"`python -m bench.NAME --help`):\n{names}")
+        return
+    wanted = set(argv)
     unknown = wanted - {name for name, _ in SUITE}
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; choose from {[name for name, _ in SUITE]}")
     t_all = time.monotonic()
-    failed = []
+    failed, skipped = [], []
     for name, args in SUITE:
         if wanted and name not in wanted:
             continue
+        if name == "samplers" and not (DEMO / "prior" / "meta.json").exists():
+            skipped.append(name)
+            print(f"\n=== bench.{name}: skipped: it scores the demo's prior, which does not exist yet "
+                  f"({DEMO / 'prior'}); run `make demo` first", flush=True)
+            continue
         t0 = time.monotonic()
         print(f"\n=== bench.{name} {' '.join(args)}", flush=True)
-        done = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=ROOT)
+        returncode = run_one(name, args)
         print(f"=== bench.{name}: {time.monotonic() - t0:.0f} s", flush=True)
-        if done.returncode != 0:
+        if returncode != 0:
             failed.append(name)
     total = time.monotonic() - t_all
     # all.md: every table there is, so a partial run (`python -m bench generation`) updates its own.
@@ -53,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"{m['torch']}; `python -m bench.{name} {' '.join(args)}`_\n\n{result['table']}\n")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "all.md").write_text("\n".join(sections))
-    print(f"\nbench: {len(sections)} tables in {OUT / 'all.md'}; this run took {total / 60:.1f} min")
+    print(f"\nbench: {len(sections)} tables in {OUT / 'all.md'}; this run took {total / 60:.1f} min"
+          + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
     if failed:
         raise SystemExit(f"bench: failed: {', '.join(failed)}")
 

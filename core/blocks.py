@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
+# "auto": xformers on CUDA when it is installed and works there, else sdpa (torch's fused kernels).
+AttentionBackend = Literal["auto", "sdpa", "xformers", "math"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

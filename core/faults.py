@@ -7,9 +7,7 @@ guarantees. Every decision that several ranks must take together goes through
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import signal
 import socket
@@ -100,19 +98,6 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-
-
-def check_finite_config(cfg: Any, where: str = "") -> None:
-    """Refuse any float field of a (nested) config dataclass that is inf or nan, naming the field."""
-    for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), f"{where}{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_finite_config(value, f"{name}.")
-            continue
-        values = value if isinstance(value, (tuple, list)) else [value]
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise UserError(f"{name} = {value} is not a finite number")
 
 
 def nonfinite_weights(modules: dict[str, torch.nn.Module], extra: dict[str, dict[str, torch.Tensor]]) -> list[str]:

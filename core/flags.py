@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .errors import UserError
 
 
-def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny") -> None:
-    """The flags every `latentdiff train STAGE` takes."""
-    parser.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern")
-    parser.add_argument("--preset", default=default_preset, help=f"{stage} preset name or a .toml file (default: %(default)s)")
-    parser.add_argument("--out", help="run directory to create")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny",
+                   presets: Path | None = None) -> None:
+    """The flags every `latentdiff train STAGE` takes; `presets` is the folder holding presets/*.toml."""
+    where = parser.add_argument_group("run (one of --out and --resume is required)")
+    target = where.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", metavar="RUN", help="run directory to create (new or empty)")
+    target.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    where.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern; "
+                                      "required for a new run, read from the run's records on --resume")
+    names = sorted(p.stem for p in (Path(presets) / "presets").glob("*.toml")) if presets else []
+    listed = f"{', '.join(names)}, " if names else ""
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"{stage} preset: {listed or 'a name, '}or a .toml file (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
     parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
@@ -20,8 +28,9 @@ def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: 
     parser.add_argument("--seed", type=int, help="random seed (train.seed)")
     parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set model.latent_channels=8 (repeatable)")
-    parser.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+                        help="override any config field, e.g. --set train.weight_decay=0.01 (repeatable; "
+                             "an unknown key is an error that lists the known ones)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the GPU when there is one)")
 
 
 def cli_overrides(args: argparse.Namespace) -> list[str]:

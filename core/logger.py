@@ -13,15 +13,60 @@ import torch
 from tqdm.auto import tqdm
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save (B, C, H, W) images in [-1, 1] as one PNG grid."""
-    from torchvision.utils import save_image
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *,
+              labels: list[str] | None = None, title: str | None = None, min_cell: int = 96) -> Path:
+    """Save (B, C, H, W) images in [-1, 1] as one PNG grid that a person can look at.
+
+    nrow: images per row (default: a square). Images smaller than `min_cell` pixels are
+    enlarged by an integer factor without smoothing (nearest neighbour), so 32-px samples
+    are seen as they are rather than as blurs or thumbnails. labels: one text per row,
+    written to the left of it (e.g. its prompt); title: a line above the grid (e.g. the
+    guidance and seed). Raises ValueError when the number of labels is not the number of rows.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
-    save_image(images, path, nrow=nrow, padding=1, pad_value=1.0)
+    rows = math.ceil(images.shape[0] / nrow)
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"save_grid: {len(labels)} labels for {rows} rows")
+    factor = max(1, math.ceil(min_cell / max(images.shape[-2:])))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    if labels or title:
+        font = ImageFont.load_default(size=14)
+        measure = ImageDraw.Draw(picture)
+        label_w = 8 + max((measure.textlength(t, font=font) for t in labels), default=0) if labels else 0
+        label_w = int(min(label_w, 420))  # a very long prompt is cut rather than dwarfing the images
+        title_h = 26 if title else 0
+        canvas = Image.new("RGB", (picture.width + label_w, picture.height + title_h), "white")
+        canvas.paste(picture, (label_w, title_h))
+        draw = ImageDraw.Draw(canvas)
+        if title:
+            draw.text((6, 5), title, fill="black", font=font)
+        cell = images.shape[-2] + 2
+        for i, text in enumerate(labels or []):
+            while text and draw.textlength(text, font=font) > label_w - 8:
+                text = text[:-2] + "…"
+            draw.text((4, title_h + 2 + i * cell + cell // 2), text, fill="black", font=font, anchor="lm")
+        picture = canvas
+    picture.save(path)
+    return path
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Save one (C, H, W) image in [-1, 1] (C = 1 or 3) as a PNG at its own resolution."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(image).permute(1, 2, 0).cpu().numpy()  # (H, W, C)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
     return path
 
 

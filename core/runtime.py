@@ -12,10 +12,13 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
 
 
 def seed_everything(seed: int) -> None:
@@ -45,7 +48,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")
+# How a network runs: "auto" picks per device (see `Runtime.setup` for training, `sampling_dtype` for sampling).
+Precision = Literal["auto", "fp32", "bf16"]
+SAMPLING_PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Below this many rows per network pass bf16 autocast was slower than float32 on a 2-core AMX Xeon
 # (tiny UNet: 45 vs 41 ms at 8 rows, equal at 16, 85 vs 92 ms at 32, 247 vs 320 ms at 128).
 CPU_BF16_MIN_ROWS = 32
@@ -67,6 +72,31 @@ def sampling_dtype(device: torch.device, precision: str = "auto", rows: int | No
         big = rows is None or rows >= CPU_BF16_MIN_ROWS
         precision = "bf16" if device.type == "cuda" or (amx and big) else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def parse_device(name: str) -> torch.device:
+    """`--device NAME` as a torch.device that this machine has; UserError otherwise (one line)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise UserError(f"--device {name}: this machine has no {dev.type} device that torch {torch.__version__} "
+                        "can use; leave --device out to use the best one there is")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def pick_device(name: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """The device named by `--device` (checked), else this process's GPU when there is one, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name:
+        return parse_device(name)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass
@@ -95,12 +125,7 @@ class Runtime:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is not None:
-            dev = torch.device(device)
-        elif torch.cuda.is_available():
-            dev = torch.device("cuda", local_rank)
-        else:
-            dev = torch.device("cpu")
+        dev = pick_device(device, local_rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.core.blocks import group_norm
+from latentdiff.core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from .perceptual import load_lpips, lpips_distance
 
 
 @dataclass(frozen=True)
 class DecoderLossConfig:
-    reconstruction: str = "l1"  # "l1" or "l2", per pixel
-    perceptual: str = "none"  # "lpips" (VGG weights from the torch hub cache) or "none"
-    perceptual_weight: float = 1.0  # weight of LPIPS
-    disc_weight: float = 0.0  # PatchGAN generator loss weight (0: no discriminator)
-    disc_start: int = 5000  # step at which the discriminator switches on
-    disc_channels: int = 64  # PatchGAN base width
-    disc_layers: int = 3  # PatchGAN strided conv layers
-    disc_lr: float = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
+    reconstruction: Literal["l1", "l2"] = "l1"  # per-pixel distance
+    perceptual: Literal["lpips", "none"] = "none"  # lpips: VGG weights from the torch hub cache
+    perceptual_weight: NonNegativeFloat = 1.0  # weight of LPIPS
+    disc_weight: NonNegativeFloat = 0.0  # PatchGAN generator loss weight (0: no discriminator)
+    disc_start: NonNegativeInt = 5000  # step at which the discriminator switches on
+    disc_channels: PositiveInt = 64  # PatchGAN base width
+    disc_layers: PositiveInt = 3  # PatchGAN strided conv layers
+    disc_lr: PositiveFloat = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
 
 
 class PatchDiscriminator(nn.Module):
@@ -90,8 +91,6 @@ class DecoderLoss(nn.Module):
                  average: Callable[[torch.Tensor], torch.Tensor] = _same):
         super().__init__()
         self.cfg = cfg
-        if cfg.perceptual not in ("lpips", "none"):
-            raise ValueError(f"loss.perceptual {cfg.perceptual!r}: choose lpips or none")
         self.lpips = load_lpips() if cfg.perceptual == "lpips" else None
         self.discriminator = (PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
                               if cfg.disc_weight > 0 else None)

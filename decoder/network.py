@@ -7,23 +7,25 @@ stage) without touching the encoder, and so the pipeline can swap decoders.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdiff.core.blocks import ResBlock, SpatialSelfAttention, Upsample, group_norm
+from latentdiff.core.blocks import AttentionBackend, ResBlock, SpatialSelfAttention, Upsample, group_norm
+from latentdiff.core.config import PositiveInt
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    out_channels: int = 3  # image channels
-    channels: tuple[int, ...] = (16, 32, 64)  # widths from the image level down to the latent level
-    num_res_blocks: int = 1  # ResBlocks per level
-    latent_channels: int = 4  # c of the latent z
+    out_channels: PositiveInt = 3  # image channels
+    channels: tuple[PositiveInt, ...] = (16, 32, 64)  # widths from the image level down to the latent level
+    num_res_blocks: PositiveInt = 1  # ResBlocks per level
+    latent_channels: PositiveInt = 4  # c of the latent z
     mid_attention: bool = False  # self-attention at the latent resolution
-    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
-    upscale: int = 1  # extra 2x upsampling levels' total factor (1, 2, 4): a super-resolving decoder
+    attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
+    upscale: Literal[1, 2, 4] = 1  # extra 2x upsampling levels' total factor: a super-resolving decoder
 
     @property
     def downsampling(self) -> int:

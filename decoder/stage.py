@@ -12,11 +12,13 @@ import argparse
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
@@ -33,17 +35,17 @@ PRESETS = Path(__file__).parent
 
 @dataclass(frozen=True)
 class DecoderStageConfig:
-    upscale: int = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
+    upscale: Literal[1, 2, 4] = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
     init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
     loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_images: int = 2000  # validation images for the final figures
+    eval_images: PositiveInt = 2000  # validation images for the final figures
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train decoder",
                                 description="Train the decoder alone with the autoencoder's encoder frozen.")
-    add_train_args(p, "decoder")
+    add_train_args(p, "decoder", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (its encoder is frozen)")
     p.add_argument("--upscale", type=int, choices=[1, 2, 4], help="decode to this many times the resolution")
     return p

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.config import load_toml
+from latentdiff.core.config import PositiveInt, Probability, load_toml
 from latentdiff.core.train import TrainConfig
 
 STAGE = "classifier"
@@ -35,21 +35,21 @@ STAGE = "classifier"
 
 @dataclass(frozen=True)
 class ClassifierModelConfig:
-    in_channels: int = 3  # image channels the network reads (grayscale data arrives as RGB from the reader)
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # conv width per level; each level after the first halves H, W
+    in_channels: PositiveInt = 3  # image channels the network reads (grayscale data arrives as RGB from the reader)
+    channels: tuple[PositiveInt, ...] = (32, 64, 128, 256)  # conv width per level; levels after the first halve H, W
     # 3x3 conv + BatchNorm + ReLU blocks per level. One at full resolution: a second 32-wide conv at
     # 32x32 costs as much as the whole 8x8 level (measured), for little accuracy.
-    convs_per_level: tuple[int, ...] = (1, 2, 2, 1)
-    feature_dim: int = 128  # width of the penultimate (FID feature) layer
-    dropout: float = 0.1  # dropout before the heads, training only
+    convs_per_level: tuple[PositiveInt, ...] = (1, 2, 2, 1)
+    feature_dim: PositiveInt = 128  # width of the penultimate (FID feature) layer
+    dropout: Probability = 0.1  # dropout before the heads, training only
 
 
 @dataclass(frozen=True)
 class ClassifierStageConfig:
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    resolution: int = 32  # image side read from the shards; other sizes are resized to it before scoring
-    eval_images: int = 10000  # images per split (val, and test when present) for the final accuracies
+    resolution: PositiveInt = 32  # image side read from the shards; other sizes are resized to it before scoring
+    eval_images: PositiveInt = 10000  # images per split (val, and test when present) for the final accuracies
 
 
 # Heads: attribute name -> the names of its classes, in label order. Decided by the data, stored in meta.json.

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train classifier",
                                 description="Train the small CNN whose penultimate features are the FID feature "
                                             "space and whose predictions score prompt faithfulness.")
-    add_train_args(p, "classifier")
+    add_train_args(p, "classifier", presets=PRESETS)
     return p
 
 

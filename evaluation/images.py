@@ -118,8 +118,32 @@ def _from_shards(data: str, split: str, limit: int | None, resolution: int | Non
     return ImageSet(images, f"{data} ({split})", captions[:limit], metas[:limit])
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """The image files of a folder, sorted; for a `latentdiff generate` output, only the images it generated.
+
+    generate writes settings.json listing its images beside grid.png: the grid (and anything
+    else in the folder) is not a sample and must not enter a FID.
+    """
+    settings = folder / "settings.json"
+    if settings.is_file():
+        import json
+
+        try:
+            files = json.loads(settings.read_text()).get("files")
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{settings} is not a settings file written by `latentdiff generate`; "
+                             "remove it or score another folder") from None
+        if isinstance(files, list):
+            missing = [name for name in files if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: settings.json lists {missing[0]} but it is missing "
+                                        f"({len(missing)} missing); regenerate into an empty folder")
+            return [folder / name for name in sorted(files)]
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _from_folder(folder: Path, limit: int | None, resolution: int | None) -> ImageSet:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = folder_images(folder)[:limit]
     if not files:
         raise FileNotFoundError(f"no {', '.join(IMAGE_SUFFIXES)} files in {folder}")
     arrays, sizes = [], {}

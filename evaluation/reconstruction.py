@@ -5,9 +5,9 @@
 Reconstructions are x_hat = D(mode of q(z|x)), as the prior's samples are decoded; with --decoder,
 D is a `latentdiff train decoder` run for the same encoder (an upscaling decoder sees the images
 area-downsampled to the encoder's resolution and is scored at its own, larger one). Reported,
-averaged over the images: PSNR (core.image_metrics.psnr), SSIM (Wang et al. 2004, gaussian
-window), LPIPS (Zhang et al. 2018) when torchvision's VGG16 weights are in the torch hub cache,
-and with --features the rFID: the real images are split into halves A and B; rFID is the FID
+averaged over the images: PSNR and SSIM (Wang et al. 2004, gaussian window; both from
+core.image_metrics), LPIPS (Zhang et al. 2018) when torchvision's VGG16 weights are in the torch
+hub cache, and with --features the rFID: the real images are split into halves A and B; rFID is the FID
 of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes).
 """
 
@@ -22,48 +22,13 @@ import torch.nn.functional as F
 
 from latentdiff.core.checkpoint import write_json
 from latentdiff.core.errors import cli_errors
-from latentdiff.core.image_metrics import psnr
+from latentdiff.core.image_metrics import psnr, ssim
 from latentdiff.core.logger import save_grid, to_uint8
 from latentdiff.core.runtime import Runtime
 
 from .fid import StatisticsCache, describe, extract_features, real_reference, score, statistics
 from .fid_command import add_feature_args
 from .images import load_image_set
-
-
-def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x.pow(2) / (2 * sigma**2))
-    g = (g / g.sum()).to(device=like.device, dtype=like.dtype)
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()  # (C, 1, k, k), depthwise
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004, eq. 13) of images in [-1, 1], on the [0, 1] scale: (B,).
-
-    Local means, variances and covariance under an 11x11 gaussian window (sigma 1.5), C1 = (0.01 L)^2,
-    C2 = (0.03 L)^2 with L = 1; the SSIM map over the valid region is averaged over pixels and channels.
-    """
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim needs two batches of the same shape (B, C, H, W), "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
-    x = (x.double().clamp(-1, 1) + 1) / 2
-    y = (y.double().clamp(-1, 1) + 1) / 2
-    k = min(window, x.shape[-1], x.shape[-2])
-    k -= 1 - k % 2  # odd, so the window has a centre
-    w = _gaussian_window(k, sigma, x.shape[1], x)
-    c = x.shape[1]
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, w, groups=c)  # (B, C, H-k+1, W-k+1)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1).float()
 
 
 def build_parser() -> argparse.ArgumentParser:

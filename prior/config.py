@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
+from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Range
 from latentdiff.core.train import TrainConfig
 
+from .schedule import Prediction, ScheduleKind
 from .unet import UNetConfig
+
+# The names of prior/samplers.py's SAMPLERS registry (a test keeps the two equal).
+SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "euler", "heun"]
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = "cosine"  # noise schedule: linear | scaled_linear | cosine
-    timesteps: int = 1000  # T, the number of training timesteps
+    schedule: ScheduleKind = "cosine"  # noise schedule: linear | scaled_linear | cosine
+    timesteps: Annotated[int, Range(min=2)] = 1000  # T, the number of training timesteps
     zero_terminal_snr: bool = False  # rescale so abar_T = 0 (Lin et al. 2024); needs prediction v or x0
-    prediction: str = "eps"  # what the UNet predicts: eps | v | x0
-    loss_weighting: str = "uniform"  # uniform | min_snr
-    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
+    prediction: Prediction = "eps"  # what the UNet predicts: eps | v | x0
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"  # min_snr: Hang et al. 2023
+    min_snr_gamma: PositiveFloat = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
     clip_x0: float = -1.0  # sampling: clamp predicted z_0 to [-c, c] (0: off; -1: the autoencoder's measured range)
+
+    def __post_init__(self):
+        # At abar_T = 0 the network input is pure noise, so x0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar) is
+        # undefined: an eps model cannot start sampling there (Lin et al. 2024, §3.2).
+        if self.prediction == "eps" and self.zero_terminal_snr:
+            raise ConfigError('prediction "eps" cannot be used with zero_terminal_snr = true (x0 is undefined '
+                              'at abar_T = 0); use prediction "v" or "x0", or zero_terminal_snr = false')
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    sampler: str = "ddim"  # ddpm | ddim | dpmpp-2m | euler | heun
-    steps: int = 50  # sampler steps
-    guidance: float = 3.0  # classifier-free guidance scale w (1: no guidance)
+    sampler: SamplerName = "ddim"  # ddpm | ddim | dpmpp-2m | euler | heun
+    steps: PositiveInt = 50  # sampler steps
+    guidance: NonNegativeFloat = 3.0  # classifier-free guidance scale w (1: no guidance)
     prompts: tuple[str, ...] = ()  # fixed prompts for training-time grids (empty: the dataset's class prompts)
-    per_prompt: int = 4  # images per prompt in training-time grids
+    per_prompt: PositiveInt = 4  # images per prompt in training-time grids
 
 
 @dataclass(frozen=True)
@@ -35,5 +48,10 @@ class PriorConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
-    resolution: int = 32  # image side fed to the autoencoder
+    caption_dropout: Probability = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
+    resolution: PositiveInt = 32  # image side fed to the autoencoder
+
+    def __post_init__(self):
+        if self.sampling.steps > self.diffusion.timesteps:
+            raise ConfigError(f"sampling.steps {self.sampling.steps} is more than diffusion.timesteps "
+                              f"{self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")

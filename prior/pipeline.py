@@ -19,7 +19,7 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.decoder.load import load_decoder
 from latentdiff.core.config import load_toml
 from latentdiff.core.logger import progress
-from latentdiff.core.runtime import sampling_dtype
+from latentdiff.core.runtime import pick_device, sampling_dtype
 
 from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
                            sample_latents)
@@ -70,7 +70,7 @@ class TextToImage:
         """
         run = Path(run)
         meta = ckpt.read_meta(run, "prior")
-        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(device)
         cfg = load_toml(PriorConfig, run / ckpt.CONFIG)
         ae, ae_meta, encoder = load_frozen_stages(autoencoder or meta["autoencoder"]["run"],
                                                   text or meta["text"]["source"], device, expect=meta)

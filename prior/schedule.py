@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
 Prediction = Literal["eps", "x0", "v"]
-SCHEDULE_KINDS: tuple[str, ...] = ("linear", "scaled_linear", "cosine")
-PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
 
 def check_prediction(prediction: str) -> None:

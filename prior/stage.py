@@ -38,7 +38,7 @@ PRESETS = Path(__file__).parent
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train prior",
                                 description="Train the text-conditioned latent diffusion model (the prior).")
-    add_train_args(p, "prior")
+    add_train_args(p, "prior", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (frozen)")
     p.add_argument("--text", help="run directory of `latentdiff train text`, or openclip:MODEL:PRETRAINED (frozen)")
     p.add_argument("--cache-latents", action="store_true",

@@ -15,21 +15,33 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from latentdiff.core.blocks import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_module
+from latentdiff.core.blocks import (Attention, AttentionBackend, Downsample, ResBlock, Upsample, group_norm,
+                                    timestep_embedding, zero_module)
+from latentdiff.core.config import ConfigError, NonNegativeInt, PositiveInt, Probability
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    in_channels: int = 4  # latent channels c
-    channels: tuple[int, ...] = (64, 128)  # width per level; len-1 downsamplings of the latent grid
-    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
-    attention_levels: tuple[int, ...] = (0, 1)  # levels (0 = full latent resolution) with transformer blocks
-    heads: int = 4  # attention heads
-    context_dim: int = 128  # width D of the text encoder's per-token states
-    pooled_dim: int = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
-    dropout: float = 0.0  # dropout inside ResBlocks
-    attention: str = "auto"  # attention backend: auto | sdpa | xformers | math
+    in_channels: PositiveInt = 4  # latent channels c
+    channels: tuple[PositiveInt, ...] = (64, 128)  # width per level; len-1 downsamplings of the latent grid
+    num_res_blocks: PositiveInt = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[NonNegativeInt, ...] = (0, 1)  # levels (0 = full latent resolution) with transformers
+    heads: PositiveInt = 4  # attention heads
+    context_dim: PositiveInt = 128  # width D of the text encoder's per-token states
+    pooled_dim: NonNegativeInt = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
+    dropout: Probability = 0.0  # dropout inside ResBlocks
+    attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+    def __post_init__(self):
+        levels = len(self.channels)
+        if any(level >= levels for level in self.attention_levels):
+            raise ConfigError(f"attention_levels {list(self.attention_levels)} name a level beyond the "
+                              f"{levels} of channels; use levels 0..{levels - 1}")
+        # The middle block attends at the last width, the levels at theirs.
+        widths = {self.channels[-1], *(self.channels[level] for level in self.attention_levels)}
+        if any(width % self.heads for width in widths):
+            raise ConfigError(f"heads {self.heads} does not divide the attention widths {sorted(widths)}")
 
 
 class FeedForward(nn.Module):

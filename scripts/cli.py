@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 
@@ -30,8 +31,27 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("latentdiff")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def group_usage(word: str) -> str:
+    """The commands that start with `word` (e.g. the stages of `latentdiff train`)."""
+    lines = [f"usage: latentdiff {word} WHAT [args...]", "", f"latentdiff {word} takes one of:"]
+    for words, (_, text) in COMMANDS.items():
+        if words[0] == word and len(words) > 1:
+            lines.append(f"  {' '.join(words):<20} {text}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"latentdiff {version()}")
+        return 0
     for words, (module, _) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(words)]) == words:
             if importlib.util.find_spec(module) is None:
@@ -39,6 +59,15 @@ def main(argv: list[str] | None = None):
             result = importlib.import_module(module).main(argv[len(words):])
             # Stage mains return their summary (for tests); the shell gets an exit code.
             return result if isinstance(result, int) else 0
+    groups = {words[0] for words in COMMANDS if len(words) > 1}
+    if argv and argv[0] in groups:
+        # `latentdiff train` alone (or with an unknown stage): list what can follow.
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(group_usage(argv[0]))
+            return 0
+        what = f"unknown {argv[0]} {argv[1]!r}" if len(argv) > 1 else f"{argv[0]} needs one of the words below"
+        print(f"latentdiff: {what}\n\n{group_usage(argv[0])}", file=sys.stderr)
+        raise SystemExit(2)
     if argv and argv[0] not in ("-h", "--help"):
         print(f"latentdiff: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)

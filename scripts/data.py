@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any
 
+from latentdiff.core.outputs import fresh_output_dir
 from latentdiff.data import fashion_mnist, folder, shapes
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS
 
@@ -20,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
 
     def common(p: argparse.ArgumentParser, resolution_required: bool = False) -> None:
-        p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json)")
+        p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json), new or empty")
+        p.add_argument("--overwrite", action="store_true", help="replace the shards and info.json of a dataset in --out")
         if resolution_required:
             p.add_argument("--resolution", type=int, required=True, help="output images are R x R")
         else:
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        fresh_output_dir(args.out, args.overwrite, ours=["*.tar", "info.json"])
         info = _run(args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"latentdiff data {args.command}: error: {e}", file=sys.stderr)

@@ -6,10 +6,12 @@ import argparse
 import dataclasses
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 from latentdiff.core.errors import cli_errors
-from latentdiff.core.logger import save_grid
+from latentdiff.core.logger import save_grid, save_png
+from latentdiff.core.outputs import fresh_output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--run", required=True, help="prior run directory (it records its autoencoder and text encoder)")
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
-    p.add_argument("--out", default="outputs", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="outputs", help="output directory, new or empty (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images, grid and settings.json of an earlier generate in --out")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sampling.steps)")
     p.add_argument("--sampler", help="ddpm | ddim | dpmpp-2m | euler | heun (default: the run's)")
@@ -26,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="same seed and settings give the same images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per sampling pass (memory vs speed)")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
@@ -34,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "unconditional"
+    """A file-name-safe ASCII slug of a prompt; "prompt" when it has no ASCII letters (emoji, Chinese)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    if not text.strip():
+        return "unconditional"
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
 def generate(args: argparse.Namespace) -> Path:
@@ -46,20 +55,23 @@ def generate(args: argparse.Namespace) -> Path:
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE')
+    out = Path(args.out)
+    fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
     pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision)
     kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                   negative_prompt=args.negative, seed=args.seed, eta=args.eta)
     settings = pipe.settings(prompts, **kwargs, batch_size=args.batch_size)
     images = pipe(prompts, **kwargs, batch_size=args.batch_size, show_progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, image in enumerate(images):
         prompt = prompts[i // args.n]
         path = out / f"{i // args.n:03d}_{slug(prompt)}_{i % args.n:02d}.png"
-        save_grid(image[None], path, nrow=1)
+        save_png(image, path)
         files.append(path.name)
-    grid = save_grid(images, out / "grid.png", nrow=args.n)
+    title = (f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
+             + (f", negative: {args.negative}" if args.negative else ""))
+    grid = save_grid(images, out / "grid.png", nrow=args.n, labels=[p or "(unconditional)" for p in prompts],
+                     title=title)
     (out / "settings.json").write_text(json.dumps({**dataclasses.asdict(settings), "files": files}, indent=2) + "\n")
     print(f"{len(images)} images in {out}/ (grid: {grid}; one row per prompt; settings.json beside them)")
     return grid

@@ -9,7 +9,7 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.blocks import Attention, ResBlock, attention, timestep_embedding
 from latentdiff.core.config import ConfigError, apply_overrides, dumps_toml, from_dict, load_toml, to_dict
 from latentdiff.core.ema import EMA
-from latentdiff.core.image_metrics import psnr
+from latentdiff.core.image_metrics import PSNR_MAX_DB, psnr, ssim
 from latentdiff.core.train import TrainConfig, lr_factor
 
 
@@ -151,3 +151,39 @@ def test_timestep_embedding_and_lr_schedule():
 def test_psnr_known_values():
     x = torch.zeros(1, 3, 4, 4)
     assert psnr(x, x + 0.2).item() == pytest.approx(20.0, abs=1e-4)  # MSE 0.01 on the [0,1] scale
+    assert psnr(x, x).item() == PSNR_MAX_DB  # MSE 0: capped, not inf
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(x, x[:, :1])
+
+
+def _metric_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    return x, (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def test_psnr_and_ssim_keep_the_figures_of_the_hand_written_versions():
+    # What the hand-written PSNR and SSIM (core/image_metrics.py and evaluation/reconstruction.py at
+    # commit 7a2f856) gave on this input: `git show 7a2f856:evaluation/reconstruction.py`, run on _metric_pair().
+    x, y = _metric_pair()
+    assert psnr(y, x).tolist() == pytest.approx([17.211397171, 17.134489059, 17.307600021, 17.241096497], rel=1e-6)
+    assert ssim(y, x).tolist() == pytest.approx([0.8918959498, 0.8873307109, 0.8932412267, 0.8890211583], rel=1e-6)
+
+
+def test_psnr_and_ssim_are_torchmetrics_per_image():
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    x, y = _metric_pair()
+    x01, y01 = (x + 1) / 2, (y + 1) / 2
+    for i in range(len(x)):
+        assert psnr(y[i:i + 1], x[i:i + 1]).item() == pytest.approx(
+            peak_signal_noise_ratio(y01[i], x01[i], data_range=1.0).item(), rel=1e-6)
+    # torchmetrics averages the SSIM map over the reflection-padded whole image; ours over the valid
+    # region (Wang et al.'s reference code), where the 11x11 window lies inside the image: 5 px in from the edge.
+    _, full = structural_similarity_index_measure(y01.double(), x01.double(), data_range=1.0, reduction="none",
+                                                  return_full_image=True)
+    torch.testing.assert_close(ssim(y, x), full[..., 5:-5, 5:-5].flatten(1).mean(1).float())
+    assert not torch.allclose(ssim(y, x), full.flatten(1).mean(1).float())
+    assert torch.equal(ssim(x, x), torch.ones(4))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(x[..., :10, :10], y[..., :10, :10])

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.image_metrics import ssim
 from latentdiff.data import shapes
 from latentdiff.evaluation import classifier_stage, fid_command
 from latentdiff.evaluation.classifier import (Classifier, ClassifierModelConfig, heads_from_info, load_classifier,
@@ -26,7 +27,6 @@ from latentdiff.evaluation.fid import (StatisticsCache, extract_features, freche
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
-from latentdiff.evaluation.reconstruction import ssim
 
 TINY = ["--set", "model.channels=[8, 16]", "--set", "model.convs_per_level=[1, 1]", "--set", "model.feature_dim=16",
         "--set", "eval_images=40", "--set", "train.log_every=1", "--set", "train.warmup_steps=0"]

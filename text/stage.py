@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
@@ -34,15 +35,15 @@ PRESETS = Path(__file__).parent
 class TextStageConfig:
     model: str = "clip-tiny"  # open_clip model config: one of text/configs/*.json, a .json path, or an open_clip name
     train: TrainConfig = field(default_factory=TrainConfig)
-    resolution: int = 32  # image side read from the shards (the image tower resizes to its own size)
-    eval_images: int = 2000  # validation images for retrieval and zero-shot figures
+    resolution: PositiveInt = 32  # image side read from the shards (the image tower resizes to its own size)
+    eval_images: PositiveInt = 2000  # validation images for retrieval and zero-shot figures
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff train text",
                                 description="Train a CLIP contrastively on (image, caption) shards; "
                                             "its text tower conditions the prior.")
-    add_train_args(p, "text")
+    add_train_args(p, "text", presets=PRESETS)
     return p
 
 

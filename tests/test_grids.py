@@ -1,0 +1,42 @@
+"""Grids and PNGs a person looks at: enlarged without smoothing, labelled rows, exact pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.core.logger import save_grid, save_png, to_uint8
+
+
+def test_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    path = save_grid(x, tmp_path / "g.png", nrow=2, min_cell=96)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    assert grid.shape == (2 + 2 * (96 + 2), 2 + 2 * (96 + 2), 3)  # 3x cells, 2-px white padding
+    first = grid[2:98, 2:98]  # the first cell, 96x96
+    want = to_uint8(x[0]).permute(1, 2, 0).numpy().repeat(3, axis=0).repeat(3, axis=1)
+    assert np.abs(first.astype(int) - want).max() <= 1  # blocks of one source pixel, no blending
+
+
+def test_grid_labels_and_title_widen_it(tmp_path):
+    x = torch.zeros(4, 3, 32, 32)
+    plain = Image.open(save_grid(x, tmp_path / "a.png", nrow=2))
+    labelled = Image.open(save_grid(x, tmp_path / "b.png", nrow=2, labels=["a sneaker", "an ankle boot"],
+                                    title="guidance 3, seed 0"))
+    assert labelled.width > plain.width and labelled.height > plain.height
+    left = np.asarray(labelled.convert("L"))[:, : labelled.width - plain.width]
+    assert (left < 128).any()  # text was drawn beside the rows
+    with pytest.raises(ValueError, match="3 labels for 2 rows"):
+        save_grid(x, tmp_path / "c.png", nrow=2, labels=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_save_png_keeps_resolution_and_pixels(tmp_path, channels):
+    x = torch.rand(channels, 20, 28) * 2 - 1
+    with Image.open(save_png(x, tmp_path / "x.png")) as png:
+        got = np.asarray(png)
+    want = to_uint8(x).permute(1, 2, 0).numpy()
+    assert got.shape[:2] == (20, 28)
+    assert np.array_equal(got.reshape(want.shape), want)
