@@ -16,10 +16,10 @@ import torch
 
 from latentdiff.core.ema import EMA
 from latentdiff.core.faults import NonFiniteError
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.flags import add_train_args
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 from latentdiff.decoder.losses import discriminator_step

@@ -45,8 +45,8 @@ from .config import (Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
                      load_toml, to_dict)
 from .ema import EMA
 from .errors import Stopped, UserError, cli_errors
-from .flags import cli_overrides, config_changes, fill_from_run, require
 from .faults import NonFiniteError, RunLock, StopSignals, nonfinite_weights
+from .flags import cli_overrides, config_changes, fill_from_run, require
 from .logger import MetricLogger, progress
 from .runtime import Precision, Runtime, rng_state, set_rng_state
 
@@ -451,7 +451,8 @@ class Run:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         elapsed = max(1e-9, time.monotonic() - self._t0)
         metrics = {**metrics, "images_per_s": self._images * self.runtime.world_size / elapsed,
-                   "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps}
+                   "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps,
+                   "sample_errors": self.sample_errors}
         self.logger.log(step + 1, metrics)
         if self._bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.flags import add_train_args
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from latentdiff.core.ema import EMA
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.flags import add_train_args
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import make_loader, read_info
