@@ -143,6 +143,21 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are the run's only
 
 
+def test_ctrl_c_in_the_loop_saves_and_exits_130(data, tmp_path, monkeypatch, capsys):
+    count = Run.count_images
+
+    def count_and_interrupt(self, n, skipped=0):
+        count(self, n, skipped)
+        if self.done == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Run, "count_images", count_and_interrupt)
+    run = tmp_path / "run"
+    assert _exit_code(["--data", str(data), "--out", str(run), "--steps", "5", *SMALL]) == 130
+    assert "stopped at step 1; resume with --resume" in capsys.readouterr().err
+    assert ckpt.read_meta(run)["step"] == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_failing_sample_grid_does_not_end_the_run(data, tmp_path, monkeypatch):
     save_grid = ae_stage.save_grid
 
@@ -217,6 +232,14 @@ def test_switching_ema_on_at_resume_starts_it_from_the_current_weights(short_run
     # Nothing trained after the switch (the run was at step 3): the average is the weights themselves.
     a, b = load_file(str(short_run / ckpt.MODEL)), load_file(str(short_run / ckpt.EMA))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_switching_the_discriminator_on_at_resume_starts_it_fresh(short_run, capsys):
+    gan = ["--set", "loss.disc_weight=0.5", "--set", "loss.disc_start=0", "--set", "loss.disc_channels=8",
+           "--set", "loss.disc_layers=2"]
+    assert _ae(["--resume", str(short_run), "--steps", "4", *gan])["steps"] == 4
+    assert "discriminator starts from its initial weights" in capsys.readouterr().out
+    assert ckpt.committed_file(short_run, "discriminator.safetensors").is_file()
 
 
 def test_budgeted_cosine_continues_from_the_recorded_progress(tmp_path):
