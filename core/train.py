@@ -191,6 +191,8 @@ class Run:
         hyper-parameters (weight decay, betas, a constant lr) are the resolved config's, not
         the ones saved in its state. A module or EMA that the checkpoint does not have (EMA or
         the discriminator switched on at resume) starts from its current weights.
+
+        Raises CheckpointError (one line) when the checkpoint does not fit; the run is untouched.
         """
         self._tracked = (modules, optimizers, ema)
         self.meta = dict(meta or {})
@@ -215,9 +217,11 @@ class Run:
                                        ema if with_ema else None)
         except ckpt.CheckpointError:
             raise
-        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict: shapes or groups do not fit
+        except (RuntimeError, ValueError, KeyError) as e:
+            if not isinstance(e, KeyError) and "state dict" not in str(e).lower().replace("_", " "):
+                raise  # not load_state_dict refusing the weights or groups (say, out of memory)
             changed = "; ".join(self._changes) or "no config change"
-            first = str(e).strip().splitlines()[-1][:200]
+            first = str(e).strip().splitlines()[-1].strip().rstrip(".")[:200]
             raise ckpt.CheckpointError(f"cannot resume {self.path}: its checkpoint does not fit the config "
                                        f"({changed}): {first}. Start a new run with --out instead") from None
         saved_world = int(state.get("world_size", 1))
