@@ -372,16 +372,19 @@ class Run:
         # Every rank must stop at the same step, or DDP's collectives would hang.
         return self.runtime.any_rank(over, signals.received is not None)
 
-    def batches(self, loader: Iterable[dict]) -> Iterator[dict]:
-        """The loader's batches from the run's start step on: a resumed run skips what it has already seen.
+    def batches(self, loader: Iterable[dict], start: int | None = None) -> Iterator[dict]:
+        """The loader's batches from number `start` (default: the run's start step) on.
+
+        A resumed run skips what it has already seen.
 
         Starting a torch DataLoader draws its workers' base seed from the global torch RNG. A
         resumed run starts it once more than a straight run, so the start and the skipping
         happen with the RNG forked: the training noise after a resume is the straight run's.
         """
+        start = self.start_step if start is None else start
         it = iter(loader)
         with self.runtime.fork_rng():
-            for _ in range(self.start_step):
+            for _ in range(start):
                 next(it)
             first = next(it, None)
         if first is not None:
