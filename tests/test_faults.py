@@ -44,7 +44,7 @@ def _exit_code(argv: list[str], main=ae_stage.main) -> int:
 
 
 def _finite_weights(run: Path) -> bool:
-    return all(torch.isfinite(t).all() for t in load_file(str(run / ckpt.MODEL)).values())
+    return all(torch.isfinite(t).all() for t in load_file(str(ckpt.committed_file(run, ckpt.MODEL))).values())
 
 
 def _nan_at(monkeypatch, steps: set[int]) -> None:
@@ -105,7 +105,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         model.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="weights of model are not finite"):
         run.checkpoint(1)
-    assert not (tmp_path / ckpt.MODEL).exists() and not (tmp_path / ckpt.STATE).exists()
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob(ckpt.STATE))
     run.close()
 
 
@@ -135,10 +135,11 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
     monkeypatch.setattr(Run, "count_images", count_and_signal)
     assert _exit_code(["--out", str(stopped), "--steps", "5", *common]) == 128 + signal.SIGTERM
     assert f"stopped at step 2; resume with --resume {stopped}" in capsys.readouterr().err
-    assert ckpt.read_meta(stopped)["step"] == 2 and ckpt.load_state(stopped / ckpt.STATE)["step"] == 2
+    assert ckpt.read_meta(stopped)["step"] == 2
+    assert ckpt.load_state(ckpt.committed_file(stopped, ckpt.STATE))["step"] == 2
     monkeypatch.setattr(Run, "count_images", count)
     assert _ae(["--resume", str(stopped), "--steps", "5"])["steps"] == 5
-    a, b = load_file(str(straight / ckpt.MODEL)), load_file(str(stopped / ckpt.MODEL))
+    a, b = (load_file(str(ckpt.committed_file(r, ckpt.MODEL))) for r in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are the run's only
 
@@ -219,7 +220,7 @@ def test_optimizer_hyper_parameters_follow_the_config_on_resume(data, tmp_path):
     _ae(["--data", str(data), "--out", str(run), "--steps", "2", *SMALL, *gan])
     _ae(["--resume", str(run), "--steps", "3", "--set", "train.weight_decay=0.05", "--set", "train.betas=[0.8, 0.95]",
          "--set", "loss.disc_lr=3e-5"])
-    groups = ckpt.load_state(run / ckpt.STATE)["optimizers"]
+    groups = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["optimizers"]
     assert [g["weight_decay"] for g in groups["model"]["param_groups"]] == [0.05, 0.0]
     assert all(tuple(g["betas"]) == (0.8, 0.95) for g in groups["model"]["param_groups"])
     assert groups["discriminator"]["param_groups"][0]["lr"] == 3e-5
@@ -230,7 +231,7 @@ def test_switching_ema_on_at_resume_starts_it_from_the_current_weights(short_run
     summary = _ae(["--resume", str(short_run), "--steps", "3", "--set", "train.ema_decay=0.9"])
     assert summary["steps"] == 3 and ckpt.read_meta(short_run)["ema"]
     # Nothing trained after the switch (the run was at step 3): the average is the weights themselves.
-    a, b = load_file(str(short_run / ckpt.MODEL)), load_file(str(short_run / ckpt.EMA))
+    a, b = (load_file(str(ckpt.committed_file(short_run, name))) for name in (ckpt.MODEL, ckpt.EMA))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -259,7 +260,7 @@ def test_budgeted_run_records_its_progress(data, tmp_path):
     run = tmp_path / "run"
     _ae(["--data", str(data), "--out", str(run), "--steps", "3", "--max-minutes", "30", *SMALL,
          "--set", 'train.lr_decay="cosine"', "--set", "train.warmup_steps=0"])
-    assert 0.0 < ckpt.load_state(run / ckpt.STATE)["lr_progress"] <= 1.0
+    assert 0.0 < ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["lr_progress"] <= 1.0
 
 
 # ---------------------------------------------------------------- collectives
@@ -325,3 +326,53 @@ def test_two_gloo_processes_keep_one_discriminator(tmp_path):
     assert a["gan_weight"] == b["gan_weight"]  # the adaptive weight is averaged over ranks
     start = PatchDiscriminator(3, 8, 2).state_dict()  # not vacuous: the steps moved it
     assert any(not torch.equal(start[k], a["disc"][k]) for k in start if start[k].shape == a["disc"][k].shape)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+    except OSError:
+        return None
+    return int(env["RANK"]) if "RANK" in env else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step(data, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SUBPROCESS_TIMEOUT
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "latentdiff.autoencoder.stage", "--data", str(data), "--out", str(run), "--steps", "100000", *SMALL,
+           "--set", "train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # training has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        rank1 = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop with it
+        _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    step = ckpt.read_meta(run)["step"]
+    state = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))
+    assert state["step"] == step and state["world_size"] == 2
+    assert ckpt.load_state(ckpt.committed_file(run, "rng_rank1.pt"))["step"] == step  # both ranks saved it
+    assert f"stopped at step {step}; resume with --resume {run}" in err
