@@ -22,7 +22,7 @@ test: setup
 demo: setup
 	$(VENV)/bin/python -m latentdiff.scripts.demo
 
-# The six benchmarks of bench/ (speed and quality tables, JSON under runs/bench); under 20 min
+# The seven benchmarks of bench/ (speed and quality tables, JSON under runs/bench); under 20 min
 # on 2 CPU cores. The samplers table scores the demo model; without `make demo` it is skipped.
 bench: setup
 	$(PY) -m bench

@@ -24,7 +24,7 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
     if "scale_factor" not in meta:
         raise ckpt.CheckpointError(f"{run_dir} has no latent scale factor yet: its training did not finish; "
                                    f"resume it with `latentdiff train autoencoder --resume {run_dir}`")
-    cfg = load_toml(AutoencoderConfig, run_dir / ckpt.CONFIG)
+    cfg = load_toml(AutoencoderConfig, ckpt.committed_file(run_dir, ckpt.CONFIG))
     model = Autoencoder(cfg.model)
     path = ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)
     state = ckpt.load_weights(path)

@@ -1,4 +1,4 @@
-"""`python -m bench` (what `make bench` runs): the six benchmarks, each in its own process.
+"""`python -m bench` (what `make bench` runs): the seven benchmarks, each in its own process.
 
 The samplers benchmark runs a reduced grid here (n = 250, NFE 5-50, in SUITE below) so the
 suite stays under 20 minutes on 2 CPU cores; `python -m bench.samplers` alone runs its full
@@ -23,6 +23,7 @@ SUITE = [
     ("latent_cache", []),
     ("model_step", []),
     ("generation", []),
+    ("resume", []),
 ]
 
 

@@ -1,16 +1,38 @@
-"""Run-directory checkpoints: safetensors weights, the config and a format version beside them.
+"""Run-directory checkpoints: each one a unit of files committed by one atomic step.
 
 A run directory of any stage holds
 
-    config.toml         the resolved stage config (what rebuilds the model)
-    meta.json           {"stage", "format_version", "step", ...stage facts such as the latent scale}
-    model.safetensors   the trained weights
-    ema.safetensors     the EMA weights, when the stage keeps them
-    state.pt            optimizer, step, RNG states: what `--resume` needs, nothing else
+    config.toml, meta.json   copies for people (and for a run that has no checkpoint yet)
+    summary.json, metrics.jsonl, *.png
+    checkpoints/
+        step-000000500/      one committed checkpoint:
+            manifest.json        {"format_version", "step", "files": {name: {"bytes", "sha256"}}}
+            config.toml          the resolved stage config (what rebuilds the model)
+            meta.json            {"stage", "format_version", "step", ...stage facts such as the latent scale}
+            model.safetensors    the trained weights (and e.g. disc.safetensors for other modules)
+            ema.safetensors      the EMA weights, when the stage keeps them
+            state.pt             optimizer, step, RNG states: what `--resume` needs, nothing else
+            rng_rank1.pt ...     under torchrun, every other rank's RNG state
+        step-000001000/
+        .staging-000001500/  a save in progress (removed at the next start if it was interrupted)
 
-Every file is written to a temporary name and renamed into place, so a run killed mid-save
-keeps its previous checkpoint. Loading never unpickles code: weights come from safetensors
-and the training state through `torch.load(weights_only=True)`.
+Why step folders with a manifest inside, renamed into place, and no `latest` pointer: keeping
+the last K checkpoints needs several versions of each file side by side, which flat files
+cannot hold; a folder is written under a hidden staging name, every file and the folder are
+fsynced, and one rename of the folder commits it, so a reader never sees a half-written
+checkpoint under a `step-` name. The manifest (sizes and sha256 of every file) is what a
+reader verifies: it catches what a rename cannot promise (a torn copy on a filesystem whose
+directory rename is not atomic, bit rot, a file edited by hand), and then the previous
+complete checkpoint is used and the reader says so in one line. The newest checkpoint is the
+highest step that verifies; a `latest` pointer would be a second record that can disagree.
+Saving a step that is already committed (the final save after the last periodic one) goes
+to `step-N.1`, `.2`, ...: a commit never has to remove the checkpoint it supersedes first.
+
+Format 1 (latentdiff before checkpoints/) kept flat files in the run directory; they still
+load, and the first checkpoint a resumed format-1 run writes replaces them.
+
+Loading never unpickles code: weights come from safetensors and the training state through
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -18,7 +40,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,30 +52,59 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
 CONFIG = "config.toml"
 MODEL = "model.safetensors"
 EMA = "ema.safetensors"
 STATE = "state.pt"
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+READABLE = (META, CONFIG)  # kept at the run root too, for people
+_STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
+_TMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
     """A run directory that is missing, incomplete or of another stage."""
 
 
+class NewerFormatError(CheckpointError):
+    """A checkpoint written by a newer latentdiff: not corrupt, so never skipped or set aside."""
+
+
+# ---- single files -------------------------------------------------------------------------
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a directory's entries (new names, renames) durable; a no-op where directories cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path` (same directory)."""
+    """Call `write(tmp_path)`, fsync, then rename the temporary file onto `path` (same directory).
+
+    The temporary name is `.NAME.XXXX.tmp`; `remove_leftovers` deletes those an interrupted write left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -67,15 +122,6 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def committed_file(run_dir: str | Path, name: str) -> Path:
-    """Path of file `name` (e.g. MODEL, EMA, STATE) in the newest complete checkpoint of `run_dir`.
-
-    Every reader of a run's checkpoint files goes through here, so the on-disk layout of a
-    checkpoint is known in this module alone.
-    """
-    return Path(run_dir) / name
-
-
 def load_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
@@ -83,13 +129,17 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[s
     return load_file(str(path), device=str(device))
 
 
-def file_hash(path: str | Path, length: int = 16) -> str:
-    """Content hash (sha256, shortened) of a file: how runs recognise each other's weights."""
+def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:length]
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path, length: int = 16) -> str:
+    """Content hash (sha256, shortened) of a file: how runs recognise each other's weights."""
+    return sha256(path)[:length]
 
 
 def tensors_hash(state_dict: dict[str, torch.Tensor], length: int = 16) -> str:
@@ -104,16 +154,252 @@ def tensors_hash(state_dict: dict[str, torch.Tensor], length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+# ---- checkpoints as units -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One committed checkpoint: its folder, step and verified files (format 1: the run directory, unverified)."""
+
+    path: Path
+    step: int
+    files: dict[str, dict] = field(default_factory=dict)  # name -> {"bytes": int, "sha256": str}
+    legacy: bool = False
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _order(folder: Path) -> tuple[int, int] | None:
+    m = _STEP_DIR.match(folder.name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def folder_order(folder: Path) -> tuple[int, int]:
+    """(step, seq) of a checkpoint folder `step-N` or `step-N.seq`: the order in which they were committed."""
+    order = _order(folder)
+    if order is None:
+        raise CheckpointError(f"{folder} is not a checkpoint folder (step-N)")
+    return order
+
+
+def step_folder(run_dir: str | Path, step: int, seq: int = 0) -> Path:
+    return Path(run_dir) / CHECKPOINTS / (f"step-{step:09d}" + (f".{seq}" if seq else ""))
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The committed-looking folders of a run (`checkpoints/step-*`), newest first; nothing verified."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _order(p)), key=_order, reverse=True)
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """Where every rank writes the files of the checkpoint of `step` before `commit` (created here)."""
+    path = Path(run_dir) / CHECKPOINTS / f".staging-{step:09d}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def commit(run_dir: str | Path, staging: Path, step: int, keep: int) -> Path:
+    """Seal `staging` as the checkpoint of `step`: manifest, fsync, one rename; then keep the newest `keep`.
+
+    Raises CheckpointError for keep < 1. Main rank only, after every rank has written its files.
+    """
+    if keep < 1:
+        raise CheckpointError(f"train.keep_checkpoints must be at least 1, got {keep}")
+    run_dir, root = Path(run_dir), Path(run_dir) / CHECKPOINTS
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != MANIFEST
+                   and not p.name.endswith(_TMP_SUFFIX))
+    files = {n: {"bytes": (staging / n).stat().st_size, "sha256": sha256(staging / n)} for n in names}
+    write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+    fsync_dir(staging)
+    seqs = [folder_order(f)[1] for f in checkpoint_dirs(run_dir) if folder_order(f)[0] == step]
+    target = step_folder(run_dir, step, max(seqs) + 1 if seqs else 0)
+    os.replace(staging, target)  # the commit
+    fsync_dir(root)
+    # The hashes were just computed from these files: the next read need not hash them again.
+    _verified[target] = (_signature(target, files), Checkpoint(target, step, files))
+    _prune(run_dir, keep)
+    for name in names:  # a resumed format-1 run: its flat copies are now stale
+        if name not in READABLE:
+            (run_dir / name).unlink(missing_ok=True)
+    return target
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` steps (and older copies of a step saved twice)."""
+    seen: list[int] = []
+    for folder in checkpoint_dirs(run_dir):
+        step = _order(folder)[0]
+        if step in seen or len(seen) >= keep:
+            doomed = folder.with_name(f".pruning-{folder.name}")
+            os.replace(folder, doomed)  # out of the step- names first, so a crash here leaves no half folder
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            seen.append(step)
+
+
+def set_aside(run_dir: str | Path, folder: Path) -> Path:
+    """Rename a checkpoint folder that failed verification to `rejected-step-...`: kept for a person, never read."""
+    n = 0
+    while (target := folder.with_name(f"rejected-{folder.name}" + (f"-{n}" if n else ""))).exists():
+        n += 1
+    os.replace(folder, target)
+    fsync_dir(folder.parent)
+    return target
+
+
+def remove_leftovers(run_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted save left (staging folders, `.*.tmp` files); returns what was removed.
+
+    Call only while holding the run (one writer), before the first save.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for where in (run_dir, run_dir / CHECKPOINTS):
+        if not where.is_dir():
+            continue
+        for p in where.iterdir():
+            if p.is_dir() and p.name.startswith((".staging-", ".pruning-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            elif p.is_file() and p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+_verified: dict[Path, tuple[Any, Checkpoint]] = {}  # folder -> (stat signature, checkpoint): hash each file once
+
+
+def _signature(folder: Path, files: dict[str, dict]) -> tuple:
+    """What must not change for a verified folder to stay verified; raises CheckpointError on a missing file or size."""
+    signature = []
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder.name}/{name} is missing")
+        st = path.stat()
+        if st.st_size != want["bytes"]:
+            raise CheckpointError(f"{folder.name}/{name} has {st.st_size} bytes, the manifest says {want['bytes']}")
+        signature.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return (folder / MANIFEST).stat().st_mtime_ns, tuple(signature)
+
+
+def verify(folder: str | Path) -> Checkpoint:
+    """The checkpoint in `folder` after checking its manifest, sizes and sha256 hashes; CheckpointError if not."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+        step = int(manifest["step"])
+        version = int(manifest["format_version"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder.name} has no {MANIFEST}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder.name}/{MANIFEST} is unreadable ({e})") from None
+    if version > FORMAT_VERSION:
+        raise NewerFormatError(f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); "
+                              "upgrade latentdiff")
+    signature = _signature(folder, files)
+    cached = _verified.get(folder)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    for name, want in files.items():
+        if sha256(folder / name) != want["sha256"]:
+            raise CheckpointError(f"{folder.name}/{name} does not match its sha256 in the manifest")
+    checkpoint = Checkpoint(folder, step, files)
+    _verified[folder] = (signature, checkpoint)
+    return checkpoint
+
+
+def latest(run_dir: str | Path, rejected: list[tuple[Path, str]] | None = None) -> Checkpoint | None:
+    """The newest checkpoint of a run that verifies; None when the run has none yet.
+
+    Folders that fail verification are appended to `rejected` as (folder, reason) and skipped.
+    A run without checkpoints/ but with flat format-1 files gives a legacy Checkpoint of the run
+    directory. Raises CheckpointError when checkpoints exist and none verifies.
+    """
+    run_dir = Path(run_dir)
+    folders = checkpoint_dirs(run_dir)
+    reasons = []
+    for folder in folders:
+        try:
+            return verify(folder)
+        except NewerFormatError:
+            raise
+        except CheckpointError as e:
+            reasons.append((folder, str(e)))
+            if rejected is not None:
+                rejected.append((folder, str(e)))
+    if folders:
+        raise CheckpointError(f"no complete checkpoint in {run_dir}: " + "; ".join(r for _, r in reasons))
+    if (run_dir / STATE).is_file() or (run_dir / MODEL).is_file():  # format 1: flat files
+        meta = json.loads((run_dir / META).read_text()) if (run_dir / META).is_file() else {}
+        return Checkpoint(run_dir, int(meta.get("step", 0)), legacy=True)
+    return None
+
+
+_warned: set[Path] = set()
+
+
+def fallback_message(run_dir: Path, chosen: Checkpoint, rejected: list[tuple[Path, str]], action: str = "") -> str:
+    """The one line that says the newest checkpoint(s) were skipped and which one is used."""
+    skipped = "; ".join(f"{folder.relative_to(run_dir)} ({reason})" for folder, reason in rejected)
+    return (f"latentdiff: newest checkpoint incomplete or corrupt, using step {chosen.step} "
+            f"({chosen.path.relative_to(run_dir) if not chosen.legacy else run_dir}) instead: {skipped}{action}")
+
+
+def committed_file(run_dir: str | Path, name: str) -> Path:
+    """Path of file `name` (e.g. MODEL, EMA, STATE, CONFIG, META) in the newest complete checkpoint of `run_dir`.
+
+    Every reader of a run's checkpoint files goes through here, so the on-disk layout of a
+    checkpoint is known in this module alone. A run with no checkpoint yet (or a format-1 run)
+    gives the file in the run directory. When the newest checkpoint fails verification the
+    previous one is used and one line on stderr says so. Raises CheckpointError when the run's
+    checkpoints all fail.
+    """
+    run_dir = Path(run_dir)
+    rejected: list[tuple[Path, str]] = []
+    chosen = latest(run_dir, rejected)
+    if chosen is None:
+        return run_dir / name
+    new = [r for r in rejected if r[0] not in _warned]
+    if new:
+        _warned.update(folder for folder, _ in new)
+        print(fallback_message(run_dir, chosen, new), file=sys.stderr)
+    return chosen.file(name)
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether a run directory holds any checkpoint (committed folders or format-1 files), verified or not."""
+    run_dir = Path(run_dir)
+    return bool(checkpoint_dirs(run_dir)) or (run_dir / STATE).is_file() or (run_dir / MODEL).is_file()
+
+
 def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
-    """meta.json of a run directory, checking it is a run of `stage` when one is given."""
+    """A run's meta: its newest complete checkpoint's meta.json over the root copy; checks `stage` if given.
+
+    The root meta.json may hold facts added after the last save (a classifier's accuracies),
+    so it is read too, but every key the checkpoint has comes from the checkpoint.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    path = run_dir / META
-    if not path.exists():
+    root = run_dir / META
+    committed = committed_file(run_dir, META)
+    if not root.is_file() and not committed.is_file() and (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint yet: its run stopped before the first save; "
+                              f"start it again with --out {run_dir}")
+    if not root.is_file() and not committed.is_file():
         raise CheckpointError(f"{run_dir} is not a latentdiff run directory (no {META}); "
                               "train one with `latentdiff train STAGE --out DIR`")
-    meta = json.loads(path.read_text())
+    meta = json.loads(root.read_text()) if root.is_file() else {}
+    if committed != root and committed.is_file():
+        meta.update(json.loads(committed.read_text()))
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{run_dir} was written by a newer latentdiff "
                               f"(format {meta['format_version']} > {FORMAT_VERSION}); upgrade latentdiff")
@@ -121,6 +407,43 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{run_dir} is a {meta.get('stage')!r} run, not a {stage!r} run; "
                               f"pass the output directory of `latentdiff train {stage}`")
     return meta
+
+
+def amend(run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | None = None,
+          meta: dict | None = None) -> Path:
+    """Commit a new checkpoint of a run's newest step with some weights files replaced and/or meta updated.
+
+    weights: {file name: state dict}; meta: keys to set in meta.json. Every other file is copied
+    from the newest checkpoint, which the new one replaces; older steps are kept. For
+    hand-edited weights (a converted or patched model) and for facts measured after training.
+    Returns the new checkpoint folder.
+    """
+    run_dir = Path(run_dir)
+    keep = max(1, len({folder_order(f)[0] for f in checkpoint_dirs(run_dir)}))
+    current = latest(run_dir)
+    full_meta = read_meta(run_dir)
+    staging = staging_dir(run_dir, current.step if current else 0)
+    if current is not None:
+        names = list(current.files) if not current.legacy else [
+            p.name for p in current.path.iterdir() if p.is_file() and _is_legacy_checkpoint_file(p.name)]
+        for name in names:
+            if name not in (weights or {}):
+                shutil.copy2(current.file(name), staging / name)
+    for name, state in (weights or {}).items():
+        save_weights(staging / name, state)
+    full_meta.update(meta or {})
+    full_meta["format_version"] = FORMAT_VERSION
+    write_json(staging / META, full_meta)
+    target = commit(run_dir, staging, int(full_meta.get("step", current.step if current else 0)), keep)
+    write_json(run_dir / META, full_meta)
+    return target
+
+
+def _is_legacy_checkpoint_file(name: str) -> bool:
+    return name in (CONFIG, STATE) or name.endswith(".safetensors") or re.match(r"^rng_rank\d+\.pt$", name) is not None
+
+
+# ---- training state -----------------------------------------------------------------------
 
 
 def _numpy_state_to_tensors(state: tuple) -> tuple:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
-def _warmup_ema_multi_avg_fn(decay: float):
-    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+def _ema_multi_avg_fn(decay: float, warmup: bool):
+    """theta_ema <- lerp(theta_ema, theta, 1 - d) on floating tensors; other tensors are copied.
 
-    With a fixed 0.999, the weights of step 0 still hold 0.999^500 = 61% of the average after
-    500 steps, so a short CPU run's EMA would be mostly its untrained start.
+    With warm-up the decay ramps up as d = min(decay, (1 + n) / (10 + n)) over the first n
+    updates: with a fixed 0.999, the weights of step 0 still hold 0.999^500 = 61% of the
+    average after 500 steps, so a short CPU run's EMA would be mostly its untrained start.
+    Integer buffers (BatchNorm's num_batches_tracked) are counts, not weights: an average of
+    them means nothing (and lerp has no integer kernel), so the EMA model takes the model's.
+    AveragedModel calls this once per (device, dtype) group, so a call's tensors share a dtype.
     """
     @torch.no_grad()
     def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        if not ema_params:
+            return
+        if not (ema_params[0].is_floating_point() or ema_params[0].is_complex()):
+            torch._foreach_copy_(ema_params, params)
+            return
         n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
         torch._foreach_lerp_(ema_params, params, 1 - d)
 
     return ema_update
@@ -33,7 +42,7 @@ class EMA(torch.nn.Module):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        avg_fn = _warmup_ema_multi_avg_fn(decay) if warmup else get_ema_multi_avg_fn(decay)
+        avg_fn = _ema_multi_avg_fn(decay, warmup)
         self.averaged = AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=True) if decay > 0 else None
         if self.averaged is not None:
             self.averaged.requires_grad_(False)

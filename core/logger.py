@@ -75,6 +75,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] (any shape) -> float32 in [-1, 1], x / 127.5 - 1; to_uint8 inverts it exactly."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"from_uint8 expects uint8 pixels, got {images.dtype}")
+    return images.float().div_(127.5).sub_(1.0)  # .float() copies, so the in-place ops never touch the input
+
+
 class MetricLogger:
     """Appends one JSON line per log call and mirrors scalars to TensorBoard (main rank only)."""
 

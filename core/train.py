@@ -31,8 +31,12 @@ The flags (`add_train_args`) live in core/flags.py, what happens on each fault i
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import shutil
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -71,6 +75,7 @@ class TrainConfig:
     sample_every: NonNegativeInt = 500  # steps between sample/reconstruction grids (0: only at the end)
     ckpt_every: NonNegativeInt = 500  # steps between checkpoints (0: none; always one at the end)
     max_nonfinite_steps: PositiveInt = 10  # non-finite losses or gradient norms in a row before the run stops
+    keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept in RUN/checkpoints
 
 
 def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -132,6 +137,9 @@ class Run:
         self._t0 = time.monotonic()
         self._images = 0
         self._bar = None
+        self._data_position: dict | None = None  # this rank's loader positions, from the checkpoint resumed
+        self._positions: dict[int, tuple[int, int]] = {}  # worker -> (epoch, raw samples read) of batches used
+        self._workers = 1
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -148,14 +156,14 @@ class Run:
             path = Path(args.resume)
             recorded = ckpt.read_meta(path, stage)
             fill_from_run(args, recorded, {"data": "data", **(from_run or {})})
-            old = load_toml(config_cls, path / ckpt.CONFIG)
-            config = load_toml(config_cls, path / ckpt.CONFIG, overrides)
+            old = load_toml(config_cls, ckpt.committed_file(path, ckpt.CONFIG))
+            config = load_toml(config_cls, ckpt.committed_file(path, ckpt.CONFIG), overrides)
             changes = config_changes(to_dict(old), to_dict(config))
         else:
             if not args.out:
                 raise UserError("--out RUN is required (or --resume RUN to continue a run)")
             path = Path(args.out)
-            if (path / ckpt.META).exists():
+            if (path / ckpt.META).exists() or ckpt.has_checkpoint(path):
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
         require(args, required, stage)
@@ -200,6 +208,8 @@ class Run:
             self.start_step = self._resume(modules, optimizers, ema)
             self._write_config()
             self.runtime.barrier()
+        else:
+            self.restore(modules, optimizers, ema)  # loads nothing; clears what an interrupted first save left
         self.done = self.start_step
         self._saved_step = self.start_step if self.resuming else None
         self.logger = MetricLogger(self.path, enabled=self.runtime.is_main)
@@ -248,62 +258,138 @@ class Run:
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              ema: EMA | None = None, meta: dict | None = None, state: dict | None = None) -> None:
-        """Write weights, EMA, training state and meta.json (main rank; every file atomic).
+        """Write one checkpoint (weights, EMA, training state, meta, config) and commit it as a unit.
 
-        Under torchrun every other rank writes its own RNG state beside state.pt, since each
-        rank draws its own noise: a resume restores every rank's stream, not rank 0's on all.
+        Every rank writes into the same staging folder, the others their own RNG state (each rank
+        draws its own noise, so a resume restores every rank's stream); after a barrier the main
+        rank commits it (core.checkpoint.commit) and refreshes the root meta.json people read.
+        A failed write (a full disk) removes the staging folder and raises CheckpointError; the
+        previous checkpoint stays the newest.
         """
-        if not self.runtime.is_main:
-            ckpt.save_state(self.path / f"rng_rank{self.runtime.rank}.pt", {"step": step, "rng": rng_state()})
-        else:
-            from .runtime import unwrap
+        from .runtime import unwrap
 
-            for name, module in modules.items():
-                fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-                ckpt.save_weights(self.path / fname, unwrap(module).state_dict(), {"step": step})
-            if ema is not None and ema.enabled:
-                ckpt.save_weights(self.path / ckpt.EMA, ema.weights(), {"step": step})
-            full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
-                          "world_size": self.runtime.world_size,
-                          "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                          "ema_count": ema.count() if ema is not None else torch.tensor(0)}
-            full_state.update(state or {})
-            ckpt.save_state(self.path / ckpt.STATE, full_state)
-            full_meta = self.read_meta_or_empty()
-            full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
-                              "ema": bool(ema is not None and ema.enabled)})
-            full_meta.update(meta or {})
+        staging = ckpt.staging_dir(self.path, step)
+        full_meta = {}
+        try:
+            if not self.runtime.is_main:
+                ckpt.save_state(staging / f"rng_rank{self.runtime.rank}.pt",
+                                {"step": step, "rng": rng_state(), "data_position": self._data_state()})
+            else:
+                for name, module in modules.items():
+                    fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
+                    ckpt.save_weights(staging / fname, unwrap(module).state_dict(), {"step": step})
+                if ema is not None and ema.enabled:
+                    ckpt.save_weights(staging / ckpt.EMA, ema.weights(), {"step": step})
+                full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
+                              "world_size": self.runtime.world_size, "data_position": self._data_state(),
+                              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                              "ema_count": ema.count() if ema is not None else torch.tensor(0)}
+                full_state.update(state or {})
+                ckpt.save_state(staging / ckpt.STATE, full_state)
+                ckpt.write_text(staging / ckpt.CONFIG, dumps_toml(to_dict(self.config)))
+                full_meta = self.read_meta_or_empty()
+                full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
+                                  "ema": bool(ema is not None and ema.enabled)})
+                full_meta.update(meta or {})
+                ckpt.write_json(staging / ckpt.META, full_meta)
+        except BaseException as e:
+            self._save_failed(step, staging, e)
+        self.runtime.barrier()
+        if self.runtime.is_main:
+            try:
+                ckpt.commit(self.path, staging, step, self.config.train.keep_checkpoints)
+            except BaseException as e:
+                self._save_failed(step, staging, e)
             ckpt.write_json(self.path / ckpt.META, full_meta)
         self.runtime.barrier()
 
+    def _save_failed(self, step: int, staging: Path, error: BaseException) -> None:
+        """Remove the staging folder and re-raise; a write error (a full disk) becomes one line that says what to do."""
+        if self.runtime.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise error
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise ckpt.CheckpointError(
+            f"could not write the checkpoint of step {step} in {self.path} ({error.strerror or error}); the previous "
+            f"checkpoint is kept: {fix} and resume with --resume {self.path}") from error
+
     def read_meta_or_empty(self) -> dict:
-        path = self.path / ckpt.META
-        return ckpt.read_meta(self.path) if path.exists() else {}
+        """The run's meta (newest checkpoint over the root copy), or {} before its first checkpoint."""
+        exists = (self.path / ckpt.META).exists() or ckpt.has_checkpoint(self.path)
+        return ckpt.read_meta(self.path) if exists else {}
+
+    def _checkpoint_to_resume(self) -> ckpt.Checkpoint:
+        """The newest complete checkpoint, chosen (and verified) by the main rank and shared with the others.
+
+        Newer ones that fail verification are renamed to checkpoints/rejected-step-..., and one
+        line says so; every rank then reads the same checkpoint.
+        """
+        chosen, error = None, None
+        if self.runtime.is_main:
+            rejected: list = []
+            try:
+                chosen = ckpt.latest(self.path, rejected)
+                if chosen is None:
+                    raise ckpt.CheckpointError(f"{self.path} has no checkpoint yet (it stopped before its first "
+                                               f"save); start it again with --out {self.path}")
+            except ckpt.CheckpointError as e:
+                error = e
+            if chosen is not None and rejected:
+                moved = [ckpt.set_aside(self.path, folder).name for folder, _ in rejected]
+                print(ckpt.fallback_message(self.path, chosen, rejected, f"; set aside as {', '.join(moved)}"),
+                      file=sys.stderr)
+        # (found, step, seq, legacy) from the main rank; the all-reduce is also the barrier.
+        code = torch.zeros(4, dtype=torch.int64, device=self.runtime.device)
+        if chosen is not None:
+            seq = 0 if chosen.legacy else ckpt.folder_order(chosen.path)[1]
+            code += torch.tensor([1, chosen.step, seq, int(chosen.legacy)], device=code.device)
+        found, step, seq, legacy = self.runtime.all_reduce_sum(code).tolist()
+        if error is not None:
+            raise error
+        if not found:
+            raise ckpt.CheckpointError(f"{self.path}: the main rank found no checkpoint to resume from")
+        if chosen is None:
+            chosen = (ckpt.Checkpoint(self.path, step, legacy=True) if legacy
+                      else ckpt.Checkpoint(ckpt.step_folder(self.path, step, seq), step))
+        return chosen
 
     def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                 ema: EMA | None = None) -> tuple[int, dict]:
-        """Load the last checkpoint when resuming; returns (step, training state) or (0, {})."""
-        if not self.resuming:
-            return 0, {}
+        """Load the newest complete checkpoint when resuming; returns (step, training state) or (0, {}).
+
+        First removes what an interrupted save left behind (staging folders, temporary files).
+        """
         from .runtime import unwrap
 
-        state = ckpt.load_state(self.path / ckpt.STATE)
+        if self.runtime.is_main:
+            ckpt.remove_leftovers(self.path)
+        if not self.resuming:
+            self.runtime.barrier()
+            return 0, {}
+        chosen = self._checkpoint_to_resume()
+        state = ckpt.load_state(chosen.file(ckpt.STATE))
         dev = self.runtime.device
         for name, module in modules.items():
             fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-            unwrap(module).load_state_dict(ckpt.load_weights(self.path / fname, dev))
+            unwrap(module).load_state_dict(ckpt.load_weights(chosen.file(fname), dev))
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         if ema is not None and ema.enabled:
-            ema.load(ckpt.load_weights(self.path / ckpt.EMA, dev), state["ema_count"])
+            ema.load(ckpt.load_weights(chosen.file(ckpt.EMA), dev), state["ema_count"])
         rng = state["rng"]
         if self.runtime.rank > 0:
-            own = self.path / f"rng_rank{self.runtime.rank}.pt"
+            own = chosen.file(f"rng_rank{self.runtime.rank}.pt")
             if not own.exists():
                 raise ckpt.CheckpointError(
                     f"{self.path} was saved by {state.get('world_size', 1)} process(es) and has no RNG state for "
                     f"rank {self.runtime.rank}; resume it with --nproc_per_node={state.get('world_size', 1)}")
-            rng = ckpt.load_state(own)["rng"]
+            own_state = ckpt.load_state(own)
+            rng, self._data_position = own_state["rng"], own_state.get("data_position")
+        else:
+            self._data_position = state.get("data_position")
+        if self._data_position:  # kept as they are by a save before any batch is drawn (resumed at the last step)
+            self._workers, self._positions = int(self._data_position["workers"]), _positions(self._data_position)
         set_rng_state(rng)
         self.skipped = int(state.get("skipped", 0))
         return int(state["step"]), state
@@ -377,19 +463,44 @@ class Run:
 
         A resumed run skips what it has already seen.
 
-        Starting a torch DataLoader draws its workers' base seed from the global torch RNG. A
-        resumed run starts it once more than a straight run, so the start and the skipping
-        happen with the RNG forked: the training noise after a resume is the straight run's.
+        A shard loader (data.reader.Loader) restarts each worker at the position the checkpoint
+        recorded, reading but not decoding the rest of its epoch; any other loader, or a run
+        saved without positions or with another number of workers, is replayed batch by batch.
+        Either way the batches are the straight run's, bit for bit. Starting a torch DataLoader
+        draws its workers' base seed from the global torch RNG; a resumed run starts it once more
+        than a straight run, so the start and the skipping happen with the RNG forked: the
+        training noise after a resume is the straight run's.
         """
         start = self.start_step if start is None else start
-        it = iter(loader)
+        workers = max(1, getattr(loader, "num_workers", 0))
+        recorded = self._data_position
+        fast = (start > 0 and hasattr(loader, "resumed") and recorded is not None
+                and recorded["workers"] == workers and recorded["at"])
+        # The replay below records the positions again; a restart starts from the recorded ones.
+        self._positions = _positions(recorded) if fast else {}
+        self._workers = workers
         with self.runtime.fork_rng():
-            for _ in range(start):
-                next(it)
+            if fast:
+                it = self._recorded(_in_turn(iter(loader.resumed(recorded["at"])), start % workers, workers))
+            else:
+                it = self._recorded(iter(loader))
+                for _ in range(start):
+                    next(it)
             first = next(it, None)
         if first is not None:
             yield first
             yield from it
+
+    def _recorded(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Pass batches through, noting each worker's stream position for the next checkpoint."""
+        for batch in batches:
+            if "position" in batch:
+                worker, epoch, n = batch["position"]
+                self._positions[int(worker)] = (int(epoch), int(n))
+            yield batch
+
+    def _data_state(self) -> dict:
+        return {"workers": self._workers, "at": {w: list(p) for w, p in self._positions.items()}}
 
     def finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, part: str = "model") -> bool:
         """True when the loss and gradient norm are finite on every rank; else the step is skipped and counted.
@@ -491,6 +602,27 @@ class Run:
             self._lock = None
         if self in _OPEN:
             _OPEN.remove(self)
+
+
+def _positions(recorded: dict) -> dict[int, tuple[int, int]]:
+    """{worker: (epoch, samples read)} from a checkpoint's data_position {"workers", "at"}."""
+    return {int(w): (int(e), int(n)) for w, (e, n) in recorded["at"].items()}
+
+
+def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:
+    """A restarted DataLoader's batches in the interrupted one's order: worker `first`, then round robin.
+
+    A DataLoader takes its workers' batches in turn from worker 0; the interrupted run had last
+    taken one from worker first - 1. Each worker's own batches keep their order; at most
+    `workers - 1` wait.
+    """
+    waiting: dict[int, deque] = {w: deque() for w in range(workers)}
+    turn = first
+    for batch in batches:
+        waiting[int(batch["position"][0])].append(batch)
+        while waiting[turn]:
+            yield waiting[turn].popleft()
+            turn = (turn + 1) % workers
 
 
 def stage_main(build_parser, train, argv: list[str] | None = None):

@@ -1,7 +1,7 @@
 """Image+caption sources -> webdataset shards, and the one reader every training stage uses."""
 
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-from latentdiff.data.fashion_mnist import class_prompt
 from latentdiff.data.reader import SkipCounter, make_loader, read_info, resolve_shards
 from latentdiff.data.shards import SPLITS, Sample, write_info, write_split
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from latentdiff.data.captions import with_article
+from latentdiff.data.captions import class_prompt, with_article
 from latentdiff.data.images import RESAMPLE, gray_to_rgb
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, Sample, write_info, write_split
 
@@ -54,11 +54,6 @@ _STEMS = {
     ("t10k", "images"): ("t10k-images", "idx3-ubyte"),
     ("t10k", "labels"): ("t10k-labels", "idx1-ubyte"),
 }
-
-
-def class_prompt(name: str) -> str:
-    """The canonical prompt for a class, "a photo of a sneaker", used for zero-shot and generation."""
-    return f"a photo of {with_article(name)}"
 
 
 def caption_for(label: int, template: int) -> str:

@@ -10,12 +10,17 @@ Each batch is {"image", "caption", "meta", "key", "skipped", "skip_reasons"}. "s
 number of samples dropped (undecodable image, empty caption, missing part, truncated shard)
 since the previous batch of the same stream, so summing it over batches (SkipCounter) gives
 the run's total; per-sample problems are logged at most once per reason and every
-WARN_EVERY-th time after, never one line per sample.
+WARN_EVERY-th time after, never one line per sample. A bad sample is skipped and the rest of
+its shard is still read. Images go through data/images.py's load_rgb (every Pillow mode to
+RGB; any error skips the sample); captions that are not UTF-8 are read as cp1252/latin-1,
+with one warning per stream. An endless stream's batches also carry "position", (worker,
+epoch, raw samples of that epoch read), from which `Loader.resumed` restarts it.
 
 Order is a pure function of (seed, num_workers, world_size): every epoch shuffles the shard
 order with a generator seeded by (seed, epoch), shared by all ranks so their shares stay
 disjoint, and shuffles samples in a buffer seeded by (seed, epoch, rank, worker). Exact resume
-is therefore: make the loader again with the same arguments and discard the first `step` batches.
+is therefore: make the loader again with the same arguments and discard the first `step` batches,
+or, faster, start each worker at its recorded position (`Loader.resumed`) without decoding what it skips.
 
 Sharding: each (rank, worker) pair reads every (world_size * num_workers)-th shard; when there
 are fewer shards than pairs, every pair reads all shards and keeps every n-th sample instead.
@@ -24,8 +29,8 @@ Shards may be uneven, so with repeat=False ranks can get different numbers of ba
 
 from __future__ import annotations
 
+import copy
 import glob
-import io
 import itertools
 import json
 import logging
@@ -38,17 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
-from latentdiff.data.images import fit_square, to_rgb
+from latentdiff.core.logger import from_uint8
+from latentdiff.data.captions import decode_caption
+from latentdiff.data.images import IMAGE_EXTENSIONS as IMAGE_FILE_EXTENSIONS
+from latentdiff.data.images import BadImage, load_rgb
 from latentdiff.data.shards import INFO_FILE
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_FILE_EXTENSIONS)  # image members of a sample
 DEFAULT_SHUFFLE_BUFFER = 2000
 WARN_EVERY = 1000  # after the first skip of each reason, warn once per this many skips
 WRITE_COMMANDS = (
@@ -132,6 +139,7 @@ class _Skips:
     def __init__(self) -> None:
         self.pending: Counter = Counter()
         self.seen: Counter = Counter()  # all skips of this stream, for rate-limited warnings
+        self.noted: Counter = Counter()  # things read anyway (warned once each)
 
     def add(self, reason: str, where: str) -> None:
         self.pending[reason] += 1
@@ -139,6 +147,12 @@ class _Skips:
         total = sum(self.seen.values())
         if self.seen[reason] == 1 or total % WARN_EVERY == 0:
             log.warning("skipped a sample (%s) at %s; %d skipped so far in this stream", reason, where, total)
+
+    def note(self, what: str, where: str) -> None:
+        """Something read anyway (a caption in a fallback encoding): warned the first time only."""
+        if not self.noted[what]:
+            log.warning("%s at %s (warned once per stream)", what, where)
+        self.noted[what] += 1
 
     def take(self) -> Counter:
         taken, self.pending = self.pending, Counter()
@@ -185,7 +199,7 @@ def _read_shard(url: str, skips: _Skips, count_errors: bool) -> Iterator[dict[st
     for opened in url_opener([{"url": url}], handler=stop_shard):
         watcher = opened["stream"] = _EndWatcher(opened["stream"], url)
         try:
-            yield from group_by_keys(tar_file_expander([opened], handler=stop_shard), handler=stop_shard)
+            yield from _group_by_key(tar_file_expander([opened], handler=stop_shard), skips)
         finally:
             watcher.close()
         if not errors and watcher.truncated:
@@ -193,6 +207,38 @@ def _read_shard(url: str, skips: _Skips, count_errors: bool) -> Iterator[dict[st
     if count_errors:
         for exn in errors:
             skips.add("unreadable or truncated shard", f"{url}: {exn!r}")
+
+
+def _group_by_key(members: Iterable[dict[str, Any]], skips: _Skips) -> Iterator[dict[str, Any]]:
+    """Consecutive tar members with one key ("a/b.png", "a/b.txt") as one sample {"__key__", "png", "txt", ...}.
+
+    webdataset's group_by_keys ends the whole shard at a sample holding the same file twice;
+    here only that sample is skipped (counted) and the shard goes on.
+    """
+    sample: dict[str, Any] | None = None
+    duplicate = False
+
+    def finish() -> Iterator[dict[str, Any]]:
+        if sample is None:
+            return
+        if duplicate:
+            skips.add("duplicate file in a sample", f"{sample['__url__']}:{sample['__key__']}")
+        elif len(sample) > 2:  # more than __key__ and __url__
+            yield sample
+
+    for member in members:
+        if not member:  # tar_file_expander's end-of-shard marker
+            continue
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        ext = ext.lower()
+        if sample is None or key != sample["__key__"]:
+            yield from finish()
+            sample, duplicate = {"__key__": key, "__url__": member["__url__"]}, False
+        duplicate = duplicate or ext in sample
+        sample[ext] = member["data"]
+    yield from finish()
 
 
 def _shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -210,21 +256,31 @@ def _shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> It
 
 
 def _decode(raw: dict[str, Any], resolution: int | None, skips: _Skips) -> dict[str, Any] | None:
-    """Raw sample -> {"image": (H, W, 3) uint8, "caption", "meta", "key"}, or None (counted) when bad."""
+    """Raw sample -> {"image": (H, W, 3) uint8, "caption", "meta", "key"}, or None (counted) when bad.
+
+    Whatever goes wrong with one sample (any exception) skips that sample only.
+    """
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
+    try:
+        return _decode_parts(raw, key, where, resolution, skips)
+    except Exception as e:  # noqa: BLE001 - one bad sample must never end the stream
+        skips.add("undecodable sample", f"{where} ({type(e).__name__}: {e})")
+        return None
+
+
+def _decode_parts(raw: dict[str, Any], key: str, where: str, resolution: int | None,
+                  skips: _Skips) -> dict[str, Any] | None:  # fmt: skip
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if image_ext is None or "txt" not in raw:
         skips.add("missing image or caption", where)
         return None
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        skips.add("caption is not utf-8", where)
-        return None
+    caption, encoding = decode_caption(raw["txt"])
     if not caption:
         skips.add("empty caption", where)
         return None
+    if encoding != "utf-8":
+        skips.note(f"a caption is not UTF-8 and was decoded as {encoding}", where)
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
@@ -235,14 +291,10 @@ def _decode(raw: dict[str, Any], resolution: int | None, skips: _Skips) -> dict[
             skips.add("unreadable json", where)
             return None
     try:
-        with Image.open(io.BytesIO(raw[image_ext])) as image:
-            image.load()
-            image = to_rgb(image)
-        if resolution is not None:
-            image = fit_square(image, resolution)
-        pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        skips.add("undecodable image", where)
+        pixels = np.asarray(load_rgb(raw[image_ext], resolution), dtype=np.uint8)  # (H, W, 3)
+    except BadImage as e:
+        reason = "undecodable image" if e.reason == "unreadable image" else e.reason
+        skips.add(reason, f"{where} ({e})")
         return None
     return {"image": pixels, "caption": caption, "meta": meta, "key": key}
 
@@ -255,7 +307,7 @@ def _collate(items: list[dict[str, Any]], skipped: Counter) -> dict[str, Any]:
             "pass resolution=R to make_loader to resize them all to R x R"
         )
     pixels = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, H, W, 3) uint8
-    image = pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
+    image = from_uint8(pixels.permute(0, 3, 1, 2).contiguous())  # (B, 3, H, W) in [-1, 1]
     return {
         "image": image,
         "caption": [it["caption"] for it in items],
@@ -288,6 +340,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.seed, self.repeat = shuffle, seed % 2**63, repeat
         self.resolution, self.drop_last = resolution, drop_last
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.start_at: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples read in it): see `resumed`
 
     def _raw_samples(self, epoch: int, part: int, parts: int, skips: _Skips) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
@@ -312,10 +365,17 @@ class ShardStream(IterableDataset):
         # A one-pass stream holds each batch back until the next exists, so skips met after the
         # last batch (a truncated last shard, a dropped tail) are still reported, on that batch.
         held: dict[str, Any] | None = None
+        start_epoch, start_index = self.start_at.get(worker, (0, 0))
         for epoch in itertools.count() if self.repeat else range(1):
+            if epoch < start_epoch:
+                continue  # an epoch's order depends on (seed, epoch) alone: earlier ones need not be read
             raw = self._raw_samples(epoch, part, parts, skips)
             if self.shuffle:
                 raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank, worker]))
+            raw = _Counted(raw)
+            resuming = epoch == start_epoch and start_index > 0
+            if resuming:
+                _skip_raw(raw, start_index, skips)
             kept = 0
             for sample in raw:
                 item = _decode(sample, self.resolution, skips)
@@ -325,13 +385,14 @@ class ShardStream(IterableDataset):
                 pending.append(item)
                 if len(pending) == self.batch_size:
                     batch, pending = _collate(pending, skips.take()), []
+                    batch["position"] = (worker, epoch, raw.n)
                     if self.repeat:
                         yield batch
                         continue
                     if held is not None:
                         yield held
                     held = batch
-            if kept == 0:  # this share has nothing readable: repeating would spin forever
+            if kept == 0 and not resuming:  # this share has nothing readable: repeating would spin forever
                 break
         if pending and not self.drop_last:
             if held is not None:
@@ -344,6 +405,27 @@ class ShardStream(IterableDataset):
             yield held
 
 
+class _Counted:
+    """An iterator that counts the items it has handed out: a stream's position within its epoch."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.n = iter(items), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.n += 1
+        return item
+
+
+def _skip_raw(raw: _Counted, n: int, skips: _Skips) -> None:
+    """Read (but do not decode) the first `n` raw samples of an epoch; problems met there were counted before."""
+    next(itertools.islice(raw, n - 1, None), None)
+    skips.take()
+
+
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch  # batches are built in the workers; DataLoader only moves them
 
@@ -353,6 +435,19 @@ class Loader:
 
     def __init__(self, dataset: ShardStream, num_workers: int, name: str) -> None:
         self.dataset, self.num_workers, self.name = dataset, num_workers, name
+
+    def resumed(self, positions: dict[int, tuple[int, int]]) -> "Loader":
+        """The same stream, each worker starting where a previous run of it stopped, without decoding images.
+
+        positions: {worker: (epoch, raw samples of that epoch read)}, from the `position` (worker,
+        epoch, n) of the last batch each worker gave. Only the epoch in progress is read again (tar
+        members and the shuffle buffer's draws); earlier epochs are skipped outright, since each
+        epoch's order is seeded by (seed, epoch). A new DataLoader starts at worker 0: the caller
+        puts the workers back in the interrupted run's turn (core.train.Run.batches).
+        """
+        dataset = copy.copy(self.dataset)
+        dataset.start_at = {int(w): (int(e), int(n)) for w, (e, n) in positions.items()}
+        return Loader(dataset, self.num_workers, self.name)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)

@@ -176,7 +176,7 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu", ema
     if "heads" not in meta:
         raise ckpt.CheckpointError(f"{run_dir} has no heads in meta.json: its training did not save a checkpoint yet; "
                                    f"resume it with `latentdiff train classifier --resume {run_dir}`")
-    cfg = load_toml(ClassifierStageConfig, run_dir / ckpt.CONFIG)
+    cfg = load_toml(ClassifierStageConfig, ckpt.committed_file(run_dir, ckpt.CONFIG))
     model = Classifier(cfg.model, meta["heads"], cfg.resolution)
     state = ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL))
     try:

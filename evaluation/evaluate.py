@@ -30,7 +30,7 @@ from latentdiff.data.reader import read_info
 
 from .classifier import load_classifier
 from .features import load_feature_space
-from .fid import StatisticsCache, extract_features, real_reference, score, statistics
+from .fid import KID_SCALE, StatisticsCache, extract_features, format_kid, real_reference, score, statistics
 from .fid_command import add_feature_args
 from .images import load_image_set
 from .plot import tradeoff_plot
@@ -178,11 +178,12 @@ def markdown_table(report: dict) -> str:
     if rows and "prompt_accuracy" in rows[0]:
         cols.append(("prompt accuracy", "prompt_accuracy", "{:.1%}"))
     if rows and "fid" in rows[0]:
-        cols += [("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}")]
+        cols += [("FID", "fid", "{:.2f}"), ("KID x1e3", "kid", "{:.2f}")]
     if rows and "clip_score" in rows[0]:
         cols.append(("CLIP score", "clip_score", "{:.2f}"))
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in cols) + " |" for r in rows]
+    scale = {"kid": KID_SCALE}
+    lines += ["| " + " | ".join(fmt.format(r[key] * scale.get(key, 1)) for _, key, fmt in cols) + " |" for r in rows]
     if rows and "fid" in rows[0]:
         r = rows[0]
         lines.append(f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
@@ -197,7 +198,7 @@ def _row_line(row: dict) -> str:
         parts.append(f"prompt accuracy {100 * row['prompt_accuracy']:.1f}%")
     if "fid" in row:
         parts.append(f"FID {row['fid']:.2f} (floor {row['fid_floor']:.2f}; {row['n_fake']} generated vs "
-                     f"{row['n_reference']} real, {row['features']}) KID {row['kid']:.4f}")
+                     f"{row['n_reference']} real, {row['features']}) {format_kid(row['kid'])}")
     if "clip_score" in row:
         parts.append(f"CLIP score {row['clip_score']:.2f}")
     parts.append(f"[{row['seconds']:.0f} s]")

@@ -29,6 +29,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.logger import from_uint8
 
 from .classifier import Classifier, load_classifier
 from .images import as_uint8_rgb
@@ -41,7 +42,7 @@ INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-1
 
 def uint8_to_input(x: torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """uint8 (B, 1|3, H, W) -> float (B, 3, *size) in [-1, 1] on `device`, resized when H, W differ."""
-    x = as_uint8_rgb(x, "feature extractor input").to(device).float().div(127.5).sub(1.0)
+    x = from_uint8(as_uint8_rgb(x, "feature extractor input").to(device))
     if tuple(x.shape[-2:]) != tuple(size):
         # antialias: a 256px sample shrunk for a 32px network must not alias.
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)

@@ -11,6 +11,11 @@ matches a float64 scipy computation. KID is torch-fidelity's kid_features_to_met
 FID depends on the sample count and the feature space, so every figure carries both, and a
 floor: the FID between two disjoint real subsets of the same size (`compare_to_real`).
 
+FID from fewer images than feature dimensions (N < D) rests on a rank-deficient covariance and
+is biased upward; it still runs, with a FewImagesWarning that says how many images to use.
+KID is printed x1e3 (the convention of Binkowski et al. 2018 and later papers); the JSON
+results keep the raw value.
+
 Real statistics are cached as .npz (mu, sigma, and the features for KID), keyed by a hash of
 the pixels and the extractor's weights hash: new data or a retrained extractor misses the cache.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,11 @@ from .images import UInt8Images, pixel_hash
 
 KID_SUBSETS = 100  # torch-fidelity's default
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to the sample count when there are fewer
+KID_SCALE = 1e3  # KID is printed x1e3, as papers report it
+
+
+class FewImagesWarning(UserWarning):
+    """FID from fewer images than feature dimensions: a rank-deficient covariance, biased upward."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,11 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature sizes differ ({a.mu.shape[0]} vs {b.mu.shape[0]}): were both sets "
                          "scored with the same feature extractor?")
+    d, n = a.mu.shape[0], min(a.n, b.n)
+    if n < d:
+        warnings.warn(f"FID from {n} images in a {d}-dimensional feature space: with fewer images than dimensions "
+                      f"the covariance is rank-deficient and FID is biased upward; use at least {d} images "
+                      "(compare figures only at the same count)", FewImagesWarning, stacklevel=2)
     return float(fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma},
                                           verbose=False)[KEY_METRIC_FID])
 
@@ -138,11 +154,22 @@ class RealReference:
     floor_fid: float  # FID(holdout, reference): what a perfect model of the data would score
     floor_n: int  # holdout size (= the generated count when the real set allows it)
     label: str  # the feature space
+    holdout: torch.Tensor  # (floor_n,) int64 indices of the held-out real images; the others are the reference
+
+
+def split_real(n_real: int, h: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(holdout, reference) indices: a seeded permutation of range(n_real) cut after h, each part sorted.
+
+    A permutation, not file order: real sets stored by class or folder would otherwise hold
+    whole categories out of the reference.
+    """
+    order = torch.randperm(n_real, generator=torch.Generator().manual_seed(seed))
+    return order[:h].sort().values, order[h:].sort().values
 
 
 def real_reference(real: torch.Tensor, n_fake: int, space: FeatureSpace, cache: StatisticsCache,
-                   batch_size: int = 100, verbose: bool = False) -> RealReference:
-    """Split real images into holdout real[:h] and reference real[h:], h = min(n_fake, N // 2).
+                   batch_size: int = 100, verbose: bool = False, seed: int = 0) -> RealReference:
+    """Split real images into a holdout of h = min(n_fake, N // 2) and the reference (split_real).
 
     Generated sets are compared to the reference; the holdout's FID to the same reference is
     the floor, computed at the same sample count as the generated set whenever N >= 2 n_fake.
@@ -152,9 +179,10 @@ def real_reference(real: torch.Tensor, n_fake: int, space: FeatureSpace, cache: 
     if h < 2:
         raise ValueError(f"{n_real} real images are too few to split into a reference and a floor holdout; "
                          "give at least 4")
-    reference = cache.statistics(real[h:], space, batch_size, verbose)
-    holdout = cache.statistics(real[:h], space, batch_size, verbose)
-    return RealReference(reference, frechet_distance(holdout, reference), h, space.label)
+    held, kept = split_real(n_real, h, seed)
+    reference = cache.statistics(real[kept], space, batch_size, verbose)
+    holdout = cache.statistics(real[held], space, batch_size, verbose)
+    return RealReference(reference, frechet_distance(holdout, reference), h, space.label, held)
 
 
 def score(fake: Statistics, ref: RealReference) -> dict[str, float | int | str]:
@@ -169,4 +197,10 @@ def describe(result: dict, what: str = "generated") -> str:
     """"FID 48.10 (floor 8.00 from 1000 vs 9000 real) in classifier:RUN, 1000 generated vs 9000 real; KID ..."."""
     return (f"FID {result['fid']:.2f} (floor {result['fid_floor']:.2f} from {result['n_floor']} vs "
             f"{result['n_reference']} real) in {result['features']}, {result['n_fake']} {what} vs "
-            f"{result['n_reference']} real; KID {result['kid']:.4f} +- {result['kid_std']:.4f}")
+            f"{result['n_reference']} real; {format_kid(result['kid'], result['kid_std'])}")
+
+
+def format_kid(kid: float, kid_std: float | None = None) -> str:
+    """"KID x1e3 3.01 +- 0.12": KID with its scale, as every command prints it."""
+    text = f"KID x1e3 {kid * KID_SCALE:.2f}"
+    return text + (f" +- {kid_std * KID_SCALE:.2f}" if kid_std is not None else "")

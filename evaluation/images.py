@@ -1,9 +1,10 @@
 """Image sets for scoring: shards or a folder of PNG/JPG -> one (N, 3, H, W) uint8 tensor.
 
 torch-fidelity's feature extractors take uint8 RGB batches (B, 3, H, W), so every set is brought
-to that form here, once, and checked: grayscale (1 channel) is repeated to RGB, RGBA and
-palette files are composited on white (as the data reader does), and anything else is refused
-with a message that says what was found and what to do.
+to that form here, once, and checked. Image files go through the same conversion as the data
+commands and the shard reader (data/images.py load_rgb: every Pillow mode to RGB, alpha
+composited on white, 16-bit scaled); a file that cannot be read is refused with a message that
+names it.
 
     real = load_image_set("data/fmnist", split="test", limit=10000)     # shards
     fake = load_image_set("samples/")                                   # a folder of PNGs
@@ -19,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from latentdiff.core.logger import to_uint8
-from latentdiff.data.images import fit_square, to_rgb
+from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
 from latentdiff.data.reader import make_loader
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -99,7 +99,7 @@ def load_image_set(source: str | os.PathLike, *, split: str = "test", limit: int
     if os.path.isdir(source):
         return _from_folder(Path(source), limit, resolution)
     raise FileNotFoundError(f"{source} is neither a folder of images nor webdataset shards; pass a directory of "
-                            f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} files or a dataset directory")
+                            f"image files ({' '.join(IMAGE_SUFFIXES)}) or a dataset directory")
 
 
 def _from_shards(data: str, split: str, limit: int | None, resolution: int | None) -> ImageSet:
@@ -149,13 +149,9 @@ def _from_folder(folder: Path, limit: int | None, resolution: int | None) -> Ima
     arrays, sizes = [], {}
     for path in files:
         try:
-            with Image.open(path) as image:
-                image.load()
-                image = to_rgb(image)  # grayscale -> RGB, alpha composited on white
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            image = load_rgb(path, resolution)
+        except BadImage as e:
             raise ValueError(f"cannot read image {path}: {e}; remove it or replace it") from None
-        if resolution is not None:
-            image = fit_square(image, resolution)
         sizes.setdefault(image.size, path.name)
         arrays.append(np.asarray(image, dtype=np.uint8))  # (H, W, 3)
     if len(sizes) > 1:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.core.logger import from_uint8
+from latentdiff.data.captions import class_prompt
 
 from .classifier import Classifier, Heads, correct, targets_from_meta
 from .images import ImageSet, as_uint8_rgb
@@ -85,7 +86,7 @@ def prompt_hits(classifier: Classifier, images: torch.Tensor, labels: dict[str, 
     size = (classifier.resolution, classifier.resolution)
     hits: dict[str, list[torch.Tensor]] = {}
     for i in range(0, images.shape[0], batch_size):
-        x = as_uint8_rgb(images[i:i + batch_size]).to(device).float().div(127.5).sub(1.0)
+        x = from_uint8(as_uint8_rgb(images[i:i + batch_size]).to(device))
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
         chunk = {k: v[i:i + batch_size] for k, v in labels.items()}
@@ -107,7 +108,7 @@ def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: in
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
     scores = []
     for i in range(0, len(prompts), batch_size):
-        x = as_uint8_rgb(images[i:i + batch_size]).to(encoder.device).float().div(127.5).sub(1.0)
+        x = from_uint8(as_uint8_rgb(images[i:i + batch_size]).to(encoder.device))
         e_image = encoder.encode_image(x, normalize=True).float()  # (B, E)
         e_text = encoder.encode(prompts[i:i + batch_size]).normalized_pooled().float()  # (B, E)
         scores.append(100 * (e_image * e_text).sum(-1).clamp_min(0))

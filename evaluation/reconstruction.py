@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from latentdiff.core.checkpoint import write_json
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr, ssim
-from latentdiff.core.logger import save_grid, to_uint8
+from latentdiff.core.logger import from_uint8, save_grid, to_uint8
 from latentdiff.core.runtime import Runtime
 
 from .fid import StatisticsCache, describe, extract_features, real_reference, score, statistics
@@ -69,7 +69,7 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     psnrs, ssims, lpipss, recons = [], [], [], []
     for i in range(0, len(real), args.batch_size):
-        x = real.images[i:i + args.batch_size].to(device).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        x = from_uint8(real.images[i:i + args.batch_size].to(device))  # (B, 3, H, W) in [-1, 1]
         x_in = x if upscale == 1 else F.interpolate(x, size=(res, res), mode="area")  # what the encoder sees
         x_hat = decoder(model.encode(x_in).mode()).float().clamp(-1, 1)
         psnrs.append(psnr(x_hat, x).cpu())
@@ -88,14 +88,15 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
         cache = StatisticsCache(None if args.no_cache else args.cache_dir)
         ref = real_reference(real.images, len(real) // 2, space, cache, args.batch_size)
-        result = score(statistics(extract_features(space, recon[:ref.floor_n], args.batch_size)), ref)
+        # The reconstructions of the held-out images: their real originals are not in the reference.
+        result = score(statistics(extract_features(space, recon[ref.holdout], args.batch_size)), ref)
         report.update({"rfid": result["fid"], "rfid_floor": result["fid_floor"], "rfid_n": result["n_fake"],
                        "rfid_reference_n": result["n_reference"], "features": result["features"],
                        "rkid": result["kid"]})
         print("rFID: " + describe(result, "reconstructed"))
     report["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out or Path(args.run) / "eval")
-    shown = torch.cat([real.images[:16], recon[:16]]).float().div(127.5).sub(1.0)
+    shown = from_uint8(torch.cat([real.images[:16], recon[:16]]))
     report["grid"] = str(save_grid(shown, out / "reconstructions.png", 16))
     write_json(out / "reconstruction.json", report)
     figures = [f"PSNR {report['psnr']:.2f} dB", f"SSIM {report['ssim']:.4f}"]

@@ -71,7 +71,7 @@ class TextToImage:
         run = Path(run)
         meta = ckpt.read_meta(run, "prior")
         device = pick_device(device)
-        cfg = load_toml(PriorConfig, run / ckpt.CONFIG)
+        cfg = load_toml(PriorConfig, ckpt.committed_file(run, ckpt.CONFIG))
         ae, ae_meta, encoder = load_frozen_stages(autoencoder or meta["autoencoder"]["run"],
                                                   text or meta["text"]["source"], device, expect=meta)
         check_unet_fits(cfg.model, ae_meta, encoder, str(run))

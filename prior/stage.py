@@ -22,7 +22,7 @@ from latentdiff.core.flags import add_train_args
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
 from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,

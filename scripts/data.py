@@ -13,6 +13,7 @@ from typing import Any
 
 from latentdiff.core.outputs import fresh_output_dir
 from latentdiff.data import fashion_mnist, folder, shapes
+from latentdiff.data.images import DEFAULT_MAX_PIXELS
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS
 
 
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folder", help="images with a same-named .txt caption beside each")
     p.add_argument("src", help="folder of images and captions (searched recursively)")
     common(p, resolution_required=True)
+    p.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help="skip images over N pixels, checked before decoding (default %(default)s, Pillow's "
+        "decompression-bomb limit); 0 removes the limit",
+    )  # fmt: skip
     return parser
 
 
@@ -64,9 +70,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             args.out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
             args.maxcount, progress=progress,
         )  # fmt: skip
+    if args.max_pixels < 0:
+        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     return folder.convert(
-        args.src, args.out, args.resolution, args.seed, maxcount=args.maxcount, progress=progress
-    )
+        args.src, args.out, args.resolution, args.seed, maxcount=args.maxcount, progress=progress,
+        max_pixels=args.max_pixels or None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def train(stage: str, run_dir: Path, minutes: float, extra: list[str]) -> None:
 
 
 def class_prompts(data: Path) -> list[str]:
-    from latentdiff.data.fashion_mnist import class_prompt
+    from latentdiff.data.captions import class_prompt
 
     info = json.loads((data / "info.json").read_text())
     if info.get("classes") and info.get("source") == "fashion-mnist":

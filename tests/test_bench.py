@@ -58,3 +58,12 @@ def _small_prior(make):
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=16),
                                    model=dataclasses.replace(cfg.model, channels=(16, 32)))
     return small
+
+
+def test_resume_benchmark_gives_the_same_batch_both_ways(tmp_path, data):
+    from bench import resume
+
+    out = tmp_path / "resume.json"
+    figures = resume.main(["--data", str(data), "--step", "20", "--batch-size", "4", "--out", str(out)])
+    assert figures["same_batch"] is True and figures["before_s"] > 0 and figures["after_s"] > 0
+    assert json.loads(out.read_text())["figures"]["step"] == 20

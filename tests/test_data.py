@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import struct
 import tarfile
 from collections import Counter
@@ -16,7 +17,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from latentdiff.core.logger import from_uint8, to_uint8
 from latentdiff.data import fashion_mnist, shapes
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import SkipCounter, make_loader, read_info, resolve_shards
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.scripts.data import main as data_main
@@ -41,7 +44,7 @@ def _keys(batches) -> list[str]:
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return to_uint8(image).permute(1, 2, 0).numpy()
 
 
 @pytest.fixture
@@ -182,8 +185,8 @@ def test_read_idx_raw_gz_and_errors(tmp_path: Path):
 
 
 def test_class_prompts_and_captions():
-    assert fashion_mnist.class_prompt("ankle boot") == "a photo of an ankle boot"
-    assert fashion_mnist.class_prompt("sneaker") == "a photo of a sneaker"
+    assert class_prompt("ankle boot") == "a photo of an ankle boot"
+    assert class_prompt("sneaker") == "a photo of a sneaker"
     assert fashion_mnist.caption_for(9, fashion_mnist.CAPTION_TEMPLATES.index("{}")) == "an ankle boot"
 
 
@@ -344,3 +347,52 @@ def test_two_workers(dataset: Path):
     assert sorted(_keys(batches)) == [f"s_{i:04d}" for i in range(24)]
     again = list(make_loader(str(dataset), "train", 4, num_workers=2, seed=2, repeat=False, drop_last=False))
     assert _keys(again) == _keys(batches)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A shard written member by member (webdataset's writer cannot put one file twice in a sample)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: Path, caplog):
+    from image_files import bad_exif_jpeg
+
+    good = _random_samples(9, prefix="ok")
+    members = []
+    for i, s in enumerate(good):
+        image = _png(s.image)
+        if i == 3:
+            image = bad_exif_jpeg()  # Pillow's exif_transpose raises AttributeError
+        if i == 4:
+            image = image[: len(image) // 2]  # a truncated image
+        members += [(f"{s.key}.{'jpg' if i == 3 else 'png'}", image), (f"{s.key}.txt", s.caption.encode())]
+        if i == 5:
+            members.append((f"{s.key}.txt", b"the same file twice in one sample"))
+    members.append(("ok_0009.png", _png(good[0].image)))
+    members.append(("ok_0009.txt", "caf\u00e9 cr\u00e8me".encode("cp1252")))  # not UTF-8: decoded as cp1252
+    (tmp_path / "ds").mkdir()
+    _tar(tmp_path / "ds" / "train-000000.tar", members)
+    with caplog.at_level(logging.WARNING, logger="latentdiff.data.reader"):
+        batches = list(make_loader(str(tmp_path / "ds"), "train", 2, shuffle=False, repeat=False, drop_last=False))
+    assert _keys(batches) == ["ok_0000", "ok_0001", "ok_0002", "ok_0006", "ok_0007", "ok_0008", "ok_0009"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("a caption is not UTF-8 and was decoded as cp1252" in m for m in messages) == 1
+    assert any("ok_0003" in m and "AttributeError" in m for m in messages)  # the log names the sample and why
+    assert batches[-1]["caption"][-1] == "caf\u00e9 cr\u00e8me"
+    counter = SkipCounter()
+    for b in batches:
+        counter.update(b)
+    assert counter.by_reason == Counter({"undecodable image": 2, "duplicate file in a sample": 1})
+
+
+def test_from_uint8_inverts_to_uint8_exactly():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = from_uint8(pixels)
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+    assert torch.equal(to_uint8(x), pixels) and pixels.max() == 255  # the input is left as it was
+    with pytest.raises(TypeError, match="expects uint8"):
+        from_uint8(x)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.data import shapes
 from latentdiff.decoder.load import load_decoder
@@ -30,12 +31,12 @@ def decoder_run(root, data, ae_run) -> tuple[Path, dict]:
 
 def test_encoder_and_latents_unchanged_by_decoder_training(ae_run, data, decoder_run):
     ae_dir = ae_run[0]
-    before = load_file(str(ae_dir / "model.safetensors"))
+    before = load_file(str(ckpt.committed_file(ae_dir, ckpt.MODEL)))
     ae, _ = load_autoencoder(ae_dir)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z_before = ae.encode(x).mode()
     # training the decoder touched neither the autoencoder's files nor its encoder
-    after = load_file(str(ae_dir / "model.safetensors"))
+    after = load_file(str(ckpt.committed_file(ae_dir, ckpt.MODEL)))
     assert all(torch.equal(before[k], after[k]) for k in before)
     ae2, _ = load_autoencoder(ae_dir)
     assert torch.equal(ae2.encode(x).mode(), z_before)
@@ -71,7 +72,7 @@ def test_decoder_resume_is_exact(root, data, ae_run):
     decoder_main([*common, "--out", str(resumed), "--steps", "2"])
     decoder_main(["--resume", str(resumed), "--steps", "4"])
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        a, b = (load_file(str(ckpt.committed_file(run, name))) for run in (straight, resumed))
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 

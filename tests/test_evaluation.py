@@ -4,6 +4,7 @@ Inception weights handling, image conversion, the classifier stage, prompt accur
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.image_metrics import ssim
@@ -22,8 +23,9 @@ from latentdiff.evaluation.classifier import (Classifier, ClassifierModelConfig,
                                               targets_from_meta)
 from latentdiff.evaluation.features import (CLASSIFIER_EXTRACTOR, INCEPTION_FILE, ClassifierFeatures, FeatureSpace,
                                             load_feature_space)
-from latentdiff.evaluation.fid import (StatisticsCache, extract_features, frechet_distance, real_reference,
-                                       statistics)
+from latentdiff.evaluation.evaluate import markdown_table
+from latentdiff.evaluation.fid import (FewImagesWarning, StatisticsCache, describe, extract_features, format_kid,
+                                       frechet_distance, real_reference, split_real, statistics)
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
@@ -108,10 +110,35 @@ def test_floor_is_measured_on_a_disjoint_holdout(tmp_path: Path):
     real = _images(100, 4)
     ref = real_reference(real, 30, space, StatisticsCache(tmp_path))
     assert ref.floor_n == 30 and ref.reference.n == 70
-    expected = frechet_distance(statistics(extract_features(space, real[:30])),
-                                statistics(extract_features(space, real[30:])))
+    held = ref.holdout.tolist()
+    assert len(held) == 30 and held != list(range(30))  # a seeded permutation, not file order
+    kept = sorted(set(range(100)) - set(held))
+    expected = frechet_distance(statistics(extract_features(space, real[held])),
+                                statistics(extract_features(space, real[kept])))
     assert ref.floor_fid == pytest.approx(expected, rel=1e-9)
+    assert torch.equal(real_reference(real, 30, space, StatisticsCache(None)).holdout, ref.holdout)  # seeded
     assert real_reference(real, 80, space, StatisticsCache(None)).floor_n == 50  # at most half the real set
+
+
+def test_fid_from_fewer_images_than_feature_dimensions_warns():
+    rng = np.random.default_rng(0)
+    few = statistics(torch.from_numpy(rng.normal(size=(10, 12))))  # 10 images, 12 dimensions
+    many = statistics(torch.from_numpy(rng.normal(size=(40, 12))))
+    with pytest.warns(FewImagesWarning, match="FID from 10 images in a 12-dimensional feature space") as record:
+        frechet_distance(few, many)
+    assert "use at least 12 images" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewImagesWarning)
+        frechet_distance(many, statistics(torch.from_numpy(rng.normal(size=(12, 12)))))  # N = D: no warning
+
+
+def test_kid_is_printed_with_its_scale():
+    assert format_kid(0.0030149, 0.00012) == "KID x1e3 3.01 +- 0.12"
+    result = {"fid": 26.73, "fid_floor": 0.39, "n_floor": 2000, "n_reference": 8000, "features": "classifier:r",
+              "n_fake": 2000, "kid": 0.0030149, "kid_std": 0.00012}
+    assert describe(result).endswith("; KID x1e3 3.01 +- 0.12")
+    table = markdown_table({"results": [{"guidance": 1.0, **result}], "sampler": "ddim", "steps": 2, "data": "d"})
+    assert "| guidance | FID | KID x1e3 |" in table and "| 1 | 26.73 | 3.01 |" in table
 
 
 # ---------------------------------------------------------------- cache
@@ -129,9 +156,9 @@ def test_changed_extractor_weights_invalidate_cached_statistics(classifier_run, 
 
     retrained = tmp_path / "retrained"
     shutil.copytree(run, retrained)
-    weights = load_file(retrained / ckpt.MODEL)
+    weights = load_file(ckpt.committed_file(retrained, ckpt.MODEL))
     weights["embed.bias"] = weights["embed.bias"] + 1.0
-    save_file(weights, retrained / ckpt.MODEL)
+    ckpt.amend(retrained, {ckpt.MODEL: weights})
     other = cache.statistics(images, load_feature_space(f"classifier:{retrained}"))
     assert (cache.misses, cache.hits) == (2, 1)
     np.testing.assert_allclose(other.mu, first.mu + 1.0, rtol=0, atol=1e-5)
@@ -207,7 +234,7 @@ def test_images_are_converted_or_refused_clearly(tmp_path: Path):
 def test_classifier_trains_saves_and_reloads(classifier_run, shapes_data: Path):
     run, summary = classifier_run
     assert {"val_accuracy", "test_accuracy", "val_accuracy_color"} <= set(summary)
-    assert (run / "summary.json").is_file() and (run / ckpt.MODEL).is_file()
+    assert (run / "summary.json").is_file() and ckpt.committed_file(run, ckpt.MODEL).is_file()
     info_heads = heads_from_info({"attributes": shapes.vocabularies()})
     model = load_classifier(run)
     assert model.heads == info_heads and model.meta["val_accuracy"] == summary["val_accuracy"]
@@ -230,7 +257,7 @@ def test_classifier_resume_continues_exactly(shapes_data: Path, tmp_path: Path):
     classifier_stage.main([*args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     classifier_stage.main([*args, "--out", str(tmp_path / "split"), "--steps", "2"])
     classifier_stage.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
-    a, b = load_file(tmp_path / "straight" / ckpt.MODEL), load_file(tmp_path / "split" / ckpt.MODEL)
+    a, b = (load_file(ckpt.committed_file(tmp_path / name, ckpt.MODEL)) for name in ("straight", "split"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -374,8 +401,13 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
     expected = classifier_stage.evaluate_accuracy(classifier, str(shapes_data), "test", classifier.heads, 16, 20)
     assert w1["prompt_accuracy"] == pytest.approx(expected["test_accuracy"])
     assert (w1["n_fake"], w1["n_floor"], w1["n_reference"]) == (20, 20, 40)
-    # w=1 "samples" are the real holdout itself, so their FID is the floor exactly; noise moves it away.
-    assert w1["fid"] == pytest.approx(w1["fid_floor"], rel=1e-9) and w5["fid"] > w1["fid"]
+    # The reference and the floor's holdout are a seeded permutation of the real set, cut after 20.
+    space = load_feature_space(f"classifier:{run}")
+    held, kept = split_real(len(test), 20)
+    reference = statistics(extract_features(space, test.images[kept]))
+    fid = lambda x: frechet_distance(statistics(extract_features(space, x)), reference)  # noqa: E731
+    assert w1["fid_floor"] == pytest.approx(fid(test.images[held]), rel=1e-9)
+    assert w1["fid"] == pytest.approx(fid(test.images[:20]), rel=1e-9) and w5["fid"] > w1["fid"]
     assert (tmp_path / "eval" / "report.json").is_file() and Path(report["plot"]).is_file()
     assert "| 5 |" in (tmp_path / "eval" / "report.md").read_text()
 

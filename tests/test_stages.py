@@ -47,7 +47,7 @@ from conftest import AE_ARGS, PRIOR_ARGS, RESUME_LR, SUBPROCESS_TIMEOUT, N_TRAIN
 
 
 def _weights(run: Path, name: str = ckpt.MODEL) -> dict[str, torch.Tensor]:
-    return load_file(str(run / name))
+    return load_file(str(ckpt.committed_file(run, name)))
 
 
 def _assert_same_weights(a: Path, b: Path, name: str) -> None:
@@ -76,9 +76,10 @@ def _exit_2(capsys, argv: list[str]) -> str:
 
 def test_autoencoder_run_writes_every_file(ae_run):
     run, summary = ae_run
-    for name in ("config.toml", "meta.json", "model.safetensors", "state.pt", "metrics.jsonl", "summary.json",
-                 "reconstructions.png"):
+    for name in ("config.toml", "meta.json", "metrics.jsonl", "summary.json", "reconstructions.png"):
         assert (run / name).is_file(), name
+    for name in ("config.toml", "meta.json", "model.safetensors", "state.pt"):  # the checkpoint's own copies
+        assert ckpt.committed_file(run, name).is_file(), name
     meta = ckpt.read_meta(run, "autoencoder")
     assert meta["step"] == 3 and meta["scale_factor"] > 0 and meta["latent_absmax"] > 0
     assert meta["scale_factor"] == pytest.approx(1 / meta["latent_std"])
@@ -98,7 +99,7 @@ def test_autoencoder_run_writes_every_file(ae_run):
     assert rows[-1]["final/val_psnr"] == summary["val_psnr"]
     with Image.open(run / "reconstructions.png") as grid:
         assert grid.format == "PNG" and grid.width > grid.height  # one row: inputs then reconstructions
-    state = ckpt.load_state(run / "state.pt")
+    state = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))
     assert state["step"] == 3 and set(state["optimizers"]) == {"model"}
 
 
@@ -129,7 +130,7 @@ def test_autoencoder_checkpoint_load_gives_identical_outputs(ae_run, data, tmp_p
             p.add_(0.01 * torch.randn_like(p))
         edited = by_hand.decode(by_hand.encode(x).mode())
     assert not torch.equal(edited, out)
-    ckpt.save_weights(copy / ckpt.MODEL, by_hand.state_dict())
+    ckpt.amend(copy, {ckpt.MODEL: by_hand.state_dict()})
     loaded, loaded_meta = load_autoencoder(copy)
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x).mode()), edited)
@@ -145,7 +146,7 @@ def test_autoencoder_resume_equals_straight_run(data, tmp_path):
     # --data is not repeated: the run remembers its dataset.
     summary = autoencoder_main(["--resume", str(split), "--steps", "4"])
     assert summary["steps"] == 4 and ckpt.read_meta(split)["step"] == 4
-    assert ckpt.load_state(split / ckpt.STATE)["step"] == 4
+    assert ckpt.load_state(ckpt.committed_file(split, ckpt.STATE))["step"] == 4
     _assert_same_weights(straight, split, ckpt.MODEL)
     # Not vacuous: steps 3 and 4 changed the weights.
     assert any(not torch.equal(halfway[k], v) for k, v in _weights(split).items())
@@ -172,7 +173,7 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     assert summary["steps"] == 6
     assert summary["skipped_samples"] >= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_samples"] == summary["skipped_samples"]
-    assert ckpt.load_state(tmp_path / "run" / ckpt.STATE)["skipped"] == summary["skipped_samples"]
+    assert ckpt.load_state(ckpt.committed_file(tmp_path / "run", ckpt.STATE))["skipped"] == summary["skipped_samples"]
 
 
 def test_max_minutes_stops_cleanly_with_a_checkpoint(data, tmp_path):
@@ -184,8 +185,8 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(data, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == done
     meta = ckpt.read_meta(run, "autoencoder")
     assert meta["step"] == done and meta["scale_factor"] > 0
-    assert ckpt.load_state(run / ckpt.STATE)["step"] == done
-    assert (run / ckpt.MODEL).is_file()
+    assert ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["step"] == done
+    assert ckpt.committed_file(run, ckpt.MODEL).is_file()
     # The stopped run resumes from where it stopped.
     again = autoencoder_main(["--resume", str(run), "--steps", str(done + 1), "--max-minutes", "0"])
     assert again["steps"] == done + 1
@@ -238,7 +239,7 @@ def test_torchrun_two_process_prior(data, ae_run, text_run, tmp_path):
                "--steps", "3", *PRIOR_ARGS])
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert ckpt.read_meta(run, "prior")["step"] == 3
-    assert (run / ckpt.EMA).is_file() and (run / "samples.png").is_file()
+    assert ckpt.committed_file(run, ckpt.EMA).is_file() and (run / "samples.png").is_file()
     images = TextToImage.from_run(run, device="cpu")("a red circle", n=1, steps=2)
     assert images.shape == (1, 3, 32, 32)
 
@@ -275,10 +276,10 @@ def test_resuming_a_run_of_another_stage(capsys, monkeypatch, text_run, ae_run):
 def test_out_pointing_at_an_existing_run(capsys, monkeypatch, ae_run, data):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     run = ae_run[0]
-    config, weights = (run / "config.toml").read_text(), (run / ckpt.MODEL).read_bytes()
+    config, weights = (run / "config.toml").read_text(), ckpt.committed_file(run, ckpt.MODEL).read_bytes()
     err = _exit_2(capsys, ["train", "autoencoder", "--data", str(data), "--out", str(run), "--steps", "1"])
     assert f"--resume {run}" in err
-    assert (run / "config.toml").read_text() == config and (run / ckpt.MODEL).read_bytes() == weights
+    assert (run / "config.toml").read_text() == config and ckpt.committed_file(run, ckpt.MODEL).read_bytes() == weights
 
 
 def test_prior_with_the_wrong_kind_of_run(capsys, monkeypatch, data, ae_run, text_run, tmp_path):
@@ -333,7 +334,7 @@ def test_prior_run_records_its_stages(prior_run, ae_run, text_run):
     _, ae_meta = load_autoencoder(ae_run[0])
     assert meta["autoencoder"]["encoder_hash"] == ae_meta["encoder_hash"]
     assert meta["scale_factor"] == ae_meta["scale_factor"] and meta["latent_shape"] == [4, 8, 8]
-    assert meta["ema"] is True and (run / ckpt.EMA).is_file()
+    assert meta["ema"] is True and ckpt.committed_file(run, ckpt.EMA).is_file()
     assert Path(meta["text"]["source"]) == text_run[0]
 
 

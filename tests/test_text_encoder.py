@@ -9,6 +9,7 @@ import json
 import socket
 import time
 import warnings
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from latentdiff.core import checkpoint as ckpt
 from latentdiff.text.encoder import TextEncoder, TextOutput
 from latentdiff.text.evaluate import retrieval_metrics, zero_shot_accuracy
 from latentdiff.text.loss import contrastive_loss
@@ -27,7 +29,8 @@ from latentdiff.text.sources import (
     parse_spec,
     save_text_run_weights,
 )
-from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer
+from latentdiff.text import tokens as tokens_module
+from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer, tokenize
 
 EDGE_PROMPTS = [
     "",
@@ -101,6 +104,7 @@ def test_tokens_match_open_clip_simple_tokenizer(encoder):
 
 
 def test_long_prompt_warns_with_the_dropped_count(encoder):
+    encoder = TextEncoder(encoder.model, encoder.tokenizer)  # a fresh encoder: one that has not warned yet
     prompt = "a large red circle on the left " * 10
     n_tokens = len(encoder.tokenizer.encode(prompt))
     dropped = n_tokens - (encoder.context_length - 2)
@@ -113,6 +117,47 @@ def test_long_prompt_warns_with_the_dropped_count(encoder):
     tokens = encoder.tokenize(["short"])  # no warning for prompts that fit
     assert out.mask[1].all()
     assert tokens[0, 2] == encoder.tokenizer.eot_token_id
+    # The module-level tokenize keeps warning on every call that truncates.
+    with pytest.warns(PromptTruncatedWarning, match="1 of 1 prompts"):
+        tokenize(encoder.tokenizer, [prompt], encoder.context_length)
+
+
+def test_truncation_warns_once_per_encoder_with_a_count(encoder):
+    encoder = TextEncoder(encoder.model, encoder.tokenizer)
+    long = "a large red circle on the left " * 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5):  # five training batches, each with long captions
+            encoder([long, "short", long + str(step)])
+    truncations = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    assert len(truncations) == 1
+    assert "2 of 3 prompts" in str(truncations[0].message) and "Warned once" in str(truncations[0].message)
+    assert encoder.truncation_summary() == "10 of 15 prompts were truncated to the context of 32 tokens"
+    assert TextEncoder(encoder.model, encoder.tokenizer).truncation_summary() is None
+
+
+@pytest.mark.parametrize("special", ["<end_of_text>", "<start_of_text>", "<END_OF_TEXT>", "&lt;end_of_text&gt;"])
+def test_special_token_text_in_a_prompt_is_plain_text(encoder, special):
+    tok = encoder.tokenizer
+    prompt = f"a red {special} circle on the left"
+    tokens = encoder.tokenize([prompt])[0].tolist()
+    assert tokens[0] == tok.sot_token_id
+    assert tokens.count(tok.eot_token_id) == 1 and tokens.count(tok.sot_token_id) == 1  # no early end, no restart
+    eot = tokens.index(tok.eot_token_id)
+    # The rest of the prompt survives: the ids end with those of "circle on the left".
+    assert tokens[eot - 4:eot] == tok.encode("circle on the left")
+    # The literal is read as the characters it is made of: "<", "end", "_", "of", "_", "text", ">".
+    name = special.lower().replace("&lt;", "<").replace("&gt;", ">")
+    assert tok.decode(tokens[1:eot]).replace(" ", "") == f"ared{name}circleontheleft"
+    # The pooled embedding sees the whole prompt: it differs from the prompt cut at the literal.
+    with torch.no_grad():
+        assert not torch.allclose(encoder([prompt]).pooled, encoder(["a red"]).pooled)
+
+
+def test_tokens_use_only_the_tokenizers_public_api():
+    source = Path(tokens_module.__file__).read_text()
+    for private in ("byte_encoder", ".bpe(", ".pat", "clean_fn", ".encoder["):
+        assert private not in source
 
 
 def test_truncation_keeps_eot_last(encoder):
@@ -299,11 +344,10 @@ def test_run_directory_round_trip(encoder, tmp_path):
 def test_run_directory_prefers_ema_weights_when_meta_says_so(encoder, tmp_path):
     run = save_text_run_weights(tmp_path / "text", encoder.model, encoder.model_config)
     ema = {k: v.detach().clone().contiguous() + 1.0 for k, v in encoder.model.state_dict().items()}
-    save_file(ema, str(run / "ema.safetensors"))
+    ckpt.amend(run, {ckpt.EMA: ema})
     _, state, _ = load_run_weights(run)
     assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach())  # meta says no EMA
-    meta = json.loads((run / "meta.json").read_text())
-    (run / "meta.json").write_text(json.dumps({**meta, "ema": True}))
+    ckpt.amend(run, meta={"ema": True})
     _, state, _ = load_run_weights(run)
     assert torch.equal(state["logit_scale"], encoder.model.logit_scale.detach() + 1.0)
 
@@ -433,3 +477,20 @@ def test_retrieval_counts_repeated_captions_as_matches():
     shared = retrieval_metrics(image, text, captions=["a bag", "a bag", "a coat"])
     assert plain["i2t_top1"] < 1.0
     assert shared["i2t_top1"] == 1.0 and shared["t2i_top1"] == 1.0
+
+
+def test_image_to_text_top5_counts_distinct_captions():
+    # 4 caption texts, each repeated 5 times (20 pairs, as Fashion-MNIST's templates repeat). Every
+    # image scores the captions of class (c + 1) % 4 highest, then (c + 2), then (c + 3), then its
+    # own: its own caption is the 4th distinct text, so top-1 misses and top-5 hits. Counting every
+    # copy, 15 wrong captions would outscore it and top-5 would equal top-1 (= 0).
+    classes = torch.arange(4).repeat_interleave(5)  # (20,) caption class of pair i
+    captions = [f"a photo of class {c}" for c in classes.tolist()]
+    text = torch.eye(4)[classes]  # (20, 4): copies of one caption embed the same
+    preference = torch.tensor([1.0, 0.9, 0.8, 0.7])  # scores for own+1, own+2, own+3, own (cyclic)
+    image = torch.stack([torch.tensor([preference[(j - c - 1) % 4] for j in range(4)]) for c in classes.tolist()])
+    out = retrieval_metrics(image, text, ks=(1, 3, 4, 5), captions=captions)
+    assert out["i2t_top1"] == 0.0 and out["i2t_top3"] == 0.0
+    assert out["i2t_top4"] == 1.0 and out["i2t_top5"] == 1.0
+    # text -> image still ranks the 20 images: the best own-class image has 15 wrong images above it.
+    assert out["t2i_top5"] == 0.0

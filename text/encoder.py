@@ -7,6 +7,7 @@ encode_text does (text_global_pool, then text_projection), so it equals model.en
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from latentdiff.text.model import preprocess_images
-from latentdiff.text.tokens import check_prompts, tokenize
+from latentdiff.text.tokens import PromptTruncatedWarning, check_prompts, encode_prompts, truncation_message
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class TextEncoder(nn.Module):
         self.source = source  # how it was loaded: "openclip:MODEL:PRETRAINED" or a run directory
         self._cache: OrderedDict[str, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
         self._cache_size = 0
+        self.tokenized = 0  # prompts tokenised by this encoder (cached prompts are tokenised once)
+        self.truncated = 0  # of which longer than the context: warned about once, then counted
 
     # ---- sizes, device, dtype --------------------------------------------------------
     @property
@@ -92,8 +95,29 @@ class TextEncoder(nn.Module):
 
     # ---- text --------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids (B, T) on the encoder's device; long prompts are truncated with a PromptTruncatedWarning."""
-        return tokenize(self.tokenizer, prompts, self.context_length).to(self.device)
+        """Token ids (B, T) on the encoder's device; long prompts are truncated.
+
+        The first batch with a truncated prompt warns (PromptTruncatedWarning, naming the
+        prompts); later ones are only counted, so a training run warns once, not every batch.
+        `truncation_summary()` gives the count.
+        """
+        prompts = check_prompts(prompts)
+        tokens, truncated = encode_prompts(self.tokenizer, prompts, self.context_length)
+        self.tokenized += len(prompts)
+        if truncated:
+            if not self.truncated:
+                message = truncation_message(truncated, len(prompts), self.context_length)
+                warnings.warn(f"{message}. Warned once: later truncated prompts are counted "
+                              "(TextEncoder.truncation_summary())", PromptTruncatedWarning, stacklevel=2)  # fmt: skip
+            self.truncated += len(truncated)
+        return tokens.to(self.device)
+
+    def truncation_summary(self) -> str | None:
+        """"12 of 6400 prompts were truncated to the context of 77 tokens", or None when none was."""
+        if not self.truncated:
+            return None
+        return (f"{self.truncated} of {self.tokenized} prompts were truncated to the context of "
+                f"{self.context_length} tokens")
 
     def forward_tokens(self, tokens: torch.Tensor) -> TextOutput:
         """Per-token states, mask and pooled embedding for token ids (B, T) from `tokenize`."""

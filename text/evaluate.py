@@ -69,7 +69,10 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
     candidates score at least as high, so ties count against the model: N identical
     embeddings score top-1 = 0, not 1. With `captions`, every candidate whose caption is the
     same text as pair i's is a match too (datasets with repeated captions, such as
-    Fashion-MNIST's templates, would otherwise score ~0 however good the model).
+    Fashion-MNIST's templates, would otherwise score ~0 however good the model), and the text
+    candidates of image->text are the distinct captions: each caption text is ranked once (by
+    its best-scoring copy), so top-k counts k distinct captions and repeats of one wrong
+    caption cannot fill every slot.
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(
@@ -80,17 +83,23 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
     sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (N, N) image x text
     n = sim.shape[0]
     if captions is None:
-        same = torch.eye(n, dtype=torch.bool, device=sim.device)
+        label = torch.arange(n, device=sim.device)  # every pair its own caption
     else:
         if len(captions) != n:
             raise ValueError(f"got {len(captions)} captions for {n} pairs")
         ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
         label = torch.tensor([ids[c] for c in captions], device=sim.device)
-        same = label[:, None] == label[None, :]  # (N, N) True where candidate j matches query i
-    # best score among the correct candidates; rank = wrong candidates scoring at least that
-    best_i2t = sim.masked_fill(~same, float("-inf")).amax(dim=1)  # (N,) per image
+    k_distinct = int(label.max()) + 1 if n else 0
+    same = label[:, None] == label[None, :]  # (N, N) True where candidate j matches query i
+
+    # image -> text over distinct captions: (N, K) score of each caption text, its best copy
+    by_caption = torch.full((n, k_distinct), float("-inf"), device=sim.device)
+    by_caption = by_caption.scatter_reduce(1, label.expand(n, n), sim, reduce="amax")
+    own = by_caption.gather(1, label[:, None])  # (N, 1) score of image i's own caption
+    wrong = torch.arange(k_distinct, device=sim.device)[None, :] != label[:, None]  # (N, K)
+    i2t_rank = ((by_caption >= own) & wrong).sum(dim=1)
+    # text -> image over images (each image a distinct candidate): best correct image vs wrong ones
     best_t2i = sim.masked_fill(~same, float("-inf")).amax(dim=0)  # (N,) per text
-    i2t_rank = ((sim >= best_i2t[:, None]) & ~same).sum(dim=1)
     t2i_rank = ((sim >= best_t2i[None, :]) & ~same).sum(dim=0)
     out = {}
     for k in ks:

@@ -11,7 +11,6 @@ for ~45 s before failing with a generic error.)
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -19,14 +18,15 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from latentdiff.core import checkpoint as ckpt
 
 from latentdiff.text.encoder import TextEncoder
 from latentdiff.text.model import build_clip, load_model_config, register_configs, validate_model_config
 from latentdiff.text.tokens import build_tokenizer
 
 SPEC_PREFIX = "openclip:"
-RUN_FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -135,9 +135,9 @@ def load_pretrained(
 
 
 # ---- text-stage run directories ------------------------------------------------------------
-# The layout core.train.Run.save writes: meta.json ({"stage": "text", "format_version": 1,
-# "model_config": {...}, "ema": bool, ...}), model.safetensors (open_clip CLIP state-dict keys)
-# and ema.safetensors when meta says "ema": true. Read here without core so text/ stands alone.
+# What core.train.Run.save writes for the text stage: meta.json ({"stage": "text", "model_config":
+# {...}, "ema": bool, ...}), model.safetensors (open_clip CLIP state-dict keys) and
+# ema.safetensors when meta says "ema": true, read through core.checkpoint like every run.
 
 
 def _not_a_text_run(run_dir: Path, why: str) -> str:
@@ -149,41 +149,32 @@ def load_run_weights(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(_not_a_text_run(run_dir, "is not a directory"))
-    meta_path = run_dir / "meta.json"
-    if not meta_path.is_file():
+    if not (run_dir / ckpt.META).is_file() and not ckpt.has_checkpoint(run_dir):
         raise FileNotFoundError(_not_a_text_run(run_dir, "has no meta.json, so it is not a latentdiff run"))
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = ckpt.read_meta(run_dir)
     stage = meta.get("stage")
     if stage != "text":
         raise ValueError(_not_a_text_run(run_dir, f"is a {stage} run, not a text encoder run"))
-    version = meta.get("format_version", 0)
-    if version > RUN_FORMAT_VERSION:
-        raise ValueError(
-            f"{run_dir} was written by a newer latentdiff (format {version} > {RUN_FORMAT_VERSION}); upgrade latentdiff"
-        )
     if "model_config" not in meta:
-        raise ValueError(f"{meta_path} has no model_config, so the model cannot be rebuilt")
-    model_config = validate_model_config(meta["model_config"], where=f"{meta_path} model_config")
-    use_ema = meta.get("ema") and (run_dir / "ema.safetensors").is_file()
-    weights = run_dir / ("ema.safetensors" if use_ema else "model.safetensors")
+        raise ValueError(f"{run_dir / ckpt.META} has no model_config, so the model cannot be rebuilt")
+    model_config = validate_model_config(meta["model_config"], where=f"{run_dir / ckpt.META} model_config")
+    ema = ckpt.committed_file(run_dir, ckpt.EMA)
+    weights = ema if meta.get("ema") and ema.is_file() else ckpt.committed_file(run_dir, ckpt.MODEL)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the text run in {run_dir} has no saved weights")
     return meta, load_file(weights, device="cpu"), model_config
 
 
 def save_text_run_weights(run_dir: str | Path, model: open_clip.CLIP, model_config: dict[str, Any]) -> Path:
-    """Write model.safetensors and meta.json (atomically: temp file + rename) for load_run_weights."""
+    """Write a text run of `model` that load_run_weights reads: one committed checkpoint of step 0, no EMA."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = run_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, run_dir / "model.safetensors")
-    meta = {"stage": "text", "format_version": RUN_FORMAT_VERSION, "model_config": model_config, "ema": False}
-    tmp = run_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "meta.json")
+    meta = {"stage": "text", "format_version": ckpt.FORMAT_VERSION, "step": 0, "model_config": model_config,
+            "ema": False}
+    staging = ckpt.staging_dir(run_dir, 0)
+    ckpt.save_weights(staging / ckpt.MODEL, model.state_dict())
+    ckpt.write_json(staging / ckpt.META, meta)
+    ckpt.commit(run_dir, staging, 0, keep=1)
+    ckpt.write_json(run_dir / ckpt.META, meta)
     return run_dir
 
 

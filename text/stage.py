@@ -19,7 +19,7 @@ from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
-from latentdiff.data.fashion_mnist import class_prompt
+from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
 from .encoder import TextEncoder

@@ -1,8 +1,12 @@
 """Prompts to token ids with open_clip's SimpleTokenizer, warning about what truncation drops.
 
 SimpleTokenizer ships its BPE merges inside the open_clip package (bpe_simple_vocab_16e6.txt.gz),
-so tokenising never touches the network. The ids match `SimpleTokenizer.__call__` exactly:
-[SOT] + BPE(prompt) + [EOT], cut to the context with EOT kept as the last token, zero-padded.
+so tokenising never touches the network. Only its public API is used (`encode`, `decode`, the
+special-token ids). The ids are `SimpleTokenizer.__call__`'s: [SOT] + BPE(prompt) + [EOT], cut
+to the context with EOT kept as the last token, zero-padded, with one difference: text in a
+prompt that spells a special token ("<end_of_text>", "<start_of_text>") is tokenised as the
+ordinary characters it is made of, so a user's prompt can never end itself early or start a
+second text.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import torch
 from open_clip import SimpleTokenizer
 
 # BPE is quadratic in a word's length (a 10,000-letter "word" takes ~6 s), so only the first
-# context_length * _MAX_CHARS_PER_TOKEN characters of the cleaned prompt are tokenised. No BPE
-# token is longer than ~20 characters, so this never changes the tokens that fit the context.
+# context_length * _MAX_CHARS_PER_TOKEN characters of the prompt (whitespace collapsed) are
+# tokenised. No BPE token is longer than ~20 characters, so this never changes the tokens that fit.
 _MAX_CHARS_PER_TOKEN = 32
 
 
@@ -37,19 +41,30 @@ def _shorten(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _encode(tokenizer: SimpleTokenizer, prompt: str, max_chars: int) -> tuple[list[int], bool]:
-    """BPE ids of `prompt` (no SOT/EOT), and whether the cleaned text was cut at `max_chars`.
+def _plain_ids(tokenizer: SimpleTokenizer) -> dict[int, list[int]]:
+    """Special-token id -> the ids of its text read as ordinary characters ("<" + "end_of_text>")."""
+    plain = {}
+    for special in tokenizer.all_special_ids:
+        text = tokenizer.decode([special]).strip()  # "<end_of_text>"
+        # Split after the first character: neither part is a special token, and "<" before a
+        # letter is its own word for CLIP's pattern either way, so the ids are those of plain text.
+        plain[special] = tokenizer.encode(text[:1]) + tokenizer.encode(text[1:])
+    return plain
 
-    Same steps as SimpleTokenizer.encode, with the cut between cleaning and BPE: cleaning first
-    collapses whitespace and drops control characters, so they cannot push real words past the cut.
+
+def _encode(
+    tokenizer: SimpleTokenizer, prompt: str, max_chars: int, plain: dict[int, list[int]]
+) -> tuple[list[int], bool]:
+    """BPE ids of `prompt` (no SOT/EOT), special-token text read as plain text; and whether it was cut.
+
+    The cut at `max_chars` comes after collapsing whitespace, so runs of spaces cannot push real
+    words past it.
     """
-    text = tokenizer.clean_fn(prompt)
+    text = " ".join(prompt.split())
     clipped = len(text) > max_chars
-    text = text[:max_chars]
     ids: list[int] = []
-    for word in tokenizer.pat.findall(text):
-        word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
-        ids.extend(tokenizer.encoder[piece] for piece in tokenizer.bpe(word).split(" "))
+    for i in tokenizer.encode(text[:max_chars]):
+        ids.extend(plain.get(i, (i,)))
     return ids, clipped
 
 
@@ -66,15 +81,18 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
-def tokenize(tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length: int) -> torch.Tensor:
-    """Token ids (B, context_length), int64 on the CPU; warns (PromptTruncatedWarning) about truncated prompts."""
+def encode_prompts(
+    tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Token ids (B, context_length), int64 on the CPU, and a note per truncated prompt (no warning)."""
     prompts = check_prompts(prompts)
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     budget = context_length - 2  # room for BPE tokens between SOT and EOT
     tokens = torch.zeros(len(prompts), context_length, dtype=torch.long)
     truncated: list[str] = []
+    plain = _plain_ids(tokenizer)
     for i, prompt in enumerate(prompts):
-        ids, clipped = _encode(tokenizer, prompt, context_length * _MAX_CHARS_PER_TOKEN)
+        ids, clipped = _encode(tokenizer, prompt, context_length * _MAX_CHARS_PER_TOKEN, plain)
         if len(ids) > budget:
             more = "+" if clipped else ""  # counted only up to the character cut
             dropped = len(ids) - budget
@@ -82,12 +100,23 @@ def tokenize(tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length:
             ids = ids[:budget]
         row = [sot, *ids, eot]
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return tokens, truncated
+
+
+def truncation_message(truncated: Sequence[str], n_prompts: int, context_length: int) -> str:
+    """"2 of 8 prompts exceed the text encoder's context of 77 tokens ... and were truncated: prompt 0 (...)"."""
+    shown = "; ".join(truncated[:3]) + (f"; and {len(truncated) - 3} more" if len(truncated) > 3 else "")
+    return (
+        f"{len(truncated)} of {n_prompts} prompts exceed the text encoder's context of {context_length} "
+        f"tokens ({context_length - 2} plus start/end) and were truncated: {shown}"
+    )
+
+
+def tokenize(tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length: int) -> torch.Tensor:
+    """Token ids (B, context_length), int64 on the CPU; warns (PromptTruncatedWarning) about truncated prompts."""
+    prompts = check_prompts(prompts)
+    tokens, truncated = encode_prompts(tokenizer, prompts, context_length)
     if truncated:
-        shown = "; ".join(truncated[:3]) + (f"; and {len(truncated) - 3} more" if len(truncated) > 3 else "")
-        warnings.warn(
-            f"{len(truncated)} of {len(prompts)} prompts exceed the text encoder's context of {context_length} "
-            f"tokens ({budget} plus start/end) and were truncated: {shown}",
-            PromptTruncatedWarning,
-            stacklevel=2,
-        )
+        warnings.warn(truncation_message(truncated, len(prompts), context_length), PromptTruncatedWarning,
+                      stacklevel=2)  # fmt: skip
     return tokens
