@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test browser demo bench clean
 
 setup: $(STAMP)
 
@@ -13,11 +13,21 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --constraint constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints.txt -e '.[dev,serve]'
 	touch $(STAMP)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
+
+# The browser test of `latentdiff serve` drives Debian's headless Chromium: installed here when it is
+# missing and we are root with apt-get; otherwise that one test is skipped and says how to install it.
+browser:
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null 2>&1; then \
+		echo "installing headless Chromium for the browser test: apt-get install chromium chromium-driver"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			>/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will be skipped"; \
+	fi
 
 demo: setup
 	$(VENV)/bin/python -m latentdiff.scripts.demo

@@ -59,14 +59,20 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *
     return path
 
 
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Save one (C, H, W) image in [-1, 1] (C = 1 or 3) as a PNG at its own resolution."""
-    from PIL import Image
+def save_png(image: torch.Tensor, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Save one (C, H, W) image in [-1, 1] (C = 1 or 3) as a PNG at its own resolution.
+
+    text: PNG text chunks (tEXt/iTXt), e.g. {"parameters": settings}, the key Stable Diffusion tools read.
+    """
+    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(image).permute(1, 2, 0).cpu().numpy()  # (H, W, C)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)
     return path
 
 

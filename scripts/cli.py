@@ -18,6 +18,7 @@ COMMANDS = {
     ("generate",): ("latentdiff.scripts.generate", "generate images from prompts with a prior run"),
     ("fid",): ("latentdiff.evaluation.fid_command", "FID and KID between two image sets (folders or shards)"),
     ("evaluate",): ("latentdiff.evaluation.evaluate", "sweep guidance: FID, prompt accuracy, CLIP score, plot"),
+    ("serve",): ("latentdiff.scripts.serve", "a local web page: generate images, watch training curves and grids"),
     ("evaluate-autoencoder",): ("latentdiff.evaluation.reconstruction", "PSNR, SSIM, LPIPS and rFID of an autoencoder"),
 }
 

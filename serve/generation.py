@@ -1,0 +1,186 @@
+"""The Generate tab's request handler, without any web framework: check a form, sample, write PNGs.
+
+One `Generator` per server holds the loaded `TextToImage` pipeline. Requests run one at a time
+(a lock; the page's queue already serialises them, the lock keeps the model safe from any other
+caller) and each can be cancelled between two network evaluations: a forward pre-hook on the
+UNet raises `Cancelled` once the request's flag is set, so a long sampling run stops within one
+UNet pass instead of running to the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentdiff.core.errors import UserError
+from latentdiff.core.logger import save_png
+from latentdiff.prior.pipeline import GenerationSettings, TextToImage
+from latentdiff.prior.samplers import SAMPLERS
+
+MAX_IMAGES = 16  # per request: one sampling batch, so the `generate` command below makes the same images
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
+PNG_KEY = "parameters"  # the text chunk Stable Diffusion tools read the settings from
+
+
+class Cancelled(Exception):
+    """Raised inside the sampling loop when the request that started it was cancelled."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one request made: the PNG files (settings embedded), the settings and the command that remakes them."""
+
+    files: list[Path]
+    settings: GenerationSettings
+    command: str
+
+
+def sampler_names() -> list[str]:
+    return list(SAMPLERS)
+
+
+def _integer(name: str, value, low: int, high: int) -> int:
+    """A form value as an int in low..high, or a UserError naming the field."""
+    if isinstance(value, bool):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = value if isinstance(value, int) else float(value)  # an int stays exact beyond 2**53
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    if not low <= number <= high:
+        raise UserError(f"{name} must be in {low}..{high}, got {int(number)}")
+    return int(number)
+
+
+def _option(name: str, value: str) -> list[str]:
+    """`--name value`, or `--name=value` when the value starts with "-" (argparse would read it as an option)."""
+    return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+
+def generate_command(settings: GenerationSettings, decoder: str | None = None, device: str | None = None,
+                     precision: str = "auto") -> str:
+    """The `latentdiff generate` command line that makes the same images (one shell-quoted line)."""
+    # Prompts come first, unless one starts with "-" and would read as an option: then last, after "--".
+    dashed = any(p.startswith("-") for p in settings.prompts)
+    words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
+             "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
+             "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
+    if settings.negative_prompt:
+        words += _option("--negative", settings.negative_prompt)
+    if decoder:
+        words += _option("--decoder", decoder)
+    if device:
+        words += ["--device", device]
+    if precision != "auto":
+        words += ["--precision", precision]
+    if dashed:
+        words += ["--", *settings.prompts]
+    return shlex.join(words)
+
+
+def png_parameters(settings: GenerationSettings, index: int, command: str) -> str:
+    """The `parameters` text chunk of image `index` of a request: its settings and command, as JSON."""
+    return json.dumps({**dataclasses.asdict(settings), "index": index, "command": command})
+
+
+class Generator:
+    """Serves generation requests from one loaded pipeline; `out_dir` receives the PNGs."""
+
+    def __init__(self, pipe: TextToImage, out_dir: str | Path, *, decoder: str | None = None,
+                 device: str | None = None, precision: str = "auto"):
+        self.pipe = pipe
+        self.out_dir = Path(out_dir)
+        self.command_flags = dict(decoder=decoder, device=device, precision=precision)
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._flags: dict[str, threading.Event] = {}  # session -> cancel flag of its waiting or running request
+        self._running: threading.Event | None = None  # the flag of the request sampling now
+        self._unhook = pipe.unet.register_forward_pre_hook(self._stop_if_cancelled)
+
+    def _stop_if_cancelled(self, module, args) -> None:
+        if self._running is not None and self._running.is_set():
+            raise Cancelled("generation cancelled")
+
+    @property
+    def busy(self) -> bool:
+        """A request is sampling now."""
+        return self._running is not None
+
+    @property
+    def completed(self) -> int:
+        """Requests that ran to the end (and wrote their PNGs), since the server started."""
+        return self._requests
+
+    def defaults(self) -> GenerationSettings:
+        """The run's own sampling settings: the form's initial values."""
+        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0,
+                                  eta=0.0)
+
+    def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n) -> GenerationSettings:
+        """Form values -> resolved settings; any bad value is a UserError that says which and why."""
+        prompt, negative_prompt = prompt or "", negative_prompt or ""  # an empty prompt is unconditional
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise UserError("the prompt and the negative prompt must be text")
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        T = self.pipe.schedule.T
+        steps = _integer("steps", steps, 1, T)
+        seed = _integer("seed", seed, 0, MAX_SEED)
+        n = _integer("number of images", n, 1, MAX_IMAGES)
+        try:
+            guidance = float(guidance)
+        except (TypeError, ValueError):
+            raise UserError(f"guidance must be a number, got {guidance!r}") from None
+        if not math.isfinite(guidance):
+            raise UserError(f"guidance must be a finite number, got {guidance}")
+        try:
+            return self.pipe.settings(prompt, n=n, steps=steps, sampler=sampler, guidance=guidance,
+                                      negative_prompt=negative_prompt, seed=seed, eta=0.0)
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+    def generate(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, session: str = "",
+                 show_progress: bool = False) -> Result:
+        """Sample n images for one prompt and write them as PNGs; raises UserError or Cancelled."""
+        settings = self.check(prompt, negative_prompt, sampler, steps, guidance, seed, n)
+        command = generate_command(settings, **self.command_flags)
+        # Registered before waiting for the lock, so a request still waiting can be cancelled too.
+        flag = self._flags[session] = threading.Event()
+        try:
+            with self._lock:
+                if flag.is_set():
+                    raise Cancelled("generation cancelled before it started")
+                self._running = flag
+                try:
+                    images = self.pipe(list(settings.prompts), n=settings.n, steps=settings.steps,
+                                       sampler=settings.sampler, guidance=settings.guidance,
+                                       negative_prompt=settings.negative_prompt, seed=settings.seed,
+                                       eta=settings.eta, show_progress=show_progress)
+                finally:
+                    self._running = None
+                self._requests += 1
+                folder = self.out_dir / f"{self._requests:05d}"
+        finally:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
+        files = [save_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png",
+                          text={PNG_KEY: png_parameters(settings, i, command)}) for i, image in enumerate(images)]
+        return Result(files, settings, command)
+
+    def cancel(self, session: str = "") -> bool:
+        """Stop the request of `session`, waiting or sampling; True if there was one."""
+        flag = self._flags.get(session)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+    def close(self) -> None:
+        self._unhook.remove()

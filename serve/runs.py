@@ -1,0 +1,147 @@
+"""The Runs tab's data, without any web framework: what a run directory shows about its training.
+
+For the served prior and the stages it was trained on (the autoencoder and text runs its
+meta.json records, and a decoder run when one is served): the curves of metrics.jsonl, the sample
+grids it wrote over time, summary.json, and the reports `latentdiff evaluate` wrote inside it
+(RUN/eval/ by default) with their trade-off plots. Everything is read again on each call, so a
+run that is still training shows its newest state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from latentdiff.core import checkpoint as ckpt
+
+NOT_CURVES = {"step", "time", "skipped_samples"}  # bookkeeping, not training curves
+MAX_CURVES = 9  # subplots per run; a run logs 3-5 scalars per step today
+MAX_GRIDS = 24  # the newest sample grids per run
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # "prior", "autoencoder", "text", "decoder"
+    path: Path
+
+
+@dataclass
+class StageView:
+    """What the page shows for one run."""
+
+    stage: Stage
+    curves: Figure | None  # None when metrics.jsonl has no per-step scalars yet
+    grids: list[tuple[str, str]]  # (PNG path, caption), oldest first
+    summary: dict
+    reports: list[tuple[str, str | None]] = field(default_factory=list)  # (report.md text, trade-off plot path)
+
+
+def _recorded(run: Path, recorded: str | None) -> Path | None:
+    """A run directory another run recorded: as written, or relative to the recording run; None if absent."""
+    if not recorded:
+        return None
+    for path in (Path(recorded), run / recorded):
+        if (path / ckpt.META).is_file():
+            return path
+    return None
+
+
+def trained_stages(prior_run: str | Path, decoder: str | Path | None = None) -> list[Stage]:
+    """The served prior, then the autoencoder and text runs it records, then the served decoder."""
+    prior_run = Path(prior_run)
+    meta = ckpt.read_meta(prior_run, "prior")
+    stages = [Stage("prior", prior_run)]
+    for name, recorded in (("autoencoder", meta.get("autoencoder", {}).get("run")),
+                           ("text", meta.get("text", {}).get("source"))):
+        path = _recorded(prior_run, recorded)  # a text encoder from an open_clip file has no run to show
+        if path is not None:
+            stages.append(Stage(name, path))
+    if decoder is not None:
+        stages.append(Stage("decoder", Path(decoder)))
+    return stages
+
+
+def read_metrics(run: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """metrics.jsonl as {key: (steps, values)} for every finite per-step scalar, in order of appearance.
+
+    A line being written by a running stage (no newline yet, or cut) is skipped.
+    """
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return curves
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        for key, value in row.items():
+            if key in NOT_CURVES or key.startswith("final/") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                steps, values = curves.setdefault(key, ([], []))
+                steps.append(row["step"])
+                values.append(float(value))
+    return curves
+
+
+def curves_figure(curves: dict[str, tuple[list[int], list[float]]], title: str) -> Figure | None:
+    """One small plot per metric against the training step (losses first, then lr, then the rest)."""
+    if not curves:
+        return None
+    keys = sorted(curves, key=lambda k: (0 if "loss" in k else 1 if k == "lr" else 2))[:MAX_CURVES]
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(3.6 * columns, 2.6 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        steps, values = curves[key]
+        ax.plot(steps, values, "o-" if len(steps) < 20 else "-", color="tab:blue", markersize=3, linewidth=1.2)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def sample_grids(run: str | Path) -> list[tuple[str, str]]:
+    """The newest MAX_GRIDS sample grids a run wrote (samples/*.png by step, then its top-level PNGs)."""
+    run = Path(run)
+    over_time = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
+    final = sorted(run.glob("*.png"))
+    return [(str(p), p.stem.replace("_", " ")) for p in (over_time + final)[-MAX_GRIDS:]]
+
+
+def read_summary(run: str | Path) -> dict:
+    path = Path(run) / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}  # still training (summary.json is written at the end) or being written now
+
+
+def evaluation_reports(run: str | Path) -> list[tuple[str, str | None]]:
+    """(report.md, tradeoff.png or None) of each `latentdiff evaluate` output folder inside the run."""
+    reports = []
+    for report in sorted(Path(run).glob("*/report.json")):
+        table = report.with_name("report.md")
+        plot = report.with_name("tradeoff.png")
+        text = table.read_text(encoding="utf-8") if table.is_file() else f"`{report}` (no report.md beside it)"
+        reports.append((f"**{report.parent.name}/**\n\n{text}", str(plot) if plot.is_file() else None))
+    return reports
+
+
+def view(stage: Stage) -> StageView:
+    return StageView(stage, curves_figure(read_metrics(stage.path), f"{stage.name}: {stage.path}"),
+                     sample_grids(stage.path), read_summary(stage.path), evaluation_reports(stage.path))
