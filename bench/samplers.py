@@ -1,12 +1,13 @@
 """Samplers: FID and prompt accuracy against the number of network evaluations, on the demo model.
 
-For each sampler (DDPM, DDIM, DPM-Solver++(2M), Heun) and each budget of network evaluations
+For each sampler (names and aliases of the registry, prior/samplers.py) and each budget of network evaluations
 (NFE; one guided evaluation is one pass over the conditional and unconditional halves), n
 images are generated from the class prompts with the same seed, so the same starting noise,
 and scored like `latentdiff evaluate` does: FID in the classifier's feature space against the
 real test images (beside the floor of a real holdout of the same size) and prompt accuracy by
 that classifier. Heun makes 2 evaluations per step but the last, so it gets (NFE + 1) // 2
-steps and the table shows the NFE it really made. Writes a plot of FID against NFE.
+steps and the table shows the NFE it really made; it refuses budgets below 11 (README). Writes
+a plot of FID against NFE.
 
 The issue's full grid (n = 2000, NFE up to 1000) costs ~13 CPU-hours here; `make bench` runs a
 reduced grid (see the Makefile) and the README gives the command of each larger run it quotes.
@@ -30,17 +31,28 @@ from latentdiff.evaluation.fid import StatisticsCache, extract_features, real_re
 from latentdiff.evaluation.images import load_image_set
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_hits
 from latentdiff.prior.pipeline import TextToImage
-from latentdiff.prior.samplers import number_of_evaluations
+from latentdiff.prior.samplers import KNOWN_AS, normalise, number_of_evaluations, resolve
 
 from .common import DEMO, OUT, ROOT, device, parser, report, table
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "heun")
-NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM-Solver++(2M)", "heun": "Heun", "euler": "Euler"}
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "heun", "unipc", "euler-a", "dpmpp-2m-sde")
+
+
+def title(sampler: str) -> str:
+    """How tables name a sampler: the front-ends' name for an alias ("DPM++ 2M Karras"), else the registry's title."""
+    known = {normalise(v): k for k, v in KNOWN_AS.items()}
+    spec, preset = resolve(sampler)
+    return known.get(normalise(sampler), spec.title) if preset else spec.title
 
 
 def steps_for(sampler: str, nfe: int) -> int:
     """The most steps whose network evaluations fit in the budget nfe."""
-    return (nfe + 1) // 2 if sampler == "heun" else nfe
+    return resolve(sampler)[0].steps_for(nfe)
+
+
+def refused(sampler: str, nfe: int) -> bool:
+    """True where the sampler refuses that few steps (Heun below 11 evaluations)."""
+    return steps_for(sampler, nfe) < resolve(sampler)[0].min_steps
 
 
 def ensure_classifier(run: Path, data: str) -> Path:
@@ -63,8 +75,8 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
     for sampler in dict.fromkeys(p["sampler"] for p in points):
         mine = sorted((p for p in points if p["sampler"] == sampler), key=lambda p: p["nfe"])
         xs = [p["nfe"] for p in mine]
-        axes[0].plot(xs, [p["fid"] for p in mine], "o-", label=NAMES.get(sampler, sampler))
-        axes[1].plot(xs, [100 * p["prompt_accuracy"] for p in mine], "o-", label=NAMES.get(sampler, sampler))
+        axes[0].plot(xs, [p["fid"] for p in mine], "o-", label=title(sampler))
+        axes[1].plot(xs, [100 * p["prompt_accuracy"] for p in mine], "o-", label=title(sampler))
     first = points[0]
     axes[0].axhline(first["fid_floor"], color="gray", linestyle="--", label=f"real floor ({first['fid_floor']:.2f})")
     axes[0].set_ylabel(f"FID ({first['n_fake']} samples vs {first['n_reference']} real)")
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     done = {(q["sampler"], q["nfe_budget"]) for q in points}
     for sampler in args.samplers.split(","):
         for budget in [int(v) for v in args.nfe.split(",")]:
-            if (sampler, budget) in done:
+            if (sampler, budget) in done or refused(sampler, budget):
                 continue
             steps = steps_for(sampler, budget)
             t0 = time.monotonic()
@@ -142,21 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
             points.append(point)
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"settings": settings, "points": points}, indent=1))
-            print(f"{NAMES[sampler]} {point['nfe']} NFE: FID {point['fid']:.2f} (floor {point['fid_floor']:.2f}), "
+            print(f"{title(sampler)} {point['nfe']} NFE: FID {point['fid']:.2f} (floor {point['fid_floor']:.2f}), "
                   f"prompt accuracy {100 * point['prompt_accuracy']:.1f}% [{seconds:.0f} s]", flush=True)
 
     budgets = sorted({q["nfe_budget"] for q in points})
     rows = []
     for sampler in dict.fromkeys(q["sampler"] for q in points):
         cells = {q["nfe_budget"]: q for q in points if q["sampler"] == sampler}
-        rows.append([NAMES[sampler]] + [f"{cells[b]['fid']:.2f} / {100 * cells[b]['prompt_accuracy']:.1f}%"
+        rows.append([title(sampler)] + [f"{cells[b]['fid']:.2f} / {100 * cells[b]['prompt_accuracy']:.1f}%"
                                         + (f" ({cells[b]['nfe']})" if cells[b]["nfe"] != b else "")
                                         if b in cells else "" for b in budgets])
     text = table(["sampler \\ NFE"] + [str(b) for b in budgets], rows)
     seconds = sum(q["generation_seconds"] for q in points)
     text += (f"\n\nFID / prompt accuracy; FID in {space.label} features, {n} generated (class prompts, guidance "
              f"{args.guidance:g}, seed {args.seed}) vs {ref.reference.n} real test images; floor "
-             f"{ref.floor_fid:.2f} ({ref.floor_n} held-out real images). Heun's real NFE in brackets. "
+             f"{ref.floor_fid:.2f} ({ref.floor_n} held-out real images). Heun's real NFE in brackets "
+             "(refused below 11). "
              f"Generation took {seconds / 60:.1f} min in all.")
     by = {(q["sampler"], q["nfe_budget"]): q for q in points}
     if ("dpmpp-2m", 20) in by and ("ddpm", 1000) in by:

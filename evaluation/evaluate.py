@@ -28,6 +28,8 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import Runtime
 from latentdiff.data.reader import read_info
 
+from latentdiff.prior.samplers import add_sampler_arguments, check_number, sampler_arguments
+
 from .classifier import load_classifier
 from .features import load_feature_space
 from .fid import KID_SCALE, StatisticsCache, extract_features, format_kid, real_reference, score, statistics
@@ -44,7 +46,7 @@ def parse_guidance(text: str) -> list[float]:
         raise ValueError(f"--guidance {text!r}: give comma-separated numbers, e.g. 1,3,5") from None
     if not values:
         raise ValueError("--guidance needs at least one value, e.g. 1,3,5")
-    return values
+    return [check_number("--guidance", v, float, 0.0) for v in values]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", metavar="RUN", help="CLIP (text run or openclip:MODEL:PRETRAINED) for CLIP score")
     p.add_argument("--prompts", choices=["auto", "classes", "captions"], default="auto",
                    help="class prompts or test captions (default: classes when the data has a single class label)")
-    p.add_argument("--sampler", help="ddpm | ddim | dpmpp-2m | euler | heun (default: the run's)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    add_sampler_arguments(p)
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; default: 0, off)")
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
@@ -97,12 +100,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = Runtime.setup(args.seed, "fp32", args.device).device
     out = Path(args.out or Path(args.run) / "eval")
 
-    # Everything that can fail fast (missing weights, wrong runs) before minutes of sampling.
+    # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
+    sampling = dict(steps=args.steps, sampler=args.sampler, guidance=None, negative_prompt="", seed=args.seed,
+                    batch_size=args.gen_batch_size, guidance_rescale=args.guidance_rescale,
+                    sampler_options=sampler_arguments(args))
+    pipe.settings([""], n=1, **sampling)
     space = None
     if args.features:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     classifier = load_classifier(classifier_run, device) if classifier_run else None
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
     clip = None
     if args.clip:
         from latentdiff.text.sources import load_text_encoder
@@ -125,12 +132,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
               f"({ref.floor_n} held-out real images) in {space.label}")
 
-    settings = pipe.settings(prompts.prompts, n=1, steps=args.steps, sampler=args.sampler, guidance=None,
-                             negative_prompt="", seed=args.seed, eta=0.0, batch_size=args.gen_batch_size)
+    settings = pipe.settings(prompts.prompts, n=1, **sampling)
     rows = []
     for w in guidances:
         t0 = time.monotonic()
         images = pipe(prompts.prompts, n=1, steps=settings.steps, sampler=settings.sampler, guidance=w,
+                      sampler_options=settings.sampler_options, guidance_rescale=settings.guidance_rescale,
                       seed=args.seed, batch_size=args.gen_batch_size, show_progress=True)  # (n, 3, H, W) in [-1, 1]
         row: dict = {"guidance": w, "generation_seconds": round(time.monotonic() - t0, 1)}
         if classifier is not None:
@@ -151,6 +158,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "prior_run": str(args.run), "decoder": args.decoder, "data": real.source, "n_generated": n,
         "prompts": prompts.mode,
         "distinct_prompts": len(set(prompts.prompts)), "sampler": settings.sampler, "steps": settings.steps,
+        "sampler_options": settings.sampler_options, "guidance_rescale": settings.guidance_rescale,
         "precision": settings.precision,
         "seed": args.seed, "features": space.label if space else None,
         "feature_weights_hash": space.weights_hash if space else None,

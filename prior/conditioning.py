@@ -126,6 +126,7 @@ def clip_bound(cfg: DiffusionConfig, ae_meta: dict) -> float | None:
 @torch.no_grad()
 def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: Conditioning, uncond: Conditioning,
                    shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
+                   guidance_rescale: float = 0.0,
                    generator: torch.Generator, clip_x0: float | None, callback=None, dtype: torch.dtype | None = None,
                    **options) -> torch.Tensor:
     """z_0 for each row of `cond`, classifier-free guided against `uncond` (same batch size).
@@ -135,6 +136,6 @@ def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: C
     B = cond[0].shape[0]
     device = cond[0].device
     z_T = torch.randn((B, *shape), generator=generator, device=device)
-    model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance)
+    model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     return sample(sampler, denoiser, z_T, schedule, steps, generator=generator, callback=callback, **options)

@@ -6,12 +6,16 @@ out = out_uncond + scale * (out_cond - out_uncond) (Ho & Salimans 2022, eq. 6) i
 raw output (eps, x0 or v alike): for fixed z_t and t each parameterisation is an affine function
 of the others with the same weights, so guiding any of them gives the same (x0, eps).
 
+Guidance rescale (Lin et al. 2024, §3.4) pulls the guided output's per-sample std back towards
+the conditional output's, against the over-exposure large scales cause.
+
 A negative prompt is just a different `uncond`: its conditioning takes the place of the empty
 caption's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -43,15 +47,34 @@ def concat_conditioning(a: Conditioning, b: Conditioning, _where: str = "conditi
                     "tensors with a leading batch dim, None, or tuples/lists/dicts of those, the same structure in both")
 
 
-def cfg_model_fn(model: Model, cond: Conditioning, uncond: Conditioning, scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """Guidance rescale, Lin et al. 2024 §3.4: the guided output's per-sample std brought
+    back towards the conditional output's.
+
+    x_rescaled = x_cfg * std(x_pos) / std(x_cfg), out = phi x_rescaled + (1 - phi) x_cfg, the std taken
+    per sample over every dim but the batch; rescale = phi in [0, 1] (the paper uses 0.7). Shapes (B, ...).
+    """
+    dims = tuple(range(1, guided.ndim))
+    std_cfg = guided.std(dim=dims, keepdim=True)
+    # a constant guided output (std 0) is left as it is rather than divided by zero
+    ratio = torch.where(std_cfg > 0, cond.std(dim=dims, keepdim=True) / std_cfg, torch.ones_like(std_cfg))
+    return guided * (rescale * ratio + (1 - rescale))
+
+
+def cfg_model_fn(model: Model, cond: Conditioning, uncond: Conditioning, scale: float,
+                 rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
     """model_fn(z_t, t) = uncond + scale * (cond - uncond), from one network pass over a 2B batch.
 
     scale == 1 is the conditional model alone (one pass over B); scale == 0 the unconditional alone.
+    rescale > 0 applies `rescale_guidance` to the guided output (the model's raw output, which the paper,
+    training with v-prediction, rescales); rescale = 0 is plain guidance.
     """
-    scale = float(scale)
+    scale, rescale = float(scale), float(rescale)
+    if not (math.isfinite(scale) and math.isfinite(rescale) and 0 <= rescale <= 1):
+        raise ValueError(f"guidance scale must be finite and guidance rescale in [0, 1], got {scale!r} and {rescale!r}")
     if scale == 1.0:
         return lambda z_t, t: model(z_t, t, cond)
-    if scale == 0.0:
+    if scale == 0.0 and rescale == 0.0:
         return lambda z_t, t: model(z_t, t, uncond)
     both = concat_conditioning(cond, uncond)  # built once, reused at every step
 
@@ -59,6 +82,7 @@ def cfg_model_fn(model: Model, cond: Conditioning, uncond: Conditioning, scale: 
         B = z_t.shape[0]
         out = model(torch.cat([z_t, z_t]), torch.cat([t, t]), both)  # (2B, ...)
         out_cond, out_uncond = out[:B], out[B:]
-        return out_uncond + scale * (out_cond - out_uncond)
+        guided = out_uncond + scale * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, rescale) if rescale > 0 else guided
 
     return model_fn

@@ -24,7 +24,7 @@ from latentdiff.core.runtime import pick_device, sampling_dtype
 from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
                            sample_latents)
 from .config import PriorConfig
-from .samplers import SAMPLERS, number_of_evaluations
+from .samplers import check_number, check_sampler_steps, number_of_evaluations, resolve_options
 from .unet import UNet
 
 
@@ -35,11 +35,12 @@ class GenerationSettings:
     prompts: tuple[str, ...]
     n: int  # images per prompt
     steps: int
-    sampler: str
+    sampler: str  # the registry's name (an alias such as "DPM++ 2M Karras" is resolved)
+    sampler_options: dict  # every option the sampler ran with (samplers.SAMPLERS[sampler].options)
     guidance: float
+    guidance_rescale: float  # Lin et al. 2024 §3.4; 0: plain classifier-free guidance
     negative_prompt: str
     seed: int
-    eta: float  # DDIM stochasticity (ddim only)
     clip_x0: float | None
     run: str
     batch_size: int  # images per sampling batch (stochastic samplers draw their noise batch by batch)
@@ -94,14 +95,15 @@ class TextToImage:
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str] | str, *, n: int = 1, steps: int | None = None, sampler: str | None = None,
-                 guidance: float | None = None, negative_prompt: str = "", seed: int = 0, eta: float = 0.0,
+                 guidance: float | None = None, negative_prompt: str = "", seed: int = 0, eta: float | None = None,
+                 guidance_rescale: float = 0.0, sampler_options: dict | None = None,
                  batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
         """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first)."""
         settings = self.settings(prompts, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                 negative_prompt=negative_prompt, seed=seed, eta=eta, batch_size=batch_size)
+                                 negative_prompt=negative_prompt, seed=seed, eta=eta, batch_size=batch_size,
+                                 guidance_rescale=guidance_rescale, sampler_options=sampler_options)
         rows = [p for p in settings.prompts for _ in range(n)]
         g = torch.Generator(self.device).manual_seed(seed)
-        options = {"eta": eta} if settings.sampler == "ddim" else {}
         dtype = torch.bfloat16 if settings.precision == "bf16" else None
         evals = number_of_evaluations(settings.sampler, settings.steps)
         bar = progress(evals * ((len(rows) + batch_size - 1) // batch_size), "sampling", enabled=show_progress)
@@ -111,34 +113,34 @@ class TextToImage:
             cond, uncond = guided_conditioning(self.encoder, chunk, [negative_prompt] * len(chunk))
             z0 = sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
                                 self.latent_shape, sampler=settings.sampler, steps=settings.steps,
-                                guidance=settings.guidance, generator=g, clip_x0=self.clip_x0,
-                                callback=lambda *_: bar.update(1), dtype=dtype, **options)
+                                guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
+                                generator=g, clip_x0=self.clip_x0,
+                                callback=lambda *_: bar.update(1), dtype=dtype, **settings.sampler_options)
             images.append(self.decoder(z0 / self.scale).clamp(-1, 1).float().cpu())
         bar.close()
         return torch.cat(images)
 
-    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta,
-                 batch_size: int = 64) -> GenerationSettings:
-        """Resolve defaults from the run's sampling config and check every value."""
+    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta=None,
+                 batch_size: int = 64, guidance_rescale: float = 0.0,
+                 sampler_options: dict | None = None) -> GenerationSettings:
+        """Resolve defaults from the run's sampling config and check every value (ValueError with the range)."""
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if not prompts:
             raise ValueError("no prompts given")
         if any(not isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
-        if n < 1:
-            raise ValueError(f"n (images per prompt) must be at least 1, got {n}")
+        check_number("n (images per prompt)", n, int, 1)
         s = self.cfg.sampling
-        sampler = sampler or s.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        steps = steps or s.steps
-        if not 1 <= steps <= self.schedule.T:
-            raise ValueError(f"steps must be in 1..{self.schedule.T} (the prior's training timesteps), got {steps}")
-        guidance = s.guidance if guidance is None else float(guidance)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        sampler, options = resolve_options(sampler or s.sampler, {"eta": eta, **(sampler_options or {})})
+        steps = s.steps if steps is None else steps  # 0 is refused below, not read as "the default"
+        check_sampler_steps(sampler, steps, self.schedule)
+        guidance = check_number("guidance", s.guidance if guidance is None else guidance, float, 0.0)
+        guidance_rescale = check_number("guidance_rescale", guidance_rescale, float, 0.0, 1.0)
+        check_number("seed", seed, int, 0, 2**63 - 1)
+        check_number("batch_size", batch_size, int, 1)
         # One precision for every batch of the call: rows per network pass of a full batch.
         rows = min(batch_size, len(prompts) * n) * (1 if guidance in (0.0, 1.0) else 2)
         precision = "bf16" if sampling_dtype(self.device, self.precision, rows) == torch.bfloat16 else "fp32"
-        return GenerationSettings(prompts, n, steps, sampler, guidance, negative_prompt, seed, eta,
+        return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt,
+                                  seed,
                                   self.clip_x0, str(self.run), batch_size, precision)

@@ -1,300 +1,222 @@
-"""Samplers: plain functions with one signature, independent of any network.
+"""The sampler registry: the one place that says which samplers exist, what they cost, what they take.
+
+Samplers are plain functions with one signature (solvers.py, karras.py):
 
     sample_xxx(denoiser, z_T, schedule, steps, *, generator=None, callback=None, **options) -> z_0
 
-`denoiser(z_t, t) -> (x0_hat, eps_hat)` takes t as a float tensor (B,) on z_t's device in the
-schedule's time units 0..T-1, and returns a consistent pair, z_t = sqrt(abar_t) x0_hat +
-sqrt(1 - abar_t) eps_hat; `make_denoiser` builds one from a raw network `model_fn(z_t, t)`.
-`callback(i, total, z_t, x0_hat)` runs after the i-th network evaluation (0-based) with the state
-that evaluation saw. All noise comes from `generator`. Step coefficients are Python floats
-computed from the schedule's CPU float64 tables before the loop, so the loop never waits on the
-device. The result is the final sample at t = 0, i.e. the last x0 estimate.
-
-Discrete samplers (ddpm, ddim, dpmpp-2m) visit `steps` integer timesteps chosen by `spacing`:
-  "trailing" (default): T-1, T-1-T/steps, ... (Lin et al. 2024, §3.3). Always starts at
-      t = T-1, the step a zero-terminal-SNR schedule needs and the noise level z_T ~ N(0, I) is at.
-  "leading": (steps-1)k, ..., k, 0 with k = T // steps (DDIM code, Stable Diffusion); never
-      visits T-1, so the first state is noisier than the model expects.
-  "linspace": round(linspace(T-1, 0, steps)); visits both ends.
-After the last timestep they jump to abar = 1 (the data), which returns that step's x0_hat (as
-DDPM Alg. 2 does at t = 1). With trailing spacing that last timestep is T/steps - 1, so x0_hat,
-a posterior mean, lacks the posterior variance at that noise level: a first-order error that
-shrinks with steps (on scaled_linear it dominates DPM-Solver++'s error at 50 steps).
+`SAMPLERS` maps each name to a `SamplerSpec` (function, title, network evaluations per step,
+order, fewest steps); a sampler's options and their defaults are its keyword parameters,
+and `OPTIONS` gives each option's type and allowed range, so the command line, the pipeline and
+the benchmarks derive their choices, help and checks from here. `ALIASES` holds the names users
+know from Stable Diffusion front-ends ("DPM++ 2M Karras", "Euler a", ...): a sampler plus preset
+options. Names are matched case-insensitively with "++" read as "pp" and spaces as "-".
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
-from latentdiff.prior.schedule import NoiseSchedule, check_prediction, posterior_coefficients
-
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-ModelFn = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, int, Tensor, Tensor], None]
-SPACINGS = ("trailing", "leading", "linspace")
-
-
-def make_denoiser(model_fn: ModelFn, schedule: NoiseSchedule, prediction: str,
-                  clip_x0: float | None = None) -> Denoiser:
-    """Wrap a raw network output (eps, x0 or v) into the (x0_hat, eps_hat) a sampler needs.
-
-    With clip_x0 the x0 estimate is clamped to [-clip_x0, clip_x0] and eps recomputed from it, so
-    the pair stays consistent. Without that, an eps error at the first step is multiplied by
-    sqrt(1 - abar)/sqrt(abar) (~2e4 for cosine's abar_T ~ 2e-9) in x0_hat.
-    """
-    check_prediction(prediction)
-    if prediction == "eps" and schedule.zero_terminal_snr:
-        raise ValueError("an eps-prediction model cannot recover z_0 at t = T-1 on a zero-terminal-SNR "
-                         "schedule (abar_T = 0, Lin et al. 2024 §3.2); train with prediction 'v' or 'x0', "
-                         "or sample with a schedule made with zero_terminal_snr=False")
-    if clip_x0 is not None and not clip_x0 > 0:
-        raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
-
-    def denoiser(z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        x0, eps = schedule.to_x0_eps(model_fn(z_t, t), z_t, t, prediction)
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = schedule.eps_from_x0(z_t, x0, t)
-        return x0, eps
-
-    return denoiser
+from .denoiser import Callback, Denoiser, make_denoiser  # noqa: F401  (re-exported: samplers' public face)
+from .karras import sample_euler, sample_euler_ancestral, sample_heun
+from .schedule import NoiseSchedule
+from .solvers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
+from .spacing import SPACINGS, check_steps, timesteps  # noqa: F401  (re-exported)
 
 
-# ---- shared parts -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One sampler option: its type and allowed values, checked with a message that gives the range."""
+
+    kind: type  # float, int or str
+    help: str
+    low: float = -math.inf  # inclusive bounds for numbers
+    high: float = math.inf
+    above: bool = False  # True: low is exclusive (value > low)
+    choices: tuple = ()  # for str (and small ints)
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return lo if self.high == math.inf else f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.kind is str or self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{name} must be {self.allowed()}, got {value!r}")
+            return value
+        return check_number(name, value, self.kind, self.low, self.high, self.above)
 
 
-def _check_steps(schedule: NoiseSchedule, steps: int) -> None:
-    if not isinstance(steps, int) or not 1 <= steps <= schedule.T:
-        raise ValueError(f"steps must be an integer in 1..{schedule.T} (the schedule's T), got {steps!r}")
+def check_number(name: str, value: Any, kind: type = float, low: float = -math.inf, high: float = math.inf,
+                 above: bool = False) -> Any:
+    """value as `kind` (int or float) if finite and in [low, high] ((low, high] with above); else a ValueError
+    that names the allowed range, e.g. "guidance must be a finite number >= 0, got nan"."""
+    opt = Option(kind, "", low, high, above)
+    what = "an integer" if kind is int else "a finite number"
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value))
+    if bad or not math.isfinite(value) or not (value > low if above else value >= low) or value > high:
+        raise ValueError(f"{name} must be {what} {opt.allowed()}, got {value!r}")
+    return kind(value)
 
 
-def timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """The `steps` integer timesteps a discrete sampler visits, decreasing (see module docstring)."""
-    if spacing == "trailing":
-        ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
-    elif spacing == "leading":
-        ts = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (T // steps)
-    elif spacing == "linspace":
-        ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-    return [int(t) for t in ts.tolist()]
-
-
-def _t_like(z: Tensor, t: float) -> Tensor:
-    """t as a float tensor (B,) on z's device; float32 unless z is float64 (t up to 999 in fp16 is too coarse)."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    return torch.full((z.shape[0],), t, device=z.device, dtype=dtype)
-
-
-def _noise(z: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-
-
-def _abars(schedule: NoiseSchedule, ts: list[int]) -> list[float]:
-    """abar at each timestep, as Python floats, plus abar = 1 for the data after the last one."""
-    return schedule.alphas_cumprod[ts].tolist() + [1.0]
-
-
-def _lambda(abar: float) -> float:
-    """log-SNR lambda = log(alpha_t / sigma_t) of a VP state; -inf at abar = 0, +inf at abar = 1."""
-    if abar == 0.0:
-        return -math.inf
-    if abar == 1.0:
-        return math.inf
-    return 0.5 * (math.log(abar) - math.log1p(-abar))
-
-
-# ---- discrete-time samplers -------------------------------------------------------------------
-
-
-def sample_ddpm(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                spacing: str = "trailing") -> Tensor:
-    """Ancestral sampling, DDPM Alg. 2: z_s ~ q(z_s | z_t, x0_hat) (eq. 6-7; eq. 11 when x0_hat comes from eps).
-
-    With steps < T the betas between visited timesteps are recomputed (Improved DDPM §4).
-    """
-    _check_steps(schedule, steps)
-    ts = timesteps(schedule.T, steps, spacing)
-    abars = _abars(schedule, ts)
-    z = z_T
-    for i, t in enumerate(ts):
-        x0, _ = denoiser(z, _t_like(z, t))
-        if callback is not None:
-            callback(i, steps, z, x0)
-        # betas between the visited timesteps: beta_t' = 1 - abar_t / abar_s (s = next timestep).
-        c_x0, c_zt, var = posterior_coefficients(abars[i], abars[i + 1])
-        z = c_x0 * x0 + c_zt * z
-        if var > 0:  # 0 at the jump to the data
-            z = z + math.sqrt(var) * _noise(z, generator)
-    return z
-
-
-def sample_ddim(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                eta: float = 0.0, spacing: str = "trailing") -> Tensor:
-    """DDIM, Song et al. 2021 eq. 12 (sigma_t of eq. 16 scaled by eta; eta = 1 is ancestral DDPM)."""
-    _check_steps(schedule, steps)
-    ts = timesteps(schedule.T, steps, spacing)
-    abars = _abars(schedule, ts)
-    z = z_T
-    for i, t in enumerate(ts):
-        x0, eps = denoiser(z, _t_like(z, t))  # x0 = "predicted x_0", eps = eps_theta(x_t, t)
-        if callback is not None:
-            callback(i, steps, z, x0)
-        a_t, a_s = abars[i], abars[i + 1]  # alpha_t and alpha_{t-1} in the DDIM paper's notation
-        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
-        # 1. predicted x_0; 2. "direction pointing to x_t"; 3. random noise.
-        z = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            z = z + sigma * _noise(z, generator)
-    return z
-
-
-def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                    generator: torch.Generator | None = None, callback: Callback | None = None,
-                    spacing: str = "trailing") -> Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: multistep data prediction in lambda = log(alpha/sigma).
-
-    The first step is first order (no earlier x0_hat); so is the last, to the data, where
-    h = inf and the second-order correction vanishes: it returns that step's x0_hat.
-    Deterministic; `generator` is accepted for the shared signature and unused.
-    """
-    _check_steps(schedule, steps)
-    ts = timesteps(schedule.T, steps, spacing)
-    abars = _abars(schedule, ts)
-    z = z_T
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(ts):
-        x0, _ = denoiser(z, _t_like(z, t))
-        if callback is not None:
-            callback(i, steps, z, x0)
-        a_t, a_s = abars[i], abars[i + 1]
-        if a_s == 1.0:  # the jump to the data: h = inf, first order gives x0_hat
-            return x0
-        h = _lambda(a_s) - _lambda(a_t)  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
-        if x0_prev is None or math.isinf(h_prev):
-            D = x0  # first order (DPM-Solver++ 1 = DDIM)
-        else:
-            r = h_prev / h  # r_i = h_{i-1} / h_i
-            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        # x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-        z = math.sqrt((1 - a_s) / (1 - a_t)) * z - math.sqrt(a_s) * math.expm1(-h) * D
-        x0_prev, h_prev = x0, h
-    raise AssertionError("unreachable: the last timestep jumps to the data")
-
-
-# ---- Karras et al. 2022 samplers in the VE variable x = z / sqrt(abar) ---------------------------
-
-
-KARRAS_SIGMA_MAX = 80.0
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> list[float]:
-    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0."""
-    if steps == 1:
-        return [sigma_max, 0.0]
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return [(a + i / (steps - 1) * (b - a)) ** rho for i in range(steps)] + [0.0]
-
-
-def _karras_setup(schedule: NoiseSchedule, steps: int, sigma_min: float | None, sigma_max: float | None,
-                  rho: float) -> tuple[list[float], list[float]]:
-    """Sigmas of eq. 5 within the schedule's range, and the float t of each (t_from_sigma)."""
-    _check_steps(schedule, steps)
-    # Start at sigma_max = min(the schedule's largest finite sigma, 80), 80 being Karras et al.'s
-    # choice (2022, Table 1). Cosine's abar_T ~ 2e-9 puts sigma(T-1) at ~2e4: eq. 5 then spends
-    # its few steps at sigmas where the image is pure noise and jumps from ~t=990 to the data
-    # (measured: Heun with 10 steps, FID 164 on the demo prior; with the cap, see bench/). At
-    # sigma = 80 the signal is 1/80 of the state's scale, so z_T ~ N(0, I) is that state up to
-    # a negligible signal; with a zero terminal SNR sigma(T-1) = inf, and the same cap applies.
-    sigma_max = min(schedule.sigma_max_finite, KARRAS_SIGMA_MAX) if sigma_max is None else sigma_max
-    sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
-    if not 0 < sigma_min < sigma_max < math.inf:
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    sigmas = karras_sigmas(sigma_min, sigma_max, steps, rho)
-    ts = schedule.t_from_sigma(torch.tensor(sigmas[:-1], dtype=torch.float64)).tolist()
-    return sigmas, ts
-
-
-def _denoise_ve(denoiser: Denoiser, x: Tensor, sigma: float, t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Evaluate the VP denoiser at the VE state x: z_t = x sqrt(abar) = x / sqrt(1 + sigma^2).
-
-    Returns (z_t, D(x), d) with d = (x - D(x)) / sigma, which is exactly eps_hat.
-    """
-    z = x / math.sqrt(1 + sigma**2)
-    x0, eps = denoiser(z, _t_like(z, t))
-    return z, x0, eps
-
-
-def sample_euler(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                 generator: torch.Generator | None = None, callback: Callback | None = None,
-                 rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
-    """Euler steps on the probability-flow ODE, Karras et al. 2022 Alg. 1 without the Heun correction.
-
-    Deterministic; `generator` is accepted for the shared signature and unused.
-    """
-    sigmas, ts = _karras_setup(schedule, steps, sigma_min, sigma_max, rho)
-    x = z_T * math.sqrt(1 + sigmas[0] ** 2)  # x = z / sqrt(abar)
-    for i in range(steps):
-        z, x0, d = _denoise_ve(denoiser, x, sigmas[i], ts[i])  # d_i = (x_i - D(x_i; sigma_i)) / sigma_i
-        if callback is not None:
-            callback(i, steps, z, x0)
-        x = x + (sigmas[i + 1] - sigmas[i]) * d  # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
-    return x  # sigma_N = 0: x is the data, where z = x
-
-
-def sample_heun(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
-    """Heun's 2nd-order method, Karras et al. 2022 Alg. 1 (Euler on the last step, to sigma = 0).
-
-    Deterministic; `generator` is accepted for the shared signature and unused.
-    """
-    sigmas, ts = _karras_setup(schedule, steps, sigma_min, sigma_max, rho)
-    x = z_T * math.sqrt(1 + sigmas[0] ** 2)
-    for i in range(steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        z, x0, d = _denoise_ve(denoiser, x, s, ts[i])
-        if callback is not None:
-            callback(i, steps, z, x0)
-        x_next = x + (s_next - s) * d  # 1. Euler step
-        if s_next > 0:  # 2. second-order correction with the slope at x_{i+1}
-            _, _, d_next = _denoise_ve(denoiser, x_next, s_next, ts[i + 1])
-            x_next = x + (s_next - s) * (d + d_next) / 2
-        x = x_next
-    return x
-
-
-# ---- registry ---------------------------------------------------------------------------------
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp-2m": sample_dpmpp_2m,
-    "euler": sample_euler,
-    "heun": sample_heun,
+OPTIONS: dict[str, Option] = {
+    "spacing": Option(str, "the noise levels visited (spacing.py)", choices=SPACINGS),
+    "eta": Option(float, "noise injected per step: 0 deterministic, 1 ancestral (DDPM's posterior)", 0.0, 1.0),
+    "s_churn": Option(float, "Karras et al. Alg. 2 churn: noise added before each step (0: deterministic)", 0.0),
+    "rho": Option(float, "the karras spacing's rho (eq. 5; 7 in the paper)", 0.0, above=True),
+    "sigma_min": Option(float, "smallest sigma of the karras/logsnr spacings (the schedule's sigma(0))", 0.0,
+                        above=True),
+    "sigma_max": Option(float, "largest sigma of the karras/logsnr spacings (min(sigma(T-1), 80))", 0.0, above=True),
+    "order": Option(int, "UniPC's order p (the corrector makes it p + 1)", choices=(1, 2, 3)),
+    "variant": Option(str, "UniPC's B(h): bh1 = h, bh2 = e^h - 1", choices=("bh1", "bh2")),
 }
 
 
-def _lookup(name: str) -> Callable[..., Tensor]:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}") from None
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str  # the canonical name, as in --sampler
+    fn: Callable[..., Tensor]
+    title: str  # as tables print it
+    evaluations_per_step: int  # network evaluations per step (Heun: 2, its last step 1)
+    order: int  # convergence order of the deterministic solver (in steps); 0: stochastic by default
+    min_steps: int = 1  # fewer steps are refused (see `refusal`)
+    refusal: str = ""  # what to use instead, in the error for steps < min_steps
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options this sampler takes, with their defaults: its keyword parameters."""
+        params = inspect.signature(self.fn).parameters.values()
+        skip = ("generator", "callback")
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+
+    def evaluations(self, steps: int) -> int:
+        return self.evaluations_per_step * steps - (self.evaluations_per_step - 1)
+
+    def steps_for(self, budget: int) -> int:
+        """The most steps whose network evaluations fit in `budget`."""
+        return (budget + self.evaluations_per_step - 1) // self.evaluations_per_step
 
 
-def sample(name: str, denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, **kw) -> Tensor:
-    """Run the sampler registered as `name` (one of SAMPLERS); kw are its keyword options."""
-    return _lookup(name)(denoiser, z_T, schedule, steps, **kw)
+_SPECS = [
+    SamplerSpec("ddpm", sample_ddpm, "DDPM", 1, 0),
+    SamplerSpec("ddim", sample_ddim, "DDIM", 1, 1),
+    SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M)", 1, 2),
+    SamplerSpec("euler", sample_euler, "Euler", 1, 1),
+    SamplerSpec("heun", sample_heun, "Heun", 2, 2, min_steps=6,
+                refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
+                        "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step"),
+    SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0),
+    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0),
+    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),
+]
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
+
+# Names front-ends use -> (sampler, preset options); the front-ends' own names normalise to the canonical ones
+# ("DPM++ 2M" -> dpmpp-2m, "DPM++ 2M SDE" -> dpmpp-2m-sde, "Euler a" -> euler-a, "UniPC" -> unipc).
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp-2m-karras": ("dpmpp-2m", {"spacing": "karras"}),
+    "dpmpp-2m-sde-karras": ("dpmpp-2m-sde", {"spacing": "karras"}),
+    "euler-ancestral": ("euler-a", {}),
+    "unipc-karras": ("unipc", {"spacing": "karras"}),
+    "dpm-solver++": ("dpmpp-2m", {}),
+}
+KNOWN_AS = {"DPM++ 2M": "dpmpp-2m", "DPM++ 2M Karras": "dpmpp-2m-karras", "DPM++ 2M SDE": "dpmpp-2m-sde",
+            "DPM++ 2M SDE Karras": "dpmpp-2m-sde-karras", "Euler a": "euler-a", "Euler": "euler", "Heun": "heun",
+            "DDIM": "ddim", "UniPC": "unipc"}  # what the Stable Diffusion web UI calls them
+
+
+def normalise(name: str) -> str:
+    """'DPM++ 2M Karras' -> 'dpmpp-2m-karras': lower case, '++' as 'pp', spaces and underscores as '-'."""
+    return re.sub(r"[\s_]+", "-", name.strip().lower().replace("++", "pp"))
+
+
+def choices_help() -> str:
+    """The --sampler help: every name and alias."""
+    aliases = ", ".join(f'"{k}"' for k in KNOWN_AS if normalise(k) in ALIASES)
+    return f"{' | '.join(SAMPLERS)}; also {aliases}, ... (any case)"
+
+
+def resolve(name: str) -> tuple[SamplerSpec, dict[str, Any]]:
+    """(spec, preset options) of a sampler name or alias; ValueError naming the known ones."""
+    key = normalise(name) if isinstance(name, str) else name
+    if key in SAMPLERS:
+        return SAMPLERS[key], {}
+    if key in ALIASES:
+        canonical, preset = ALIASES[key]
+        return SAMPLERS[canonical], dict(preset)
+    raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)} "
+                     f"(also {', '.join(repr(k) for k in KNOWN_AS if normalise(k) in ALIASES)})")
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The alias's presets merged with `options` (None values dropped), each checked; ValueError otherwise."""
+    spec, merged = resolve(name)
+    takes = spec.options
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in takes:
+            which = [s.name for s in SAMPLERS.values() if key in s.options]
+            raise ValueError(f"sampler {spec.name} takes no option {key!r} (it takes {', '.join(takes) or 'none'}); "
+                             f"{key} applies to {', '.join(which) or 'no sampler'}")
+        merged[key] = value
+    return {k: OPTIONS[k].check(k, v) if k in OPTIONS else v for k, v in merged.items()}
+
+
+def resolve_options(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(canonical name, every option it will run with: its defaults, the alias's presets, then `options`)."""
+    spec, _ = resolve(name)
+    return spec.name, {**spec.options, **check_options(name, options)}
+
+
+def check_sampler_steps(name: str, steps: int, schedule: NoiseSchedule) -> None:
+    """Steps in 1..T, and at least the sampler's minimum (Heun), with what to use instead."""
+    check_steps(schedule, steps)
+    spec, _ = resolve(name)
+    if steps < spec.min_steps:
+        raise ValueError(f"{spec.name} needs at least {spec.min_steps} steps ({spec.evaluations(spec.min_steps)} "
+                         f"network evaluations), got {steps}: {spec.refusal}")
+
+
+def sample(name: str, denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
+           generator=None, callback: Callback | None = None, **options) -> Tensor:
+    """Run the sampler registered as `name` (a name of SAMPLERS or ALIASES) with its checked options."""
+    spec, _ = resolve(name)
+    options = check_options(name, options)
+    check_sampler_steps(name, steps, schedule)
+    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, **options)
 
 
 def number_of_evaluations(name: str, steps: int) -> int:
-    """Network evaluations a sampler makes (per guidance pass): Heun needs 2 per step but the last."""
-    _lookup(name)
-    return 2 * steps - 1 if name == "heun" else steps
+    """Network evaluations a sampler makes for `steps` (per guidance pass): Heun 2 per step but the last."""
+    return resolve(name)[0].evaluations(steps)
+
+
+# ---- the command line's sampler flags -------------------------------------------------------------
+
+
+def add_sampler_arguments(p) -> None:
+    """--sampler, --steps and one flag per option of OPTIONS (--eta, --spacing, --s-churn, ...) on an argparse parser.
+
+    Every flag defaults to None, read as "the run's" (sampler, steps) or "the sampler's" (options);
+    `sampler_arguments(args)` collects the options given. Values are checked where they are used.
+    """
+    p.add_argument("--sampler", help=f"{choices_help()} (default: the run's)")
+    p.add_argument("--steps", type=int, help="sampler steps, 1..T (default: the run's sampling.steps)")
+    for key, opt in OPTIONS.items():
+        takes = [s.name for s in SAMPLERS.values() if key in s.options]
+        which = "every sampler" if len(takes) == len(SAMPLERS) else ", ".join(takes)
+        p.add_argument(f"--{key.replace('_', '-')}", dest=f"sampler_{key}", type=opt.kind, default=None,
+                       metavar=key.upper(), help=f"{opt.help}; {opt.allowed()}; for {which} (default: the sampler's)")
+
+
+def sampler_arguments(args) -> dict[str, Any]:
+    """The sampler options given on the command line (those left at None are dropped)."""
+    return {k: getattr(args, f"sampler_{k}") for k in OPTIONS if getattr(args, f"sampler_{k}", None) is not None}

@@ -12,6 +12,7 @@ from pathlib import Path
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid, save_png
 from latentdiff.core.outputs import fresh_output_dir
+from latentdiff.prior.samplers import add_sampler_arguments, sampler_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images, grid and settings.json of an earlier generate in --out")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sampling.steps)")
-    p.add_argument("--sampler", help="ddpm | ddim | dpmpp-2m | euler | heun (default: the run's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
+    add_sampler_arguments(p)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the run's)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)")
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="same seed and settings give the same images")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per sampling pass (memory vs speed)")
@@ -59,7 +60,8 @@ def generate(args: argparse.Namespace) -> Path:
     fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
     pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision)
     kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                  negative_prompt=args.negative, seed=args.seed, eta=args.eta)
+                  negative_prompt=args.negative, seed=args.seed, guidance_rescale=args.guidance_rescale,
+                  sampler_options=sampler_arguments(args))
     settings = pipe.settings(prompts, **kwargs, batch_size=args.batch_size)
     images = pipe(prompts, **kwargs, batch_size=args.batch_size, show_progress=True)
     files = []

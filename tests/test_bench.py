@@ -10,17 +10,31 @@ import json
 
 import pytest
 
-from bench import common, generation, latent_cache, samplers
-from latentdiff.prior.samplers import number_of_evaluations
+from bench import common, generation, latent_cache, sampler_accuracy, samplers
+from latentdiff.prior.samplers import SAMPLERS, number_of_evaluations
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 @pytest.mark.parametrize("budget", [5, 10, 20, 1000])
 def test_sampler_steps_fit_the_evaluation_budget(sampler, budget):
     steps = samplers.steps_for(sampler, budget)
     nfe = number_of_evaluations(sampler, steps)
     assert nfe <= budget
     assert number_of_evaluations(sampler, steps + 1) > budget  # the most steps that fit
+    assert samplers.refused(sampler, budget) == (sampler == "heun" and budget < 11)
+    assert samplers.title(sampler) == {"dpmpp-2m-karras": "DPM++ 2M Karras"}.get(sampler, SAMPLERS[sampler].title
+                                                                                  if sampler in SAMPLERS else None)
+
+
+def test_sampler_accuracy_benchmark_prints_every_sampler(tmp_path):
+    out = tmp_path / "acc.json"
+    figures = sampler_accuracy.main(["--samplers", "ddim,heun,unipc", "--budgets", "5,20", "--n", "2000",
+                                     "--out", str(out)])
+    table = json.loads(out.read_text())["table"]
+    assert "| UniPC (logsnr) |" in table and "refused" in table  # Heun at 5 evaluations
+    assert figures["default"]["cosine"]["heun"][0] is None
+    std_err = figures["default"]["scaled_linear"]["unipc"][1][0]
+    assert abs(std_err) < 0.01 and abs(figures["default"]["scaled_linear"]["ddim"][1][0]) > 0.05
 
 
 def test_table_is_markdown():

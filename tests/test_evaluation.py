@@ -383,7 +383,7 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
     class StandIn:
         def settings(self, prompts, **kw):
             return SimpleNamespace(steps=kw["steps"] or 7, sampler=kw["sampler"] or "ddim",
-                                   precision="fp32")
+                                   precision="fp32", sampler_options={}, guidance_rescale=0.0)
 
         def __call__(self, prompts, *, guidance, **kw):
             assert list(prompts) == test.captions[:len(prompts)]  # captions mode: the first n, in order
