@@ -1,4 +1,4 @@
-"""Rebuild a trained autoencoder from its run directory alone (frozen, for later stages)."""
+"""Rebuild a trained autoencoder from its run directory alone (frozen, for later stages), with its latent space."""
 
 from __future__ import annotations
 
@@ -7,32 +7,37 @@ from pathlib import Path
 import torch
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.config import load_toml
+from latentdiff.core.latent_space import LatentSpace
+from latentdiff.core.runs import LoadedRun, load_run, read_config
 
 from .model import Autoencoder, AutoencoderConfig
 
 
-def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
-                     ema: bool = True) -> tuple[Autoencoder, dict]:
-    """(model in eval mode with frozen weights, meta) from `latentdiff train autoencoder --out RUN`.
+def load_autoencoder_run(run_dir: str | Path, device: torch.device | str = "cpu", ema: bool = True) -> LoadedRun:
+    """The LoadedRun of `latentdiff train autoencoder --out RUN` (model frozen, in eval mode)."""
+    return load_run(run_dir, "autoencoder", AutoencoderConfig, lambda cfg, meta: Autoencoder(cfg.model),
+                    device=device, ema=ema, needs=("latent_space",))
 
-    meta carries what later stages need: scale_factor (1 / latent std), latent_absmax,
-    downsampling, and weights_hash, the content hash of the weights that were loaded.
+
+def read_autoencoder_config(run_dir: str | Path) -> AutoencoderConfig:
+    """The config.toml of an autoencoder run (what rebuilds it; the decoder stage derives its network from it)."""
+    return read_config(run_dir, AutoencoderConfig)
+
+
+def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
+                     ema: bool = True) -> tuple[Autoencoder, LatentSpace]:
+    """(frozen model, its LatentSpace) from `latentdiff train autoencoder --out RUN`.
+
+    Raises CheckpointError when the weights loaded are not the ones the latent space was measured
+    on (another encoder hash: ema=False on a run that kept an EMA, or edited weights).
     """
-    run_dir = Path(run_dir)
-    meta = ckpt.read_meta(run_dir, "autoencoder")
-    if "scale_factor" not in meta:
-        raise ckpt.CheckpointError(f"{run_dir} has no latent scale factor yet: its training did not finish; "
-                                   f"resume it with `latentdiff train autoencoder --resume {run_dir}`")
-    cfg = load_toml(AutoencoderConfig, ckpt.committed_file(run_dir, ckpt.CONFIG))
-    model = Autoencoder(cfg.model)
-    path = ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)
-    state = ckpt.load_weights(path)
-    model.load_state_dict(state)
-    model.to(device).eval().requires_grad_(False)
-    meta = {**meta, "weights_hash": ckpt.tensors_hash(state), "encoder_hash": encoder_hash(model),
-            "run_dir": str(run_dir.resolve()), "config": cfg}
-    return model, meta
+    run = load_autoencoder_run(run_dir, device, ema)
+    space = LatentSpace.from_dict(run.meta["latent_space"], f"{run_dir}/meta.json latent_space")
+    loaded = encoder_hash(run.model)
+    if loaded != space.encoder_hash:
+        raise ckpt.CheckpointError(f"the encoder weights loaded from {run_dir} (hash {loaded}) are not the ones its "
+                                   f"latent space was measured on (hash {space.encoder_hash})")
+    return run.model, space
 
 
 def encoder_hash(model: Autoencoder) -> str:

@@ -18,13 +18,16 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.faults import NonFiniteError
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
+from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import make_loader, read_info
 from latentdiff.decoder.losses import discriminator_step
 from latentdiff.decoder.perceptual import lpips_distance
 
+from .load import encoder_hash
 from .losses import AutoencoderLoss
 from .model import Autoencoder, AutoencoderConfig
 
@@ -85,7 +88,9 @@ def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfi
 def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
-    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder")
+    # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder",
+                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 
@@ -97,7 +102,8 @@ def train(args: argparse.Namespace) -> dict:
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin(modules, optimizers, ema, meta={"data": str(args.data)})
+    # The latent space is measured after training: until then later stages cannot use the run.
+    run.begin(modules, optimizers, ema, meta={"data": record_path(args.data, run.path), "latent_space": None})
     if opt_d is not None:
         rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
     net = rt.wrap(model)
@@ -142,9 +148,10 @@ def train(args: argparse.Namespace) -> dict:
                                 resolution=cfg.resolution)
     with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
         std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
-    run.checkpoint(run.done, meta={"scale_factor": 1.0 / std, "latent_std": std, "latent_absmax": absmax,
-                                   "resolution": cfg.resolution, "latent_channels": cfg.model.latent_channels,
-                                   "downsampling": cfg.model.downsampling})
+    space = LatentSpace(scale=1.0 / std, absmax=absmax, channels=cfg.model.latent_channels,
+                        downsampling=cfg.model.downsampling, resolution=cfg.resolution,
+                        encoder_hash=encoder_hash(final))
+    run.checkpoint(run.done, meta={"latent_std": std, "latent_space": space.to_dict()})
     summary = {"steps": run.done, "latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:
         metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)

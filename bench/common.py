@@ -89,7 +89,9 @@ def machine() -> dict[str, Any]:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from latentdiff.core.runtime import pick_device
+
+    return pick_device()
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -189,7 +191,14 @@ def demo_pipeline(dev: torch.device):
     ae.eval().requires_grad_(False)
     encoder = tiny_text_encoder(dev)
     unet = UNet(cfg.model).to(dev).eval().requires_grad_(False)
-    side = cfg.resolution // ae.cfg.downsampling
-    meta = {"scale_factor": 1.0, "latent_shape": [ae.cfg.latent_channels, side, side]}
-    ae_meta = {"latent_absmax": 4.0}
-    return TextToImage(unet, cfg, encoder, ae, meta, ae_meta, ROOT / "runs" / "bench" / "random-prior"), False
+    space = untrained_latent_space(ae, cfg.resolution)
+    return TextToImage(unet, cfg, encoder, ae, space, ROOT / "runs" / "bench" / "random-prior"), False
+
+
+def untrained_latent_space(ae, resolution: int):
+    """A LatentSpace for an autoencoder with initial weights: unit scale, clip bound 4 (speed depends on neither)."""
+    from latentdiff.autoencoder.load import encoder_hash
+    from latentdiff.core.latent_space import LatentSpace
+
+    return LatentSpace(scale=1.0, absmax=4.0, channels=ae.cfg.latent_channels, downsampling=ae.cfg.downsampling,
+                       resolution=resolution, encoder_hash=encoder_hash(ae))

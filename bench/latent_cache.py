@@ -16,19 +16,20 @@ from pathlib import Path
 from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import make_optimizer
 from latentdiff.data.reader import make_loader
-from latentdiff.prior.conditioning import make_schedule
+from latentdiff.prior.config import make_schedule
 from latentdiff.prior.latent_cache import LatentCache
 from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import bench_data, optimizer_step, parser, report, table, tiny_autoencoder, tiny_prior_config, tiny_text_encoder
+from .common import (bench_data, optimizer_step, parser, report, table, tiny_autoencoder, tiny_prior_config,
+                     tiny_text_encoder, untrained_latent_space)
 
 
 def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, steps: int) -> float:
     """Images/s of the training loop body over `steps` steps, after one warm-up step."""
     def one():
         batch = next(batches)
-        z0 = batch_latents(batch, ae, 1.0, cached, rt.device)
+        z0 = batch_latents(batch, ae, untrained_latent_space(ae, cfg.resolution), cached, rt.device)
         loss = prior_loss(unet, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
         optimizer_step(loss, unet, opt, cfg.train.grad_clip)
         return z0.shape[0]

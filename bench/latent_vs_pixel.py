@@ -16,11 +16,12 @@ import torch
 from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import make_optimizer
 from latentdiff.data.reader import make_loader
-from latentdiff.prior.conditioning import make_schedule
+from latentdiff.prior.config import make_schedule
 from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import bench_data, optimizer_step, parser, report, table, time_it, tiny_autoencoder, tiny_prior_config, tiny_text_encoder
+from .common import (bench_data, optimizer_step, parser, report, table, time_it, tiny_autoencoder, tiny_prior_config,
+                     tiny_text_encoder, untrained_latent_space)
 
 
 def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> tuple[float, int]:
@@ -47,7 +48,8 @@ class Inputs:
     def __call__(self) -> torch.Tensor:
         if self.ae is None:
             return self.images
-        return batch_latents({"image": self.images}, self.ae, 1.0, False, self.images.device)
+        space = untrained_latent_space(self.ae, self.images.shape[-1])
+        return batch_latents({"image": self.images}, self.ae, space, False, self.images.device)
 
 
 def main(argv: list[str] | None = None) -> dict:

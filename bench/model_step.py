@@ -30,7 +30,7 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
     from latentdiff.core.config import load_preset
     from latentdiff.core.train import make_optimizer
     from latentdiff.prior.config import PriorConfig
-    from latentdiff.prior.conditioning import make_schedule
+    from latentdiff.prior.config import make_schedule
     from latentdiff.prior.losses import diffusion_loss
     from latentdiff.prior.stage import PRESETS
     from latentdiff.prior.unet import UNet

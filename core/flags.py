@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import UserError
+
+Reader = Callable[[dict, Path], Any]  # (a run's meta.json, its directory) -> a flag's value
 
 
 def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny",
@@ -43,15 +46,15 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
 HINTS = {"data": "make one with `latentdiff data fashion-mnist --out DIR`"}
 
 
-def fill_from_run(args: argparse.Namespace, meta: dict, from_run: dict[str, str]) -> None:
-    """Give each flag the user left out the value the run recorded (`from_run`: flag -> dotted meta key)."""
-    for flag, key in from_run.items():
-        if getattr(args, flag, None):
-            continue
-        value = meta
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        setattr(args, flag, value)
+def fill_from_run(args: argparse.Namespace, meta: dict, run_dir: Path, readers: dict[str, Reader]) -> None:
+    """Give each flag the user left out what the run recorded: `readers` maps a flag to (meta, run_dir) -> value.
+
+    The one place a resume reads flags back; the readers (core.runs.recorded_data and the
+    stages' own) take only local paths from a run's records.
+    """
+    for flag, read in readers.items():
+        if not getattr(args, flag, None):
+            setattr(args, flag, read(meta, run_dir))
 
 
 def config_changes(old: dict, new: dict, where: str = "") -> list[str]:

@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,8 +21,9 @@ from .config import dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
 from .errors import UserError
 from .faults import RunLock, StopSignals
-from .flags import cli_overrides, config_changes, fill_from_run, require
+from .flags import Reader, cli_overrides, config_changes, fill_from_run, require
 from .logger import MetricLogger
+from .runs import recorded_data
 from .runtime import Runtime, rng_state, set_rng_state
 
 _OPEN: list["RunDirectory"] = []  # runs holding their directory's lock; stage_main releases them however train ends
@@ -70,18 +71,22 @@ class RunDirectory:
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
     def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str,
-              from_run: dict[str, str] | None = None, required: tuple[str, ...] = ("data",)) -> "RunDirectory":
+              from_run: dict[str, Reader] | None = None, required: tuple[str, ...] = ("data",),
+              derive: Callable[[Any], Any] | None = None) -> "RunDirectory":
         """Resolve the config (fresh from a preset, or the run's own on --resume), lock the directory.
 
         On --resume the flags in `from_run` that the user left out are read back from the run,
         and nothing is written until `begin` has checked the checkpoint against the config.
+        derive: on a new run, a function config -> config that fills fields from the stages it
+        reads (the decoder's network from its autoencoder), so config.toml alone rebuilds the model.
         """
         overrides = cli_overrides(args)
         recorded, changes = None, []
         if args.resume:
             path = Path(args.resume)
             recorded = ckpt.read_meta(path, stage)
-            fill_from_run(args, recorded, {"data": "data", **(from_run or {})})
+            readers = {"data": lambda meta, run: recorded_data(run, stage), **(from_run or {})}
+            fill_from_run(args, recorded, path, readers)
             old = load_toml(config_cls, ckpt.committed_file(path, ckpt.CONFIG))
             config = load_toml(config_cls, ckpt.committed_file(path, ckpt.CONFIG), overrides)
             changes = config_changes(to_dict(old), to_dict(config))
@@ -93,6 +98,8 @@ class RunDirectory:
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
         require(args, required, stage)
+        if derive is not None and not args.resume:
+            config = derive(config)
         runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
         lock, error = None, None
         if runtime.is_main:

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.config import from_dict
+from latentdiff.core.runs import load_run
 
-from .network import Decoder, DecoderConfig
+from .network import Decoder
 
 
 def load_decoder(run_dir: str | Path, device: torch.device | str = "cpu", ema: bool = True) -> tuple[Decoder, dict]:
     """(frozen decoder in eval mode, meta); meta["encoder_hash"] names the latent space it decodes."""
-    run_dir = Path(run_dir)
-    meta = ckpt.read_meta(run_dir, "decoder")
-    decoder = Decoder(from_dict(DecoderConfig, meta["decoder_config"], f"{run_dir}/meta.json decoder_config"))
-    decoder.load_state_dict(ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
-    return decoder.to(device).eval().requires_grad_(False), meta
+    from .stage import DecoderStageConfig  # the stage's config is what config.toml holds
+
+    run = load_run(run_dir, "decoder", DecoderStageConfig, lambda cfg, meta: Decoder(cfg.model), device=device,
+                   ema=ema, needs=("encoder_hash",))
+    return run.model, run.meta

@@ -17,18 +17,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from latentdiff.autoencoder.load import load_autoencoder
+from latentdiff.autoencoder.load import load_autoencoder, read_autoencoder_config
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import find_recorded, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 
 from .losses import DecoderLoss, DecoderLossConfig, discriminator_step
-from .network import Decoder
+from .network import Decoder, DecoderConfig
 
 PRESETS = Path(__file__).parent
 
@@ -36,6 +37,9 @@ PRESETS = Path(__file__).parent
 @dataclass(frozen=True)
 class DecoderStageConfig:
     upscale: Literal[1, 2, 4] = 1  # output side / the autoencoder's input side: 1 (fine-tune) or 2, 4 (super-resolve)
+    # The network: filled from the autoencoder's decoder (and `upscale`) when a run starts, so that
+    # config.toml alone rebuilds it; presets leave it out.
+    model: DecoderConfig = field(default_factory=DecoderConfig)
     init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
     loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -80,22 +84,27 @@ def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_image
     return {"val_psnr": torch.cat(ours).mean().item(), baseline: torch.cat(base).mean().item(), "val_images": n}, shown
 
 
-FROM_RUN = {"autoencoder": "autoencoder"}  # flags a resume reads back from the run when left out
+# Flags a resume reads back from the run when left out (only a local path is taken from its records).
+FROM_RUN = {"autoencoder": lambda meta, run: find_recorded(meta["autoencoder"], run, "its autoencoder",
+                                                          "--autoencoder")}
 
 
 def train(args: argparse.Namespace) -> dict:
     if args.upscale:
         args.set = [*args.set, f"upscale={args.upscale}"]
+    # A new run takes its network from the autoencoder's decoder, so config.toml alone rebuilds it.
     run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder", from_run=FROM_RUN,
-                    required=("data", "autoencoder"))
+                    required=("data", "autoencoder"),
+                    derive=lambda cfg: replace(cfg, model=replace(
+                        read_autoencoder_config(args.autoencoder).model.decoder_config(), upscale=cfg.upscale)))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
-    ae, ae_meta = load_autoencoder(args.autoencoder, rt.device)
-    if run.recorded is not None and run.recorded["encoder_hash"] != ae_meta["encoder_hash"]:
+    ae, space = load_autoencoder(args.autoencoder, rt.device)
+    if run.recorded is not None and run.recorded["encoder_hash"] != space.encoder_hash:
         raise ValueError(f"{args.autoencoder} is not the autoencoder this decoder run was started from "
-                         f"(encoder hash {ae_meta['encoder_hash']} != {run.recorded['encoder_hash']})")
-    res = ae_meta["resolution"]
-    dec_cfg = replace(ae_meta["config"].model.decoder_config(), upscale=cfg.upscale)
+                         f"(encoder hash {space.encoder_hash} != {run.recorded['encoder_hash']})")
+    res = space.resolution
+    dec_cfg = cfg.model
     decoder = Decoder(dec_cfg).to(rt.device)
     if cfg.init_from_autoencoder and not run.resuming:
         # upscale levels are new; every other tensor has the autoencoder decoder's name and shape
@@ -113,10 +122,8 @@ def train(args: argparse.Namespace) -> dict:
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
-    meta = {"autoencoder": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"], "upscale": cfg.upscale,
-            "resolution": res * cfg.upscale, "decoder_config": {k: getattr(dec_cfg, k) for k in
-                                                                  dec_cfg.__dataclass_fields__},
-            "data": str(args.data)}
+    meta = {"autoencoder": record_path(args.autoencoder, run.path), "encoder_hash": space.encoder_hash,
+            "upscale": cfg.upscale, "resolution": res * cfg.upscale, "data": record_path(args.data, run.path)}
     run.begin(modules, optimizers, ema, meta=meta)
     if opt_d is not None:
         rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.config import PositiveInt, Probability, load_toml
+from latentdiff.core.config import PositiveInt, Probability
+from latentdiff.core.runs import load_run
 from latentdiff.core.train import TrainConfig
 
 STAGE = "classifier"
@@ -171,20 +171,9 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu", ema
     `model.weights_hash` is the content hash of the loaded weights (keys FID statistics caches);
     `model.meta` is the run's meta.json.
     """
-    run_dir = Path(run_dir)
-    meta = ckpt.read_meta(run_dir, STAGE)
-    if "heads" not in meta:
-        raise ckpt.CheckpointError(f"{run_dir} has no heads in meta.json: its training did not save a checkpoint yet; "
-                                   f"resume it with `latentdiff train classifier --resume {run_dir}`")
-    cfg = load_toml(ClassifierStageConfig, ckpt.committed_file(run_dir, ckpt.CONFIG))
-    model = Classifier(cfg.model, meta["heads"], cfg.resolution)
-    state = ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"weights in {run_dir} do not fit its config.toml: {e}") from None
-    model.to(device).eval().requires_grad_(False)
-    model.weights_hash = ckpt.tensors_hash(state)
-    model.meta = meta
-    model.run_dir = str(run_dir)
+    run = load_run(run_dir, STAGE, ClassifierStageConfig,
+                   lambda cfg, meta: Classifier(cfg.model, meta["heads"], cfg.resolution),
+                   device=device, ema=ema, needs=("heads",))
+    model = run.model
+    model.weights_hash, model.meta, model.run_dir = run.weights_hash, run.meta, str(run_dir)
     return model

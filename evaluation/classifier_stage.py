@@ -16,6 +16,7 @@ import torch
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
@@ -67,7 +68,9 @@ def _has_split(data: str, split: str) -> bool:
 
 
 def train(args: argparse.Namespace) -> dict:
-    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier")
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
+    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier",
+                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     heads = heads_from_info(read_info(args.data), where=str(args.data))
@@ -79,7 +82,7 @@ def train(args: argparse.Namespace) -> dict:
     model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin({"model": model}, {"model": opt}, ema, meta={"heads": heads, "data": str(args.data),
+    run.begin({"model": model}, {"model": opt}, ema, meta={"heads": heads, "data": record_path(args.data, run.path),
                                                            "resolution": cfg.resolution,
                                                            "feature_dim": cfg.model.feature_dim})
     net = rt.wrap(model)

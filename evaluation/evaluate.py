@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="prior run directory (`latentdiff train prior --out RUN`)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run (same encoder)")
+    p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
+                                                        "(its latent space must be the one the prior trained on)")
+    p.add_argument("--text", metavar="RUN", help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+                                                 "not where the run recorded it (same weights, checked by hash)")
     p.add_argument("--data", required=True, help="dataset with the real test images (and captions, labels)")
     p.add_argument("--split", default="test", help="split of --data to compare with (default: %(default)s)")
     p.add_argument("--n", type=int, default=1000, help="images generated per guidance value (default: %(default)s)")
@@ -101,7 +105,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out or Path(args.run) / "eval")
 
     # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision)
+    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision,
+                                autoencoder=args.autoencoder, text=args.text)
     sampling = dict(steps=args.steps, sampler=args.sampler, guidance=None, negative_prompt="", seed=args.seed,
                     batch_size=args.gen_batch_size, guidance_rescale=args.guidance_rescale,
                     sampler_options=sampler_arguments(args))

@@ -51,18 +51,19 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance
 
     device = Runtime.setup(0, "fp32", args.device).device
-    model, meta = load_autoencoder(args.run, device)
+    model, latent_space = load_autoencoder(args.run, device)
     decoder, upscale = model.decode, 1
     if args.decoder:
         from latentdiff.decoder.load import load_decoder
 
         swapped, dec_meta = load_decoder(args.decoder, device)
-        if dec_meta["encoder_hash"] != meta["encoder_hash"]:
-            raise ValueError(f"decoder {args.decoder} decodes the latents of autoencoder {dec_meta['autoencoder']} "
+        if dec_meta["encoder_hash"] != latent_space.encoder_hash:
+            trained_on = dec_meta["autoencoder"]["path"]
+            raise ValueError(f"decoder {args.decoder} decodes the latents of autoencoder {trained_on} "
                              f"(encoder hash {dec_meta['encoder_hash']}), not those of {args.run} "
-                             f"(encoder hash {meta['encoder_hash']}); pass --run {dec_meta['autoencoder']}")
+                             f"(encoder hash {latent_space.encoder_hash}); pass --run {trained_on}")
         decoder, upscale = swapped, int(dec_meta.get("upscale", 1))
-    res = meta["resolution"]
+    res = latent_space.resolution
     real = load_image_set(args.data, split=args.split, limit=args.n, resolution=res * upscale)
     use_lpips = args.lpips == "on" or (args.lpips == "auto" and lpips_available())
     lpips_model = load_lpips().to(device) if use_lpips else None

@@ -9,7 +9,7 @@ from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveFloat,
 from latentdiff.core.train import TrainConfig
 
 from .samplers import SAMPLERS
-from .schedule import Prediction, ScheduleKind
+from .schedule import NoiseSchedule, Prediction, ScheduleKind
 from .unet import UNetConfig
 
 # The names of prior/samplers.py's SAMPLERS registry, the one list of them (aliases such as "DPM++ 2M Karras"
@@ -25,7 +25,9 @@ class DiffusionConfig:
     prediction: Prediction = "eps"  # what the UNet predicts: eps | v | x0
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"  # min_snr: Hang et al. 2023
     min_snr_gamma: PositiveFloat = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
-    clip_x0: float = -1.0  # sampling: clamp predicted z_0 to [-c, c] (0: off; -1: the autoencoder's measured range)
+    # Sampling clamps the predicted z_0 to [-c, c]: "latent" takes c from the autoencoder's latent space (the
+    # largest |z| it measured, in prior units), "off" never clamps, a number > 0 is c itself.
+    clip_x0: float | Literal["latent", "off"] = "latent"
 
     def __post_init__(self):
         # At abar_T = 0 the network input is pure noise, so x0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar) is
@@ -33,6 +35,9 @@ class DiffusionConfig:
         if self.prediction == "eps" and self.zero_terminal_snr:
             raise ConfigError('prediction "eps" cannot be used with zero_terminal_snr = true (x0 is undefined '
                               'at abar_T = 0); use prediction "v" or "x0", or zero_terminal_snr = false')
+        if isinstance(self.clip_x0, float) and not self.clip_x0 > 0:
+            raise ConfigError(f"diffusion.clip_x0 = {self.clip_x0}: a bound must be > 0; "
+                              'use "latent" (the autoencoder\'s measured range) or "off"')
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,15 @@ class PriorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     caption_dropout: Probability = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
-    resolution: PositiveInt = 32  # image side fed to the autoencoder
+    # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
+    resolution: PositiveInt = 32
 
     def __post_init__(self):
         if self.sampling.steps > self.diffusion.timesteps:
             raise ConfigError(f"sampling.steps {self.sampling.steps} is more than diffusion.timesteps "
                               f"{self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")
+
+
+def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
+    """The noise schedule the config names."""
+    return NoiseSchedule.make(cfg.schedule, cfg.timesteps, zero_terminal_snr=cfg.zero_terminal_snr)

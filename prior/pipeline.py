@@ -4,7 +4,8 @@
     images = pipe(["a photo of a sneaker"], n=4, steps=20, sampler="dpmpp-2m", guidance=3, seed=0)
 
 `images` is (N, 3, H, W) in [-1, 1]. The prior's run directory records the autoencoder
-and text encoder it was trained with; both are loaded from there and checked by content hash.
+and text encoder it was trained with; both are loaded from there (or the ones given) and checked:
+the autoencoder's LatentSpace must equal the one the prior recorded, the text encoder its hash.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
-from latentdiff.decoder.load import load_decoder
-from latentdiff.core.config import load_toml
+from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import progress
+from latentdiff.core.runs import load_run
 from latentdiff.core.runtime import pick_device, sampling_dtype
+from latentdiff.decoder.load import load_decoder
 
-from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
-                           sample_latents)
-from .config import PriorConfig
+from .config import PriorConfig, make_schedule
+from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
+from .latent_sampling import clip_bound, sample_latents
 from .samplers import check_number, check_sampler_steps, number_of_evaluations, resolve_options
+from .text_conditioning import guided_conditioning
 from .unet import UNet
 
 
@@ -48,14 +50,14 @@ class GenerationSettings:
 
 
 class TextToImage:
-    def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, meta: dict, ae_meta: dict, run: Path,
+    def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, latent_space: LatentSpace, run: Path,
                  decoder: torch.nn.Module | None = None, precision: str = "auto"):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
         self.decoder = decoder if decoder is not None else autoencoder.decoder
         self.schedule = make_schedule(cfg.diffusion)
-        self.scale = float(meta["scale_factor"])
-        self.latent_shape = tuple(meta["latent_shape"])
-        self.clip_x0 = clip_bound(cfg.diffusion, ae_meta)
+        self.latent_space = latent_space
+        self.latent_shape = latent_space.latent_shape
+        self.clip_x0 = clip_bound(cfg.diffusion, latent_space)
         self.run = run
         self.precision = precision
 
@@ -65,29 +67,29 @@ class TextToImage:
                  decoder: str | Path | None = None, precision: str = "auto") -> "TextToImage":
         """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
 
+        autoencoder, text: use these instead of the recorded ones; the autoencoder's latent space must
+        equal the prior's (CheckpointError otherwise), the text encoder's weights its recorded hash.
         decoder: a run of `latentdiff train decoder` to use instead of the autoencoder's own; it
         must have been trained on this autoencoder's latent space (same encoder hash).
         precision: the UNet's while sampling, "auto" | "fp32" | "bf16" (core.runtime.sampling_dtype).
         """
         run = Path(run)
-        meta = ckpt.read_meta(run, "prior")
         device = pick_device(device)
-        cfg = load_toml(PriorConfig, ckpt.committed_file(run, ckpt.CONFIG))
-        ae, ae_meta, encoder = load_frozen_stages(autoencoder or meta["autoencoder"]["run"],
-                                                  text or meta["text"]["source"], device, expect=meta)
-        check_unet_fits(cfg.model, ae_meta, encoder, str(run))
-        unet = UNet(cfg.model)
-        unet.load_state_dict(ckpt.load_weights(ckpt.committed_file(run, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL)))
-        unet.to(device).eval().requires_grad_(False)
+        prior = load_run(run, "prior", PriorConfig, lambda cfg, meta: UNet(cfg.model), device=device, ema=ema)
+        stages = load_frozen_stages(*recorded_stages(prior.meta, run, autoencoder, text), device)
+        check_recorded(stages, prior.meta, run)
+        check_prior_fits(prior.config, stages, str(run))
         swapped = None
         if decoder is not None:
             swapped, dec_meta = load_decoder(decoder, device)
-            if dec_meta["encoder_hash"] != ae_meta["encoder_hash"]:
+            if dec_meta["encoder_hash"] != stages.latent_space.encoder_hash:
                 raise CheckpointError(
-                    f"decoder {decoder} was trained for the latents of autoencoder {dec_meta['autoencoder']} "
-                    f"(encoder hash {dec_meta['encoder_hash']}), but this prior uses {ae_meta['run_dir']} "
-                    f"(encoder hash {ae_meta['encoder_hash']}); train a decoder with --autoencoder {ae_meta['run_dir']}")
-        return cls(unet, cfg, encoder, ae, meta, ae_meta, run, decoder=swapped, precision=precision)
+                    f"decoder {decoder} was trained for the latents of autoencoder {dec_meta['autoencoder']['path']} "
+                    f"(encoder hash {dec_meta['encoder_hash']}), but this prior uses {stages.autoencoder_path} "
+                    f"(encoder hash {stages.latent_space.encoder_hash}); "
+                    f"train a decoder with --autoencoder {stages.autoencoder_path}")
+        return cls(prior.model, prior.config, stages.text, stages.autoencoder, stages.latent_space, run,
+                   decoder=swapped, precision=precision)
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +118,7 @@ class TextToImage:
                                 guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
                                 generator=g, clip_x0=self.clip_x0,
                                 callback=lambda *_: bar.update(1), dtype=dtype, **settings.sampler_options)
-            images.append(self.decoder(z0 / self.scale).clamp(-1, 1).float().cpu())
+            images.append(self.decoder(self.latent_space.to_decoder(z0)).clamp(-1, 1).float().cpu())
         bar.close()
         return torch.cat(images)
 

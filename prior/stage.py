@@ -17,19 +17,23 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
+from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
-from .conditioning import (check_unet_fits, clip_bound, guided_conditioning, load_frozen_stages, make_schedule,
-                           sample_latents, text_conditioning, text_hash)
-from .config import PriorConfig
+from .config import PriorConfig, make_schedule
+from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages, stage_records
 from .latent_cache import LatentCache
+from .latent_sampling import clip_bound, sample_latents
 from .losses import diffusion_loss
+from .text_conditioning import guided_conditioning, text_conditioning
 from .unet import UNet
 
 PRESETS = Path(__file__).parent
@@ -65,11 +69,11 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 
 @torch.no_grad()
-def batch_latents(batch: dict, ae, scale: float, cached: bool, device: torch.device) -> torch.Tensor:
-    """Scaled z_0 ~ q(z|x) for a batch: from cached posterior moments, or by encoding its images."""
+def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: torch.device) -> torch.Tensor:
+    """The prior's z_0 (scaled z ~ q(z|x)) for a batch: from cached posterior moments, or by encoding its images."""
     if cached:
-        return LatentCache.sample(batch, device) * scale
-    return ae.encode(batch["image"].to(device, non_blocking=True)).sample() * scale
+        return space.to_prior(LatentCache.sample(batch, device))
+    return space.to_prior(ae.encode(batch["image"].to(device, non_blocking=True)).sample())
 
 
 def prior_loss(net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str],
@@ -89,39 +93,47 @@ def prior_loss(net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: to
 
 
 @torch.no_grad()
-def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, scale: float, clip_x0, prompts, latent_shape,
+def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpace, clip_x0, prompts,
                 path: Path, seed: int = 0) -> Path:
     prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
     cond, uncond = guided_conditioning(encoder, prompts, [""] * len(prompts))
     g = torch.Generator(cond[0].device).manual_seed(seed)
-    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, latent_shape,
+    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, space.latent_shape,
                         sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
                         generator=g, clip_x0=clip_x0)
-    images = ae.decode(z0 / scale)
+    images = ae.decode(space.to_decoder(z0))
     return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
 
 
-# Flags a resume reads back from the run when left out. The cache's order is not the shards',
-# so a resumed run reads its data the way it started.
-FROM_RUN = {"autoencoder": "autoencoder.run", "text": "text.source", "cache_latents": "cache_latents"}
+# Flags a resume reads back from the run when left out (only local paths are taken from its records).
+# The cache's order is not the shards', so a resumed run reads its data the way it started.
+FROM_RUN = {"autoencoder": lambda meta, run: recorded_stages(meta, run)[0],
+            "text": lambda meta, run: recorded_stages(meta, run)[1],
+            "cache_latents": lambda meta, run: bool(meta.get("cache_latents", False))}
+
+
+def _autoencoder_resolution(args: argparse.Namespace):
+    """The derive step of a new prior: images at its autoencoder's resolution.
+
+    Unless --set resolution=N says otherwise; check_prior_fits then refuses a disagreement.
+    """
+    recorded = read_meta(args.autoencoder, "autoencoder").get("latent_space") or {}
+    return follow(args, "resolution", recorded.get("resolution"))
 
 
 def train(args: argparse.Namespace) -> dict:
     run = Run.start(args, PriorConfig, PRESETS, stage="prior", from_run=FROM_RUN,
-                    required=("data", "autoencoder", "text"))
+                    required=("data", "autoencoder", "text"), derive=lambda cfg: _autoencoder_resolution(args)(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
-    ae, ae_meta, encoder = load_frozen_stages(args.autoencoder, args.text, rt.device, expect=run.recorded)
-    check_unet_fits(cfg.model, ae_meta, encoder, f"prior preset {args.preset}")
-    scale = float(ae_meta["scale_factor"])
-    side = cfg.resolution // ae_meta["downsampling"]
-    latent_shape = (ae_meta["latent_channels"], side, side)
+    stages = load_frozen_stages(args.autoencoder, args.text, rt.device)
+    if run.recorded is not None:
+        check_recorded(stages, run.recorded, run.path)
+    check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run.recorded is None else str(run.path))
+    ae, space, encoder = stages.autoencoder, stages.latent_space, stages.text
     schedule = make_schedule(cfg.diffusion)
-    clip_x0 = clip_bound(cfg.diffusion, ae_meta)
-    meta = {"autoencoder": {"run": ae_meta["run_dir"], "encoder_hash": ae_meta["encoder_hash"],
-                            "weights_hash": ae_meta["weights_hash"]},
-            "text": {"source": encoder.source, "hash": text_hash(encoder)},
-            "data": str(args.data), "latent_shape": list(latent_shape), "scale_factor": scale,
+    clip_x0 = clip_bound(cfg.diffusion, space)
+    meta = {**stage_records(stages, run.path), "data": record_path(args.data, run.path),
             "cache_latents": bool(args.cache_latents)}
 
     unet = UNet(cfg.model).to(rt.device)
@@ -134,17 +146,17 @@ def train(args: argparse.Namespace) -> dict:
 
     if args.cache_latents:
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
-            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", cfg.resolution, rt)
+            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", space.resolution, rt)
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
         loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                             resolution=cfg.resolution)
+                             resolution=space.resolution)
     # Same seed, same order: a resumed run skips the batches it has already seen.
     batches = run.batches(loader)
     for step in run.steps():
         batch = next(batches)
         lr = scheduler.get_last_lr()[0]
-        z0 = batch_latents(batch, ae, scale, args.cache_latents, rt.device)
+        z0 = batch_latents(batch, ae, space, args.cache_latents, rt.device)
         loss = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,16 +171,15 @@ def train(args: argparse.Namespace) -> dict:
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step):
             sampled = ema.module if ema.enabled else unwrap(unet)
-            run.sample(step, lambda: sample_grid(sampled, schedule, cfg, encoder, ae, scale, clip_x0, prompts,
-                                                 latent_shape, run.path / "samples" / f"step_{step + 1:07d}.png",
-                                                 seed=tcfg.seed))
+            run.sample(step, lambda: sample_grid(sampled, schedule, cfg, encoder, ae, space, clip_x0, prompts,
+                                                 run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed))
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
     summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(unet)
-        grid = sample_grid(final, schedule, cfg, encoder, ae, scale, clip_x0, prompts, latent_shape,
+        grid = sample_grid(final, schedule, cfg, encoder, ae, space, clip_x0, prompts,
                            run.path / "samples.png", seed=tcfg.seed)
         summary["sample_grid"] = str(grid)
     return run.finish(summary)

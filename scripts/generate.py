@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--run", required=True, help="prior run directory (it records its autoencoder and text encoder)")
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
+    p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
+                                                        "(its latent space must be the one the prior trained on)")
+    p.add_argument("--text", metavar="RUN", help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+                                                 "not where the run recorded it (same weights, checked by hash)")
     p.add_argument("--out", default="outputs", help="output directory, new or empty (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images, grid and settings.json of an earlier generate in --out")
@@ -58,7 +62,8 @@ def generate(args: argparse.Namespace) -> Path:
         raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE')
     out = Path(args.out)
     fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
-    pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision)
+    pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision,
+                                autoencoder=args.autoencoder, text=args.text)
     kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                   negative_prompt=args.negative, seed=args.seed, guidance_rescale=args.guidance_rescale,
                   sampler_options=sampler_arguments(args))

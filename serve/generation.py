@@ -72,6 +72,12 @@ def generate_command(settings: GenerationSettings, decoder: str | None = None, d
     words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
              "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
              "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
+    for key, value in sorted(settings.sampler_options.items()):
+        if value is None:  # "the sampler's own" (e.g. sigma_max of the schedule): the command's default too
+            continue
+        words += _option(f"--{key.replace('_', '-')}", str(value))
+    if settings.guidance_rescale:
+        words += ["--guidance-rescale", repr(settings.guidance_rescale)]
     if settings.negative_prompt:
         words += _option("--negative", settings.negative_prompt)
     if decoder:
@@ -120,8 +126,7 @@ class Generator:
 
     def defaults(self) -> GenerationSettings:
         """The run's own sampling settings: the form's initial values."""
-        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0,
-                                  eta=0.0)
+        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0)
 
     def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n) -> GenerationSettings:
         """Form values -> resolved settings; any bad value is a UserError that says which and why."""
@@ -142,7 +147,7 @@ class Generator:
             raise UserError(f"guidance must be a finite number, got {guidance}")
         try:
             return self.pipe.settings(prompt, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                      negative_prompt=negative_prompt, seed=seed, eta=0.0)
+                                      negative_prompt=negative_prompt, seed=seed)
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
@@ -162,7 +167,8 @@ class Generator:
                     images = self.pipe(list(settings.prompts), n=settings.n, steps=settings.steps,
                                        sampler=settings.sampler, guidance=settings.guidance,
                                        negative_prompt=settings.negative_prompt, seed=settings.seed,
-                                       eta=settings.eta, show_progress=show_progress)
+                                       guidance_rescale=settings.guidance_rescale,
+                                       sampler_options=dict(settings.sampler_options), show_progress=show_progress)
                 finally:
                     self._running = None
                 self._requests += 1

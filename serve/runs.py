@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.errors import UserError
+from latentdiff.core.runs import find_recorded
 
 NOT_CURVES = {"step", "time", "skipped_samples", "nonfinite_steps", "sample_errors"}  # bookkeeping, not curves
 MAX_CURVES = 9  # subplots per run; a run logs 3-5 scalars per step today
@@ -41,14 +43,15 @@ class StageView:
     reports: list[tuple[str, str | None]] = field(default_factory=list)  # (report.md text, trade-off plot path)
 
 
-def _recorded(run: Path, recorded: str | None) -> Path | None:
-    """A run directory another run recorded: as written, or relative to the recording run; None if absent."""
-    if not recorded:
+def _recorded(run: Path, record: dict | None) -> Path | None:
+    """A run directory another run recorded (core.runs.record_path), found as core.runs finds it; None if absent."""
+    if not record:
         return None
-    for path in (Path(recorded), run / recorded):
-        if (path / ckpt.META).is_file():
-            return path
-    return None
+    try:
+        path = Path(find_recorded(record, run, "a stage", "--run"))
+    except UserError:
+        return None
+    return path if (path / ckpt.META).is_file() else None
 
 
 def trained_stages(prior_run: str | Path, decoder: str | Path | None = None) -> list[Stage]:
@@ -56,8 +59,9 @@ def trained_stages(prior_run: str | Path, decoder: str | Path | None = None) -> 
     prior_run = Path(prior_run)
     meta = ckpt.read_meta(prior_run, "prior")
     stages = [Stage("prior", prior_run)]
-    for name, recorded in (("autoencoder", meta.get("autoencoder", {}).get("run")),
-                           ("text", meta.get("text", {}).get("source"))):
+    text = meta.get("text", {})
+    for name, recorded in (("autoencoder", meta.get("autoencoder")),
+                           ("text", {"path": text["source"], **text} if "source" in text else None)):
         path = _recorded(prior_run, recorded)  # a text encoder from an open_clip file has no run to show
         if path is not None:
             stages.append(Stage(name, path))

@@ -42,7 +42,7 @@ def test_encoder_and_latents_unchanged_by_decoder_training(ae_run, data, decoder
     assert torch.equal(ae2.encode(x).mode(), z_before)
     # ...while the new decoder did change
     decoder, meta = load_decoder(decoder_run[0])
-    assert meta["encoder_hash"] == load_autoencoder(ae_dir)[1]["encoder_hash"]
+    assert meta["encoder_hash"] == load_autoencoder(ae_dir)[1].encoder_hash
     assert not torch.equal(decoder(z_before), ae.decode(z_before))
     summary = decoder_run[1]
     assert {"val_psnr", "val_psnr_original_decoder", "steps"} <= summary.keys() and summary["steps"] == 3

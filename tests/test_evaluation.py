@@ -357,10 +357,10 @@ def test_inception_from_a_weights_file_or_the_cache(tmp_path: Path, monkeypatch)
 def test_clip_image_tower_as_feature_space_and_clip_score(tmp_path: Path):
     from latentdiff.evaluation.prompts import clip_score
     from latentdiff.text.model import build_clip, load_model_config
-    from latentdiff.text.sources import save_text_run_weights
+    from helpers import write_text_run
 
     config = load_model_config("clip-tiny")
-    save_text_run_weights(tmp_path / "text", build_clip(config), config)
+    write_text_run(tmp_path / "text", build_clip(config))
     space = load_feature_space(f"clip:{tmp_path / 'text'}")
     a, b = _images(12, 9), _images(12, 10, bright=120)
     fa = extract_features(space, a)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentdiff.core.runtime import sampling_dtype
-from latentdiff.prior.conditioning import guided_conditioning, text_conditioning
+from latentdiff.prior.text_conditioning import guided_conditioning, text_conditioning
 
 
 def test_cut_padding_leaves_the_unet_output_unchanged(pipe):

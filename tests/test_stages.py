@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from latentdiff.autoencoder.load import encoder_hash, load_autoencoder
+from latentdiff.autoencoder.load import encoder_hash, load_autoencoder, load_autoencoder_run
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
 from latentdiff.autoencoder.stage import evaluate_reconstruction
 from latentdiff.autoencoder.stage import main as autoencoder_main
@@ -39,11 +39,12 @@ from latentdiff.prior.stage import main as prior_main
 from latentdiff.scripts import cli
 from latentdiff.text.encoder import TextEncoder
 from latentdiff.text.model import build_clip, load_model_config
-from latentdiff.text.sources import load_text_encoder, save_text_run_weights
+from latentdiff.text.sources import load_text_encoder
 from latentdiff.text.stage import TextStageConfig, evaluate
 from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer
 
 from conftest import AE_ARGS, PRIOR_ARGS, RESUME_LR, SUBPROCESS_TIMEOUT, N_TRAIN  # noqa: E402
+from helpers import write_text_run  # noqa: E402
 
 
 def _weights(run: Path, name: str = ckpt.MODEL) -> dict[str, torch.Tensor]:
@@ -81,9 +82,10 @@ def test_autoencoder_run_writes_every_file(ae_run):
     for name in ("config.toml", "meta.json", "model.safetensors", "state.pt"):  # the checkpoint's own copies
         assert ckpt.committed_file(run, name).is_file(), name
     meta = ckpt.read_meta(run, "autoencoder")
-    assert meta["step"] == 3 and meta["scale_factor"] > 0 and meta["latent_absmax"] > 0
-    assert meta["scale_factor"] == pytest.approx(1 / meta["latent_std"])
-    assert meta["downsampling"] == 4 and meta["latent_channels"] == 4
+    space = meta["latent_space"]
+    assert meta["step"] == 3 and space["scale"] > 0 and space["absmax"] > 0
+    assert space["scale"] == pytest.approx(1 / meta["latent_std"])
+    assert space["downsampling"] == 4 and space["channels"] == 4 and space["resolution"] == 32
     # The resolved config, overrides included, is what rebuilds the model.
     cfg = load_toml(AutoencoderConfig, run / "config.toml")
     assert cfg.model.channels == (8, 16, 16) and cfg.train.steps == 3 and cfg.train.batch_size == 4
@@ -92,7 +94,7 @@ def test_autoencoder_run_writes_every_file(ae_run):
     assert all(isinstance(v, (int, float, str)) for v in summary.values()), "summary keys must be flat"
     assert summary["steps"] == 3 and summary["skipped_samples"] == 0
     assert math.isfinite(summary["val_psnr"]) and summary["val_images"] == 8
-    assert summary["scale_factor"] == meta["scale_factor"]
+    assert summary["scale_factor"] == space["scale"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
@@ -106,10 +108,10 @@ def test_autoencoder_run_writes_every_file(ae_run):
 def test_autoencoder_checkpoint_load_gives_identical_outputs(ae_run, data, tmp_path):
     run, summary = ae_run
     x = _val_images(data)
-    model, meta = load_autoencoder(run)
+    model, space = load_autoencoder(run)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert meta["weights_hash"] == ckpt.tensors_hash(_weights(run))
-    assert meta["encoder_hash"] == encoder_hash(model)
+    assert load_autoencoder_run(run).weights_hash == ckpt.tensors_hash(_weights(run))
+    assert space.encoder_hash == encoder_hash(model)
     with torch.no_grad():
         out = model.decode(model.encode(x).mode())
         again, _ = load_autoencoder(run)
@@ -131,10 +133,12 @@ def test_autoencoder_checkpoint_load_gives_identical_outputs(ae_run, data, tmp_p
         edited = by_hand.decode(by_hand.encode(x).mode())
     assert not torch.equal(edited, out)
     ckpt.amend(copy, {ckpt.MODEL: by_hand.state_dict()})
-    loaded, loaded_meta = load_autoencoder(copy)
+    loaded = load_autoencoder_run(copy).model
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x).mode()), edited)
-    assert loaded_meta["encoder_hash"] != meta["encoder_hash"]
+    # Its latent space was measured on the old encoder, so later stages may not use it.
+    with pytest.raises(CheckpointError, match="not the ones its latent space was measured on"):
+        load_autoencoder(copy)
 
 
 def test_autoencoder_resume_equals_straight_run(data, tmp_path):
@@ -184,7 +188,7 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(data, tmp_path):
     assert done < 1000
     assert json.loads((run / "summary.json").read_text())["steps"] == done
     meta = ckpt.read_meta(run, "autoencoder")
-    assert meta["step"] == done and meta["scale_factor"] > 0
+    assert meta["step"] == done and meta["latent_space"]["scale"] > 0
     assert ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["step"] == done
     assert ckpt.committed_file(run, ckpt.MODEL).is_file()
     # The stopped run resumes from where it stopped.
@@ -214,7 +218,7 @@ def test_torchrun_two_process_autoencoder(data, tmp_path, capsys, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["val_psnr"])
     meta = ckpt.read_meta(run, "autoencoder")
-    assert meta["step"] == 3 and meta["scale_factor"] > 0
+    assert meta["step"] == 3 and meta["latent_space"]["scale"] > 0
     model, _ = load_autoencoder(run)  # weights saved once, without DDP's "module." prefix
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # Resuming a 2-process run with one process is refused, as 1 -> 2 is (below).
@@ -290,7 +294,7 @@ def test_prior_with_the_wrong_kind_of_run(capsys, monkeypatch, data, ae_run, tex
     assert text in err and "'text' run" in err and "train autoencoder" in err
     err = _exit_2(capsys, ["train", "prior", "--data", str(data), "--autoencoder", ae, "--text", ae,
                            "--out", str(tmp_path / "p2"), "--steps", "1", *PRIOR_ARGS])
-    assert ae in err and "autoencoder run" in err and "train text" in err
+    assert ae in err and "'autoencoder' run" in err and "train text" in err and "openclip:" in err
     err = _exit_2(capsys, ["train", "prior", "--data", str(data), "--text", text, "--out", str(tmp_path / "p3")])
     assert "--autoencoder" in err
 
@@ -303,11 +307,11 @@ def test_text_run_loads_and_matches_the_trained_model(text_run, data):
     assert summary["steps"] == 3
     assert 0.0 <= summary["val_zero_shot_accuracy"] <= 1.0
     meta = ckpt.read_meta(run, "text")
-    assert meta["ema"] is True and meta["model_config"] == load_model_config("clip-tiny")
+    assert meta["ema"] is True and load_toml(TextStageConfig, run / "config.toml").model == "clip-tiny"
     encoder = load_text_encoder(run)
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     # By hand from the EMA weights: the same embeddings, bit for bit.
-    by_hand = build_clip(meta["model_config"])
+    by_hand = build_clip(load_model_config("clip-tiny"))
     by_hand.load_state_dict(_weights(run, ckpt.EMA))
     # Frozen like the loaded one: MultiheadAttention takes another (equal up to rounding) path otherwise.
     by_hand.eval().requires_grad_(False)
@@ -316,7 +320,7 @@ def test_text_run_loads_and_matches_the_trained_model(text_run, data):
     with torch.no_grad():
         tokens = encoder.tokenize(prompts)
         assert torch.equal(out.pooled, by_hand.encode_text(tokens))
-        reference = TextEncoder(by_hand, build_tokenizer(meta["model_config"])).encode(prompts)
+        reference = TextEncoder(by_hand, build_tokenizer(load_model_config("clip-tiny"))).encode(prompts)
     assert torch.equal(out.states, reference.states) and torch.equal(out.mask, reference.mask)
     assert torch.isfinite(out.states).all()
     # The summary was measured on the in-memory EMA model; the loaded one gives the same figures.
@@ -331,11 +335,11 @@ def test_prior_run_records_its_stages(prior_run, ae_run, text_run):
     run, summary = prior_run
     assert summary["steps"] == 3 and (run / "samples.png").is_file()
     meta = ckpt.read_meta(run, "prior")
-    _, ae_meta = load_autoencoder(ae_run[0])
-    assert meta["autoencoder"]["encoder_hash"] == ae_meta["encoder_hash"]
-    assert meta["scale_factor"] == ae_meta["scale_factor"] and meta["latent_shape"] == [4, 8, 8]
+    _, space = load_autoencoder(ae_run[0])
+    assert meta["latent_space"] == space.to_dict() and space.latent_shape == (4, 8, 8)
+    assert meta["autoencoder"]["path"] == str(ae_run[0].resolve())
     assert meta["ema"] is True and ckpt.committed_file(run, ckpt.EMA).is_file()
-    assert Path(meta["text"]["source"]) == text_run[0]
+    assert Path(meta["text"]["source"]) == text_run[0].resolve()
 
 
 @pytest.mark.parametrize("cache_latents", [False, True], ids=["encode", "cache"])
@@ -361,8 +365,8 @@ def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     assert summary["steps"] == 2
     cache_dir = run / "latent_cache"
     info = json.loads((cache_dir / "cache.json").read_text())
-    ae, ae_meta = load_autoencoder(ae_run[0])
-    assert info["count"] == N_TRAIN and info["key"]["encoder_hash"] == ae_meta["encoder_hash"]
+    ae, space = load_autoencoder(ae_run[0])
+    assert info["count"] == N_TRAIN and info["key"]["encoder_hash"] == space.encoder_hash
     assert (cache_dir / "latents.safetensors").is_file() and (cache_dir / "captions.json").is_file()
     # What the cache holds is the posterior of each training image, in shard order.
     latents = load_file(str(cache_dir / "latents.safetensors"))
@@ -440,7 +444,7 @@ def test_generate_cli_writes_images_grid_and_settings(prior_run, ae_run, pipe, t
     assert settings["prompts"] == prompts and settings["n"] == 2 and settings["steps"] == 3
     assert settings["seed"] == 7 and settings["guidance"] == 2.5 and settings["sampler"] == "euler"
     assert settings["negative_prompt"] == "blurry" and settings["run"] == str(prior_run[0])
-    assert settings["clip_x0"] == pytest.approx(ckpt.read_meta(ae_run[0])["latent_absmax"])
+    assert settings["clip_x0"] == pytest.approx(ckpt.read_meta(ae_run[0])["latent_space"]["absmax"])
     assert len(settings["files"]) == 4 and all((out / f).is_file() for f in settings["files"])
     with Image.open(out / "grid.png") as grid:
         assert grid.width > 2 * 32 and grid.height > 2 * 32
@@ -456,15 +460,15 @@ def test_generate_cli_writes_images_grid_and_settings(prior_run, ae_run, pipe, t
 def test_mismatched_autoencoder_is_refused(prior_run, ae_run, other_ae_run):
     run = prior_run[0]
     assert TextToImage.from_run(run, device="cpu", autoencoder=ae_run[0]).latent_shape == (4, 8, 8)
-    with pytest.raises(CheckpointError, match="encoder hash") as exc:
+    with pytest.raises(CheckpointError, match="encoder_hash") as exc:
         TextToImage.from_run(run, device="cpu", autoencoder=other_ae_run)
-    assert "latent space differs" in str(exc.value) and str(other_ae_run) in str(exc.value)
+    assert "another latent space" in str(exc.value) and str(other_ae_run) in str(exc.value)
 
 
 def test_mismatched_text_encoder_is_refused(prior_run, tmp_path):
     config = load_model_config("clip-tiny")
     torch.manual_seed(123)
-    other = save_text_run_weights(tmp_path / "other_text", build_clip(config), config)
+    other = write_text_run(tmp_path / "other_text", build_clip(config))
     with pytest.raises(CheckpointError, match="text encoder") as exc:
         TextToImage.from_run(prior_run[0], device="cpu", text=other)
     assert str(other) in str(exc.value) and "hash" in str(exc.value)

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
-from safetensors.torch import load_file
 
-from latentdiff.core import checkpoint as ckpt
-
+from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.core.runs import load_run
 from latentdiff.text.encoder import TextEncoder
-from latentdiff.text.model import build_clip, load_model_config, register_configs, validate_model_config
+from latentdiff.text.model import build_clip, load_model_config, register_configs
 from latentdiff.text.tokens import build_tokenizer
 
 SPEC_PREFIX = "openclip:"
@@ -135,65 +133,30 @@ def load_pretrained(
 
 
 # ---- text-stage run directories ------------------------------------------------------------
-# What core.train.Run.save writes for the text stage: meta.json ({"stage": "text", "model_config":
-# {...}, "ema": bool, ...}), model.safetensors (open_clip CLIP state-dict keys) and
-# ema.safetensors when meta says "ema": true, read through core.checkpoint like every run.
 
 
-def _not_a_text_run(run_dir: Path, why: str) -> str:
-    return f"{run_dir} {why}; pass the run directory of `latentdiff train text` or openclip:MODEL:PRETRAINED"
+def load_text_run(run_dir: str | Path) -> TextEncoder:
+    """The TextEncoder of a `latentdiff train text` run (EMA weights when it kept them), through core.runs.load_run."""
+    from .stage import TextStageConfig  # what the run's config.toml holds
 
-
-def load_run_weights(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(meta, state_dict, model_config) of a text-stage run; the EMA weights when the run kept them."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(_not_a_text_run(run_dir, "is not a directory"))
-    if not (run_dir / ckpt.META).is_file() and not ckpt.has_checkpoint(run_dir):
-        raise FileNotFoundError(_not_a_text_run(run_dir, "has no meta.json, so it is not a latentdiff run"))
-    meta = ckpt.read_meta(run_dir)
-    stage = meta.get("stage")
-    if stage != "text":
-        raise ValueError(_not_a_text_run(run_dir, f"is a {stage} run, not a text encoder run"))
-    if "model_config" not in meta:
-        raise ValueError(f"{run_dir / ckpt.META} has no model_config, so the model cannot be rebuilt")
-    model_config = validate_model_config(meta["model_config"], where=f"{run_dir / ckpt.META} model_config")
-    ema = ckpt.committed_file(run_dir, ckpt.EMA)
-    weights = ema if meta.get("ema") and ema.is_file() else ckpt.committed_file(run_dir, ckpt.MODEL)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: the text run in {run_dir} has no saved weights")
-    return meta, load_file(weights, device="cpu"), model_config
-
-
-def save_text_run_weights(run_dir: str | Path, model: open_clip.CLIP, model_config: dict[str, Any]) -> Path:
-    """Write a text run of `model` that load_run_weights reads: one committed checkpoint of step 0, no EMA."""
-    run_dir = Path(run_dir)
-    meta = {"stage": "text", "format_version": ckpt.FORMAT_VERSION, "step": 0, "model_config": model_config,
-            "ema": False}
-    staging = ckpt.staging_dir(run_dir, 0)
-    ckpt.save_weights(staging / ckpt.MODEL, model.state_dict())
-    ckpt.write_json(staging / ckpt.META, meta)
-    ckpt.commit(run_dir, staging, 0, keep=1)
-    ckpt.write_json(run_dir / ckpt.META, meta)
-    return run_dir
+    try:
+        run = load_run(run_dir, "text", TextStageConfig, lambda cfg, meta: build_clip(load_model_config(cfg.model)))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or a pretrained open_clip model: openclip:MODEL:PRETRAINED)") from None
+    model_config = load_model_config(run.config.model)
+    return TextEncoder(run.model, build_tokenizer(model_config), model_config=model_config, source=str(run_dir))
 
 
 def load_text_encoder(
-    spec_or_run_dir: str | Path, *, cache_dir: str | None = None, frozen: bool = True
+    spec_or_run_dir: str | Path, *, cache_dir: str | None = None
 ) -> TextEncoder:
     """The one way later stages get a text encoder: an openclip:MODEL:PRETRAINED spec or a text run directory.
 
-    frozen=True (the default) returns it with gradients off and in eval mode.
+    It is returned frozen: gradients off, eval mode.
     """
     spec = str(spec_or_run_dir)
     if spec.startswith(SPEC_PREFIX):
         encoder = load_pretrained(*parse_spec(spec), cache_dir=cache_dir)
     else:
-        meta, state_dict, model_config = load_run_weights(spec)
-        model = build_clip(model_config)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"weights in {spec} do not fit the model_config in its meta.json: {e}") from e
-        encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=spec)
-    return encoder.frozen() if frozen else encoder
+        encoder = load_text_run(spec)
+    return encoder.frozen()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import open_clip
@@ -18,6 +18,7 @@ import torch
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
@@ -77,7 +78,13 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
 
 
 def train(args: argparse.Namespace) -> dict:
-    run = Run.start(args, TextStageConfig, PRESETS, stage="text")
+    # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise, and
+    # records a model config given as a .json path resolved, so the run rebuilds from any directory.
+    def derive(cfg: TextStageConfig) -> TextStageConfig:
+        cfg = follow(args, "resolution", read_info(args.data).get("resolution"))(cfg)
+        return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
+
+    run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     model_config = load_model_config(cfg.model)
@@ -85,7 +92,7 @@ def train(args: argparse.Namespace) -> dict:
     encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin({"model": model}, {"model": opt}, ema, meta={"model_config": model_config, "data": str(args.data)})
+    run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
     net = rt.wrap(model)
     scheduler = run.lr_schedule(opt)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.

@@ -1,0 +1,37 @@
+"""What the prior's cross-attention reads: the text encoder's per-token states of prompts, cut to their length."""
+
+from __future__ import annotations
+
+import torch
+
+from latentdiff.text.encoder import TextEncoder
+
+Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (states (B,T,D), mask (B,T), pooled (B,E))
+
+
+def text_conditioning(encoder: TextEncoder, prompts: list[str], length: int | None = None) -> Conditioning:
+    """(states, mask, pooled) of the prompts, cut after the longest prompt's last token (or at `length`).
+
+    Positions after every prompt's EOT are masked out of cross-attention, so cutting them gives the
+    same attention output for less work: the text encoder pads to its context length (77), while
+    a caption is ~10 tokens. The key and value projections and the attention scale with it.
+    """
+    out = encoder.encode(prompts)
+    if length is None:
+        length = int(out.mask.sum(dim=1).max()) if len(prompts) else out.mask.shape[1]
+    return _cut(out, length)
+
+
+def guided_conditioning(encoder: TextEncoder, prompts: list[str],
+                        negative: list[str]) -> tuple[Conditioning, Conditioning]:
+    """Conditioning for the prompts and for their negative (or empty) prompts, cut to one length.
+
+    Classifier-free guidance runs both halves as one batch, so they must have the same length.
+    """
+    cond, uncond = encoder.encode(prompts), encoder.encode(negative)
+    length = int(torch.cat([cond.mask, uncond.mask]).sum(dim=1).max())
+    return _cut(cond, length), _cut(uncond, length)
+
+
+def _cut(out, length: int) -> Conditioning:
+    return out.states[:, :length], out.mask[:, :length], out.pooled
