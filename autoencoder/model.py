@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from latentdiff.core.blocks import AttentionBackend
-from latentdiff.core.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveInt
 from latentdiff.core.train import TrainConfig
+from latentdiff.decoder.losses import DecoderLossConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
 from .encoder import DiagonalGaussian, Encoder
@@ -49,16 +50,10 @@ class AutoencoderModelConfig:
 
 
 @dataclass(frozen=True)
-class AutoencoderLossConfig:
-    reconstruction: Literal["l1", "l2"] = "l1"  # per-pixel distance
-    perceptual: Literal["lpips", "none"] = "none"  # lpips: VGG weights from the torch hub cache
-    perceptual_weight: NonNegativeFloat = 1.0  # weight of LPIPS
+class AutoencoderLossConfig(DecoderLossConfig):
+    """The decoder-output losses' fields (decoder/losses.py), plus the KL weight."""
+
     kl_weight: NonNegativeFloat = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
-    disc_weight: NonNegativeFloat = 0.0  # PatchGAN generator loss weight (0: no discriminator)
-    disc_start: NonNegativeInt = 5000  # step at which the discriminator switches on
-    disc_channels: PositiveInt = 64  # PatchGAN base width
-    disc_layers: PositiveInt = 3  # PatchGAN strided conv layers
-    disc_lr: PositiveFloat = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
 
 
 @dataclass(frozen=True)
