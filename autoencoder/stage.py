@@ -138,7 +138,8 @@ def train(args: argparse.Namespace) -> dict:
                            **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
         if run.every(tcfg.sample_every, step):
             run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
-                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
+                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16),
+                       tag="reconstructions")
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
@@ -156,6 +157,7 @@ def train(args: argparse.Namespace) -> dict:
     if rt.is_main:
         metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)
         grid = save_grid(shown, run.path / "reconstructions.png", 16)
+        run.image("reconstructions", run.done, grid)
         summary.update(metrics)
         summary["reconstruction_grid"] = str(grid)
     return run.finish(summary)

@@ -35,6 +35,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
@@ -244,16 +245,27 @@ class Run(RunDirectory):
         self.save(step, modules, optimizers, ema, meta=self.meta, state=state)
         self._saved_step = step
 
-    def sample(self, step: int, make_grid: Callable[[], Any]) -> None:
-        """Run a periodic sample grid on the main rank; an error in it is reported and counted, not fatal."""
+    def sample(self, step: int, make_grid: Callable[[], Any], tag: str = "samples") -> None:
+        """Run a periodic sample grid on the main rank; an error in it is reported and counted, not fatal.
+
+        make_grid: writes the grid and returns its PNG's path (or the images), which TensorBoard then
+        shows under `tag` at step + 1 (the steps done), as `image` does.
+        """
         if not self.runtime.is_main:
             return
         try:
             with self.runtime.fork_rng():
-                make_grid()
+                picture = make_grid()
+            if picture is not None:
+                self.image(tag, step + 1, picture)
         except Exception as e:  # a grid is a by-product: a broken one must not end hours of training
             self.sample_errors += 1
             self._note(f"step {step + 1}: the sample grid failed ({type(e).__name__}: {e}); training goes on")
+
+    def image(self, tag: str, step: int, picture: torch.Tensor | str | Path) -> None:
+        """Show a grid in TensorBoard's IMAGES tab (main rank; MetricLogger.image): a PNG's path or images."""
+        if self.logger is not None:
+            self.logger.image(tag, step, picture)
 
     def count_images(self, n: int, skipped: int = 0) -> None:
         self._images += n

@@ -159,7 +159,8 @@ def train(args: argparse.Namespace) -> dict:
                            **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
         if run.every(tcfg.sample_every, step):
             run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
-                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
+                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16),
+                       tag="reconstructions")
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
@@ -169,6 +170,7 @@ def train(args: argparse.Namespace) -> dict:
         metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)
         summary.update(metrics)
         summary["comparison_grid"] = str(save_grid(shown, run.path / "comparison.png", 8))
+        run.image("comparison", run.done, summary["comparison_grid"])
     return run.finish(summary)
 
 

@@ -182,6 +182,7 @@ def train(args: argparse.Namespace) -> dict:
         grid = sample_grid(final, schedule, cfg, encoder, ae, space, clip_x0, prompts,
                            run.path / "samples.png", seed=tcfg.seed)
         summary["sample_grid"] = str(grid)
+        run.image("samples", run.done, grid)
     return run.finish(summary)
 
 

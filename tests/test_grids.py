@@ -11,6 +11,8 @@ from PIL import Image
 
 from latentdiff.core.logger import MetricLogger, save_grid, save_png, to_uint8
 
+from helpers import tensorboard_images  # noqa: E402
+
 
 def test_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -42,16 +44,6 @@ def test_save_png_keeps_resolution_and_pixels(tmp_path, channels):
     want = to_uint8(x).permute(1, 2, 0).numpy()
     assert got.shape[:2] == (20, 28)
     assert np.array_equal(got.reshape(want.shape), want)
-
-
-def tensorboard_images(run_dir) -> dict[str, list]:
-    """The images of a run's TensorBoard event files, by tag: [(step, width, height, encoded PNG)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
-    events.Reload()
-    return {tag: [(e.step, e.width, e.height, e.encoded_image_string) for e in events.Images(tag)]
-            for tag in events.Tags()["images"]}
 
 
 def test_metric_logger_shows_grids_in_tensorboard(tmp_path):
