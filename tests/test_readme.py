@@ -206,9 +206,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
                                   timeout=300)
             assert done.returncode == 0, f"`{command}` failed: {done.stderr[-2000:]}"
             owned = []
-        changed = [p for p, stamp in _files(work).items() if before.get(p) != stamp]
+        after = _files(work)
+        changed = [p for p, stamp in after.items() if before.get(p) != stamp] + [p for p in before if p not in after]
         stray = [p for p in changed if not any(_inside(p.resolve(), folder) for folder in owned)]
-        assert not stray, f"`{command}` changed files outside its own output: {sorted(map(str, stray))[:5]}"
+        assert not stray, f"`{command}` changed or removed files outside its own output: {sorted(map(str, stray))[:5]}"
         if words[0] == "latentdiff" and "--out" in argv:
             outputs[owned[0]] = command
         ran += 1
