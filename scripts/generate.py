@@ -56,7 +56,13 @@ def generate(args: argparse.Namespace) -> Path:
 
     prompts = list(args.prompts)
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ValueError(f"--prompts {args.prompts_file}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts {args.prompts_file} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             "save it as UTF-8") from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE')
