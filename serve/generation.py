@@ -9,22 +9,19 @@ UNet pass instead of running to the end.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import shlex
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentdiff.core.errors import UserError
 from latentdiff.core.logger import save_png
+from latentdiff.prior.parameters import PNG_KEY, generate_command, png_parameters  # noqa: F401  (re-exported)
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
 from latentdiff.prior.samplers import SAMPLERS
 
 MAX_IMAGES = 16  # per request: one sampling batch, so the `generate` command below makes the same images
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
-PNG_KEY = "parameters"  # the text chunk Stable Diffusion tools read the settings from
 
 
 class Cancelled(Exception):
@@ -57,43 +54,6 @@ def _integer(name: str, value, low: int, high: int) -> int:
     if not low <= number <= high:
         raise UserError(f"{name} must be in {low}..{high}, got {int(number)}")
     return int(number)
-
-
-def _option(name: str, value: str) -> list[str]:
-    """`--name value`, or `--name=value` when the value starts with "-" (argparse would read it as an option)."""
-    return [f"{name}={value}"] if value.startswith("-") else [name, value]
-
-
-def generate_command(settings: GenerationSettings, decoder: str | None = None, device: str | None = None,
-                     precision: str = "auto") -> str:
-    """The `latentdiff generate` command line that makes the same images (one shell-quoted line)."""
-    # Prompts come first, unless one starts with "-" and would read as an option: then last, after "--".
-    dashed = any(p.startswith("-") for p in settings.prompts)
-    words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
-             "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
-             "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
-    for key, value in sorted(settings.sampler_options.items()):
-        if value is None:  # "the sampler's own" (e.g. sigma_max of the schedule): the command's default too
-            continue
-        words += _option(f"--{key.replace('_', '-')}", str(value))
-    if settings.guidance_rescale:
-        words += ["--guidance-rescale", repr(settings.guidance_rescale)]
-    if settings.negative_prompt:
-        words += _option("--negative", settings.negative_prompt)
-    if decoder:
-        words += _option("--decoder", decoder)
-    if device:
-        words += ["--device", device]
-    if precision != "auto":
-        words += ["--precision", precision]
-    if dashed:
-        words += ["--", *settings.prompts]
-    return shlex.join(words)
-
-
-def png_parameters(settings: GenerationSettings, index: int, command: str) -> str:
-    """The `parameters` text chunk of image `index` of a request: its settings and command, as JSON."""
-    return json.dumps({**dataclasses.asdict(settings), "index": index, "command": command})
 
 
 class Generator:
