@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,12 +40,12 @@ MASK_THRESHOLD = 128  # a mask pixel whose grey level (mean of R, G, B) is at le
 
 def _read(path: str | os.PathLike, resolution: int, what: str) -> np.ndarray:
     """(R, R, 3) uint8 pixels of an image file through the project's one loader (data.images.load_rgb)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path} does not exist")
     try:
         return np.asarray(load_rgb(path, resolution))
     except BadImage as e:
         raise ValueError(f"{what} {path}: {e}") from None
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} does not exist") from None
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> Tensor:

@@ -131,52 +131,65 @@ class TextToImage:
     def generate(self, settings: GenerationSettings, *, only: list[int] | None = None,
                  show_progress: bool = False) -> torch.Tensor:
         """The images of checked `settings` (from `settings()`), or those listed in `only`: (N, 3, H, W) in [-1, 1]."""
-        z0 = self.latents(settings, only=only, show_progress=show_progress)
-        bs = settings.batch_size
-        images = [self.decoder(self.latent_space.to_decoder(z0[i:i + bs])).clamp(-1, 1).float().cpu()
-                  for i in range(0, z0.shape[0], bs)]
-        return torch.cat(images)
+        made = {}
+        for i, z0 in self._sample(settings, only, show_progress):  # decoded batch by batch, as sampled
+            images = self.decoder(self.latent_space.to_decoder(z0)).clamp(-1, 1).float().cpu()
+            made.update({i + j: image for j, image in enumerate(images)})
+        return torch.stack([made[k] for k in self._wanted(settings, only)])
+
+    @torch.inference_mode()
+    def latents(self, settings: GenerationSettings, *, only: list[int] | None = None,
+                show_progress: bool = False) -> torch.Tensor:
+        """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding."""
+        made = {}
+        for i, z0 in self._sample(settings, only, show_progress):
+            made.update({i + j: z for j, z in enumerate(z0)})
+        return torch.stack([made[k] for k in self._wanted(settings, only)])
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) images in [-1, 1] -> prior latents: the posterior mean, scaled by the latent space."""
         return self.latent_space.to_prior(self.autoencoder.encode(images.to(self.device)).mode())
 
-    @torch.inference_mode()
-    def latents(self, settings: GenerationSettings, *, only: list[int] | None = None,
-                show_progress: bool = False) -> torch.Tensor:
-        """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding."""
+    @staticmethod
+    def _wanted(settings: GenerationSettings, only: list[int] | None) -> list[int]:
+        total = len(settings.prompts) * settings.n
+        wanted = list(range(total)) if only is None else list(only)
+        if any(not isinstance(k, int) or not 0 <= k < total for k in wanted):
+            raise ValueError(f"only: image indices must be in 0..{total - 1}, got {wanted}")
+        return wanted
+
+    def _sample(self, settings: GenerationSettings, only: list[int] | None, show_progress: bool):
+        """(index of the batch's first image, its z_0 (rows, c, h, w)) for each batch holding a wanted image."""
         rows = [p for p in settings.prompts for _ in range(settings.n)]
-        wanted = list(range(len(rows))) if only is None else list(only)
-        if any(not isinstance(k, int) or not 0 <= k < len(rows) for k in wanted):
-            raise ValueError(f"only: image indices must be in 0..{len(rows) - 1}, got {wanted}")
+        wanted = self._wanted(settings, only)
+        bs = settings.batch_size
+        batches = [i for i in range(0, len(rows), bs) if any(i <= k < i + bs for k in wanted)]
         z_init = mask = t_start = None
         if settings.init_image is not None:
             z_init = self.encode(load_image(settings.init_image, self.latent_space.resolution))
             if settings.strength == 0.0:  # no step: the image's reconstruction
-                return z_init.expand(len(wanted), *z_init.shape[1:]).clone()
+                for i in batches:
+                    yield i, z_init.expand(len(rows[i:i + bs]), *z_init.shape[1:])
+                return
             t_start = start_timestep(settings.strength, self.schedule.T)
             if settings.mask is not None:
                 mask = load_mask(settings.mask, self.latent_space.resolution, self.latent_space.downsampling)[1]
                 mask = mask.to(self.device)
         dtype = torch.bfloat16 if settings.precision == "bf16" else None
-        bs = settings.batch_size
-        batches = [i for i in range(0, len(rows), bs) if any(i <= k < i + bs for k in wanted)]
         bar = progress(number_of_evaluations(settings.sampler, settings.steps) * len(batches), "sampling",
                        enabled=show_progress)
-        made = {}
         for i in batches:
             chunk = rows[i:i + bs]
             cond, uncond = guided_conditioning(self.encoder, chunk, [settings.negative_prompt] * len(chunk))
             generators = [torch.Generator(self.device).manual_seed(settings.seed + k) for k in range(i, i + len(chunk))]
-            z0 = sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
-                                self.latent_shape, sampler=settings.sampler, steps=settings.steps,
-                                guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
-                                generator=generators, clip_x0=self.clip_x0, callback=lambda *_: bar.update(1),
-                                dtype=dtype, z_init=z_init, t_start=t_start, mask=mask, **settings.sampler_options)
-            made.update({i + j: z for j, z in enumerate(z0)})
+            yield i, sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
+                                    self.latent_shape, sampler=settings.sampler, steps=settings.steps,
+                                    guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
+                                    generator=generators, clip_x0=self.clip_x0, callback=lambda *_: bar.update(1),
+                                    dtype=dtype, z_init=z_init, t_start=t_start, mask=mask,
+                                    **settings.sampler_options)
         bar.close()
-        return torch.stack([made[k] for k in wanted])
 
     def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta=None,
                  batch_size: int = 64, guidance_rescale: float = 0.0, sampler_options: dict | None = None,

@@ -74,7 +74,8 @@ def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser
     """(prompts, pipeline keyword arguments, index) of the image --from-png names; refuses flags that change it."""
     from latentdiff.prior.parameters import call_arguments, read_png_parameters
 
-    changed = [k for k, v in vars(args).items() if k not in FROM_PNG_FLAGS and v != parser.get_default(k)]
+    changed = [k for k, v in vars(args).items()
+               if k not in FROM_PNG_FLAGS and v != parser.get_default(k) and not (k == "prompts" and v == [])]
     if changed:
         flags = ", ".join("prompts" if k == "prompts" else "--" + k.removeprefix("sampler_").replace("_", "-")
                           for k in changed)
