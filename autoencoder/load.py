@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.config import dumps_toml, to_dict
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.runs import LoadedRun, load_run, read_config
 
@@ -38,6 +40,36 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
         raise ckpt.CheckpointError(f"the encoder weights loaded from {run_dir} (hash {loaded}) are not the ones its "
                                    f"latent space was measured on (hash {space.encoder_hash})")
     return run.model, space
+
+
+def write_autoencoder_run(run_dir: str | Path, cfg: AutoencoderConfig, state: dict[str, torch.Tensor],
+                          space: LatentSpace, extra: dict | None = None) -> Path:
+    """Write a finished autoencoder run that did not come from training (an imported one).
+
+    One committed checkpoint of step 0 (config.toml, model.safetensors, meta.json; see
+    core.checkpoint) and the root copies people read: the files and the meta.json
+    "latent_space" that `latentdiff train autoencoder` leaves, so every later command reads the
+    run unchanged. extra: further meta keys (where the weights came from, the measuring data).
+    Raises CheckpointError if `run_dir` already holds a run; a failed write leaves no checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / ckpt.META).exists() or ckpt.has_checkpoint(run_dir):
+        raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --out")
+    config = dumps_toml(to_dict(cfg))
+    meta = {"stage": "autoencoder", "format_version": ckpt.FORMAT_VERSION, "step": 0, "ema": False,
+            "latent_space": space.to_dict(), **(extra or {})}
+    staging = ckpt.staging_dir(run_dir, 0)
+    try:
+        ckpt.write_text(staging / ckpt.CONFIG, config)
+        ckpt.save_weights(staging / ckpt.MODEL, state, {"step": 0})
+        ckpt.write_json(staging / ckpt.META, meta)
+        ckpt.commit(run_dir, staging, 0, keep=1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ckpt.write_text(run_dir / ckpt.CONFIG, config)
+    ckpt.write_json(run_dir / ckpt.META, meta)
+    return run_dir
 
 
 def encoder_hash(model: Autoencoder) -> str:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from latentdiff.core.blocks import AttentionBackend
-from latentdiff.core.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveInt
 from latentdiff.core.train import TrainConfig
+from latentdiff.decoder.losses import DecoderLossConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
 from .encoder import DiagonalGaussian, Encoder
@@ -24,6 +25,15 @@ class AutoencoderModelConfig:
     latent_channels: PositiveInt = 4  # c: channels of the latent z
     mid_attention: bool = False  # self-attention at the latent resolution (worth it at 256px)
     attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
+    # The fields below express LDM's and Stable Diffusion's KL autoencoder exactly (`import autoencoder`
+    # and the base preset set them); their defaults are the tiny preset's own measured choices.
+    norm_groups: PositiveInt = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
+    downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric"  # asymmetric: bottom/right only (LDM)
+    decoder_res_blocks: PositiveInt | None = None  # ResBlocks per decoder level (None: num_res_blocks; LDM: one more)
+    upsample_narrows: bool = True  # the decoder's upsampling conv narrows the width (False: the next ResBlock, LDM)
+    quant_conv: bool = False  # 1x1 conv on the posterior moments (LDM's quant_conv); part of the encoder
+    post_quant_conv: bool = False  # 1x1 conv on z before decoding (LDM's post_quant_conv); part of the decoder
+    attention_bias: bool = False  # biases on the mid-block attention's q, k, v projections (LDM has them)
 
     @property
     def downsampling(self) -> int:
@@ -31,21 +41,19 @@ class AutoencoderModelConfig:
 
     def decoder_config(self) -> DecoderConfig:
         return DecoderConfig(out_channels=self.in_channels, channels=self.channels,
-                             num_res_blocks=self.num_res_blocks, latent_channels=self.latent_channels,
-                             mid_attention=self.mid_attention, attention=self.attention)
+                             num_res_blocks=self.num_res_blocks if self.decoder_res_blocks is None
+                             else self.decoder_res_blocks,
+                             latent_channels=self.latent_channels, mid_attention=self.mid_attention,
+                             attention=self.attention, norm_groups=self.norm_groups,
+                             upsample_narrows=self.upsample_narrows, post_quant_conv=self.post_quant_conv,
+                             attention_bias=self.attention_bias)
 
 
 @dataclass(frozen=True)
-class AutoencoderLossConfig:
-    reconstruction: Literal["l1", "l2"] = "l1"  # per-pixel distance
-    perceptual: Literal["lpips", "none"] = "none"  # lpips: VGG weights from the torch hub cache
-    perceptual_weight: NonNegativeFloat = 1.0  # weight of LPIPS
+class AutoencoderLossConfig(DecoderLossConfig):
+    """The decoder-output losses' fields (decoder/losses.py), plus the KL weight."""
+
     kl_weight: NonNegativeFloat = 1e-6  # weight of KL, summed over latent dims / number of image values (as LDM)
-    disc_weight: NonNegativeFloat = 0.0  # PatchGAN generator loss weight (0: no discriminator)
-    disc_start: NonNegativeInt = 5000  # step at which the discriminator switches on
-    disc_channels: PositiveInt = 64  # PatchGAN base width
-    disc_layers: PositiveInt = 3  # PatchGAN strided conv layers
-    disc_lr: PositiveFloat = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,9 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg.in_channels, cfg.channels, cfg.num_res_blocks, cfg.latent_channels,
-                               cfg.mid_attention, cfg.attention)
+                               cfg.mid_attention, cfg.attention, norm_groups=cfg.norm_groups,
+                               asymmetric_downsample=cfg.downsample_padding == "asymmetric",
+                               quant_conv=cfg.quant_conv, attention_bias=cfg.attention_bias)
         self.decoder = Decoder(cfg.decoder_config())
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:

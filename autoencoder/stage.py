@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from pathlib import Path
 
 import torch
 
 from latentdiff.core.ema import EMA
+from latentdiff.core.faults import NonFiniteError
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import follow, record_path, recorded_data
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
+from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info
+from latentdiff.decoder.losses import discriminator_step
+from latentdiff.decoder.perceptual import lpips_distance
 
 from .load import encoder_hash
 from .losses import AutoencoderLoss
 from .model import Autoencoder, AutoencoderConfig
-from .perceptual import lpips_distance
 
 PRESETS = Path(__file__).parent
 
@@ -50,6 +54,9 @@ def measure_latents(model: Autoencoder, batches, n_batches: int, device: torch.d
           for batch in itertools.islice(batches, n_batches)]
     z = torch.cat(zs)
     std = z.std().item()
+    if not (math.isfinite(std) and std > 0):
+        raise NonFiniteError(f"the measured latent std is {std}: the autoencoder's weights or data are broken, "
+                             "and no prior can train on this latent space; retrain it (a lower train.lr)")
     return std, z.abs().max().item() / std
 
 
@@ -78,67 +85,62 @@ def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfi
     return metrics, shown
 
 
-def train_step(net: torch.nn.Module, loss_fn: AutoencoderLoss, opt: torch.optim.Optimizer,
-               opt_d: torch.optim.Optimizer | None, x: torch.Tensor, step: int, grad_clip: float,
-               rt) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One step: reconstruct, the loss terms, the optimiser step(s); returns (per-sample terms, x_hat)."""
-    with rt.autocast():
-        x_hat, posterior = net(x)
-        x_hat = x_hat.float()
-        terms = loss_fn.generator_loss(x, x_hat, posterior, step, unwrap(net).decoder.last_layer)
-    loss_fn.optimise(terms, x, x_hat, step, opt, net.parameters(), grad_clip, opt_d, rt.autocast)
-    return terms, x_hat
-
-
 def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
-    if args.resume:
-        args.data = args.data or recorded_data(args.resume, "autoencoder")
-    if not args.data:
-        raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
     # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
     run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder",
-                    derive=follow(args, "resolution", read_info(args.data).get("resolution")))
+                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 
     model = Autoencoder(cfg.model).to(rt.device)
-    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(rt.device)
+    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels, average=rt.all_reduce_mean).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     modules, optimizers = {"model": model}, {"model": opt}
     opt_d = loss_fn.discriminator_optimizer()
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    start, _ = run.restore(modules, optimizers, ema)
+    # The latent space is measured after training: until then later stages cannot use the run.
+    run.begin(modules, optimizers, ema, meta={"data": record_path(args.data, run.path), "latent_space": None})
+    if opt_d is not None:
+        rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
     net = rt.wrap(model)
+    scheduler = run.lr_schedule(opt)
 
     # Same seed, same order: a resumed run skips the batches it has already seen.
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
-    batches = run.batches(loader, start)
-    done = start
-    for step in run.steps(start):
+    batches = run.batches(loader)
+    for step in run.steps():
         batch = next(batches)
         x = batch["image"].to(rt.device, non_blocking=True)
-        lr = run.lr(step)
-        set_lr(opt, lr)
-        terms, x_hat = train_step(net, loss_fn, opt, opt_d, x, step, tcfg.grad_clip, rt)
+        lr = scheduler.get_last_lr()[0]
+        with rt.autocast():
+            x_hat, posterior = net(x)
+            x_hat = x_hat.float()
+            terms = loss_fn(x, x_hat, posterior, step, unwrap(net).decoder.last_layer)  # per sample (B,)
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):
+            opt.step()
+        scheduler.step()
+        if loss_fn.gan_active(step):
+            terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
         ema.update(model)
         run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
-            run.log(step, {"lr": lr, **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item()
-                                        for k, v in terms.items()},
-                           "psnr": psnr(x_hat.detach(), x).mean().item()})
-        if run.every(tcfg.sample_every, step) and rt.is_main:
-            save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
+            run.log(step, {"lr": lr, "grad_norm": grad_norm.item(), "psnr": psnr(x_hat.detach(), x).mean().item(),
+                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
+        if run.every(tcfg.sample_every, step):
+            run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
+                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
         if run.every(tcfg.ckpt_every, step):
-            # The latent space is measured after training: until then later stages cannot use the run.
-            run.save(step + 1, modules, optimizers, ema,
-                     meta={"data": record_path(args.data, run.path), "latent_space": None})
-        done = step + 1
+            run.checkpoint(step + 1)
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
     final = ema.final(model)
@@ -149,9 +151,8 @@ def train(args: argparse.Namespace) -> dict:
     space = LatentSpace(scale=1.0 / std, absmax=absmax, channels=cfg.model.latent_channels,
                         downsampling=cfg.model.downsampling, resolution=cfg.resolution,
                         encoder_hash=encoder_hash(final))
-    meta = {"data": record_path(args.data, run.path), "latent_std": std, "latent_space": space.to_dict()}
-    run.save(done, modules, optimizers, ema, meta=meta)
-    summary = {"steps": done, "latent_std": std, "scale_factor": 1.0 / std}
+    run.checkpoint(run.done, meta={"latent_std": std, "latent_space": space.to_dict()})
+    summary = {"steps": run.done, "latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:
         metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)
         grid = save_grid(shown, run.path / "reconstructions.png", 16)

@@ -50,6 +50,14 @@ def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, device:
     return statistics.median(times)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> None:
+    """The stage loops' backward, clip and AdamW step after a loss (what the benchmarks time with it)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    opt.step()
+
+
 def rss_mb() -> float:
     """This process's resident memory now, MB (Linux /proc; 0 elsewhere)."""
     try:

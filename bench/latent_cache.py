@@ -3,7 +3,7 @@
 `latentdiff train prior --cache-latents` encodes the training split once (posterior mean and
 std per image) and then samples z ~ q(z|x) from those moments at every step; without it every
 step reads and decodes PNGs and runs the encoder. Both rows time the stage's own loop body
-(next batch, `batch_latents`, `train_step`) over real batches; the cache's one-off build time
+(next batch, `batch_latents`, `prior_loss`, backward and step) over real batches; the cache's one-off build time
 and the number of steps after which it has paid for itself are reported beside them.
 """
 
@@ -18,11 +18,11 @@ from latentdiff.core.train import make_optimizer
 from latentdiff.data.reader import make_loader
 from latentdiff.prior.config import make_schedule
 from latentdiff.prior.latent_cache import LatentCache
-from latentdiff.prior.stage import batch_latents, train_step
+from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import (bench_data, parser, report, table, tiny_autoencoder, tiny_prior_config, tiny_text_encoder,
-                     untrained_latent_space)
+from .common import (bench_data, optimizer_step, parser, report, table, tiny_autoencoder, tiny_prior_config,
+                     tiny_text_encoder, untrained_latent_space)
 
 
 def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, steps: int) -> float:
@@ -30,7 +30,8 @@ def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, 
     def one():
         batch = next(batches)
         z0 = batch_latents(batch, ae, untrained_latent_space(ae, cfg.resolution), cached, rt.device)
-        train_step(unet, opt, schedule, cfg, encoder, z0, batch["caption"], rt)
+        loss = prior_loss(unet, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
+        optimizer_step(loss, unet, opt, cfg.train.grad_clip)
         return z0.shape[0]
 
     one()

@@ -2,8 +2,8 @@
 
 The reason latent diffusion exists (Rombach et al. 2022, §3): the same UNet width over 8x8x4
 latents instead of 32x32x3 pixels does 16x fewer positions per level, attention 256x cheaper.
-Both rows time the prior stage's own `train_step` (text encoding, noise, forward, min-SNR loss,
-backward, clipping, AdamW) at the same batch on the same real batch; the latent row also
+Both rows time the prior stage's own `prior_loss` (text encoding, noise, forward, min-SNR loss)
+and the loop's backward, clipping and AdamW step at the same batch on the same real batch; the latent row also
 encodes the images with the autoencoder, as training without a latent cache does.
 """
 
@@ -17,12 +17,11 @@ from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import make_optimizer
 from latentdiff.data.reader import make_loader
 from latentdiff.prior.config import make_schedule
-from latentdiff.prior.stage import batch_latents, train_step
+from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import (bench_data, parser, report, table, time_it, tiny_autoencoder, tiny_prior_config,
-                     tiny_text_encoder,
-                     untrained_latent_space)
+from .common import (bench_data, optimizer_step, parser, report, table, time_it, tiny_autoencoder, tiny_prior_config,
+                     tiny_text_encoder, untrained_latent_space)
 
 
 def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> tuple[float, int]:
@@ -34,7 +33,8 @@ def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> t
     captions = make_z0.captions
 
     def step():
-        train_step(unet, opt, schedule, cfg, encoder, make_z0(), captions, rt)
+        loss = prior_loss(unet, schedule, cfg, encoder, make_z0(), captions, rt).mean()
+        optimizer_step(loss, unet, opt, cfg.train.grad_clip)
 
     return time_it(step, warmup=1, repeats=repeats, device=rt.device), sum(p.numel() for p in unet.parameters())
 

@@ -21,7 +21,7 @@ import torch
 
 from latentdiff.core.blocks import xformers_available
 
-from .common import device, parser, peak_rss_mb, report, rss_mb, sync, table, time_it
+from .common import device, optimizer_step, parser, peak_rss_mb, report, rss_mb, sync, table, time_it
 
 BACKENDS = ("sdpa", "math", "xformers")
 
@@ -70,7 +70,7 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
 def autoencoder_step(preset: str, backend: str, precision: str, dev: torch.device):
     from latentdiff.autoencoder.losses import AutoencoderLoss
     from latentdiff.autoencoder.model import Autoencoder, AutoencoderConfig
-    from latentdiff.autoencoder.stage import PRESETS, train_step
+    from latentdiff.autoencoder.stage import PRESETS
     from latentdiff.core.config import load_preset
     from latentdiff.core.runtime import Runtime
     from latentdiff.core.train import make_optimizer
@@ -86,7 +86,10 @@ def autoencoder_step(preset: str, backend: str, precision: str, dev: torch.devic
     x = torch.rand(B, cfg.model.in_channels, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
 
     def step():
-        train_step(model, loss_fn, opt, None, x, 0, cfg.train.grad_clip, rt)
+        with rt.autocast():
+            x_hat, posterior = model(x)
+            loss = loss_fn(x, x_hat.float(), posterior, 0, model.decoder.last_layer)["loss"].mean()
+        optimizer_step(loss, model, opt, cfg.train.grad_clip)
 
     return model, step, B
 

@@ -15,9 +15,9 @@ AttentionBackend = Literal["auto", "sdpa", "xformers", "math"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups, fewer when the channel count is small (tiny presets)."""
-    groups = math.gcd(32, channels)
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with gcd(max_groups, channels) groups: 32 at full width, fewer in tiny presets; eps 1e-6."""
+    groups = math.gcd(max_groups, channels)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -41,13 +41,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with a skip; adds a projected embedding (time) when given one."""
 
-    def __init__(self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0,
+                 norm_groups: int = 32):
         super().__init__()
         out_ch = out_ch or in_ch
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_groups)
         self.dropout = nn.Dropout(dropout)
         # Zero-init the last conv so every block starts as the identity: deep stacks train stably.
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -62,13 +63,20 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a strided 3x3 conv."""
+    """Halve the resolution with a strided 3x3 conv.
 
-    def __init__(self, ch: int):
+    asymmetric: pad one row and column at the bottom and right only, as LDM and Stable
+    Diffusion's VAE do (output i sees inputs 2i..2i+2), instead of one all round (2i-1..2i+1).
+    """
+
+    def __init__(self, ch: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))  # (left, right, top, bottom)
         return self.conv(x)
 
 
@@ -167,7 +175,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class Attention(nn.Module):
     """Multi-head attention of a token sequence to itself or, given `context`, to another one."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "auto",
+                 qkv_bias: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
@@ -176,9 +185,9 @@ class Attention(nn.Module):
         self.heads = heads
         self.backend = backend
         context_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -196,13 +205,15 @@ class Attention(nn.Module):
 class SpatialSelfAttention(nn.Module):
     """Self-attention over the H*W positions of a feature map, with a residual (VAE mid-block)."""
 
-    def __init__(self, ch: int, heads: int = 1, backend: str = "auto"):
+    def __init__(self, ch: int, heads: int = 1, backend: str = "auto", qkv_bias: bool = False, norm_groups: int = 32):
         super().__init__()
-        self.norm = group_norm(ch)
-        self.attn = Attention(ch, heads, backend=backend)
+        self.norm = group_norm(ch, norm_groups)
+        self.attn = Attention(ch, heads, backend=backend, qkv_bias=qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        # Normalise the flattened (B, C, HW) view, as diffusers does: on a channels-last x the 4-D GroupNorm
+        # kernel sums in another order, and imported Stable Diffusion VAEs would then differ by ~1e-5.
+        h = self.norm(x.reshape(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
         h = self.attn(h)
         return x + h.transpose(1, 2).reshape(B, C, H, W)

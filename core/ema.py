@@ -81,6 +81,15 @@ class EMA(torch.nn.Module):
     def count(self) -> torch.Tensor:
         return self.averaged.n_averaged if self.averaged is not None else torch.tensor(0)
 
+    @torch.no_grad()
+    def restart(self, model: torch.nn.Module) -> None:
+        """Start the average over from `model`'s current weights (EMA switched on when a run resumes)."""
+        from .runtime import unwrap
+
+        if self.averaged is not None:
+            self.averaged.module.load_state_dict(unwrap(model).state_dict())
+            self.averaged.n_averaged.zero_()
+
     def load(self, weights: dict[str, torch.Tensor], n_averaged: torch.Tensor | int) -> None:
         if self.averaged is None:
             return

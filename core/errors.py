@@ -11,11 +11,22 @@ class UserError(ValueError):
     """Bad input from the user: a missing file, a wrong run directory, an impossible option."""
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT ended a run after a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str = "latentdiff"):
     """Print expected errors as `latentdiff: error: ...` and exit 2 (LATENTDIFF_DEBUG=1 re-raises)."""
     try:
         yield
+    except Stopped as e:  # SIGTERM/SIGINT: a checkpoint was saved; exit as the signal would have
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if os.environ.get("LATENTDIFF_DEBUG"):
             raise

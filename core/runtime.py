@@ -177,6 +177,31 @@ class Runtime:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true when it is true on any rank: how ranks agree to stop, skip or save together.
+
+        The collective runs on this runtime's device (NCCL reduces device tensors only).
+        """
+        if not self.distributed:
+            return tuple(bool(f) for f in flags)
+        votes = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return tuple(bool(v > 0) for v in votes.tolist())
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers (for a module not wrapped in DDP)."""
+        if self.distributed:
+            for t in module.state_dict().values():
+                dist.broadcast(t, src=0)
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Average a module's gradients over ranks after backward (what DDP does for the model it wraps)."""
+        if self.distributed:
+            for p in module.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                    p.grad.div_(self.world_size)
+
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

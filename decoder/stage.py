@@ -9,6 +9,7 @@ while the encoder sees them downsampled.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -17,18 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.autoencoder.load import load_autoencoder, read_autoencoder_config
-from latentdiff.autoencoder.losses import AutoencoderLoss
-from latentdiff.autoencoder.model import AutoencoderLossConfig
-from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import find_recorded, record_path, recorded_data
+from latentdiff.core.runs import find_recorded, record_path
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
+from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader
 
+from .losses import DecoderLoss, DecoderLossConfig, discriminator_step
 from .network import Decoder, DecoderConfig
 
 PRESETS = Path(__file__).parent
@@ -41,7 +41,7 @@ class DecoderStageConfig:
     # config.toml alone rebuilds it; presets leave it out.
     model: DecoderConfig = field(default_factory=DecoderConfig)
     init_from_autoencoder: bool = True  # start from the autoencoder's decoder weights (the shared layers)
-    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # kl_weight is unused here
+    loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_images: PositiveInt = 2000  # validation images for the final figures
 
@@ -84,27 +84,25 @@ def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_image
     return {"val_psnr": torch.cat(ours).mean().item(), baseline: torch.cat(base).mean().item(), "val_images": n}, shown
 
 
+# Flags a resume reads back from the run when left out (only a local path is taken from its records).
+FROM_RUN = {"autoencoder": lambda meta, run: find_recorded(meta["autoencoder"], run, "its autoencoder",
+                                                          "--autoencoder")}
+
+
 def train(args: argparse.Namespace) -> dict:
-    run_meta = None
-    if args.resume:
-        run_meta = read_meta(args.resume, "decoder")
-        args.autoencoder = args.autoencoder or find_recorded(run_meta["autoencoder"], args.resume,
-                                                             "its autoencoder", "--autoencoder")
-        args.data = args.data or recorded_data(args.resume, "decoder")
     if args.upscale:
         args.set = [*args.set, f"upscale={args.upscale}"]
-    for flag in ("data", "autoencoder"):
-        if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required for `latentdiff train decoder`")
-    ae_network = read_autoencoder_config(args.autoencoder).model.decoder_config()
-    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder",
-                    derive=lambda cfg: replace(cfg, model=replace(ae_network, upscale=cfg.upscale)))
+    # A new run takes its network from the autoencoder's decoder, so config.toml alone rebuilds it.
+    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder", from_run=FROM_RUN,
+                    required=("data", "autoencoder"),
+                    derive=lambda cfg: replace(cfg, model=replace(
+                        read_autoencoder_config(args.autoencoder).model.decoder_config(), upscale=cfg.upscale)))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     ae, space = load_autoencoder(args.autoencoder, rt.device)
-    if run_meta is not None and run_meta["encoder_hash"] != space.encoder_hash:
+    if run.recorded is not None and run.recorded["encoder_hash"] != space.encoder_hash:
         raise ValueError(f"{args.autoencoder} is not the autoencoder this decoder run was started from "
-                         f"(encoder hash {space.encoder_hash} != {run_meta['encoder_hash']})")
+                         f"(encoder hash {space.encoder_hash} != {run.recorded['encoder_hash']})")
     res = space.resolution
     dec_cfg = cfg.model
     decoder = Decoder(dec_cfg).to(rt.device)
@@ -117,48 +115,55 @@ def train(args: argparse.Namespace) -> dict:
         for upsample, _ in decoder.extra:
             torch.nn.init.dirac_(upsample.conv.weight)
             torch.nn.init.zeros_(upsample.conv.bias)
-    loss_fn = AutoencoderLoss(cfg.loss, dec_cfg.out_channels).to(rt.device)
+    loss_fn = DecoderLoss(cfg.loss, dec_cfg.out_channels, average=rt.all_reduce_mean).to(rt.device)
     opt = make_optimizer(decoder.parameters(), tcfg)
     modules, optimizers = {"model": decoder}, {"model": opt}
     opt_d = loss_fn.discriminator_optimizer()
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
-    start, _ = run.restore(modules, optimizers, ema)
-    net = rt.wrap(decoder)
     meta = {"autoencoder": record_path(args.autoencoder, run.path), "encoder_hash": space.encoder_hash,
             "upscale": cfg.upscale, "resolution": res * cfg.upscale, "data": record_path(args.data, run.path)}
+    run.begin(modules, optimizers, ema, meta=meta)
+    if opt_d is not None:
+        rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
+    net = rt.wrap(decoder)
+    scheduler = run.lr_schedule(opt)
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=res * cfg.upscale)
-    batches = run.batches(loader, start)  # a resumed run skips what it has seen
-    done = start
-    for step in run.steps(start):
+    batches = run.batches(loader)  # a resumed run skips what it has seen
+    for step in run.steps():
         batch = next(batches)
         x = batch["image"].to(rt.device, non_blocking=True)
         with torch.no_grad():
-            posterior = ae.encode(downsample(x, res))
-            z = posterior.sample()
-        lr = run.lr(step)
-        set_lr(opt, lr)
+            z = ae.encode(downsample(x, res)).sample()
+        lr = scheduler.get_last_lr()[0]
         with rt.autocast():
             x_hat = net(z).float()
-            terms = loss_fn.generator_loss(x, x_hat, posterior, step, unwrap(decoder).last_layer)
-        loss_fn.optimise(terms, x, x_hat, step, opt, decoder.parameters(), tcfg.grad_clip, opt_d, rt.autocast)
-        terms.pop("kl")  # the encoder is frozen: its KL is a constant here
+            terms = loss_fn(x, x_hat, step, unwrap(decoder).last_layer)  # per sample (B,)
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):
+            opt.step()
+        scheduler.step()
+        if loss_fn.gan_active(step):
+            terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
         ema.update(decoder)
         run.count_images(x.shape[0], batch["skipped"])
-        if run.every(tcfg.log_every, step):
-            run.log(step, {"lr": lr, "psnr": psnr(x_hat.detach(), x).mean().item(),
-                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
-        if run.every(tcfg.sample_every, step) and rt.is_main:
-            save_grid(torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16)
-        if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, modules, optimizers, ema, meta=meta)
-        done = step + 1
 
-    run.save(done, modules, optimizers, ema, meta=meta)
-    summary = {"steps": done}
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"lr": lr, "grad_norm": grad_norm.item(), "psnr": psnr(x_hat.detach(), x).mean().item(),
+                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
+        if run.every(tcfg.sample_every, step):
+            run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
+                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
+        if run.every(tcfg.ckpt_every, step):
+            run.checkpoint(step + 1)
+
+    summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(decoder)
         metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)

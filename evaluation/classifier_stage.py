@@ -8,14 +8,16 @@ log, checkpoint. After training: accuracy on val (and test, when the dataset has
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
-from latentdiff.core.runs import follow, record_path, recorded_data
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.runs import follow, record_path
+from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
 from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,
@@ -66,61 +68,54 @@ def _has_split(data: str, split: str) -> bool:
 
 
 def train(args: argparse.Namespace) -> dict:
-    if args.resume:
-        args.data = args.data or recorded_data(args.resume, "classifier")
-    if not args.data:
-        raise ValueError("--data DIR is required (labelled shards, e.g. from "
-                         "`latentdiff data fashion-mnist --out DIR`)")
-    info = read_info(args.data)
-    heads = heads_from_info(info, where=str(args.data))
     # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
     run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier",
-                    derive=follow(args, "resolution", info.get("resolution")))
+                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
-    if run.resuming:
-        recorded = run.read_meta_or_empty().get("heads")
-        if recorded is not None and recorded != heads:
-            raise ValueError(f"{run.path} was trained with heads {recorded} but {args.data} has {heads}; "
-                             "resume on the data the run was started with")
+    heads = heads_from_info(read_info(args.data), where=str(args.data))
+    recorded = (run.recorded or {}).get("heads")
+    if recorded is not None and recorded != heads:
+        raise ValueError(f"{run.path} was trained with heads {recorded} but {args.data} has {heads}; "
+                         "resume on the data the run was started with")
 
     model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    start, _ = run.restore({"model": model}, {"model": opt}, ema)
+    run.begin({"model": model}, {"model": opt}, ema, meta={"heads": heads, "data": record_path(args.data, run.path),
+                                                           "resolution": cfg.resolution,
+                                                           "feature_dim": cfg.model.feature_dim})
     net = rt.wrap(model)
+    scheduler = run.lr_schedule(opt)
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
-    batches = run.batches(loader, start)  # a resumed run skips what it has seen, dropout noise unchanged
-    meta = {"heads": heads, "data": record_path(args.data, run.path), "resolution": cfg.resolution,
-            "feature_dim": cfg.model.feature_dim}
-    done = start
+    batches = run.batches(loader)  # a resumed run skips what it has seen, dropout noise unchanged
     model.train()
-    for step in run.steps(start):
+    for step in run.steps():
         batch = next(batches)
         x = batch["image"].to(rt.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         targets = {k: v.to(rt.device) for k, v in targets_from_meta(heads, batch["meta"]).items()}
-        lr = run.lr(step)
-        set_lr(opt, lr)
+        lr = scheduler.get_last_lr()[0]
         with rt.autocast():
             logits = net(x)
         loss = classification_loss({k: v.float() for k, v in logits.items()}, targets).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):
+            opt.step()
+        scheduler.step()
         ema.update(model)
         run.count_images(x.shape[0], batch["skipped"])
+
         if run.every(tcfg.log_every, step):
             hits = correct({k: v.detach().argmax(-1) for k, v in logits.items()}, targets)
-            run.log(step, {"loss": loss.item(), "lr": lr, "train_accuracy": hits["all"].float().mean().item()})
+            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                           "train_accuracy": hits["all"].float().mean().item()})
         if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, {"model": model}, {"model": opt}, ema, meta=meta)
-        done = step + 1
+            run.checkpoint(step + 1)
 
-    run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
-    summary = {"steps": done, "parameters": sum(p.numel() for p in model.parameters())}
+    summary = {"steps": run.done, "parameters": sum(p.numel() for p in model.parameters())}
     if rt.is_main:
         final = ema.final(model)
         for split in ("val", "test"):

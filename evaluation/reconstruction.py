@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     from latentdiff.autoencoder.load import load_autoencoder
-    from latentdiff.autoencoder.perceptual import load_lpips, lpips_available, lpips_distance
+    from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance
 
     device = Runtime.setup(0, "fp32", args.device).device
     model, latent_space = load_autoencoder(args.run, device)

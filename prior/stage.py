@@ -12,17 +12,19 @@ learns the unconditional model that classifier-free guidance needs.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
+from latentdiff.core.flags import add_train_args
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import follow, record_path, recorded_data
+from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
-from latentdiff.core.train import Run, add_train_args, make_optimizer, set_lr, stage_main
+from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -74,12 +76,9 @@ def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: tor
     return space.to_prior(ae.encode(batch["image"].to(device, non_blocking=True)).sample())
 
 
-def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: PriorConfig, encoder,
-               z0: torch.Tensor, captions: list[str], rt) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on the objective above (Alg. 1); returns (loss, grad norm) as tensors.
-
-    The loop around it sets the learning rate and updates the EMA; benchmarks time it alone.
-    """
+def prior_loss(net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str],
+               rt) -> torch.Tensor:
+    """The objective above (Alg. 1) for a batch of scaled latents, one value per sample: (B,)."""
     with torch.no_grad():
         states, mask, pooled = text_conditioning(encoder, drop_captions(captions, cfg.caption_dropout))
     B = z0.shape[0]
@@ -89,14 +88,8 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, schedule, cfg: 
     target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
     with rt.autocast():
         out = net(z_t, t.float(), states, mask, pooled)
-    loss = diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
-                          cfg.diffusion.prediction).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-    opt.step()
-    return loss.detach(), grad_norm
+    return diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
+                          cfg.diffusion.prediction)
 
 
 @torch.no_grad()
@@ -112,28 +105,31 @@ def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpac
     return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
 
 
-def train(args: argparse.Namespace) -> dict:
-    run_meta = None
-    if args.resume:
-        run_meta = read_meta(args.resume, "prior")
-        args.autoencoder, args.text = recorded_stages(run_meta, args.resume, args.autoencoder, args.text)
-        args.data = args.data or recorded_data(args.resume, "prior")
-        # The resumed run reads its data the way it started: the cache's order is not the shards'.
-        args.cache_latents = args.cache_latents or bool(run_meta.get("cache_latents", False))
-    for flag in ("data", "autoencoder", "text"):
-        if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required for `latentdiff train prior`")
-    # A new prior makes images at its autoencoder's resolution unless --set resolution=N says otherwise
-    # (and then check_prior_fits refuses a disagreement).
+# Flags a resume reads back from the run when left out (only local paths are taken from its records).
+# The cache's order is not the shards', so a resumed run reads its data the way it started.
+FROM_RUN = {"autoencoder": lambda meta, run: recorded_stages(meta, run)[0],
+            "text": lambda meta, run: recorded_stages(meta, run)[1],
+            "cache_latents": lambda meta, run: bool(meta.get("cache_latents", False))}
+
+
+def _autoencoder_resolution(args: argparse.Namespace):
+    """The derive step of a new prior: images at its autoencoder's resolution.
+
+    Unless --set resolution=N says otherwise; check_prior_fits then refuses a disagreement.
+    """
     recorded = read_meta(args.autoencoder, "autoencoder").get("latent_space") or {}
-    run = Run.start(args, PriorConfig, PRESETS, stage="prior",
-                    derive=follow(args, "resolution", recorded.get("resolution")))
+    return follow(args, "resolution", recorded.get("resolution"))
+
+
+def train(args: argparse.Namespace) -> dict:
+    run = Run.start(args, PriorConfig, PRESETS, stage="prior", from_run=FROM_RUN,
+                    required=("data", "autoencoder", "text"), derive=lambda cfg: _autoencoder_resolution(args)(cfg))
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     stages = load_frozen_stages(args.autoencoder, args.text, rt.device)
-    if run_meta is not None:
-        check_recorded(stages, run_meta, run.path)
-    check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run_meta is None else str(run.path))
+    if run.recorded is not None:
+        check_recorded(stages, run.recorded, run.path)
+    check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run.recorded is None else str(run.path))
     ae, space, encoder = stages.autoencoder, stages.latent_space, stages.text
     schedule = make_schedule(cfg.diffusion)
     clip_x0 = clip_bound(cfg.diffusion, space)
@@ -143,8 +139,9 @@ def train(args: argparse.Namespace) -> dict:
     unet = UNet(cfg.model).to(rt.device)
     opt = make_optimizer(unet.parameters(), tcfg)
     ema = EMA(unet, tcfg.ema_decay, tcfg.ema_warmup)
-    start, _ = run.restore({"model": unet}, {"model": opt}, ema)
+    run.begin({"model": unet}, {"model": opt}, ema, meta=meta)
     net = rt.wrap(unet)
+    scheduler = run.lr_schedule(opt)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     if args.cache_latents:
@@ -155,28 +152,31 @@ def train(args: argparse.Namespace) -> dict:
         loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                              resolution=space.resolution)
     # Same seed, same order: a resumed run skips the batches it has already seen.
-    batches = run.batches(loader, start)
-    done = start
-    for step in run.steps(start):
+    batches = run.batches(loader)
+    for step in run.steps():
         batch = next(batches)
-        lr = run.lr(step)
-        set_lr(opt, lr)
+        lr = scheduler.get_last_lr()[0]
         z0 = batch_latents(batch, ae, space, args.cache_latents, rt.device)
-        loss, grad_norm = train_step(net, opt, schedule, cfg, encoder, z0, batch["caption"], rt)
+        loss = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):
+            opt.step()
+        scheduler.step()
         ema.update(unet)
         run.count_images(z0.shape[0], batch.get("skipped", 0))
 
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
-        if run.every(tcfg.sample_every, step) and rt.is_main:
-            sample_grid(ema.module if ema.enabled else unwrap(unet), schedule, cfg, encoder, ae, space, clip_x0,
-                        prompts, run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed)
+        if run.every(tcfg.sample_every, step):
+            sampled = ema.module if ema.enabled else unwrap(unet)
+            run.sample(step, lambda: sample_grid(sampled, schedule, cfg, encoder, ae, space, clip_x0, prompts,
+                                                 run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed))
         if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, {"model": unet}, {"model": opt}, ema, meta=meta)
-        done = step + 1
+            run.checkpoint(step + 1)
 
-    run.save(done, {"model": unet}, {"model": opt}, ema, meta=meta)
-    summary = {"steps": done}
+    summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(unet)
         grid = sample_grid(final, schedule, cfg, encoder, ae, space, clip_x0, prompts,

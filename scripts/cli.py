@@ -19,6 +19,8 @@ COMMANDS = {
     ("fid",): ("latentdiff.evaluation.fid_command", "FID and KID between two image sets (folders or shards)"),
     ("evaluate",): ("latentdiff.evaluation.evaluate", "sweep guidance: FID, prompt accuracy, CLIP score, plot"),
     ("serve",): ("latentdiff.scripts.serve", "a local web page: generate images, watch training curves and grids"),
+    ("import", "autoencoder"): ("latentdiff.scripts.import_autoencoder", "a diffusers or SD VAE as an autoencoder run"),
+    ("export", "autoencoder"): ("latentdiff.scripts.export_autoencoder", "an autoencoder run as a diffusers folder"),
     ("evaluate-autoencoder",): ("latentdiff.evaluation.reconstruction", "PSNR, SSIM, LPIPS and rFID of an autoencoder"),
 }
 

@@ -21,7 +21,7 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.errors import UserError
 from latentdiff.core.runs import find_recorded
 
-NOT_CURVES = {"step", "time", "skipped_samples"}  # bookkeeping, not training curves
+NOT_CURVES = {"step", "time", "skipped_samples", "nonfinite_steps", "sample_errors"}  # bookkeeping, not curves
 MAX_CURVES = 9  # subplots per run; a run logs 3-5 scalars per step today
 MAX_GRIDS = 24  # the newest sample grids per run
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from latentdiff.autoencoder.encoder import DiagonalGaussian
-from latentdiff.autoencoder.losses import AutoencoderLoss, PatchDiscriminator
+from latentdiff.autoencoder.losses import AutoencoderLoss
+from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderLossConfig, AutoencoderModelConfig
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
@@ -46,16 +47,16 @@ def test_losses_are_per_sample_and_gan_switches_on():
     model = Autoencoder(AutoencoderModelConfig(channels=(8, 16, 16)))
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     x_hat, post = model(x)
-    early = loss.generator_loss(x, x_hat, post, step=0, last_layer=model.decoder.last_layer)
+    early = loss(x, x_hat, post, step=0, last_layer=model.decoder.last_layer)
     assert early["loss"].shape == (3,) and "gan" not in early
-    late = loss.generator_loss(x, x_hat, post, step=2, last_layer=model.decoder.last_layer)
+    late = loss(x, x_hat, post, step=2, last_layer=model.decoder.last_layer)
     assert "gan" in late and late["loss"].shape == (3,)
     assert loss.discriminator_loss(x, x_hat).shape == (3,)
     assert PatchDiscriminator(3, 8, 2)(x).ndim == 4
 
 
 def test_missing_lpips_weights_message(tmp_path, monkeypatch):
-    from latentdiff.autoencoder import perceptual
+    from latentdiff.decoder import perceptual
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="vgg16-397923af.pth.*perceptual"):

@@ -13,7 +13,7 @@ from latentdiff.autoencoder import stage as autoencoder_stage
 from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.core.config import (ConfigError, Range, apply_overrides, dumps_toml, from_dict, load_preset, load_toml,
                                     to_dict)
-from latentdiff.core.train import TrainConfig, lr_at
+from latentdiff.core.train import TrainConfig, lr_factor
 from latentdiff.decoder.stage import DecoderStageConfig
 from latentdiff.evaluation.classifier import ClassifierStageConfig
 from latentdiff.prior.config import PriorConfig, SamplerName
@@ -135,7 +135,7 @@ def test_possible_values_at_the_edges_load():
     cfg = apply_overrides(AutoencoderConfig(), ["train.steps=1", "train.warmup_steps=50", "train.ema_decay=0.0",
                                                 "train.ema_decay=0.9999", "train.grad_clip=0", "train.max_minutes=0"])
     assert cfg.train.warmup_steps > cfg.train.steps  # warm-up longer than the run is allowed
-    assert lr_at(0, cfg.train) == pytest.approx(cfg.train.lr / 50)
+    assert lr_factor(0, cfg.train) == pytest.approx(1 / 50)
     prior = apply_overrides(PriorConfig(), ["caption_dropout=1.0", "model.dropout=0", "sampling.guidance=0"])
     assert prior.caption_dropout == 1.0
 

@@ -11,7 +11,7 @@ from latentdiff.core.blocks import Attention, ResBlock, attention, pad_keys, tim
 from latentdiff.core.config import ConfigError, apply_overrides, dumps_toml, from_dict, load_toml, to_dict
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import PSNR_MAX_DB, psnr, ssim
-from latentdiff.core.train import TrainConfig, lr_at
+from latentdiff.core.train import TrainConfig, lr_factor
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ def test_timestep_embedding_and_lr_schedule():
     emb = timestep_embedding(torch.tensor([0.0, 10.5, 999.0]), 33)
     assert emb.shape == (3, 33) and torch.isfinite(emb).all()
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_decay="cosine")
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
 
 
 def test_psnr_known_values():

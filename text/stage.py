@@ -8,6 +8,7 @@ this model's text tower; evaluation uses its image tower for CLIP score.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
-from latentdiff.core.runs import follow, record_path, recorded_data
-from latentdiff.core.train import Run, TrainConfig, add_train_args, make_optimizer, set_lr, stage_main
+from latentdiff.core.flags import add_train_args
+from latentdiff.core.runs import follow, record_path
+from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info
 
@@ -76,16 +78,10 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
 
 
 def train(args: argparse.Namespace) -> dict:
-    if args.resume:
-        args.data = args.data or recorded_data(args.resume, "text")
-    if not args.data:
-        raise ValueError("--data DIR is required (make one with `latentdiff data fashion-mnist --out DIR`)")
     # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise, and
     # records a model config given as a .json path resolved, so the run rebuilds from any directory.
-    at_data_resolution = follow(args, "resolution", read_info(args.data).get("resolution"))
-
     def derive(cfg: TextStageConfig) -> TextStageConfig:
-        cfg = at_data_resolution(cfg)
+        cfg = follow(args, "resolution", read_info(args.data).get("resolution"))(cfg)
         return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
 
     run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
@@ -96,41 +92,40 @@ def train(args: argparse.Namespace) -> dict:
     encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    start, _ = run.restore({"model": model}, {"model": opt}, ema)
+    run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
     net = rt.wrap(model)
+    scheduler = run.lr_schedule(opt)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
-    meta = {"data": record_path(args.data, run.path)}
 
     loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
                          resolution=cfg.resolution)
-    batches = run.batches(loader, start)  # a resumed run skips what it has seen
-    done = start
-    for step in run.steps(start):
+    batches = run.batches(loader)  # a resumed run skips what it has seen
+    for step in run.steps():
         batch = next(batches)
         tokens = encoder.tokenize(batch["caption"])
         images = preprocess_images(batch["image"], model)
-        lr = run.lr(step)
-        set_lr(opt, lr)
+        lr = scheduler.get_last_lr()[0]
         with rt.autocast():
             image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E) each
             loss = clip_loss(image_features, text_features, logit_scale)  # one value: the softmax spans the batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        if run.finite(step, loss, grad_norm):
+            opt.step()
+        scheduler.step()
         clamp_logit_scale(model)
         ema.update(model)
         run.count_images(images.shape[0], batch["skipped"])
-        if run.every(tcfg.log_every, step):
-            run.log(step, {"loss": loss.item(), "lr": lr, "logit_scale": model.logit_scale.exp().item()})
-        if run.every(tcfg.ckpt_every, step):
-            run.save(step + 1, {"model": model}, {"model": opt}, ema, meta=meta)
-        done = step + 1
 
-    run.save(done, {"model": model}, {"model": opt}, ema, meta=meta)
-    summary = {"steps": done}
+        if run.every(tcfg.log_every, step):
+            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                           "logit_scale": model.logit_scale.exp().item()})
+        if run.every(tcfg.ckpt_every, step):
+            run.checkpoint(step + 1)
+
+    summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(model)
         summary.update(evaluate(TextEncoder(final, encoder.tokenizer, model_config).frozen(cache_size=64),

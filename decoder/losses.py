@@ -1,0 +1,157 @@
+"""Losses on the decoder's output: reconstruction, LPIPS and a PatchGAN (Esser et al. 2021; Rombach et al. 2022).
+
+The autoencoder stage trains on these plus its KL term (autoencoder/losses.py); the decoder
+stage, whose encoder is frozen, trains on these alone. The loss objects compute losses; the
+stage loops run backward, clipping and the optimizer steps where a reader sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiff.core.blocks import group_norm
+from latentdiff.core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from .perceptual import load_lpips, lpips_distance
+
+
+@dataclass(frozen=True)
+class DecoderLossConfig:
+    reconstruction: Literal["l1", "l2"] = "l1"  # per-pixel distance
+    perceptual: Literal["lpips", "none"] = "none"  # lpips: VGG weights from the torch hub cache
+    perceptual_weight: NonNegativeFloat = 1.0  # weight of LPIPS
+    disc_weight: NonNegativeFloat = 0.0  # PatchGAN generator loss weight (0: no discriminator)
+    disc_start: NonNegativeInt = 5000  # step at which the discriminator switches on
+    disc_channels: PositiveInt = 64  # PatchGAN base width
+    disc_layers: PositiveInt = 3  # PatchGAN strided conv layers
+    disc_lr: PositiveFloat = 1e-4  # discriminator learning rate (AdamW, betas 0.5/0.9)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): a grid of real/fake logits, one per receptive-field patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2 ** i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), group_norm(out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-pixel L1 or L2, averaged over pixels: one value per sample, (B,)."""
+    if kind == "l1":
+        return (x - x_hat).abs().flatten(1).mean(1)
+    if kind == "l2":
+        return (x - x_hat).pow(2).flatten(1).mean(1)
+    raise ValueError(f"loss.reconstruction {kind!r}: choose l1 or l2")
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss for the discriminator, per sample: (B,)."""
+    return 0.5 * (F.relu(1.0 - logits_real).flatten(1).mean(1) + F.relu(1.0 + logits_fake).flatten(1).mean(1))
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Balance the GAN term against reconstruction by their gradient norms at the last layer.
+
+    Esser et al. 2021, eq. 7: lambda = |grad rec| / (|grad g| + 1e-4), clamped to [0, 1e4].
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class DecoderLoss(nn.Module):
+    """What a decoder's output is trained on, and the PatchGAN when it is switched on.
+
+    average: averages a tensor over ranks (`Runtime.all_reduce_mean`), so that under torchrun
+    every rank weighs the GAN term alike; the default leaves it as it is.
+    """
+
+    def __init__(self, cfg: DecoderLossConfig, in_channels: int = 3,
+                 average: Callable[[torch.Tensor], torch.Tensor] = _same):
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = load_lpips() if cfg.perceptual == "lpips" else None
+        self.discriminator = (PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
+                              if cfg.disc_weight > 0 else None)
+        self.average = average
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.disc_start
+
+    def image_terms(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruction (and LPIPS) per sample (B,), and their weighted sum as `loss`."""
+        terms = {"rec": reconstruction_loss(x, x_hat, self.cfg.reconstruction)}
+        total = terms["rec"]
+        if self.lpips is not None:
+            terms["lpips"] = lpips_distance(self.lpips, x_hat, x)
+            total = total + self.cfg.perceptual_weight * terms["lpips"]
+        terms["loss"] = total
+        return terms
+
+    def add_gan(self, terms: dict[str, torch.Tensor], x_hat: torch.Tensor, step: int,
+                last_layer: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Add the adaptively weighted generator term -D(x_hat) to `loss` once the GAN is on."""
+        if self.gan_active(step):
+            g = -self.discriminator(x_hat).flatten(1).mean(1)
+            weight = (adaptive_weight(terms["loss"].mean(), g.mean(), last_layer) if last_layer is not None
+                      and torch.is_grad_enabled() else torch.tensor(1.0, device=x_hat.device))
+            weight = self.average(weight)
+            terms["gan"] = g
+            terms["gan_weight"] = weight.expand_as(g)
+            terms["loss"] = terms["loss"] + self.cfg.disc_weight * weight * g
+        return terms
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor, step: int,
+                last_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample terms (B,) and their weighted sum `loss` (B,); the loop takes the mean."""
+        return self.add_gan(self.image_terms(x, x_hat), x_hat, step, last_layer)
+
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Hinge loss of the PatchGAN on real x and reconstructed x_hat (detached), per sample (B,)."""
+        return hinge_d_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
+
+    def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
+        """AdamW for the PatchGAN with LDM's betas (0.5, 0.9), or None when there is no discriminator."""
+        if self.discriminator is None:
+            return None
+        return torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
+
+
+def discriminator_step(loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor,
+                       step: int, run) -> torch.Tensor:
+    """The PatchGAN's own step after the generator's: loss, backward, average over ranks, step.
+
+    Every rank starts from rank 0's discriminator (`Runtime.broadcast_module`) and applies the
+    same averaged gradients, so the copies stay identical. `run` (core.train.Run) skips and
+    counts a non-finite step. Returns the hinge loss, detached (scalar).
+    """
+    with run.runtime.autocast():
+        d_loss = loss_fn.discriminator_loss(x, x_hat).mean()
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    run.runtime.average_gradients(loss_fn.discriminator)
+    d_norm = torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), math.inf)  # measured, not clipped
+    if run.finite(step, d_loss, d_norm, part="discriminator"):
+        opt_d.step()
+    return d_loss.detach()
