@@ -121,7 +121,8 @@ def _math_attention(q, k, v, mask):
 XFORMERS_KEY_MULTIPLE = 8  # xformers refuses an attention bias whose key length is not a multiple of this
 
 
-def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = XFORMERS_KEY_MULTIPLE):
+def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+             multiple: int = XFORMERS_KEY_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values (B, heads, Tk, d) zero-padded to Tk' = the next multiple of `multiple`, the mask
     (broadcastable to (B, heads, Tq, Tk)) extended with False: the padded keys are never attended to, so
     attention's output is unchanged. Returns (k, v, mask) as given when Tk is already a multiple.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import re
 import unicodedata
 from pathlib import Path
@@ -132,8 +131,8 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     record = {**dataclasses.asdict(settings), "files": files, "seeds": [settings.seed + k for k in indices],
               "command": command}
     (out / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; settings.json beside them, and in "
-          "each PNG's 'parameters' chunk)", file=sys.stdout)
+    print(f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
+          "settings.json beside them, and in each PNG's 'parameters' chunk)")
     return grid
 
 

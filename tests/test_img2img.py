@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from bench.sampler_accuracy import MU, STD, gaussian_denoiser
-from latentdiff.core.logger import to_uint8
 from latentdiff.prior.denoiser import noise
 from latentdiff.prior.img2img import keep_known, load_image, load_mask, noised
 from latentdiff.prior.parameters import PNG_KEY
