@@ -118,12 +118,30 @@ def _math_attention(q, k, v, mask):
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
+XFORMERS_KEY_MULTIPLE = 8  # xformers refuses an attention bias whose key length is not a multiple of this
+
+
+def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+             multiple: int = XFORMERS_KEY_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values (B, heads, Tk, d) zero-padded to Tk' = the next multiple of `multiple`, the mask
+    (broadcastable to (B, heads, Tq, Tk)) extended with False: the padded keys are never attended to, so
+    attention's output is unchanged. Returns (k, v, mask) as given when Tk is already a multiple.
+    """
+    extra = -k.shape[2] % multiple
+    if extra == 0:
+        return k, v, mask
+    k, v = (F.pad(x, (0, 0, 0, extra)) for x in (k, v))  # (B, heads, Tk', d)
+    return k, v, F.pad(mask, (0, extra), value=False)
+
+
 def _xformers_attention(q, k, v, mask):
     import xformers.ops as xops
 
-    # xformers wants (B, T, heads, d) and an additive bias instead of a boolean mask.
+    # xformers wants (B, T, heads, d) and an additive bias instead of a boolean mask, whose key length
+    # (the text's, cut after the longest prompt: 5-12 tokens) must be a multiple of 8.
     bias = None
     if mask is not None:
+        k, v, mask = pad_keys(k, v, mask)
         B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         bias = torch.zeros(B, H, Tq, Tk, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~mask.expand(B, H, Tq, Tk), float("-inf"))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -50,6 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 2
@@ -123,10 +125,25 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
 
 
 def load_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming the file when it is missing or damaged."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights file {path} does not exist")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
+                              "restore it, or resume from an earlier checkpoint") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file a run or dataset records; CheckpointError naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); it was damaged or edited by hand: "
+                              "restore it from a copy") from None
 
 
 def sha256(path: str | Path) -> str:
@@ -293,7 +310,7 @@ def verify(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         files = dict(manifest["files"])
         step = int(manifest["step"])
         version = int(manifest["format_version"])
@@ -338,7 +355,7 @@ def latest(run_dir: str | Path, rejected: list[tuple[Path, str]] | None = None) 
     if folders:
         raise CheckpointError(f"no complete checkpoint in {run_dir}: " + "; ".join(r for _, r in reasons))
     if (run_dir / STATE).is_file() or (run_dir / MODEL).is_file():  # format 1: flat files
-        meta = json.loads((run_dir / META).read_text()) if (run_dir / META).is_file() else {}
+        meta = read_json(run_dir / META) if (run_dir / META).is_file() else {}
         return Checkpoint(run_dir, int(meta.get("step", 0)), legacy=True)
     return None
 
@@ -397,9 +414,9 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     if not root.is_file() and not committed.is_file():
         raise CheckpointError(f"{run_dir} is not a latentdiff run directory (no {META}); "
                               "train one with `latentdiff train STAGE --out DIR`")
-    meta = json.loads(root.read_text()) if root.is_file() else {}
+    meta = read_json(root) if root.is_file() else {}
     if committed != root and committed.is_file():
-        meta.update(json.loads(committed.read_text()))
+        meta.update(read_json(committed))
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{run_dir} was written by a newer latentdiff "
                               f"(format {meta['format_version']} > {FORMAT_VERSION}); upgrade latentdiff")
@@ -470,7 +487,11 @@ def load_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path.parent} has no training state ({path.name}); it cannot be resumed")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}: {e}); "
+                              "it is truncated or damaged: resume from an earlier checkpoint") from None
     if "rng" in state:
         state["rng"]["numpy"] = _numpy_state_from_tensors(state["rng"]["numpy"])
     return state

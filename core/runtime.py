@@ -51,26 +51,21 @@ def set_rng_state(state: dict) -> None:
 # How a network runs: "auto" picks per device (see `Runtime.setup` for training, `sampling_dtype` for sampling).
 Precision = Literal["auto", "fp32", "bf16"]
 SAMPLING_PRECISIONS: tuple[str, ...] = get_args(Precision)
-# Below this many rows per network pass bf16 autocast was slower than float32 on a 2-core AMX Xeon
-# (tiny UNet: 45 vs 41 ms at 8 rows, equal at 16, 85 vs 92 ms at 32, 247 vs 320 ms at 128).
-CPU_BF16_MIN_ROWS = 32
-
-
-def sampling_dtype(device: torch.device, precision: str = "auto", rows: int | None = None) -> torch.dtype | None:
+def sampling_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for running a network at inference, or None for float32.
 
-    "auto" is bf16 on CUDA, and on CPUs with AMX tiles (Intel Sapphire Rapids and later) for
-    passes of at least CPU_BF16_MIN_ROWS rows, where bench/ measured the sampling loop 1.3x
-    faster; float32 elsewhere. Training keeps its own `precision` (bf16 autocast made the CPU
-    backward 2x slower). Under autocast the samplers' arithmetic stays float32: only the
-    network runs in bf16.
+    "auto" is bf16 on CUDA, and on CPUs with AMX tiles (Intel Sapphire Rapids and later), where
+    bench/ measured the sampling loop 1.3x faster at 128 rows per pass (at 8 rows it was 10% slower,
+    README, Speed); float32 elsewhere. The choice depends on the device alone, never on the rows per
+    pass, so an image does not change with the batch it is made in. Training keeps its own
+    `precision` (bf16 autocast made the CPU backward 2x slower). Under autocast the samplers'
+    arithmetic stays float32: only the network runs in bf16.
     """
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(SAMPLING_PRECISIONS)}")
     if precision == "auto":
         amx = device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        big = rows is None or rows >= CPU_BF16_MIN_ROWS
-        precision = "bf16" if device.type == "cuda" or (amx and big) else "fp32"
+        precision = "bf16" if device.type == "cuda" or amx else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 

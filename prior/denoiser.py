@@ -5,11 +5,15 @@ schedule's time units 0..T-1, and returns a consistent pair, z_t = sqrt(abar_t) 
 sqrt(1 - abar_t) eps_hat; `make_denoiser` builds one from a raw network `model_fn(z_t, t)`.
 `callback(i, total, z_t, x0_hat)` runs after the i-th step's first network evaluation (0-based)
 with the state that evaluation saw.
+
+`generator` (every sampler's keyword) is one torch.Generator for the whole batch, or one per row
+of z_T (`Generators`): then row k's noise comes from generator k alone, so an image's noise does
+not depend on the other rows of its batch (pipeline: one generator per image, seeded seed + k).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +23,7 @@ from .schedule import NoiseSchedule, check_prediction
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def make_denoiser(model_fn: ModelFn, schedule: NoiseSchedule, prediction: str,
@@ -53,6 +58,13 @@ def t_like(z: Tensor, t: float) -> Tensor:
     return torch.full((z.shape[0],), t, device=z.device, dtype=dtype)
 
 
-def noise(z: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like z, drawn from `generator` (all sampler noise comes from it)."""
-    return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+def noise(z: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like z (B, ...), drawn from `generator` (all sampler noise comes from it).
+
+    A sequence of B generators draws row k from generator k (ValueError when the count is not B).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    if len(generator) != z.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {z.shape[0]} rows: give one per row")
+    return torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype) for g in generator])

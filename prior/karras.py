@@ -14,14 +14,15 @@ import math
 import torch
 from torch import Tensor
 
-from .denoiser import Callback, Denoiser, noise, t_like
+from .denoiser import Callback, Denoiser, Generators, noise, t_like
 from .schedule import NoiseSchedule
 from .spacing import NoiseLevels, noise_levels
 
 
 def _finite_levels(name: str, schedule: NoiseSchedule, steps: int, spacing: str, rho: float,
-                   sigma_min: float | None, sigma_max: float | None) -> NoiseLevels:
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max)
+                   sigma_min: float | None, sigma_max: float | None, t_start: float | None) -> NoiseLevels:
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
+                      t_start=t_start)
     if lv.abars[0] == 0.0:
         raise ValueError(f"{name} steps in sigma and cannot start at abar = 0 (sigma = inf, spacing {spacing!r} on a "
                          "zero-terminal-SNR schedule); use spacing 'karras' or 'logsnr', or the ddim sampler")
@@ -70,33 +71,34 @@ def _karras_ode(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps:
 
 
 def sample_euler(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                 generator: torch.Generator | None = None, callback: Callback | None = None,
+                 generator: Generators = None, callback: Callback | None = None,
                  s_churn: float = 0.0, spacing: str = "karras", rho: float = 7.0, sigma_min: float | None = None,
-                 sigma_max: float | None = None) -> Tensor:
+                 sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
     """Euler steps on the probability-flow ODE, Karras et al. 2022 Alg. 2 without the Heun correction.
 
     s_churn > 0 adds Alg. 2's noise (stochastic, from `generator`); 0 is deterministic.
     """
-    lv = _finite_levels("euler", schedule, steps, spacing, rho, sigma_min, sigma_max)
+    lv = _finite_levels("euler", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
     return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, False, s_churn, lv)
 
 
 def sample_heun(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
+                generator: Generators = None, callback: Callback | None = None,
                 s_churn: float = 0.0, spacing: str = "karras", rho: float = 7.0, sigma_min: float | None = None,
-                sigma_max: float | None = None) -> Tensor:
+                sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022 Alg. 1 (Alg. 2 with s_churn > 0); Euler on the last step.
 
     2 steps - 1 network evaluations.
     """
-    lv = _finite_levels("heun", schedule, steps, spacing, rho, sigma_min, sigma_max)
+    lv = _finite_levels("heun", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
     return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, True, s_churn, lv)
 
 
 def sample_euler_ancestral(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                           generator: torch.Generator | None = None, callback: Callback | None = None,
+                           generator: Generators = None, callback: Callback | None = None,
                            eta: float = 1.0, spacing: str = "karras", rho: float = 7.0,
-                           sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
+                           sigma_min: float | None = None, sigma_max: float | None = None,
+                           t_start: float | None = None) -> Tensor:
     """Euler ancestral ("Euler a"): DDPM's ancestral step (Ho et al. 2020 Alg. 2) split in the VE variable.
 
     From sigma to sigma', the posterior q(x' | x, x0_hat) has variance
@@ -106,7 +108,7 @@ def sample_euler_ancestral(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSched
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    lv = _finite_levels("euler-a", schedule, steps, spacing, rho, sigma_min, sigma_max)
+    lv = _finite_levels("euler-a", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
     sigmas = lv.sigmas
     x = z_T * math.sqrt(1 + sigmas[0] ** 2)
     for i in range(steps):

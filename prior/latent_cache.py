@@ -33,7 +33,7 @@ class LatentCache:
         key = {"encoder_hash": encoder_hash(ae), "data": str(Path(data).resolve()) if Path(data).exists() else data,
                "resolution": resolution}
         info_path = path / "cache.json"
-        if rt.is_main and not (info_path.exists() and json.loads(info_path.read_text()).get("key") == key):
+        if rt.is_main and _recorded_key(info_path) != key:  # missing, stale or damaged: (re)build it
             means, stds, captions = [], [], []
             loader = make_loader(data, "train", batch_size, shuffle=False, repeat=False, drop_last=False,
                                  resolution=resolution, rank=0, world_size=1)
@@ -49,7 +49,7 @@ class LatentCache:
             ckpt.write_json(info_path, {"key": key, "count": len(captions), "skipped": skipped})
         rt.barrier()
         tensors = ckpt.load_weights(path / "latents.safetensors")
-        captions = json.loads((path / "captions.json").read_text())["captions"]
+        captions = ckpt.read_json(path / "captions.json")["captions"]
         return cls(tensors["mean"], tensors["std"], captions)
 
     def loader(self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
@@ -72,3 +72,11 @@ class LatentCache:
         """z ~ q(z|x) from cached moments (global RNG, as the on-the-fly path)."""
         mean, std = batch["mean"].to(device), batch["std"].to(device)
         return mean + std * torch.randn_like(mean)
+
+
+def _recorded_key(info_path: Path) -> dict | None:
+    """The key a cache was built with, or None when there is no readable cache.json."""
+    try:
+        return ckpt.read_json(info_path).get("key")
+    except (FileNotFoundError, ckpt.CheckpointError, AttributeError):
+        return None

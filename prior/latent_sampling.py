@@ -9,8 +9,10 @@ import torch
 from latentdiff.core.latent_space import LatentSpace
 
 from .config import DiffusionConfig
+from .denoiser import Generators, noise
 from .guidance import cfg_model_fn
-from .samplers import make_denoiser, sample
+from .img2img import keep_known, noised
+from .samplers import levels, make_denoiser, sample
 from .schedule import NoiseSchedule
 from .text_conditioning import Conditioning
 from .unet import UNet
@@ -44,17 +46,27 @@ def clip_bound(cfg: DiffusionConfig, space: LatentSpace) -> float | None:
 @torch.no_grad()
 def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: Conditioning, uncond: Conditioning,
                    shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
-                   guidance_rescale: float = 0.0,
-                   generator: torch.Generator, clip_x0: float | None, callback=None, dtype: torch.dtype | None = None,
-                   **options) -> torch.Tensor:
+                   guidance_rescale: float = 0.0, generator: Generators, clip_x0: float | None, callback=None,
+                   dtype: torch.dtype | None = None, z_init: torch.Tensor | None = None, t_start: float | None = None,
+                   mask: torch.Tensor | None = None, **options) -> torch.Tensor:
     """z_0 (B, *shape) in prior units for each row of `cond`, classifier-free guided against `uncond`.
 
     guidance_rescale: phi of Lin et al. 2024 §3.4 (prior.guidance.cfg_model_fn); 0 is plain guidance.
+    generator: one for the batch, or one per row (row k's z_T and every noise draw of the sampler
+    then come from generator k alone: the row's result does not depend on the batch).
     dtype: autocast dtype for the network (runtime.sampling_dtype), None for float32.
+    z_init (B or 1, *shape), prior latents of an image: with t_start, SDEdit starts from z_init noised
+    to the first level (img2img.py); with mask ((1 or B, 1, h, w), 1 = repaint) the rest keeps z_init.
     """
     B = cond[0].shape[0]
     device = cond[0].device
-    z_T = torch.randn((B, *shape), generator=generator, device=device)
+    z = noise(torch.empty((B, *shape), device=device), generator)  # z_T: each row's first draw
+    if t_start is not None:
+        z = noised(z_init, z, levels(sampler, schedule, steps, t_start, **options).abars[0])
     model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
-    return sample(sampler, denoiser, z_T, schedule, steps, generator=generator, callback=callback, **options)
+    if mask is not None:
+        denoiser = keep_known(denoiser, z_init, mask, schedule)
+    z0 = sample(sampler, denoiser, z, schedule, steps, generator=generator, callback=callback, t_start=t_start,
+                **options)
+    return z0 if mask is None else mask * z0 + (1 - mask) * z_init

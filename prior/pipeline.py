@@ -3,7 +3,14 @@
     pipe = TextToImage.from_run("runs/demo/prior")
     images = pipe(["a photo of a sneaker"], n=4, steps=20, sampler="dpmpp-2m", guidance=3, seed=0)
 
-`images` is (N, 3, H, W) in [-1, 1]. The prior's run directory records the autoencoder
+`images` is (N, 3, H, W) in [-1, 1]. img2img and inpainting (img2img.py):
+
+    images = pipe("a blue circle", init_image="photo.png", strength=0.6)
+    images = pipe("a blue circle", init_image="photo.png", mask="mask.png")   # white = repaint
+
+Each image has its own random generator, seeded seed + k for image k of the call (prompt-major),
+so image k is the same whatever n and batch_size, and `pipe([prompt], n=1, seed=seed + k)` makes
+it alone. The prior's run directory records the autoencoder
 and text encoder it was trained with; both are loaded from there (or the ones given) and checked:
 the autoencoder's LatentSpace must equal the one the prior recorded, the text encoder its hash.
 """
@@ -24,37 +31,40 @@ from latentdiff.decoder.load import load_decoder
 
 from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
+from .img2img import load_image, load_mask, start_timestep
 from .latent_sampling import clip_bound, sample_latents
-from .samplers import check_number, check_sampler_steps, number_of_evaluations, resolve_options
+from .samplers import check_number, check_sampler_steps, levels, number_of_evaluations, resolve_options
 from .text_conditioning import guided_conditioning
 from .unet import UNet
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that decides the images, written beside them as JSON."""
+    """Everything that decides the images, written beside them as JSON and into each PNG (parameters.py)."""
 
     prompts: tuple[str, ...]
-    n: int  # images per prompt
+    n: int  # images per prompt; image k of the call (prompt-major) is made from seed + k
     steps: int
     sampler: str  # the registry's name (an alias such as "DPM++ 2M Karras" is resolved)
     sampler_options: dict  # every option the sampler ran with (samplers.SAMPLERS[sampler].options)
     guidance: float
     guidance_rescale: float  # Lin et al. 2024 §3.4; 0: plain classifier-free guidance
     negative_prompt: str
-    seed: int
+    seed: int  # image k's generator is seeded with seed + k: the same image whatever n and batch_size
     clip_x0: float | None
     run: str
-    batch_size: int  # images per sampling batch (stochastic samplers draw their noise batch by batch)
-    precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device and batch
-    decoder: str | None = None  # the `latentdiff train decoder` run decoding the latents; None: the autoencoder's
+    batch_size: int  # images per sampling pass (memory vs speed; the images do not depend on it)
+    precision: str  # the network's: "fp32" or "bf16" (autocast), resolved from "auto" for this device
+    init_image: str | None = None  # img2img: the image file SDEdit starts from (absolute path); None: text only
+    mask: str | None = None  # inpainting: a mask image file, white = repaint (absolute path)
+    strength: float = 1.0  # img2img: the sampler starts at timestep strength * T - 1; 1 is text-to-image
+    decoder: str | None = None  # the `latentdiff train decoder` run decoding instead of the autoencoder's own
 
 
 class TextToImage:
     def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, latent_space: LatentSpace, run: Path,
                  decoder: torch.nn.Module | None = None, precision: str = "auto", decoder_run: str | None = None):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
-        self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
         self.decoder = decoder if decoder is not None else autoencoder.decoder
         self.schedule = make_schedule(cfg.diffusion)
         self.latent_space = latent_space
@@ -62,6 +72,7 @@ class TextToImage:
         self.clip_x0 = clip_bound(cfg.diffusion, latent_space)
         self.run = run
         self.precision = precision
+        self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
 
     @classmethod
     def from_run(cls, run: str | Path, *, device: torch.device | str | None = None, ema: bool = True,
@@ -91,7 +102,8 @@ class TextToImage:
                     f"(encoder hash {stages.latent_space.encoder_hash}); "
                     f"train a decoder with --autoencoder {stages.autoencoder_path}")
         return cls(prior.model, prior.config, stages.text, stages.autoencoder, stages.latent_space, run,
-                   decoder=swapped, precision=precision, decoder_run=None if decoder is None else str(decoder))
+                   decoder=swapped, precision=precision,
+                   decoder_run=None if decoder is None else str(Path(decoder).resolve()))
 
     @property
     def device(self) -> torch.device:
@@ -101,33 +113,93 @@ class TextToImage:
     def __call__(self, prompts: list[str] | str, *, n: int = 1, steps: int | None = None, sampler: str | None = None,
                  guidance: float | None = None, negative_prompt: str = "", seed: int = 0, eta: float | None = None,
                  guidance_rescale: float = 0.0, sampler_options: dict | None = None,
-                 batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
-        """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first)."""
+                 init_image: str | Path | None = None, mask: str | Path | None = None, strength: float | None = None,
+                 batch_size: int = 64, only: list[int] | None = None, show_progress: bool = False) -> torch.Tensor:
+        """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first).
+
+        init_image, mask, strength: img2img and inpainting (module docstring; `settings` for the defaults).
+        only: the indices of the images to make and return (in that order); their batches are run whole,
+        so each comes out exactly as in the full call.
+        """
         settings = self.settings(prompts, n=n, steps=steps, sampler=sampler, guidance=guidance,
                                  negative_prompt=negative_prompt, seed=seed, eta=eta, batch_size=batch_size,
-                                 guidance_rescale=guidance_rescale, sampler_options=sampler_options)
-        rows = [p for p in settings.prompts for _ in range(n)]
-        g = torch.Generator(self.device).manual_seed(seed)
+                                 guidance_rescale=guidance_rescale, sampler_options=sampler_options,
+                                 init_image=init_image, mask=mask, strength=strength)
+        return self.generate(settings, only=only, show_progress=show_progress)
+
+    @torch.inference_mode()
+    def generate(self, settings: GenerationSettings, *, only: list[int] | None = None,
+                 show_progress: bool = False) -> torch.Tensor:
+        """The images of checked `settings` (from `settings()`), or those listed in `only`: (N, 3, H, W) in [-1, 1]."""
+        made = {}
+        for i, z0 in self._sample(settings, only, show_progress):  # decoded batch by batch, as sampled
+            images = self.decoder(self.latent_space.to_decoder(z0)).clamp(-1, 1).float().cpu()
+            made.update({i + j: image for j, image in enumerate(images)})
+        return torch.stack([made[k] for k in self._wanted(settings, only)])
+
+    @torch.inference_mode()
+    def latents(self, settings: GenerationSettings, *, only: list[int] | None = None,
+                show_progress: bool = False) -> torch.Tensor:
+        """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding."""
+        made = {}
+        for i, z0 in self._sample(settings, only, show_progress):
+            made.update({i + j: z for j, z in enumerate(z0)})
+        return torch.stack([made[k] for k in self._wanted(settings, only)])
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) images in [-1, 1] -> prior latents: the posterior mean, scaled by the latent space."""
+        return self.latent_space.to_prior(self.autoencoder.encode(images.to(self.device)).mode())
+
+    @staticmethod
+    def _wanted(settings: GenerationSettings, only: list[int] | None) -> list[int]:
+        total = len(settings.prompts) * settings.n
+        wanted = list(range(total)) if only is None else list(only)
+        if any(not isinstance(k, int) or not 0 <= k < total for k in wanted):
+            raise ValueError(f"only: image indices must be in 0..{total - 1}, got {wanted}")
+        return wanted
+
+    def _sample(self, settings: GenerationSettings, only: list[int] | None, show_progress: bool):
+        """(index of the batch's first image, its z_0 (rows, c, h, w)) for each batch holding a wanted image."""
+        rows = [p for p in settings.prompts for _ in range(settings.n)]
+        wanted = self._wanted(settings, only)
+        bs = settings.batch_size
+        batches = [i for i in range(0, len(rows), bs) if any(i <= k < i + bs for k in wanted)]
+        z_init = mask = t_start = None
+        if settings.init_image is not None:
+            z_init = self.encode(load_image(settings.init_image, self.latent_space.resolution))
+            if settings.strength == 0.0:  # no step: the image's reconstruction
+                for i in batches:
+                    yield i, z_init.expand(len(rows[i:i + bs]), *z_init.shape[1:])
+                return
+            t_start = start_timestep(settings.strength, self.schedule.T)
+            if settings.mask is not None:
+                mask = load_mask(settings.mask, self.latent_space.resolution, self.latent_space.downsampling)[1]
+                mask = mask.to(self.device)
         dtype = torch.bfloat16 if settings.precision == "bf16" else None
-        evals = number_of_evaluations(settings.sampler, settings.steps)
-        bar = progress(evals * ((len(rows) + batch_size - 1) // batch_size), "sampling", enabled=show_progress)
-        images = []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            cond, uncond = guided_conditioning(self.encoder, chunk, [negative_prompt] * len(chunk))
-            z0 = sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
-                                self.latent_shape, sampler=settings.sampler, steps=settings.steps,
-                                guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
-                                generator=g, clip_x0=self.clip_x0,
-                                callback=lambda *_: bar.update(1), dtype=dtype, **settings.sampler_options)
-            images.append(self.decoder(self.latent_space.to_decoder(z0)).clamp(-1, 1).float().cpu())
+        bar = progress(number_of_evaluations(settings.sampler, settings.steps) * len(batches), "sampling",
+                       enabled=show_progress)
+        for i in batches:
+            chunk = rows[i:i + bs]
+            cond, uncond = guided_conditioning(self.encoder, chunk, [settings.negative_prompt] * len(chunk))
+            generators = [torch.Generator(self.device).manual_seed(settings.seed + k) for k in range(i, i + len(chunk))]
+            yield i, sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
+                                    self.latent_shape, sampler=settings.sampler, steps=settings.steps,
+                                    guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
+                                    generator=generators, clip_x0=self.clip_x0, callback=lambda *_: bar.update(1),
+                                    dtype=dtype, z_init=z_init, t_start=t_start, mask=mask,
+                                    **settings.sampler_options)
         bar.close()
-        return torch.cat(images)
 
     def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta=None,
-                 batch_size: int = 64, guidance_rescale: float = 0.0,
-                 sampler_options: dict | None = None) -> GenerationSettings:
-        """Resolve defaults from the run's sampling config and check every value (ValueError with the range)."""
+                 batch_size: int = 64, guidance_rescale: float = 0.0, sampler_options: dict | None = None,
+                 init_image: str | Path | None = None, mask: str | Path | None = None,
+                 strength: float | None = None) -> GenerationSettings:
+        """Resolve defaults from the run's sampling config and check every value (ValueError with the range).
+
+        strength defaults to 0.75 for img2img and 1.0 with a mask (repaint from pure noise); it needs
+        an init image, and so does a mask. The image files are read here, so a bad one fails first.
+        """
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -140,10 +212,29 @@ class TextToImage:
         check_sampler_steps(sampler, steps, self.schedule)
         guidance = check_number("guidance", s.guidance if guidance is None else guidance, float, 0.0)
         guidance_rescale = check_number("guidance_rescale", guidance_rescale, float, 0.0, 1.0)
-        check_number("seed", seed, int, 0, 2**63 - 1)
+        check_number("seed", seed, int, 0, 2**63 - len(prompts) * n)  # image k's seed, seed + k, fits in int64
         check_number("batch_size", batch_size, int, 1)
-        # One precision for every batch of the call: rows per network pass of a full batch.
-        rows = min(batch_size, len(prompts) * n) * (1 if guidance in (0.0, 1.0) else 2)
-        precision = "bf16" if sampling_dtype(self.device, self.precision, rows) == torch.bfloat16 else "fp32"
+        if init_image is None:
+            if mask is not None or strength is not None:
+                raise ValueError(f"{'a mask' if mask is not None else 'strength'} needs an init image (img2img)")
+            strength = 1.0
+        else:
+            init_image = str(Path(init_image).resolve())
+            load_image(init_image, self.latent_space.resolution)  # a missing or unreadable file fails here
+            if mask is not None:
+                mask = str(Path(mask).resolve())
+                load_mask(mask, self.latent_space.resolution, self.latent_space.downsampling)
+            strength = check_number("strength", (1.0 if mask else 0.75) if strength is None else strength,
+                                    float, 0.0, 1.0)
+            t_start = start_timestep(strength, self.schedule.T)
+            if 0 < strength * self.schedule.T <= 1:
+                raise ValueError(f"strength {strength:g} starts at timestep {t_start:g}, below the first; use 0 "
+                                 f"(the image's reconstruction) or more than 1/T = {1 / self.schedule.T:g}")
+            if strength > 0 and t_start is not None:
+                levels(sampler, self.schedule, steps, t_start, **options)  # enough timesteps for the steps
+        # One precision for the whole call, from the device alone: never from the batch, so image k is the
+        # same whatever n and batch_size (core.runtime.sampling_dtype).
+        precision = "bf16" if sampling_dtype(self.device, self.precision) == torch.bfloat16 else "fp32"
         return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt,
-                                  seed, self.clip_x0, str(self.run), batch_size, precision, self.decoder_run)
+                                  seed, self.clip_x0, str(self.run), batch_size, precision, init_image, mask, strength,
+                                  self.decoder_run)

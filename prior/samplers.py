@@ -2,7 +2,11 @@
 
 Samplers are plain functions with one signature (solvers.py, karras.py):
 
-    sample_xxx(denoiser, z_T, schedule, steps, *, generator=None, callback=None, **options) -> z_0
+    sample_xxx(denoiser, z_T, schedule, steps, *, generator=None, callback=None, t_start=None, **options) -> z_0
+
+generator: one torch.Generator, or one per row of z_T (denoiser.Generators). t_start: start at
+that timestep instead of T-1 (img2img, SDEdit), z_T then being the state at the first of the
+levels `levels(...)` gives (spacing.py); every sampler and spacing takes it.
 
 `SAMPLERS` maps each name to a `SamplerSpec` (function, title, network evaluations per step,
 order, fewest steps); a sampler's options and their defaults are its keyword parameters,
@@ -22,11 +26,11 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from .denoiser import Callback, Denoiser, make_denoiser  # noqa: F401  (re-exported: samplers' public face)
+from .denoiser import Callback, Denoiser, Generators, make_denoiser  # noqa: F401  (re-exported: public face)
 from .karras import sample_euler, sample_euler_ancestral, sample_heun
 from .schedule import NoiseSchedule
 from .solvers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
-from .spacing import SPACINGS, check_steps, timesteps  # noqa: F401  (re-exported)
+from .spacing import SPACINGS, NoiseLevels, check_steps, noise_levels, timesteps  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class SamplerSpec:
     def options(self) -> dict[str, Any]:
         """The options this sampler takes, with their defaults: its keyword parameters."""
         params = inspect.signature(self.fn).parameters.values()
-        skip = ("generator", "callback")
+        skip = ("generator", "callback", "t_start")
         return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
 
     def evaluations(self, steps: int) -> int:
@@ -186,12 +190,25 @@ def check_sampler_steps(name: str, steps: int, schedule: NoiseSchedule) -> None:
 
 
 def sample(name: str, denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-           generator=None, callback: Callback | None = None, **options) -> Tensor:
-    """Run the sampler registered as `name` (a name of SAMPLERS or ALIASES) with its checked options."""
+           generator: Generators = None, callback: Callback | None = None, t_start: float | None = None,
+           **options) -> Tensor:
+    """Run the sampler registered as `name` (a name of SAMPLERS or ALIASES) with its checked options.
+
+    t_start: the first level's timestep (None: T-1); z_T is the state at `levels(...).abars[0]`.
+    """
     spec, _ = resolve(name)
     options = check_options(name, options)
     check_sampler_steps(name, steps, schedule)
-    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, **options)
+    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, t_start=t_start,
+                   **options)
+
+
+def levels(name: str, schedule: NoiseSchedule, steps: int, t_start: float | None = None, **options) -> NoiseLevels:
+    """The noise levels sampler `name` visits with these options (its spacing's, spacing.noise_levels)."""
+    spec, _ = resolve(name)
+    merged = {**spec.options, **check_options(name, options)}
+    shape = {k: merged[k] for k in ("spacing", "rho", "sigma_min", "sigma_max") if k in merged}
+    return noise_levels(schedule, steps, t_start=t_start, **shape)
 
 
 def number_of_evaluations(name: str, steps: int) -> int:

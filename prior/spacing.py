@@ -20,6 +20,13 @@ followed by abar = 1 (the data), where it lands with a final step that needs no 
       level is T-1 itself, where z_T is, and the other N-1 levels follow from sigma = 80.
 Karras and log-SNR levels are float timesteps: t_from_sigma inverts the schedule's linear
 interpolation of abar, so the network sees the noise level the sampler assumes.
+
+Starting part way (img2img, SDEdit: Meng et al. 2022): `t_start` puts the top of every spacing at
+that timestep instead of T-1, and the `steps` levels cover t_start..0 as they would cover T-1..0
+(trailing: round(t_start+1 - k (t_start+1)/N) - 1; leading: k = floor(t_start+1) // N; linspace
+from round(t_start); karras and logsnr from sigma(t_start), or from 80 where sigma(t_start) is
+larger, as above). t_start = T-1 gives exactly the full levels. The sampler's state z_T is then the
+state at the first level, abars[0]: the caller noises its latents to that level.
 """
 
 from __future__ import annotations
@@ -67,12 +74,15 @@ def check_steps(schedule: NoiseSchedule, steps: int) -> None:
         raise ValueError(f"steps must be an integer in 1..{schedule.T} (the schedule's T), got {steps!r}")
 
 
-def timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """The `steps` integer timesteps of the discrete spacings, decreasing (see the module docstring)."""
+def timesteps(T: float, steps: int, spacing: str = "trailing") -> list[int]:
+    """The `steps` integer timesteps of the discrete spacings in 0..T-1, decreasing (see the module docstring).
+
+    T may be a float top + 1 (a start part way, t_start + 1); the timesteps are distinct when steps <= T.
+    """
     if spacing == "trailing":
         ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
     elif spacing == "leading":
-        ts = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (T // steps)
+        ts = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (int(T) // steps)
     elif spacing == "linspace":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
     else:
@@ -88,25 +98,44 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     return [(a + i / (steps - 1) * (b - a)) ** rho for i in range(steps)]
 
 
+def check_start(schedule: NoiseSchedule, steps: int, t_start: float) -> None:
+    """t_start in (0, T-1] leaving at least `steps` timesteps (t_start + 1 >= steps); ValueError otherwise."""
+    if not (isinstance(t_start, (int, float)) and 0 < t_start <= schedule.T - 1):
+        raise ValueError(f"t_start must be a timestep in (0, {schedule.T - 1}], got {t_start!r}")
+    if steps > t_start + 1:
+        raise ValueError(f"starting at timestep {t_start:g} of {schedule.T} leaves {math.floor(t_start + 1)} "
+                         f"timesteps, fewer than the {steps} steps asked for: raise the strength or lower the steps")
+
+
 def noise_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", *, rho: float = 7.0,
-                 sigma_min: float | None = None, sigma_max: float | None = None) -> NoiseLevels:
+                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 t_start: float | None = None) -> NoiseLevels:
     """The levels of `spacing` (SPACINGS) for `steps` network evaluations on `schedule`.
 
     rho, sigma_min and sigma_max shape the continuous spacings ("karras", "logsnr"): by default
-    from the schedule's sigma(0) up to min(its largest finite sigma, 80). Raises ValueError for an
-    unknown spacing or bounds outside the schedule's range.
+    from the schedule's sigma(0) up to min(its largest finite sigma, 80). t_start: the top level's
+    timestep (float, in (0, T-1]; None: T-1, the full range), see the module docstring; a sigma_max
+    above sigma(t_start) is lowered to it. Raises ValueError for an unknown spacing, bounds outside
+    the schedule's range, or a t_start that leaves fewer than `steps` timesteps.
     """
     check_steps(schedule, steps)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    if t_start is not None:
+        check_start(schedule, steps, t_start)
+    top = schedule.T if t_start is None else t_start + 1  # as many timesteps as 0..t_start holds
     if spacing in ("trailing", "leading", "linspace"):
         if (sigma_min, sigma_max) != (None, None):
             raise ValueError(f"sigma_min and sigma_max apply to the karras and logsnr spacings, not {spacing!r}")
-        ts = timesteps(schedule.T, steps, spacing)
+        ts = timesteps(top, steps, spacing)
         return NoiseLevels([float(t) for t in ts], schedule.alphas_cumprod[ts].tolist() + [1.0])
     if not rho > 0:
         raise ValueError(f"rho must be positive, got {rho!r}")
+    # sigma at the top level: the schedule's sigma(T-1) (inf with a zero terminal SNR), or sigma(t_start)
+    top_sigma = schedule.sigma_max if t_start is None else schedule.sigma(torch.tensor(float(t_start))).item()
     sigma_max = min(schedule.sigma_max_finite, KARRAS_SIGMA_MAX) if sigma_max is None else sigma_max
+    if t_start is not None:
+        sigma_max = min(sigma_max, top_sigma)
     sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
     lo, hi = schedule.sigma_min, schedule.sigma_max_finite
     if not lo * (1 - 1e-12) <= sigma_min < sigma_max <= hi * (1 + 1e-12):
@@ -116,7 +145,7 @@ def noise_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
     # evaluation is at T-1 itself, and one DDIM-like step brings z_T to the spacing's start exactly enough
     # (x0_hat barely changes above sigma ~ 80). Treating z_T as the state at sigma_max instead costs a mean
     # error of mu * s_data / sigma_max (0.9% on cosine with Gaussian data, see bench.sampler_accuracy).
-    start = [schedule.sigma_max] if spacing == "logsnr" and steps > 1 and sigma_max < schedule.sigma_max else []
+    start = [top_sigma] if spacing == "logsnr" and steps > 1 and sigma_max < top_sigma else []
     n = steps - len(start)
     if spacing == "karras":
         sigmas = karras_sigmas(sigma_min, sigma_max, n, rho)

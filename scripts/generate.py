@@ -1,4 +1,8 @@
-"""`latentdiff generate "prompt" ... --run PRIOR_RUN`: images from prompts, a grid, and a JSON sidecar."""
+"""`latentdiff generate "prompt" ... --run PRIOR_RUN`: images from prompts, a grid, and a JSON sidecar.
+
+Also img2img (`--init-image IMG --strength S`), inpainting (`--mask MASK`) and `--from-png FILE`
+(make again the image a PNG's `parameters` chunk describes; prior/parameters.py).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ from latentdiff.core.logger import save_grid, save_png
 from latentdiff.core.outputs import fresh_output_dir
 from latentdiff.prior.samplers import add_sampler_arguments, sampler_arguments
 
+# What --from-png may be combined with: where and how to run, not what to make.
+FROM_PNG_FLAGS = ("from_png", "run", "out", "overwrite", "device", "precision", "decoder", "autoencoder", "text")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff generate", description="Generate images from text prompts.")
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a photo of a sneaker" ("" is unconditional)')
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
-    p.add_argument("--run", required=True, help="prior run directory (it records its autoencoder and text encoder)")
+    p.add_argument("--run", help="prior run directory (it records its autoencoder and text encoder); required "
+                                 "unless --from-png names it")
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
     p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
                                                         "(its latent space must be the one the prior trained on)")
@@ -34,13 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)")
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
-    p.add_argument("--seed", type=int, default=0, help="same seed and settings give the same images")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image k of the call is made from seed + k (recorded in its PNG): the same whatever --n "
+                        "and --batch-size")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="images per sampling pass (memory vs speed)")
+                   help="images per sampling pass (memory vs speed; the images do not depend on it)")
+    p.add_argument("--init-image", metavar="IMG", help="img2img (SDEdit): start from this image, read at the run's "
+                                                       "resolution (center-cropped)")
+    p.add_argument("--strength", type=float, help="img2img: how far IMG is noised, 0..1 (the sampler starts at "
+                                                  "timestep S*T; 0 = IMG's reconstruction, 1 = text-to-image; "
+                                                  "default 0.75, 1 with --mask)")
+    p.add_argument("--mask", metavar="MASK", help="inpainting (with --init-image): white = repaint, black = keep")
+    p.add_argument("--from-png", metavar="FILE", help="make again the image a PNG of generate or serve describes "
+                                                      "(its 'parameters' text chunk)")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
     return p
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompts file; ValueError (one line, naming the file) otherwise."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"--prompts {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    return [line.strip() for line in lines if line.strip()]
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -51,43 +80,77 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
-def generate(args: argparse.Namespace) -> Path:
+def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(prompts, pipeline keyword arguments, index) of the image --from-png names; refuses flags that change it."""
+    from latentdiff.prior.parameters import call_arguments, read_png_parameters
+
+    changed = [k for k, v in vars(args).items()
+               if k not in FROM_PNG_FLAGS and v != parser.get_default(k) and not (k == "prompts" and v == [])]
+    if changed:
+        flags = ", ".join("prompts" if k == "prompts" else "--" + k.removeprefix("sampler_").replace("_", "-")
+                          for k in changed)
+        raise ValueError(f"--from-png makes the recorded image again; {flags} cannot change it (generate without "
+                         "--from-png for other settings)")
+    params = read_png_parameters(args.from_png)
+    args.run = args.run or params["run"]
+    args.decoder = args.decoder or params.get("decoder")
+    if args.precision == "auto":  # the precision it was made in, unless asked otherwise
+        args.precision = params.get("precision", "auto")
+    return call_arguments(params)
+
+
+def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Path:
+    from latentdiff.prior.parameters import generate_command, png_parameters
     from latentdiff.prior.pipeline import TextToImage
 
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE')
+    only = None
+    if args.from_png:
+        prompts, kwargs, index = from_png_arguments(args, parser or build_parser())
+        only = [index]
+    else:
+        prompts = list(args.prompts)
+        if args.prompts_file:
+            prompts += read_prompts(args.prompts_file)
+        if not prompts:
+            raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE, or --from-png FILE')
+        if args.run is None:
+            raise ValueError("--run is required (the prior run to sample from), unless --from-png names it")
+        kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                      negative_prompt=args.negative, seed=args.seed, guidance_rescale=args.guidance_rescale,
+                      sampler_options=sampler_arguments(args), batch_size=args.batch_size,
+                      init_image=args.init_image, mask=args.mask, strength=args.strength)
     out = Path(args.out)
     fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
     pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision,
                                 autoencoder=args.autoencoder, text=args.text)
-    kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                  negative_prompt=args.negative, seed=args.seed, guidance_rescale=args.guidance_rescale,
-                  sampler_options=sampler_arguments(args))
-    settings = pipe.settings(prompts, **kwargs, batch_size=args.batch_size)
-    images = pipe(prompts, **kwargs, batch_size=args.batch_size, show_progress=True)
+    settings = pipe.settings(prompts, **kwargs)
+    images = pipe.generate(settings, only=only, show_progress=True)
+    command = generate_command(settings, device=args.device, decoder=args.decoder, precision=args.precision)
+    indices = only or list(range(len(images)))
     files = []
-    for i, image in enumerate(images):
-        prompt = prompts[i // args.n]
-        path = out / f"{i // args.n:03d}_{slug(prompt)}_{i % args.n:02d}.png"
-        save_png(image, path)
+    for k, image in zip(indices, images):
+        prompt = settings.prompts[k // settings.n]
+        path = out / f"{k // settings.n:03d}_{slug(prompt)}_{k % settings.n:02d}.png"
+        save_png(image, path, text={"parameters": png_parameters(settings, k, command)})
         files.append(path.name)
     title = (f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
-             + (f", negative: {args.negative}" if args.negative else ""))
-    grid = save_grid(images, out / "grid.png", nrow=args.n, labels=[p or "(unconditional)" for p in prompts],
-                     title=title)
-    (out / "settings.json").write_text(json.dumps({**dataclasses.asdict(settings), "files": files}, indent=2) + "\n")
-    print(f"{len(images)} images in {out}/ (grid: {grid}; one row per prompt; settings.json beside them)")
+             + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
+             + (f", img2img strength {settings.strength:g}" if settings.init_image else ""))
+    labels = None if only else [p or "(unconditional)" for p in settings.prompts]
+    grid = save_grid(images, out / "grid.png", nrow=1 if only else settings.n, labels=labels, title=title)
+    record = {**dataclasses.asdict(settings), "files": files, "seeds": [settings.seed + k for k in indices],
+              "command": command}
+    (out / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
+          "settings.json beside them, and in each PNG's 'parameters' chunk)")
     return grid
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     with cli_errors():
-        return generate(args)
+        return generate(args, parser)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def _generate_tab(generator: Generator) -> None:
                 guidance = gr.Number(defaults.guidance, label="Guidance scale", step=0.5, elem_id="guidance")
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
+            with gr.Accordion("img2img and inpainting", open=False):
+                with gr.Row():
+                    init_image = gr.Image(type="filepath", label="Init image (SDEdit)", sources=["upload"],
+                                          elem_id="init-image")
+                    mask = gr.Image(type="filepath", label="Mask (white = repaint)", sources=["upload"],
+                                    elem_id="mask")
+                strength = gr.Slider(0.0, 1.0, value=0.75, step=0.05, label="Strength (0: the image, 1: text only)",
+                                     elem_id="strength")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -64,21 +72,23 @@ def _generate_tab(generator: Generator) -> None:
             files = gr.File(label=f"PNG files (settings in the `{PNG_KEY}` text chunk)", file_count="multiple",
                             interactive=False, elem_id="files")
 
-    def run(prompt, negative, sampler, steps, guidance, seed, n, request: gr.Request,
+    def run(prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength, request: gr.Request,
             progress=gr.Progress(track_tqdm=True)):  # the pipeline's own tqdm bar, one tick per network pass
         try:
-            result = generator.generate(prompt, negative, sampler, steps, guidance, seed, n,
-                                        session=request.session_hash or "", show_progress=True)
+            result = generator.generate(prompt, negative, sampler, steps, guidance, seed, n, init_image=init_image,
+                                        mask=mask, strength=strength, session=request.session_hash or "",
+                                        show_progress=True)
         except (UserError, Cancelled) as e:
             raise _message(e) from None
-        images = [(str(f), f"seed {result.settings.seed}, image {i}") for i, f in enumerate(result.files)]
+        images = [(str(f), f"image {i}, seed {result.settings.seed + i}") for i, f in enumerate(result.files)]
         return images, result.command, [str(f) for f in result.files]
 
     def cancel(request: gr.Request):
         generator.cancel(request.session_hash or "")
 
     # One request at a time over every tab and session; the others wait in the queue, with their position shown.
-    event = gr.on([go.click, prompt.submit], run, [prompt, negative, sampler, steps, guidance, seed, n],
+    event = gr.on([go.click, prompt.submit], run,
+                  [prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength],
                   [gallery, command, files], concurrency_limit=1, concurrency_id="generate", show_progress_on=gallery)
     stop.click(cancel, None, None, cancels=[event], queue=False)
 

@@ -9,22 +9,19 @@ UNet pass instead of running to the end.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import shlex
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentdiff.core.errors import UserError
 from latentdiff.core.logger import save_png
+from latentdiff.prior.parameters import PNG_KEY, generate_command, png_parameters  # noqa: F401  (re-exported)
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
 from latentdiff.prior.samplers import SAMPLERS
 
 MAX_IMAGES = 16  # per request: one sampling batch, so the `generate` command below makes the same images
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
-PNG_KEY = "parameters"  # the text chunk Stable Diffusion tools read the settings from
 
 
 class Cancelled(Exception):
@@ -59,43 +56,6 @@ def _integer(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
-def _option(name: str, value: str) -> list[str]:
-    """`--name value`, or `--name=value` when the value starts with "-" (argparse would read it as an option)."""
-    return [f"{name}={value}"] if value.startswith("-") else [name, value]
-
-
-def generate_command(settings: GenerationSettings, decoder: str | None = None, device: str | None = None,
-                     precision: str = "auto") -> str:
-    """The `latentdiff generate` command line that makes the same images (one shell-quoted line)."""
-    # Prompts come first, unless one starts with "-" and would read as an option: then last, after "--".
-    dashed = any(p.startswith("-") for p in settings.prompts)
-    words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
-             "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
-             "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
-    for key, value in sorted(settings.sampler_options.items()):
-        if value is None:  # "the sampler's own" (e.g. sigma_max of the schedule): the command's default too
-            continue
-        words += _option(f"--{key.replace('_', '-')}", str(value))
-    if settings.guidance_rescale:
-        words += ["--guidance-rescale", repr(settings.guidance_rescale)]
-    if settings.negative_prompt:
-        words += _option("--negative", settings.negative_prompt)
-    if decoder:
-        words += _option("--decoder", decoder)
-    if device:
-        words += ["--device", device]
-    if precision != "auto":
-        words += ["--precision", precision]
-    if dashed:
-        words += ["--", *settings.prompts]
-    return shlex.join(words)
-
-
-def png_parameters(settings: GenerationSettings, index: int, command: str) -> str:
-    """The `parameters` text chunk of image `index` of a request: its settings and command, as JSON."""
-    return json.dumps({**dataclasses.asdict(settings), "index": index, "command": command})
-
-
 class Generator:
     """Serves generation requests from one loaded pipeline; `out_dir` receives the PNGs."""
 
@@ -128,8 +88,13 @@ class Generator:
         """The run's own sampling settings: the form's initial values."""
         return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0)
 
-    def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n) -> GenerationSettings:
-        """Form values -> resolved settings; any bad value is a UserError that says which and why."""
+    def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None,
+              strength=None) -> GenerationSettings:
+        """Form values -> resolved settings; any bad value is a UserError that says which and why.
+
+        init_image, mask: image files (img2img, inpainting; prior/img2img.py), None for text-to-image;
+        strength: img2img's, in [0, 1] (None: the pipeline's default).
+        """
         prompt, negative_prompt = prompt or "", negative_prompt or ""  # an empty prompt is unconditional
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise UserError("the prompt and the negative prompt must be text")
@@ -145,16 +110,28 @@ class Generator:
             raise UserError(f"guidance must be a number, got {guidance!r}") from None
         if not math.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance}")
+        if init_image is None:  # the form's strength applies to img2img only; a mask alone is refused below
+            strength = None
+        elif strength is not None:
+            try:
+                strength = float(strength)
+            except (TypeError, ValueError):
+                raise UserError(f"strength must be a number in [0, 1], got {strength!r}") from None
         try:
             return self.pipe.settings(prompt, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                      negative_prompt=negative_prompt, seed=seed)
+                                      negative_prompt=negative_prompt, seed=seed, init_image=init_image, mask=mask,
+                                      strength=strength)
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
-    def generate(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, session: str = "",
-                 show_progress: bool = False) -> Result:
-        """Sample n images for one prompt and write them as PNGs; raises UserError or Cancelled."""
-        settings = self.check(prompt, negative_prompt, sampler, steps, guidance, seed, n)
+    def generate(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None,
+                 strength=None, session: str = "", show_progress: bool = False) -> Result:
+        """Sample n images for one prompt (img2img / inpainting with an init image) and write them as PNGs.
+
+        Raises UserError or Cancelled.
+        """
+        settings = self.check(prompt, negative_prompt, sampler, steps, guidance, seed, n, init_image=init_image,
+                              mask=mask, strength=strength)
         command = generate_command(settings, **self.command_flags)
         # Registered before waiting for the lock, so a request still waiting can be cancelled too.
         flag = self._flags[session] = threading.Event()
@@ -164,11 +141,7 @@ class Generator:
                     raise Cancelled("generation cancelled before it started")
                 self._running = flag
                 try:
-                    images = self.pipe(list(settings.prompts), n=settings.n, steps=settings.steps,
-                                       sampler=settings.sampler, guidance=settings.guidance,
-                                       negative_prompt=settings.negative_prompt, seed=settings.seed,
-                                       guidance_rescale=settings.guidance_rescale,
-                                       sampler_options=dict(settings.sampler_options), show_progress=show_progress)
+                    images = self.pipe.generate(settings, show_progress=show_progress)
                 finally:
                     self._running = None
                 self._requests += 1
@@ -176,7 +149,7 @@ class Generator:
         finally:
             if self._flags.get(session) is flag:
                 del self._flags[session]
-        files = [save_png(image, folder / f"image_{i:02d}_seed{settings.seed}.png",
+        files = [save_png(image, folder / f"image_{i:02d}_seed{settings.seed + i}.png",
                           text={PNG_KEY: png_parameters(settings, i, command)}) for i, image in enumerate(images)]
         return Result(files, settings, command)
 

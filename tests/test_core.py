@@ -1,12 +1,13 @@
 """core/: strict configs, checkpoints, EMA, attention backends, building blocks."""
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.blocks import Attention, ResBlock, attention, timestep_embedding
+from latentdiff.core.blocks import Attention, ResBlock, attention, pad_keys, timestep_embedding, xformers_available
 from latentdiff.core.config import ConfigError, apply_overrides, dumps_toml, from_dict, load_toml, to_dict
 from latentdiff.core.ema import EMA
 from latentdiff.core.image_metrics import PSNR_MAX_DB, psnr, ssim
@@ -123,6 +124,33 @@ def test_attention_backends_agree_with_a_mask(backend):
     # reference: masked keys dropped entirely
     ref1 = torch.softmax(q[1] @ k[1, :, :4].transpose(-1, -2) / 8 ** 0.5, -1) @ v[1, :, :4]
     assert torch.allclose(out[1], ref1, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [5, 8, 12])
+def test_padding_keys_with_masked_ones_leaves_attention_unchanged(keys):
+    """pad_keys (for xformers' multiple-of-8 bias) checked on the SDPA path: the same output, keys a multiple of 8."""
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, keys, 8), torch.randn(2, 3, keys, 8)
+    mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # the shorter prompt's padding
+    pk, pv, pmask = pad_keys(k, v, mask)
+    assert pk.shape[2] == pv.shape[2] == pmask.shape[-1] == 8 * math.ceil(keys / 8)
+    assert torch.equal(pk[:, :, :keys], k) and not pmask[..., keys:].any() and torch.equal(pmask[..., :keys], mask)
+    torch.testing.assert_close(attention(q, pk, pv, pmask, "sdpa"), attention(q, k, v, mask, "sdpa"),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available("cuda"),
+                    reason="needs CUDA and an xformers that runs there (the text mask's key lengths are checked "
+                           "against SDPA on the GPU)")
+@pytest.mark.parametrize("keys", [5, 7, 8, 12])
+def test_xformers_takes_text_masks_of_any_length_and_agrees_with_sdpa(keys):
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 32, device="cuda", dtype=torch.float16, generator=g) for n in (64, keys, keys))
+    mask = torch.ones(2, 1, 1, keys, dtype=torch.bool, device="cuda")
+    mask[1, ..., 4:] = False
+    out = attention(q, k, v, mask, "xformers")
+    torch.testing.assert_close(out, attention(q, k, v, mask, "sdpa"), rtol=1e-2, atol=1e-2)
+    assert attention(q, k, v, mask, "auto").shape == out.shape  # auto picks xformers here
 
 
 def test_asking_for_xformers_where_it_cannot_run_is_a_clear_error():

@@ -68,7 +68,7 @@ def test_generate_records_the_decoder_in_settings(prior_run, decoder_run, tmp_pa
     out = tmp_path / "gen"
     assert cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--decoder", str(decoder_run[0]),
                      "--n", "1", "--steps", "3", "--out", str(out)]) == 0
-    assert json.loads((out / "settings.json").read_text())["decoder"] == str(decoder_run[0])
+    assert json.loads((out / "settings.json").read_text())["decoder"] == str(Path(decoder_run[0]).resolve())
 
 
 def test_decoder_of_another_autoencoder_is_refused(root, data, other_ae_run, prior_run):

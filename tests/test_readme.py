@@ -54,6 +54,7 @@ TINY_TRAIN = {
 }
 # What a command may write besides its --out: the report folder inside the run it reads.
 WRITES_INTO_RUN = {"evaluate": "eval", "evaluate-autoencoder": "eval"}
+DEFAULT_OUT = {"generate": "outputs"}  # where a command without --out writes
 
 
 def readme_commands(text: str) -> list[str]:
@@ -148,10 +149,16 @@ def _files(root: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
 
 
+def _out(argv: list[str], cwd: Path) -> Path | None:
+    """The output folder of a command: its --out, or the default of a command that has one."""
+    out = argv[argv.index("--out") + 1] if "--out" in argv else DEFAULT_OUT.get(argv[0])
+    return None if out is None else (cwd / out).resolve()
+
+
 def _owned(argv: list[str], cwd: Path) -> list[Path]:
-    """The folders a command may write: its --out, or the report folder of the run it reads."""
-    if "--out" in argv:
-        return [(cwd / argv[argv.index("--out") + 1]).resolve()]
+    """The folders a command may write: its output folder, or the report folder of the run it reads."""
+    if _out(argv, cwd) is not None:
+        return [_out(argv, cwd)]
     if argv[0] in WRITES_INTO_RUN and "--run" in argv:
         return [(cwd / argv[argv.index("--run") + 1] / WRITES_INTO_RUN[argv[0]]).resolve()]
     return []
@@ -179,6 +186,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
         inputs.update(_pretrained_vae(tmp_path))
     except pytest.skip.Exception:  # no diffusers (the dev extra): the imports are not run, the rest is
         pass
+    rng = np.random.default_rng(2)  # the user's own photo and inpainting mask (white: repaint)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(work / "photo.png")
+    mask = np.where(np.arange(48)[:, None] < 24, 255, 0).astype(np.uint8).repeat(48, 1)  # the top half
+    Image.fromarray(mask).save(work / "mask.png")
     monkeypatch.chdir(work)
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path / "cache"))  # FID statistics outside the clone
     outputs: dict[Path, str] = {}  # output folder -> the command that made it
@@ -191,7 +202,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
         if words[0] == "latentdiff":
             argv = tiny(words[1:], inputs)
             owned = _owned(argv, work)
-            for folder in owned[:1] if "--out" in argv else []:
+            for folder in [_out(argv, work)] if _out(argv, work) else []:
                 for other, by in outputs.items():
                     assert not (_inside(folder, other) or _inside(other, folder)), (
                         f"`{command}` writes into {folder}, the output of `{by}`")
@@ -210,7 +221,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
         changed = [p for p, stamp in after.items() if before.get(p) != stamp] + [p for p in before if p not in after]
         stray = [p for p in changed if not any(_inside(p.resolve(), folder) for folder in owned)]
         assert not stray, f"`{command}` changed or removed files outside its own output: {sorted(map(str, stray))[:5]}"
-        if words[0] == "latentdiff" and "--out" in argv:
-            outputs[owned[0]] = command
+        if words[0] == "latentdiff" and _out(argv, work):
+            outputs[_out(argv, work)] = command
         ran += 1
     assert ran >= 15

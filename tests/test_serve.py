@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from latentdiff.core.errors import UserError
+from latentdiff.core.logger import to_uint8
 from latentdiff.scripts import cli
 
 pytest.importorskip("gradio", reason="latentdiff serve needs gradio: pip install -e '.[serve]' (make setup does)")
@@ -87,6 +88,24 @@ def test_generated_pngs_carry_their_settings_and_the_command_remakes_them(genera
         a = np.asarray(Image.open(ours).convert("RGB"), dtype=int)
         b = np.asarray(Image.open(theirs).convert("RGB"), dtype=int)
         assert np.abs(a - b).max() <= 1, (ours, theirs)  # the same images (PNG rounding aside)
+
+
+def test_img2img_from_the_page_is_the_pipelines_and_its_command_remakes_it(generator, pipe, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((32, 32, 3), (200, 40, 40), np.uint8)).save(init)
+    Image.fromarray(np.repeat(np.array([0, 255], np.uint8), 16)[None].repeat(32, 0)).save(mask)  # right half white
+    result = generator.generate("a green triangle", "", "ddim", 3, 2.0, 4, 2, init_image=str(init), mask=str(mask),
+                                strength="0.8")  # the slider's value may arrive as text
+    assert (result.settings.strength, result.settings.mask) == (0.8, str(mask.resolve()))
+    assert [p.name for p in result.files] == ["image_00_seed4.png", "image_01_seed5.png"]  # seed + k
+    expected = to_uint8(pipe("a green triangle", n=2, steps=3, sampler="ddim", guidance=2.0, seed=4,
+                             init_image=init, mask=mask, strength=0.8)).permute(0, 2, 3, 1).numpy()
+    for i, path in enumerate(result.files):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected[i])
+    words = shlex.split(result.command)
+    assert words[words.index("--strength") + 1] == "0.8" and words[words.index("--mask") + 1] == str(mask.resolve())
+    with pytest.raises(UserError, match="a mask needs an init image"):
+        generator.generate("x", "", "ddim", 3, 2.0, 4, 1, mask=str(mask))
 
 
 def test_the_command_keeps_prompts_that_look_like_options(generator):

@@ -457,7 +457,8 @@ def test_generate_cli_writes_images_grid_and_settings(prior_run, ae_run, pipe, t
                      "--guidance", "2.5", "--sampler", "euler", "--negative", "blurry", "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())
     fields = {f for f in GenerationSettings.__dataclass_fields__}
-    assert fields | {"files"} == set(settings)
+    assert fields | {"files", "seeds", "command"} == set(settings)
+    assert settings["seeds"] == [7, 8, 9, 10]  # image k is made from seed + k
     assert settings["prompts"] == prompts and settings["n"] == 2 and settings["steps"] == 3
     assert settings["seed"] == 7 and settings["guidance"] == 2.5 and settings["sampler"] == "euler"
     assert settings["negative_prompt"] == "blurry" and settings["run"] == str(prior_run[0])
