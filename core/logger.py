@@ -13,8 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *,
-              labels: list[str] | None = None, title: str | None = None, min_cell: int = 96) -> Path:
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    *,
+    labels: list[str] | None = None,
+    title: str | None = None,
+    min_cell: int = 96,
+) -> Path:
     """Save (B, C, H, W) images in [-1, 1] as one PNG grid that a person can look at.
 
     nrow: images per row (default: a square). Images smaller than `min_cell` pixels are
@@ -152,5 +159,13 @@ class MetricLogger:
 
 def progress(total: int | None, desc: str, initial: int = 0, enabled: bool = True, unit: str = "step"):
     """The tqdm bar every long loop shows (off on non-main ranks)."""
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, unit=unit,
-                dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=not enabled,
+        unit=unit,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        smoothing=0.1,
+    )

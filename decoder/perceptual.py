@@ -36,7 +36,8 @@ def load_lpips(without: str = 'train without it: --set loss.perceptual="none"') 
     if not path.exists():
         raise UserError(
             f"LPIPS needs torchvision's VGG16 weights at {path} (the torch hub cache; set TORCH_HOME to move it). "
-            f"Copy {path.name} there from a machine with internet, or {without}")
+            f"Copy {path.name} there from a machine with internet, or {without}"
+        )
     import lpips
 
     model = lpips.LPIPS(net="vgg", verbose=False)

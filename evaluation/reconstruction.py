@@ -31,9 +31,10 @@ from .fid import StatisticsCache, describe, extract_features, real_reference, sc
 from .fid_command import add_feature_args
 from .images import load_image_set
 
-
-NO_RFID = ("rFID: not computed, it needs a feature space: pass --features classifier:RUN (a `latentdiff train "
-           "classifier` run on the same kind of images), clip:RUN (a text run) or inception")
+NO_RFID = (
+    "rFID: not computed, it needs a feature space: pass --features classifier:RUN (a `latentdiff train "
+    "classifier` run on the same kind of images), clip:RUN (a text run) or inception"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to reconstruct (default: %(default)s)")
     p.add_argument("--n", type=int, default=2000, help="images to reconstruct (default: %(default)s)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run instead")
-    p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
-                   help="LPIPS: auto (when VGG16 weights are cached), on (error if missing) or off")
+    p.add_argument(
+        "--lpips",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="LPIPS: auto (when VGG16 weights are cached), on (error if missing) or off",
+    )
     p.add_argument("--out", help="report directory (default: RUN/eval)")
     add_feature_args(p, required=False, without="no rFID")
     return p
@@ -64,9 +69,11 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         swapped, dec_meta = load_decoder(args.decoder, device)
         if dec_meta["encoder_hash"] != latent_space.encoder_hash:
             trained_on = dec_meta["autoencoder"]["path"]
-            raise ValueError(f"decoder {args.decoder} decodes the latents of autoencoder {trained_on} "
-                             f"(encoder hash {dec_meta['encoder_hash']}), not those of {args.run} "
-                             f"(encoder hash {latent_space.encoder_hash}); pass --run {trained_on}")
+            raise ValueError(
+                f"decoder {args.decoder} decodes the latents of autoencoder {trained_on} "
+                f"(encoder hash {dec_meta['encoder_hash']}), not those of {args.run} "
+                f"(encoder hash {latent_space.encoder_hash}); pass --run {trained_on}"
+            )
         decoder, upscale = swapped, int(dec_meta.get("upscale", 1))
     res = latent_space.resolution
     real = load_image_set(args.data, split=args.split, limit=args.n, resolution=res * upscale)
@@ -75,7 +82,7 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     psnrs, ssims, lpipss, recons = [], [], [], []
     for i in range(0, len(real), args.batch_size):
-        x = from_uint8(real.images[i:i + args.batch_size].to(device))  # (B, 3, H, W) in [-1, 1]
+        x = from_uint8(real.images[i : i + args.batch_size].to(device))  # (B, 3, H, W) in [-1, 1]
         x_in = x if upscale == 1 else F.interpolate(x, size=(res, res), mode="area")  # what the encoder sees
         x_hat = decoder(model.encode(x_in).mode()).float().clamp(-1, 1)
         psnrs.append(psnr(x_hat, x).cpu())
@@ -84,10 +91,16 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
             lpipss.append(lpips_distance(lpips_model, x_hat, x).cpu())
         recons.append(to_uint8(x_hat).cpu())  # what a saved PNG would hold, for rFID
     recon = torch.cat(recons)
-    report: dict = {"autoencoder": str(args.run), "decoder": args.decoder, "data": real.source, "images": len(real),
-                    "resolution": list(real.images.shape[-2:]),
-                    "psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
-                    "lpips": torch.cat(lpipss).mean().item() if lpipss else None}
+    report: dict = {
+        "autoencoder": str(args.run),
+        "decoder": args.decoder,
+        "data": real.source,
+        "images": len(real),
+        "resolution": list(real.images.shape[-2:]),
+        "psnr": torch.cat(psnrs).mean().item(),
+        "ssim": torch.cat(ssims).mean().item(),
+        "lpips": torch.cat(lpipss).mean().item() if lpipss else None,
+    }
     if args.features:
         from .features import load_feature_space
 
@@ -96,9 +109,16 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         ref = real_reference(real.images, len(real) // 2, space, cache, args.batch_size)
         # The reconstructions of the held-out images: their real originals are not in the reference.
         result = score(statistics(extract_features(space, recon[ref.holdout], args.batch_size)), ref)
-        report.update({"rfid": result["fid"], "rfid_floor": result["fid_floor"], "rfid_n": result["n_fake"],
-                       "rfid_reference_n": result["n_reference"], "features": result["features"],
-                       "rkid": result["kid"]})
+        report.update(
+            {
+                "rfid": result["fid"],
+                "rfid_floor": result["fid_floor"],
+                "rfid_n": result["n_fake"],
+                "rfid_reference_n": result["n_reference"],
+                "features": result["features"],
+                "rkid": result["kid"],
+            }
+        )
         print("rFID: " + describe(result, "reconstructed"))
     else:
         report["rfid"] = None
@@ -112,8 +132,10 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     if report["lpips"] is not None:
         figures.append(f"LPIPS {report['lpips']:.4f}")
     if report["rfid"] is not None:
-        figures.append(f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
-                       f"{report['features']})")
+        figures.append(
+            f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
+            f"{report['features']})"
+        )
     print(f"{args.run} on {len(real)} images of {real.source}: " + ", ".join(figures))
     print(f"report: {out / 'reconstruction.json'}")
     return report
