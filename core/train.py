@@ -100,6 +100,17 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def steps_within_budget(start: int, step: int, elapsed_s: float, max_minutes: float, max_steps: int) -> int:
+    """The step a budgeted run is expected to end at: its pace so far carried to the end of the budget.
+
+    start: the step this invocation started from; step: the steps done so far (absolute);
+    elapsed_s: seconds since the start. Never beyond max_steps (train.steps), never before step.
+    """
+    pace = (step - start) / max(elapsed_s, 1e-9)  # steps per second in this invocation
+    projected = start + round(pace * max_minutes * 60)
+    return int(min(max_steps, max(step, projected)))
+
+
 class Run(RunDirectory):
     """A stage's run directory (core/run_directory.py) and everything its loop needs around it."""
 
@@ -154,6 +165,11 @@ class Run(RunDirectory):
                     yield step
                     step += 1
                     self.done = step
+                    if cfg.max_minutes > 0:  # the bar's total and time left follow the budget, not train.steps
+                        elapsed = time.monotonic() - self._t0
+                        self._bar.total = steps_within_budget(
+                            self.start_step, step, elapsed, cfg.max_minutes, cfg.steps
+                        )
                     self._bar.update(1)
             finally:
                 self._bar.close()
