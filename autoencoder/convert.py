@@ -10,8 +10,8 @@ bijection by construction. Nothing here reads files: see autoencoder/interchange
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
@@ -26,8 +26,13 @@ LDM_PREFIX = "first_stage_model."  # where a single-file SD / LDM checkpoint kee
 
 def ldm_layout(cfg: AutoencoderModelConfig) -> AutoencoderModelConfig:
     """`cfg` with every layout field set as LDM's and Stable Diffusion's KL autoencoder has it."""
-    return replace(cfg, downsample_padding="asymmetric", decoder_res_blocks=cfg.num_res_blocks + 1,
-                   upsample_narrows=False, attention_bias=True)
+    return replace(
+        cfg,
+        downsample_padding="asymmetric",
+        decoder_res_blocks=cfg.num_res_blocks + 1,
+        upsample_narrows=False,
+        attention_bias=True,
+    )
 
 
 # ---------------------------------------------------------------- tensor names
@@ -85,8 +90,8 @@ def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     """`tensor` in `shape`, allowing only LDM's 1x1-conv attention weights (C, C, 1, 1) for linear ones (C, C)."""
     if tensor.shape == shape:
         return tensor
-    extra = tensor.shape[len(shape):]
-    if tensor.shape[:len(shape)] == shape and extra and all(n == 1 for n in extra):
+    extra = tensor.shape[len(shape) :]
+    if tensor.shape[: len(shape)] == shape and extra and all(n == 1 for n in extra):
         return tensor.reshape(shape)
     return None
 
@@ -96,8 +101,13 @@ def _examples(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def rename_state(model_state: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
-                 name: Callable[[str], str], where: str, what: str) -> dict[str, torch.Tensor]:
+def rename_state(
+    model_state: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor],
+    name: Callable[[str], str],
+    where: str,
+    what: str,
+) -> dict[str, torch.Tensor]:
     """The tensors of `source` under the model's names, checked to be exactly the model's set.
 
     model_state: the latentdiff model's state dict (names and shapes wanted); name: latentdiff
@@ -133,8 +143,10 @@ def rename_state(model_state: dict[str, torch.Tensor], source: dict[str, torch.T
 
 def describe(cfg: AutoencoderModelConfig) -> str:
     """A short name of an architecture, for messages."""
-    return (f"a KL autoencoder with channels {list(cfg.channels)}, {cfg.num_res_blocks} ResBlock(s) per level, "
-            f"{cfg.latent_channels} latent channels")
+    return (
+        f"a KL autoencoder with channels {list(cfg.channels)}, {cfg.num_res_blocks} ResBlock(s) per level, "
+        f"{cfg.latent_channels} latent channels"
+    )
 
 
 def config_from_diffusers(config: dict, where: str) -> AutoencoderModelConfig:
@@ -164,11 +176,15 @@ def config_from_diffusers(config: dict, where: str) -> AutoencoderModelConfig:
         raise ConfigError(f"{where}: norm_num_groups = {groups} does not divide the widths {uneven}")
     layers = int(config["layers_per_block"])
     cfg = AutoencoderModelConfig(
-        in_channels=int(config.get("in_channels", 3)), channels=channels, num_res_blocks=layers,
+        in_channels=int(config.get("in_channels", 3)),
+        channels=channels,
+        num_res_blocks=layers,
         latent_channels=int(config["latent_channels"]),
-        mid_attention=bool(config.get("mid_block_add_attention", True)), norm_groups=groups,
+        mid_attention=bool(config.get("mid_block_add_attention", True)),
+        norm_groups=groups,
         quant_conv=bool(config.get("use_quant_conv", True)),
-        post_quant_conv=bool(config.get("use_post_quant_conv", True)))
+        post_quant_conv=bool(config.get("use_post_quant_conv", True)),
+    )
     return ldm_layout(cfg)
 
 
@@ -178,8 +194,10 @@ def config_from_ldm(state: dict[str, torch.Tensor], where: str) -> AutoencoderMo
     LDM's Normalize is always GroupNorm(32, C, eps=1e-6), so norm_groups is 32 (not in the weights).
     """
     if "encoder.conv_in.weight" not in state or "decoder.conv_in.weight" not in state:
-        raise CheckpointError(f"{where} holds no KL autoencoder: no tensor encoder.conv_in.weight and "
-                              f"decoder.conv_in.weight (under {LDM_PREFIX} in a full checkpoint)")
+        raise CheckpointError(
+            f"{where} holds no KL autoencoder: no tensor encoder.conv_in.weight and "
+            f"decoder.conv_in.weight (under {LDM_PREFIX} in a full checkpoint)"
+        )
     levels = 0
     while f"encoder.down.{levels}.block.0.conv1.weight" in state:
         levels += 1
@@ -195,13 +213,21 @@ def config_from_ldm(state: dict[str, torch.Tensor], where: str) -> AutoencoderMo
     channels = tuple(int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
     res_blocks = count("encoder.down.0.block")
     cfg = AutoencoderModelConfig(
-        in_channels=int(state["encoder.conv_in.weight"].shape[1]), channels=channels, num_res_blocks=res_blocks,
+        in_channels=int(state["encoder.conv_in.weight"].shape[1]),
+        channels=channels,
+        num_res_blocks=res_blocks,
         latent_channels=int(state["decoder.conv_in.weight"].shape[1]),
-        mid_attention="encoder.mid.attn_1.q.weight" in state, norm_groups=32,
-        quant_conv="quant_conv.weight" in state, post_quant_conv="post_quant_conv.weight" in state)
+        mid_attention="encoder.mid.attn_1.q.weight" in state,
+        norm_groups=32,
+        quant_conv="quant_conv.weight" in state,
+        post_quant_conv="post_quant_conv.weight" in state,
+    )
     cfg = ldm_layout(cfg)
-    cfg = replace(cfg, decoder_res_blocks=count("decoder.up.0.block") or cfg.decoder_res_blocks,
-                  attention_bias="encoder.mid.attn_1.q.bias" in state or not cfg.mid_attention)
+    cfg = replace(
+        cfg,
+        decoder_res_blocks=count("decoder.up.0.block") or cfg.decoder_res_blocks,
+        attention_bias="encoder.mid.attn_1.q.bias" in state or not cfg.mid_attention,
+    )
     uneven = [c for c in channels if c % 32]
     if uneven:
         raise CheckpointError(f"{where}: widths {uneven} are not multiples of LDM's 32 GroupNorm groups")
@@ -214,8 +240,10 @@ def export_problems(cfg: AutoencoderModelConfig) -> list[str]:
     if cfg.downsample_padding != "asymmetric":
         problems.append(f"model.downsample_padding = {cfg.downsample_padding!r} (diffusers pads 'asymmetric')")
     if cfg.decoder_config().num_res_blocks != cfg.num_res_blocks + 1:
-        problems.append(f"the decoder has {cfg.decoder_config().num_res_blocks} ResBlocks per level "
-                        f"(diffusers: num_res_blocks + 1 = {cfg.num_res_blocks + 1})")
+        problems.append(
+            f"the decoder has {cfg.decoder_config().num_res_blocks} ResBlocks per level "
+            f"(diffusers: num_res_blocks + 1 = {cfg.num_res_blocks + 1})"
+        )
     if cfg.upsample_narrows:
         problems.append("model.upsample_narrows = true (diffusers narrows in the next ResBlock)")
     if cfg.mid_attention and not cfg.attention_bias:

@@ -39,9 +39,20 @@ class Encoder(nn.Module):
     (LDM's quant_conv). Their defaults are the tiny preset's own choices.
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], num_res_blocks: int,
-                 latent_channels: int, mid_attention: bool, attention: str = "auto", *, norm_groups: int = 32,
-                 asymmetric_downsample: bool = False, quant_conv: bool = False, attention_bias: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: tuple[int, ...],
+        num_res_blocks: int,
+        latent_channels: int,
+        mid_attention: bool,
+        attention: str = "auto",
+        *,
+        norm_groups: int = 32,
+        asymmetric_downsample: bool = False,
+        quant_conv: bool = False,
+        attention_bias: bool = False,
+    ):
         super().__init__()
         ch = list(channels)
         g = norm_groups
@@ -54,13 +65,20 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(in_ch, out_ch, norm_groups=g))
                 in_ch = out_ch
             last = level == len(ch) - 1
-            self.down.append(nn.ModuleDict({
-                "blocks": blocks,
-                "downsample": nn.Identity() if last else Downsample(in_ch, asymmetric=asymmetric_downsample),
-            }))
+            self.down.append(
+                nn.ModuleDict(
+                    {
+                        "blocks": blocks,
+                        "downsample": nn.Identity() if last else Downsample(in_ch, asymmetric=asymmetric_downsample),
+                    }
+                )
+            )
         self.mid = nn.ModuleList([ResBlock(in_ch, norm_groups=g), ResBlock(in_ch, norm_groups=g)])
-        self.mid_attn = (SpatialSelfAttention(in_ch, backend=attention, qkv_bias=attention_bias, norm_groups=g)
-                         if mid_attention else None)
+        self.mid_attn = (
+            SpatialSelfAttention(in_ch, backend=attention, qkv_bias=attention_bias, norm_groups=g)
+            if mid_attention
+            else None
+        )
         self.norm_out = group_norm(in_ch, g)
         self.conv_out = nn.Conv2d(in_ch, 2 * latent_channels, 3, padding=1)
         # A module only when used, so the tiny preset's state dict (and its encoder hash) is unchanged.

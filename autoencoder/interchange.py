@@ -30,8 +30,17 @@ from latentdiff.core.runs import record_path
 from latentdiff.core.train import TrainConfig
 from latentdiff.data.reader import make_loader
 
-from .convert import (LDM_PREFIX, config_from_diffusers, config_from_ldm, describe, diffusers_config,
-                      diffusers_name, export_problems, ldm_namer, rename_state)
+from .convert import (
+    LDM_PREFIX,
+    config_from_diffusers,
+    config_from_ldm,
+    describe,
+    diffusers_config,
+    diffusers_name,
+    export_problems,
+    ldm_namer,
+    rename_state,
+)
 from .load import encoder_hash, load_autoencoder, read_autoencoder_config, write_autoencoder_run
 from .model import Autoencoder, AutoencoderConfig, AutoencoderModelConfig
 from .stage import measure_latents
@@ -69,12 +78,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln] or ["unsupported object"]
-        raise CheckpointError(f"{path} is a pickle that needs code to load ({lines[0]}); latentdiff reads pickles "
-                              "only through torch.load(weights_only=True): convert it to safetensors "
-                              "with a tool you trust") from None
+        raise CheckpointError(
+            f"{path} is a pickle that needs code to load ({lines[0]}); latentdiff reads pickles "
+            "only through torch.load(weights_only=True): convert it to safetensors "
+            "with a tool you trust"
+        ) from None
     except Exception as e:  # torch raises several types for files that are not checkpoints at all
-        raise CheckpointError(f"{path} is neither a safetensors file nor a torch checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path} is neither a safetensors file nor a torch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -112,39 +124,65 @@ def read_source(src: str | Path) -> Source:
         weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
         if weights is None:
             raise UserError(f"{folder} has no {' or '.join(DIFFUSERS_WEIGHTS)}")
-        state = rename_state(_model_state(cfg), read_tensors(weights), diffusers_name, str(weights),
-                             f"{describe(cfg)} (from {DIFFUSERS_CONFIG})")
+        state = rename_state(
+            _model_state(cfg),
+            read_tensors(weights),
+            diffusers_name,
+            str(weights),
+            f"{describe(cfg)} (from {DIFFUSERS_CONFIG})",
+        )
         scale = config.get("scaling_factor")
-        return Source(folder, "diffusers", cfg, state, None if scale is None else float(scale),
-                      config.get("sample_size") if isinstance(config.get("sample_size"), int) else None)
+        return Source(
+            folder,
+            "diffusers",
+            cfg,
+            state,
+            None if scale is None else float(scale),
+            config.get("sample_size") if isinstance(config.get("sample_size"), int) else None,
+        )
     tensors = read_tensors(src)
     if any(k.startswith(LDM_PREFIX) for k in tensors):
-        tensors = {k[len(LDM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
+        tensors = {k[len(LDM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
     if "encoder.down.0.blocks.0.conv1.weight" in tensors:
-        raise UserError(f"{src} holds latentdiff's own tensor names: it is a latentdiff run's weights, which later "
-                        "commands read from its run directory without an import")
+        raise UserError(
+            f"{src} holds latentdiff's own tensor names: it is a latentdiff run's weights, which later "
+            "commands read from its run directory without an import"
+        )
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
-        raise UserError(f"{src} uses diffusers' tensor names: put it in a folder beside its {DIFFUSERS_CONFIG} "
-                        f"as {DIFFUSERS_WEIGHTS[0]} and import the folder")
+        raise UserError(
+            f"{src} uses diffusers' tensor names: put it in a folder beside its {DIFFUSERS_CONFIG} "
+            f"as {DIFFUSERS_WEIGHTS[0]} and import the folder"
+        )
     cfg = config_from_ldm(tensors, str(src))
-    state = rename_state(_model_state(cfg), tensors, ldm_namer(len(cfg.channels)), str(src),
-                         f"{describe(cfg)} (read off its shapes)")
+    state = rename_state(
+        _model_state(cfg), tensors, ldm_namer(len(cfg.channels)), str(src), f"{describe(cfg)} (read off its shapes)"
+    )
     return Source(src, "single-file", cfg, state, None, None)
 
 
 def _measure(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device) -> tuple[float, float]:
     """(std, max |z|) of z ~ q(z|x) on training images, as the autoencoder stage measures them."""
-    loader = make_loader(data, "train", cfg.train.batch_size, seed=cfg.train.seed + 1, rank=0, world_size=1,
-                         resolution=cfg.resolution)
+    loader = make_loader(
+        data, "train", cfg.train.batch_size, seed=cfg.train.seed + 1, rank=0, world_size=1, resolution=cfg.resolution
+    )
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
         std, absmax_over_std = measure_latents(model, iter(loader), cfg.scale_batches, device)
     return std, absmax_over_std * std
 
 
-def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: str = "source",
-                       scaling_factor: float | None = None, resolution: int | None = None,
-                       batch_size: int = 8, batches: int = 16, device: torch.device | str = "cpu") -> dict:
+def import_autoencoder(
+    src: str | Path,
+    out: str | Path,
+    data: str,
+    *,
+    scale: str = "source",
+    scaling_factor: float | None = None,
+    resolution: int | None = None,
+    batch_size: int = 8,
+    batches: int = 16,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Turn a pretrained KL autoencoder into a latentdiff autoencoder run at `out`; returns a summary.
 
     data: training shards, encoded as the autoencoder stage does after training, to measure the
@@ -153,21 +191,25 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     "source" takes the latent scale from the source's config (`scaling_factor`, 0.18215 for SD
     1.x/2.x) or from `scaling_factor` when given; "data" takes 1 / std as a trained run does (LDM
     §4.3.2). absmax (max |z| in scaled units, the samplers' clip bound) is measured either way.
-    resolution: the image side later stages train at (default: the source's sample_size, else 256). Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
+    resolution: the image side later stages train at (default: the source's sample_size, else 256).
+    Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
     """
     if scale not in ("source", "data"):
         raise UserError(f"--scale {scale!r}: choose source or data")
     source = read_source(src)
     factor = scaling_factor if scaling_factor is not None else source.scaling_factor
     if scale == "source" and factor is None:
-        raise UserError(f"{source.path} records no scaling_factor: pass --scaling-factor (0.18215 for Stable "
-                        "Diffusion 1.x/2.x's VAE) or --scale data to measure it")
+        raise UserError(
+            f"{source.path} records no scaling_factor: pass --scaling-factor (0.18215 for Stable "
+            "Diffusion 1.x/2.x's VAE) or --scale data to measure it"
+        )
     side = resolution or source.sample_size or 256
     if side % source.model.downsampling:
         raise UserError(f"resolution {side} is not a multiple of the downsampling factor {source.model.downsampling}")
     # Nothing was trained (meta.json says step 0); batch_size and scale_batches are what measured the latents.
-    cfg = AutoencoderConfig(model=source.model, resolution=side, scale_batches=batches,
-                            train=TrainConfig(batch_size=batch_size))
+    cfg = AutoencoderConfig(
+        model=source.model, resolution=side, scale_batches=batches, train=TrainConfig(batch_size=batch_size)
+    )
     device = torch.device(device)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced (84M for SD's VAE)
         model = Autoencoder(cfg.model)
@@ -177,15 +219,33 @@ def import_autoencoder(src: str | Path, out: str | Path, data: str, *, scale: st
     if scale == "data":
         factor = 1.0 / std
     scale_from = "data" if scale == "data" else ("argument" if scaling_factor is not None else "config")
-    space = LatentSpace(scale=float(factor), absmax=absmax * factor, channels=cfg.model.latent_channels,
-                        downsampling=cfg.model.downsampling, resolution=side, encoder_hash=encoder_hash(model))
-    extra = {"data": record_path(data, out), "latent_std": std, "scale_from": scale_from,
-             "imported_from": {"path": str(source.path.resolve()), "format": source.format}}
+    space = LatentSpace(
+        scale=float(factor),
+        absmax=absmax * factor,
+        channels=cfg.model.latent_channels,
+        downsampling=cfg.model.downsampling,
+        resolution=side,
+        encoder_hash=encoder_hash(model),
+    )
+    extra = {
+        "data": record_path(data, out),
+        "latent_std": std,
+        "scale_from": scale_from,
+        "imported_from": {"path": str(source.path.resolve()), "format": source.format},
+    }
     run = write_autoencoder_run(out, cfg, source.state, space, extra)
-    return {"run": str(run), "format": source.format, "channels": list(cfg.model.channels),
-            "scale_factor": space.scale, "scale_from": scale_from, "latent_std": std,
-            "latent_absmax": space.absmax, "resolution": side, "latent_channels": space.channels,
-            "downsampling": space.downsampling}
+    return {
+        "run": str(run),
+        "format": source.format,
+        "channels": list(cfg.model.channels),
+        "scale_factor": space.scale,
+        "scale_from": scale_from,
+        "latent_std": std,
+        "latent_absmax": space.absmax,
+        "resolution": side,
+        "latent_channels": space.channels,
+        "downsampling": space.downsampling,
+    }
 
 
 def export_autoencoder(run: str | Path, out: str | Path) -> dict:
@@ -201,8 +261,10 @@ def export_autoencoder(run: str | Path, out: str | Path) -> dict:
     cfg = read_autoencoder_config(run)
     problems = export_problems(cfg.model)
     if problems:
-        raise CheckpointError(f"{run} cannot be written as a diffusers AutoencoderKL: {'; '.join(problems)} "
-                              "(train with --preset base, Stable Diffusion's layout, to export)")
+        raise CheckpointError(
+            f"{run} cannot be written as a diffusers AutoencoderKL: {'; '.join(problems)} "
+            "(train with --preset base, Stable Diffusion's layout, to export)"
+        )
     state = {diffusers_name(k): v for k, v in model.state_dict().items()}
     config = diffusers_config(cfg.model, space.scale, space.resolution)
     ckpt.save_weights(out / DIFFUSERS_WEIGHTS[0], state, {"format": "pt"})

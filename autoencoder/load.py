@@ -17,8 +17,15 @@ from .model import Autoencoder, AutoencoderConfig
 
 def load_autoencoder_run(run_dir: str | Path, device: torch.device | str = "cpu", ema: bool = True) -> LoadedRun:
     """The LoadedRun of `latentdiff train autoencoder --out RUN` (model frozen, in eval mode)."""
-    return load_run(run_dir, "autoencoder", AutoencoderConfig, lambda cfg, meta: Autoencoder(cfg.model),
-                    device=device, ema=ema, needs=("latent_space",))
+    return load_run(
+        run_dir,
+        "autoencoder",
+        AutoencoderConfig,
+        lambda cfg, meta: Autoencoder(cfg.model),
+        device=device,
+        ema=ema,
+        needs=("latent_space",),
+    )
 
 
 def read_autoencoder_config(run_dir: str | Path) -> AutoencoderConfig:
@@ -26,8 +33,9 @@ def read_autoencoder_config(run_dir: str | Path) -> AutoencoderConfig:
     return read_config(run_dir, AutoencoderConfig)
 
 
-def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
-                     ema: bool = True) -> tuple[Autoencoder, LatentSpace]:
+def load_autoencoder(
+    run_dir: str | Path, device: torch.device | str = "cpu", ema: bool = True
+) -> tuple[Autoencoder, LatentSpace]:
     """(frozen model, its LatentSpace) from `latentdiff train autoencoder --out RUN`.
 
     Raises CheckpointError when the weights loaded are not the ones the latent space was measured
@@ -37,13 +45,20 @@ def load_autoencoder(run_dir: str | Path, device: torch.device | str = "cpu",
     space = LatentSpace.from_dict(run.meta["latent_space"], f"{run_dir}/meta.json latent_space")
     loaded = encoder_hash(run.model)
     if loaded != space.encoder_hash:
-        raise ckpt.CheckpointError(f"the encoder weights loaded from {run_dir} (hash {loaded}) are not the ones its "
-                                   f"latent space was measured on (hash {space.encoder_hash})")
+        raise ckpt.CheckpointError(
+            f"the encoder weights loaded from {run_dir} (hash {loaded}) are not the ones its "
+            f"latent space was measured on (hash {space.encoder_hash})"
+        )
     return run.model, space
 
 
-def write_autoencoder_run(run_dir: str | Path, cfg: AutoencoderConfig, state: dict[str, torch.Tensor],
-                          space: LatentSpace, extra: dict | None = None) -> Path:
+def write_autoencoder_run(
+    run_dir: str | Path,
+    cfg: AutoencoderConfig,
+    state: dict[str, torch.Tensor],
+    space: LatentSpace,
+    extra: dict | None = None,
+) -> Path:
     """Write a finished autoencoder run that did not come from training (an imported one).
 
     One committed checkpoint of step 0 (config.toml, model.safetensors, meta.json; see
@@ -56,8 +71,14 @@ def write_autoencoder_run(run_dir: str | Path, cfg: AutoencoderConfig, state: di
     if (run_dir / ckpt.META).exists() or ckpt.has_checkpoint(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --out")
     config = dumps_toml(to_dict(cfg))
-    meta = {"stage": "autoencoder", "format_version": ckpt.FORMAT_VERSION, "step": 0, "ema": False,
-            "latent_space": space.to_dict(), **(extra or {})}
+    meta = {
+        "stage": "autoencoder",
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": 0,
+        "ema": False,
+        "latent_space": space.to_dict(),
+        **(extra or {}),
+    }
     staging = ckpt.staging_dir(run_dir, 0)
     try:
         ckpt.write_text(staging / ckpt.CONFIG, config)

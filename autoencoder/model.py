@@ -40,13 +40,18 @@ class AutoencoderModelConfig:
         return 2 ** (len(self.channels) - 1)
 
     def decoder_config(self) -> DecoderConfig:
-        return DecoderConfig(out_channels=self.in_channels, channels=self.channels,
-                             num_res_blocks=self.num_res_blocks if self.decoder_res_blocks is None
-                             else self.decoder_res_blocks,
-                             latent_channels=self.latent_channels, mid_attention=self.mid_attention,
-                             attention=self.attention, norm_groups=self.norm_groups,
-                             upsample_narrows=self.upsample_narrows, post_quant_conv=self.post_quant_conv,
-                             attention_bias=self.attention_bias)
+        return DecoderConfig(
+            out_channels=self.in_channels,
+            channels=self.channels,
+            num_res_blocks=self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks,
+            latent_channels=self.latent_channels,
+            mid_attention=self.mid_attention,
+            attention=self.attention,
+            norm_groups=self.norm_groups,
+            upsample_narrows=self.upsample_narrows,
+            post_quant_conv=self.post_quant_conv,
+            attention_bias=self.attention_bias,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ class AutoencoderConfig:
     def __post_init__(self):
         f = self.model.downsampling
         if self.resolution % f:
-            raise ConfigError(f"resolution {self.resolution} is not a multiple of the downsampling factor {f} "
-                              f"of model.channels ({len(self.model.channels)} levels); use a multiple of {f}")
+            raise ConfigError(
+                f"resolution {self.resolution} is not a multiple of the downsampling factor {f} "
+                f"of model.channels ({len(self.model.channels)} levels); use a multiple of {f}"
+            )
 
 
 class Autoencoder(nn.Module):
@@ -78,10 +85,18 @@ class Autoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.in_channels, cfg.channels, cfg.num_res_blocks, cfg.latent_channels,
-                               cfg.mid_attention, cfg.attention, norm_groups=cfg.norm_groups,
-                               asymmetric_downsample=cfg.downsample_padding == "asymmetric",
-                               quant_conv=cfg.quant_conv, attention_bias=cfg.attention_bias)
+        self.encoder = Encoder(
+            cfg.in_channels,
+            cfg.channels,
+            cfg.num_res_blocks,
+            cfg.latent_channels,
+            cfg.mid_attention,
+            cfg.attention,
+            norm_groups=cfg.norm_groups,
+            asymmetric_downsample=cfg.downsample_padding == "asymmetric",
+            quant_conv=cfg.quant_conv,
+            attention_bias=cfg.attention_bias,
+        )
         self.decoder = Decoder(cfg.decoder_config())
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -90,8 +105,9 @@ class Autoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior

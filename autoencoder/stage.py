@@ -35,11 +35,15 @@ PRESETS = Path(__file__).parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff train autoencoder",
-                                description="Train the KL autoencoder that defines the latent space.")
+    p = argparse.ArgumentParser(
+        prog="latentdiff train autoencoder", description="Train the KL autoencoder that defines the latent space."
+    )
     add_train_args(p, "autoencoder", presets=PRESETS)
-    p.add_argument("--perceptual", choices=["lpips", "none"],
-                   help="LPIPS perceptual loss (needs VGG16 weights in the torch hub cache) or none")
+    p.add_argument(
+        "--perceptual",
+        choices=["lpips", "none"],
+        help="LPIPS perceptual loss (needs VGG16 weights in the torch hub cache) or none",
+    )
     return p
 
 
@@ -50,22 +54,36 @@ def measure_latents(model: Autoencoder, batches, n_batches: int, device: torch.d
     The prior trains on z / std, unit variance (LDM §4.3.2); the scaled range is where the
     samplers clip their predicted z_0.
     """
-    zs = [model.encode(batch["image"].to(device)).sample().double().flatten()
-          for batch in itertools.islice(batches, n_batches)]
+    zs = [
+        model.encode(batch["image"].to(device)).sample().double().flatten()
+        for batch in itertools.islice(batches, n_batches)
+    ]
     z = torch.cat(zs)
     std = z.std().item()
     if not (math.isfinite(std) and std > 0):
-        raise NonFiniteError(f"the measured latent std is {std}: the autoencoder's weights or data are broken, "
-                             "and no prior can train on this latent space; retrain it (a lower train.lr)")
+        raise NonFiniteError(
+            f"the measured latent std is {std}: the autoencoder's weights or data are broken, "
+            "and no prior can train on this latent space; retrain it (a lower train.lr)"
+        )
     return std, z.abs().max().item() / std
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device,
-                            lpips_model=None) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_reconstruction(
+    model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device, lpips_model=None
+) -> tuple[dict[str, float], torch.Tensor]:
     """Mean PSNR (and LPIPS) of posterior-mode reconstructions over up to cfg.eval_images val images."""
-    loader = make_loader(data, "val", cfg.train.batch_size, shuffle=False, repeat=False, drop_last=False,
-                         resolution=cfg.resolution, rank=0, world_size=1)
+    loader = make_loader(
+        data,
+        "val",
+        cfg.train.batch_size,
+        shuffle=False,
+        repeat=False,
+        drop_last=False,
+        resolution=cfg.resolution,
+        rank=0,
+        world_size=1,
+    )
     psnrs, lpipss, shown = [], [], None
     for batch in loader:
         x = batch["image"].to(device)
@@ -89,8 +107,13 @@ def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
     # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
-    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder",
-                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
+    run = Run.start(
+        args,
+        AutoencoderConfig,
+        PRESETS,
+        stage="autoencoder",
+        derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg),
+    )
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 
@@ -110,8 +133,9 @@ def train(args: argparse.Namespace) -> dict:
     scheduler = run.lr_schedule(opt)
 
     # Same seed, same order: a resumed run skips the batches it has already seen.
-    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                         resolution=cfg.resolution)
+    loader = make_loader(
+        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+    )
     batches = run.batches(loader)
     for step in run.steps():
         batch = next(batches)
@@ -134,28 +158,47 @@ def train(args: argparse.Namespace) -> dict:
         run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
-            run.log(step, {"lr": lr, "grad_norm": grad_norm.item(), "psnr": psnr(x_hat.detach(), x).mean().item(),
-                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
+            run.log(
+                step,
+                {
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "psnr": psnr(x_hat.detach(), x).mean().item(),
+                    **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()},
+                },
+            )
         if run.every(tcfg.sample_every, step):
-            run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
-                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
+            run.sample(
+                step,
+                lambda: save_grid(
+                    torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16
+                ),
+                tag="reconstructions",
+            )
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
     final = ema.final(model)
-    scale_batches = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1,
-                                resolution=cfg.resolution)
+    scale_batches = make_loader(
+        args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1, resolution=cfg.resolution
+    )
     with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
         std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)
-    space = LatentSpace(scale=1.0 / std, absmax=absmax, channels=cfg.model.latent_channels,
-                        downsampling=cfg.model.downsampling, resolution=cfg.resolution,
-                        encoder_hash=encoder_hash(final))
+    space = LatentSpace(
+        scale=1.0 / std,
+        absmax=absmax,
+        channels=cfg.model.latent_channels,
+        downsampling=cfg.model.downsampling,
+        resolution=cfg.resolution,
+        encoder_hash=encoder_hash(final),
+    )
     run.checkpoint(run.done, meta={"latent_std": std, "latent_space": space.to_dict()})
     summary = {"steps": run.done, "latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:
         metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)
         grid = save_grid(shown, run.path / "reconstructions.png", 16)
+        run.image("reconstructions", run.done, grid)
         summary.update(metrics)
         summary["reconstruction_grid"] = str(grid)
     return run.finish(summary)

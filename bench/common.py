@@ -17,8 +17,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,9 +83,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"date": datetime.date.today().isoformat(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     return info
 
 
@@ -109,20 +116,25 @@ def report(name: str, title: str, text: str, figures: dict[str, Any], out: str |
     m = machine()
     text = text.replace(f"{ROOT}/", "")  # paths as a user in the repository root types them
     print(f"\n## {title}\n")
-    print(f"_{m['date']}, {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
-          f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}_\n")
+    print(
+        f"_{m['date']}, {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
+        f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}_\n"
+    )
     print(text, flush=True)
     path = Path(out) if out else OUT / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": name, "title": title, "machine": m, "figures": figures,
-                                "table": text}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({"benchmark": name, "title": title, "machine": m, "figures": figures, "table": text}, indent=2)
+        + "\n"
+    )
     print(f"\n(figures: {path})")
     return path
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", help=f"JSON file for the figures (default: runs/bench/{name}.json)")
     return p
 
@@ -200,5 +212,11 @@ def untrained_latent_space(ae, resolution: int):
     from latentdiff.autoencoder.load import encoder_hash
     from latentdiff.core.latent_space import LatentSpace
 
-    return LatentSpace(scale=1.0, absmax=4.0, channels=ae.cfg.latent_channels, downsampling=ae.cfg.downsampling,
-                       resolution=resolution, encoder_hash=encoder_hash(ae))
+    return LatentSpace(
+        scale=1.0,
+        absmax=4.0,
+        channels=ae.cfg.latent_channels,
+        downsampling=ae.cfg.downsampling,
+        resolution=resolution,
+        encoder_hash=encoder_hash(ae),
+    )

@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     prior_s, _ = step_seconds(cfg, ae.cfg.latent_channels, Inputs(batch, ae), tiny_text_encoder(rt.device), rt, 3)
     _, ae_step, ae_batch = autoencoder_step("tiny", "sdpa", "fp32", rt.device)
     ae_s = time_it(ae_step, warmup=2, repeats=10)
-    consumers = {f"prior stage (batch {cfg.train.batch_size}, encoding on the fly)": cfg.train.batch_size / prior_s,
-                 f"autoencoder stage (batch {ae_batch})": ae_batch / ae_s}
+    consumers = {
+        f"prior stage (batch {cfg.train.batch_size}, encoding on the fly)": cfg.train.batch_size / prior_s,
+        f"autoencoder stage (batch {ae_batch})": ae_batch / ae_s,
+    }
 
     rows = []
     for workers, (rate, startup) in loaders.items():
@@ -62,12 +64,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([name, f"{need:.0f}", "", "consumes"])
     text = table(["", "images/s", "start-up s", "loader / consumption"], rows)
     worst = min(rate for rate, _ in loaders.values()) / max(consumers.values())
-    text += (f"\n\n{data}, 32x32 PNGs in webdataset shards, batches of 128, {args.batches} timed batches. "
-             f"Slowest loader over the hungriest stage: **{worst:.1f}x** (target >= 3x). With workers the "
-             "loader shares the same 2 cores as training, so the 0-worker figure is the one training sees here.")
-    figures = {"data": data, "loader_images_per_s": {str(w): r for w, (r, _) in loaders.items()},
-               "loader_startup_s": {str(w): s for w, (_, s) in loaders.items()},
-               "consumption_images_per_s": consumers, "worst_ratio": worst}
+    text += (
+        f"\n\n{data}, 32x32 PNGs in webdataset shards, batches of 128, {args.batches} timed batches. "
+        f"Slowest loader over the hungriest stage: **{worst:.1f}x** (target >= 3x). With workers the "
+        "loader shares the same 2 cores as training, so the 0-worker figure is the one training sees here."
+    )
+    figures = {
+        "data": data,
+        "loader_images_per_s": {str(w): r for w, (r, _) in loaders.items()},
+        "loader_startup_s": {str(w): s for w, (_, s) in loaders.items()},
+        "consumption_images_per_s": consumers,
+        "worst_ratio": worst,
+    }
     report("data_loading", "3. Data loading against consumption", text, figures, args.out)
     return figures
 

@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([bs, f"{seconds:.3f}", f"{bs / seconds:.1f}", f"{1000 * seconds / bs:.1f}"])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     text = table(["batch", "s/batch", "images/s", "ms/image"], rows)
-    text += (f"\n\n{args.sampler}, {args.steps} steps, guidance {args.guidance:g} (2 x batch rows per network pass), "
-             f"text encoding and decoding included; {figures['weights']}; median of {args.repeats} calls after a warm-up "
-             f"({3 * args.repeats} at batch 1).")
+    text += (
+        f"\n\n{args.sampler}, {args.steps} steps, guidance {args.guidance:g} (2 x batch rows per network pass), "
+        f"text encoding and decoding included; {figures['weights']}; median of {args.repeats} calls after a warm-up "
+        f"({3 * args.repeats} at batch 1)."
+    )
     report("generation", "6. Generation speed", text, figures, args.out)
     return figures
 

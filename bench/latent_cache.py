@@ -21,12 +21,22 @@ from latentdiff.prior.latent_cache import LatentCache
 from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import (bench_data, optimizer_step, parser, report, table, tiny_autoencoder, tiny_prior_config,
-                     tiny_text_encoder, untrained_latent_space)
+from .common import (
+    bench_data,
+    optimizer_step,
+    parser,
+    report,
+    table,
+    tiny_autoencoder,
+    tiny_prior_config,
+    tiny_text_encoder,
+    untrained_latent_space,
+)
 
 
 def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, steps: int) -> float:
     """Images/s of the training loop body over `steps` steps, after one warm-up step."""
+
     def one():
         batch = next(batches)
         z0 = batch_latents(batch, ae, untrained_latent_space(ae, cfg.resolution), cached, rt.device)
@@ -68,15 +78,30 @@ def main(argv: list[str] | None = None) -> dict:
     saved_per_step = B / fly_rate - B / cached_rate
     breakeven = build_s / saved_per_step if saved_per_step > 0 else float("inf")
     payoff = f"pays off after {breakeven:.0f} steps" if saved_per_step > 0 else "never pays off here (no faster)"
-    rows = [["encode on the fly", f"{fly_rate:.0f}", "1.00x", ""],
-            ["cached latents", f"{cached_rate:.0f}", f"{cached_rate / fly_rate:.2f}x",
-             f"{build_s:.0f} s to encode {n_cached:,} images; {payoff}"]]
+    rows = [
+        ["encode on the fly", f"{fly_rate:.0f}", "1.00x", ""],
+        [
+            "cached latents",
+            f"{cached_rate:.0f}",
+            f"{cached_rate / fly_rate:.2f}x",
+            f"{build_s:.0f} s to encode {n_cached:,} images; {payoff}",
+        ],
+    ]
     text = table(["prior training", "images/s", "speed-up", "cache cost"], rows)
-    text += (f"\n\nTiny prior preset, batch {B}, {args.steps} timed steps per row (data reading, encoding or "
-             f"sampling from the moments, text encoding, fwd+bwd+AdamW), {data}.")
-    figures = {"data": data, "batch_size": B, "on_the_fly_images_per_s": fly_rate, "cached_images_per_s": cached_rate,
-               "speedup": cached_rate / fly_rate, "cache_build_s": build_s, "cached_images": n_cached,
-               "breakeven_steps": breakeven if saved_per_step > 0 else None}
+    text += (
+        f"\n\nTiny prior preset, batch {B}, {args.steps} timed steps per row (data reading, encoding or "
+        f"sampling from the moments, text encoding, fwd+bwd+AdamW), {data}."
+    )
+    figures = {
+        "data": data,
+        "batch_size": B,
+        "on_the_fly_images_per_s": fly_rate,
+        "cached_images_per_s": cached_rate,
+        "speedup": cached_rate / fly_rate,
+        "cache_build_s": build_s,
+        "cached_images": n_cached,
+        "breakeven_steps": breakeven if saved_per_step > 0 else None,
+    }
     report("latent_cache", "4. Latent cache: prior training speed", text, figures, args.out)
     return figures
 

@@ -20,8 +20,18 @@ from latentdiff.prior.config import make_schedule
 from latentdiff.prior.stage import batch_latents, prior_loss
 from latentdiff.prior.unet import UNet
 
-from .common import (bench_data, optimizer_step, parser, report, table, time_it, tiny_autoencoder, tiny_prior_config,
-                     tiny_text_encoder, untrained_latent_space)
+from .common import (
+    bench_data,
+    optimizer_step,
+    parser,
+    report,
+    table,
+    time_it,
+    tiny_autoencoder,
+    tiny_prior_config,
+    tiny_text_encoder,
+    untrained_latent_space,
+)
 
 
 def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> tuple[float, int]:
@@ -56,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser("latent_vs_pixel", __doc__)
     p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step, both rows (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=10, help="timed latent steps after one warm-up (default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="timed latent steps after one warm-up (default: %(default)s)"
+    )
     p.add_argument("--pixel-repeats", type=int, default=2, help="timed pixel steps (~20 s each here)")
     args = p.parse_args(argv)
 
@@ -73,17 +85,39 @@ def main(argv: list[str] | None = None) -> dict:
     B = args.batch_size
     f = ae.cfg.downsampling
     side = cfg.resolution
-    rows = [[f"latent {side // f}x{side // f}x{ae.cfg.latent_channels} (f={f}, encoded on the fly)",
-             f"{n_latent / 1e6:.2f}M", f"{latent_s:.3f}", f"{B / latent_s:.0f}", "1.0x"],
-            [f"pixel {side}x{side}x3", f"{n_pixel / 1e6:.2f}M", f"{pixel_s:.3f}", f"{B / pixel_s:.1f}",
-             f"{pixel_s / latent_s:.1f}x slower"]]
+    rows = [
+        [
+            f"latent {side // f}x{side // f}x{ae.cfg.latent_channels} (f={f}, encoded on the fly)",
+            f"{n_latent / 1e6:.2f}M",
+            f"{latent_s:.3f}",
+            f"{B / latent_s:.0f}",
+            "1.0x",
+        ],
+        [
+            f"pixel {side}x{side}x3",
+            f"{n_pixel / 1e6:.2f}M",
+            f"{pixel_s:.3f}",
+            f"{B / pixel_s:.1f}",
+            f"{pixel_s / latent_s:.1f}x slower",
+        ],
+    ]
     text = table(["UNet input", "params", "s/step", "images/s", "vs latent"], rows)
-    text += (f"\n\nTiny prior UNet (channels {list(cfg.model.channels)}, attention at levels "
-             f"{list(cfg.model.attention_levels)}), batch {B}, fwd+bwd+AdamW, median of {args.repeats} (latent) and {args.pixel_repeats} (pixel) steps. "
-             f"Latent speed-up: **{pixel_s / latent_s:.1f}x** (target >= 10x).")
-    figures = {"batch_size": B, "latent_s_per_step": latent_s, "pixel_s_per_step": pixel_s,
-               "latent_images_per_s": B / latent_s, "pixel_images_per_s": B / pixel_s,
-               "speedup": pixel_s / latent_s, "latent_params": n_latent, "pixel_params": n_pixel}
+    text += (
+        f"\n\nTiny prior UNet (channels {list(cfg.model.channels)}, attention at levels "
+        f"{list(cfg.model.attention_levels)}), batch {B}, fwd+bwd+AdamW, "
+        f"median of {args.repeats} (latent) and {args.pixel_repeats} (pixel) steps. "
+        f"Latent speed-up: **{pixel_s / latent_s:.1f}x** (target >= 10x)."
+    )
+    figures = {
+        "batch_size": B,
+        "latent_s_per_step": latent_s,
+        "pixel_s_per_step": pixel_s,
+        "latent_images_per_s": B / latent_s,
+        "pixel_images_per_s": B / pixel_s,
+        "speedup": pixel_s / latent_s,
+        "latent_params": n_latent,
+        "pixel_params": n_pixel,
+    }
     report("latent_vs_pixel", "1. Latent vs pixel diffusion: prior training speed", text, figures, args.out)
     return figures
 

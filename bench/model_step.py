@@ -27,16 +27,14 @@ BACKENDS = ("sdpa", "math", "xformers")
 
 
 def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
+    from latentdiff.autoencoder import stage as autoencoder_stage
+    from latentdiff.autoencoder.model import AutoencoderConfig
     from latentdiff.core.config import load_preset
     from latentdiff.core.train import make_optimizer
-    from latentdiff.prior.config import PriorConfig
-    from latentdiff.prior.config import make_schedule
+    from latentdiff.prior.config import PriorConfig, make_schedule
     from latentdiff.prior.losses import diffusion_loss
     from latentdiff.prior.stage import PRESETS
     from latentdiff.prior.unet import UNet
-
-    from latentdiff.autoencoder import stage as autoencoder_stage
-    from latentdiff.autoencoder.model import AutoencoderConfig
 
     cfg = load_preset(PriorConfig, PRESETS, preset)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
@@ -58,8 +56,15 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
         eps = torch.randn(z0.shape, device=dev, generator=g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = unet(schedule.q_sample(z0, t, eps), t.float(), context, mask, pooled)
-        loss = diffusion_loss(out.float(), schedule.target(d.prediction, z0, eps, t), t, schedule, d.loss_weighting,
-                              d.min_snr_gamma, d.prediction).mean()
+        loss = diffusion_loss(
+            out.float(),
+            schedule.target(d.prediction, z0, eps, t),
+            t,
+            schedule,
+            d.loss_weighting,
+            d.min_snr_gamma,
+            d.prediction,
+        ).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,9 +125,18 @@ def measure(model: str, preset: str, backend: str, precision: str, repeats: int)
         step()
     sync(dev)
     flops = counter.get_total_flops()
-    return {"model": model, "preset": preset, "backend": backend, "precision": precision, "batch_size": B,
-            "params": params, "seconds": seconds, "peak_mb": peak, "gflop_per_step": flops / 1e9,
-            "tflops": flops / seconds / 1e12}
+    return {
+        "model": model,
+        "preset": preset,
+        "backend": backend,
+        "precision": precision,
+        "batch_size": B,
+        "params": params,
+        "seconds": seconds,
+        "peak_mb": peak,
+        "gflop_per_step": flops / 1e9,
+        "tflops": flops / seconds / 1e12,
+    }
 
 
 def unavailable(backend: str, dev: torch.device) -> str | None:
@@ -161,16 +175,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     r = pool.apply(measure, (model, preset, backend, precision, args.repeats))
                 results.append(r)
                 shown = "(none in the tiny preset)" if model == "autoencoder" and preset == "tiny" else backend
-                rows.append([model, preset, shown, precision, r["batch_size"], f"{r['params'] / 1e6:.2f}M",
-                             f"{r['seconds'] * 1000:.0f}", f"{r['batch_size'] / r['seconds']:.0f}",
-                             f"{r['peak_mb']:.0f}", f"{r['gflop_per_step']:.1f} GFLOP, {1000 * r['tflops']:.0f} GFLOP/s"])
+                rows.append(
+                    [
+                        model,
+                        preset,
+                        shown,
+                        precision,
+                        r["batch_size"],
+                        f"{r['params'] / 1e6:.2f}M",
+                        f"{r['seconds'] * 1000:.0f}",
+                        f"{r['batch_size'] / r['seconds']:.0f}",
+                        f"{r['peak_mb']:.0f}",
+                        f"{r['gflop_per_step']:.1f} GFLOP, {1000 * r['tflops']:.0f} GFLOP/s",
+                    ]
+                )
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     memory = "peak CUDA memory" if dev.type == "cuda" else "peak RSS growth"
-    text = table(["model", "preset", "attention", "precision", "batch", "params", "ms/step", "images/s",
-                  f"{memory} (MB)", "FLOPs / achieved"], rows)
+    text = table(
+        [
+            "model",
+            "preset",
+            "attention",
+            "precision",
+            "batch",
+            "params",
+            "ms/step",
+            "images/s",
+            f"{memory} (MB)",
+            "FLOPs / achieved",
+        ],
+        rows,
+    )
     text += f"\n\nMedian of {args.repeats} steps of forward + loss + backward + AdamW, each row in a fresh process."
-    report("model_step", "5. Model step: time, memory and FLOP/s per attention backend", text, {"rows": results},
-           args.out)
+    report(
+        "model_step", "5. Model step: time, memory and FLOP/s per attention backend", text, {"rows": results}, args.out
+    )
     return results
 
 

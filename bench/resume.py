@@ -59,15 +59,26 @@ def main(argv: list[str] | None = None) -> dict:
         fresh_s, _ = first_batch_after(Run(Path(tmp), "bench", config, rt, resuming=False), loader, 0)
     same = replayed["key"] == resumed["key"] and torch.equal(replayed["image"], resumed["image"])
     images = args.step * args.batch_size
-    rows = [["before: replay and decode", f"{before_s:.2f}", f"{images / before_s:.0f}"],
-            ["after: recorded positions", f"{after_s:.2f}", f"{images / after_s:.0f}"],
-            ["(a fresh run's first batch)", f"{fresh_s:.2f}", ""]]
+    rows = [
+        ["before: replay and decode", f"{before_s:.2f}", f"{images / before_s:.0f}"],
+        ["after: recorded positions", f"{after_s:.2f}", f"{images / after_s:.0f}"],
+        ["(a fresh run's first batch)", f"{fresh_s:.2f}", ""],
+    ]
     text = table(["resume at step " + str(args.step), "start-up s", "images skipped/s"], rows)
-    text += (f"\n\n{data}, batches of {args.batch_size} at 32x32, 0 workers: {images:,} images before the step. "
-             f"Same first batch both ways: **{'yes' if same else 'NO'}**. Replay grows with the step; "
-             "the positions path reads at most the rest of one epoch.")
-    figures = {"data": data, "step": args.step, "batch_size": args.batch_size, "before_s": before_s,
-               "after_s": after_s, "fresh_s": fresh_s, "same_batch": same}
+    text += (
+        f"\n\n{data}, batches of {args.batch_size} at 32x32, 0 workers: {images:,} images before the step. "
+        f"Same first batch both ways: **{'yes' if same else 'NO'}**. Replay grows with the step; "
+        "the positions path reads at most the rest of one epoch."
+    )
+    figures = {
+        "data": data,
+        "step": args.step,
+        "batch_size": args.batch_size,
+        "before_s": before_s,
+        "after_s": after_s,
+        "fresh_s": fresh_s,
+        "same_batch": same,
+    }
     report("resume", "7. Resume start-up at a late step", text, figures, args.out)
     if not same:
         raise SystemExit("bench.resume: the two resume paths gave different batches")

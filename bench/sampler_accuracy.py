@@ -2,8 +2,8 @@
 
 Data x_0 ~ N(0.5, 0.7^2) in one dimension has an exact denoiser, E[x_0 | z_t] = mu + sqrt(abar) s^2
 (z_t - sqrt(abar) mu) / (abar s^2 + 1 - abar), so whatever error is left is the sampler's own.
-z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in issue 14's measurement. A
-deterministic sampler is then an affine map z_0 = M z_T + b, read off from two inputs, so its
+z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in the comparison with diffusers that the
+README quotes. A deterministic sampler is then an affine map z_0 = M z_T + b, read off from two inputs, so its
 output mean and std are exact (no sampling noise); stochastic samplers are run on --n samples.
 Prints, per schedule, the relative error of the std (and of the mean) of every sampler with its
 default spacing at each budget of evaluations, then the std error of every sampler x spacing.
@@ -47,14 +47,18 @@ def start_law(schedule: NoiseSchedule, mu: float = MU, std: float = STD) -> tupl
     return math.sqrt(a) * mu, math.sqrt(a * std**2 + 1 - a)
 
 
-def output_moments(name: str, schedule: NoiseSchedule, steps: int, *, n: int = 200_000, seed: int = 0,
-                   **options) -> tuple[float, float]:
+def output_moments(
+    name: str, schedule: NoiseSchedule, steps: int, *, n: int = 200_000, seed: int = 0, **options
+) -> tuple[float, float]:
     """(mean, std) of the sampler's output from the exact start law: exact for deterministic samplers."""
     spec, preset = resolve(name)
     den = gaussian_denoiser(schedule)
     m_T, s_T = start_law(schedule)
-    stochastic = spec.order == 0 or options.get("eta", preset.get("eta", spec.options.get("eta", 0))) or \
-        options.get("s_churn", 0)
+    stochastic = (
+        spec.order == 0
+        or options.get("eta", preset.get("eta", spec.options.get("eta", 0)))
+        or options.get("s_churn", 0)
+    )
     if not stochastic:
         out = sample(name, den, torch.tensor([[0.0], [1.0]], dtype=torch.float64), schedule, steps, **options)
         b, M = out[0, 0].item(), (out[1, 0] - out[0, 0]).item()
@@ -86,8 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers (default: all)")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="evaluation budgets (default: %(default)s)")
     p.add_argument("--n", type=int, default=200_000, help="samples for the stochastic samplers")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option for every run, e.g. order=2 (repeatable)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler option for every run, e.g. order=2 (repeatable)",
+    )
     args = p.parse_args(argv)
     names, budgets = args.samplers.split(","), [int(b) for b in args.budgets.split(",")]
     options = {k: OPTIONS[k].kind(v) for k, v in (o.split("=", 1) for o in args.option)}
@@ -101,11 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
             cells = [errors(name, schedule, b, n=args.n, **options) for b in budgets]
             fig[name] = cells
             given = "".join(f", {k} {v}" for k, v in options.items() if k != "spacing")
-            rows.append([f"{spec.title} ({options.get('spacing', spec.options['spacing'])}{given})"]
-                        + [_cell(c) for c in cells])
+            rows.append(
+                [f"{spec.title} ({options.get('spacing', spec.options['spacing'])}{given})"] + [_cell(c) for c in cells]
+            )
         figures["default"][kind] = fig
-        text.append(f"**{kind}**: std error / mean error, default spacing\n\n"
-                    + table(["sampler \\ NFE"] + [str(b) for b in budgets], rows))
+        text.append(
+            f"**{kind}**: std error / mean error, default spacing\n\n"
+            + table(["sampler \\ NFE"] + [str(b) for b in budgets], rows)
+        )
         rows, fig = [], {}
         for name in names:
             for spacing in SPACINGS:
@@ -113,12 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
                 fig[f"{name}/{spacing}"] = cells
                 rows.append([f"{SAMPLERS[name].title}", spacing] + [_cell(c, mean=False) for c in cells])
         figures["spacings"][kind] = fig
-        text.append(f"**{kind}**: std error by spacing\n\n"
-                    + table(["sampler", "spacing"] + [str(b) for b in budgets], rows))
-    text.append(f"Relative error of the output's std (and mean) for data N({MU}, {STD}^2), T = 1000, z_T from the "
-                f"exact marginal at t = T-1; deterministic samplers exactly, stochastic ones on {args.n} samples "
-                f"(sampling noise ~{100 / math.sqrt(2 * args.n):.2f}% on the std). For comparison, issue 14 measured "
-                f"diffusers at 20 evaluations on scaled_linear: {DIFFUSERS_20}.")
+        text.append(
+            f"**{kind}**: std error by spacing\n\n" + table(["sampler", "spacing"] + [str(b) for b in budgets], rows)
+        )
+    text.append(
+        f"Relative error of the output's std (and mean) for data N({MU}, {STD}^2), T = 1000, z_T from the "
+        f"exact marginal at t = T-1; deterministic samplers exactly, stochastic ones on {args.n} samples "
+        f"(sampling noise ~{100 / math.sqrt(2 * args.n):.2f}% on the std). For comparison, diffusers' samplers "
+        f"at 20 evaluations on scaled_linear: {DIFFUSERS_20}."
+    )
     report("sampler_accuracy", "Sampler accuracy on exact Gaussian data", "\n\n".join(text), figures, args.out)
     return figures
 

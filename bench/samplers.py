@@ -9,8 +9,8 @@ that classifier. Heun makes 2 evaluations per step but the last, so it gets (NFE
 steps and the table shows the NFE it really made; it refuses budgets below 11 (README). Writes
 a plot of FID against NFE.
 
-The issue's full grid (n = 2000, NFE up to 1000) costs ~13 CPU-hours here; `make bench` runs a
-reduced grid (see the Makefile) and the README gives the command of each larger run it quotes.
+Its defaults (n = 2000, NFE up to 1000) cost ~13 CPU-hours on 2 cores; `make bench` (`python -m bench`) runs
+n = 250 at NFE 5, 10, 20 and 50, and the README gives the command of each larger run it quotes.
 Results are written after every point; --resume continues a stopped run or adds points to a finished one.
 """
 
@@ -58,9 +58,25 @@ def refused(sampler: str, nfe: int) -> bool:
 def ensure_classifier(run: Path, data: str) -> Path:
     """The classifier run scoring the images; trained (~2 min on 2 cores) when missing."""
     if not (run / "meta.json").exists():
-        print(f"no classifier at {run}: training one (latentdiff train classifier --data {data} --out {run})", flush=True)
-        subprocess.run([sys.executable, "-m", "latentdiff.scripts.cli", "train", "classifier", "--data", data,
-                        "--out", str(run), "--max-minutes", "3"], check=True)
+        print(
+            f"no classifier at {run}: training one (latentdiff train classifier --data {data} --out {run})", flush=True
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "latentdiff.scripts.cli",
+                "train",
+                "classifier",
+                "--data",
+                data,
+                "--out",
+                str(run),
+                "--max-minutes",
+                "3",
+            ],
+            check=True,
+        )
     return run
 
 
@@ -100,16 +116,22 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser("samplers", __doc__)
     p.add_argument("--run", default=str(DEMO / "prior"), help="prior run (default: the demo's)")
     p.add_argument("--data", default=str(DEMO / "data"), help="dataset with the real test images")
-    p.add_argument("--classifier", default=str(ROOT / "runs" / "classifier"),
-                   help="classifier run for FID features and prompt accuracy (trained here when missing)")
+    p.add_argument(
+        "--classifier",
+        default=str(ROOT / "runs" / "classifier"),
+        help="classifier run for FID features and prompt accuracy (trained here when missing)",
+    )
     p.add_argument("--n", type=int, default=2000, help="images per point (default: %(default)s)")
     p.add_argument("--nfe", default="5,10,20,50,100,1000", help="network-evaluation budgets (default: %(default)s)")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the points already in --out (or its .partial.json) made with these settings, add the rest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the points already in --out (or its .partial.json) made with these settings, add the rest",
+    )
     args = p.parse_args(argv)
 
     dev = device()
@@ -125,8 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(prompts.prompts)
     ref = real_reference(real.images, n, space, StatisticsCache(None))
 
-    settings = {"run": str(args.run), "n": n, "guidance": args.guidance, "seed": args.seed,
-                "features": space.label, "classifier_val_accuracy": classifier.meta.get("val_accuracy")}
+    settings = {
+        "run": str(args.run),
+        "n": n,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "features": space.label,
+        "classifier_val_accuracy": classifier.meta.get("val_accuracy"),
+    }
     points: list[dict] = []
     partial = out.with_suffix(".partial.json")
     if args.resume:  # a stopped run's partial file, or a finished run's report, made with these settings
@@ -144,40 +172,70 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             steps = steps_for(sampler, budget)
             t0 = time.monotonic()
-            images = pipe(prompts.prompts, n=1, steps=steps, sampler=sampler, guidance=args.guidance,
-                          seed=args.seed, batch_size=args.batch_size, show_progress=True)
+            images = pipe(
+                prompts.prompts,
+                n=1,
+                steps=steps,
+                sampler=sampler,
+                guidance=args.guidance,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                show_progress=True,
+            )
             seconds = time.monotonic() - t0
-            point = {"sampler": sampler, "nfe_budget": budget, "steps": steps,
-                     "nfe": number_of_evaluations(sampler, steps), "generation_seconds": seconds,
-                     "prompt_accuracy": prompt_hits(classifier, images, prompts.targets)["all"].float().mean().item(),
-                     **score(statistics(extract_features(space, images)), ref)}
+            point = {
+                "sampler": sampler,
+                "nfe_budget": budget,
+                "steps": steps,
+                "nfe": number_of_evaluations(sampler, steps),
+                "generation_seconds": seconds,
+                "prompt_accuracy": prompt_hits(classifier, images, prompts.targets)["all"].float().mean().item(),
+                **score(statistics(extract_features(space, images)), ref),
+            }
             points.append(point)
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"settings": settings, "points": points}, indent=1))
-            print(f"{title(sampler)} {point['nfe']} NFE: FID {point['fid']:.2f} (floor {point['fid_floor']:.2f}), "
-                  f"prompt accuracy {100 * point['prompt_accuracy']:.1f}% [{seconds:.0f} s]", flush=True)
+            print(
+                f"{title(sampler)} {point['nfe']} NFE: FID {point['fid']:.2f} (floor {point['fid_floor']:.2f}), "
+                f"prompt accuracy {100 * point['prompt_accuracy']:.1f}% [{seconds:.0f} s]",
+                flush=True,
+            )
 
     budgets = sorted({q["nfe_budget"] for q in points})
     rows = []
     for sampler in dict.fromkeys(q["sampler"] for q in points):
         cells = {q["nfe_budget"]: q for q in points if q["sampler"] == sampler}
-        rows.append([title(sampler)] + [f"{cells[b]['fid']:.2f} / {100 * cells[b]['prompt_accuracy']:.1f}%"
-                                        + (f" ({cells[b]['nfe']})" if cells[b]["nfe"] != b else "")
-                                        if b in cells else "" for b in budgets])
+        rows.append(
+            [title(sampler)]
+            + [
+                f"{cells[b]['fid']:.2f} / {100 * cells[b]['prompt_accuracy']:.1f}%"
+                + (f" ({cells[b]['nfe']})" if cells[b]["nfe"] != b else "")
+                if b in cells
+                else ""
+                for b in budgets
+            ]
+        )
     text = table(["sampler \\ NFE"] + [str(b) for b in budgets], rows)
     seconds = sum(q["generation_seconds"] for q in points)
-    text += (f"\n\nFID / prompt accuracy; FID in {space.label} features, {n} generated (class prompts, guidance "
-             f"{args.guidance:g}, seed {args.seed}) vs {ref.reference.n} real test images; floor "
-             f"{ref.floor_fid:.2f} ({ref.floor_n} held-out real images). Heun's real NFE in brackets "
-             "(refused below 11). "
-             f"Generation took {seconds / 60:.1f} min in all.")
+    text += (
+        f"\n\nFID / prompt accuracy; FID in {space.label} features, {n} generated (class prompts, guidance "
+        f"{args.guidance:g}, seed {args.seed}) vs {ref.reference.n} real test images; floor "
+        f"{ref.floor_fid:.2f} ({ref.floor_n} held-out real images). Heun's real NFE in brackets "
+        "(refused below 11). "
+        f"Generation took {seconds / 60:.1f} min in all."
+    )
     by = {(q["sampler"], q["nfe_budget"]): q for q in points}
     if ("dpmpp-2m", 20) in by and ("ddpm", 1000) in by:
         a, b = by[("dpmpp-2m", 20)]["fid"], by[("ddpm", 1000)]["fid"]
-        text += (f"\nDPM-Solver++(2M) at 20 NFE: FID {a:.2f} against DDPM at 1000: {b:.2f} "
-                 f"({100 * (a - b) / b:+.1f}%; target within 10%).")
-    figure = plot(points, out.with_suffix(".png"), f"{Path(args.run).name}: {n} images per point, guidance "
-                                                    f"{args.guidance:g}, features {space.label}")
+        text += (
+            f"\nDPM-Solver++(2M) at 20 NFE: FID {a:.2f} against DDPM at 1000: {b:.2f} "
+            f"({100 * (a - b) / b:+.1f}%; target within 10%)."
+        )
+    figure = plot(
+        points,
+        out.with_suffix(".png"),
+        f"{Path(args.run).name}: {n} images per point, guidance {args.guidance:g}, features {space.label}",
+    )
     text += f"\nPlot: {figure}"
     figures = {"settings": settings, "floor": ref.floor_fid, "points": points, "plot": str(figure)}
     report("samplers", "2. Samplers: FID and prompt accuracy against network evaluations", text, figures, out)

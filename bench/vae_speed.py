@@ -58,16 +58,42 @@ def main(argv: list[str] | None = None) -> dict:
             enc_cpu = cpu_seconds(lambda: model.encode(x).mode(), args.repeats) if dev.type == "cpu" else 0.0
             dec_cpu = cpu_seconds(lambda: model.decode(z), args.repeats) if dev.type == "cpu" else 0.0
         n = args.batch_size
-        figures["results"].append({"side": side, "latent": list(z.shape[1:]), "encode_images_per_s": n / enc,
-                                   "decode_images_per_s": n / dec, "encode_cpu_s_per_image": enc_cpu / n,
-                                   "decode_cpu_s_per_image": dec_cpu / n})
-        rows.append([f"{side}x{side}", "x".join(str(s) for s in z.shape[1:]), f"{n / enc:.2f}", f"{n / dec:.2f}",
-                     f"{enc_cpu / n:.2f}", f"{dec_cpu / n:.2f}"])
+        figures["results"].append(
+            {
+                "side": side,
+                "latent": list(z.shape[1:]),
+                "encode_images_per_s": n / enc,
+                "decode_images_per_s": n / dec,
+                "encode_cpu_s_per_image": enc_cpu / n,
+                "decode_cpu_s_per_image": dec_cpu / n,
+            }
+        )
+        rows.append(
+            [
+                f"{side}x{side}",
+                "x".join(str(s) for s in z.shape[1:]),
+                f"{n / enc:.2f}",
+                f"{n / dec:.2f}",
+                f"{enc_cpu / n:.2f}",
+                f"{dec_cpu / n:.2f}",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
-    text = table(["image", "latent (c x h x w)", "encode images/s", "decode images/s", "encode CPU s/image",
-                  "decode CPU s/image"], rows)
-    text += (f"\n\n{what}; {params:.1f}M parameters; float32, batch {args.batch_size}, "
-             f"median of {args.repeats} calls after a warm-up.")
+    text = table(
+        [
+            "image",
+            "latent (c x h x w)",
+            "encode images/s",
+            "decode images/s",
+            "encode CPU s/image",
+            "decode CPU s/image",
+        ],
+        rows,
+    )
+    text += (
+        f"\n\n{what}; {params:.1f}M parameters; float32, batch {args.batch_size}, "
+        f"median of {args.repeats} calls after a warm-up."
+    )
     report("vae_speed", "Autoencoder encode and decode speed", text, figures, args.out)
     return figures
 

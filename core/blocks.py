@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Literal, get_args
 
 import torch
@@ -41,8 +41,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with a skip; adds a projected embedding (time) when given one."""
 
-    def __init__(self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0,
-                 norm_groups: int = 32):
+    def __init__(
+        self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0, norm_groups: int = 32
+    ):
         super().__init__()
         out_ch = out_ch or in_ch
         self.norm1 = group_norm(in_ch, norm_groups)
@@ -95,7 +96,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def xformers_available(device_type: str) -> bool:
     """True when xformers imports and its memory-efficient attention runs on this device type."""
     try:
@@ -103,7 +104,9 @@ def xformers_available(device_type: str) -> bool:
     except Exception:
         return False
     try:
-        q = torch.zeros(1, 8, 1, 16, device=device_type, dtype=torch.float16 if device_type == "cuda" else torch.float32)
+        q = torch.zeros(
+            1, 8, 1, 16, device=device_type, dtype=torch.float16 if device_type == "cuda" else torch.float32
+        )
         xops.memory_efficient_attention(q, q, q)
         return True
     except Exception:
@@ -121,8 +124,9 @@ def _math_attention(q, k, v, mask):
 XFORMERS_KEY_MULTIPLE = 8  # xformers refuses an attention bias whose key length is not a multiple of this
 
 
-def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-             multiple: int = XFORMERS_KEY_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_keys(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = XFORMERS_KEY_MULTIPLE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values (B, heads, Tk, d) zero-padded to Tk' = the next multiple of `multiple`, the mask
     (broadcastable to (B, heads, Tq, Tk)) extended with False: the padded keys are never attended to, so
     attention's output is unchanged. Returns (k, v, mask) as given when Tk is already a multiple.
@@ -145,13 +149,13 @@ def _xformers_attention(q, k, v, mask):
         B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         bias = torch.zeros(B, H, Tq, Tk, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~mask.expand(B, H, Tq, Tk), float("-inf"))
-    out = xops.memory_efficient_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
     return out.transpose(1, 2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              backend: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) on (B, heads, T, d) tensors.
 
     mask: bool, broadcastable to (B, heads, Tq, Tk), True where a key may be attended to.
@@ -168,7 +172,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         if not xformers_available(q.device.type):
             raise RuntimeError(
                 f"attention = 'xformers' but xformers is not installed or does not run on "
-                f"{q.device.type} (it needs CUDA and a matching torch build); use attention = 'auto' or 'sdpa'")
+                f"{q.device.type} (it needs CUDA and a matching torch build); use attention = 'auto' or 'sdpa'"
+            )
         return _xformers_attention(q, k, v, mask)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
@@ -176,8 +181,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class Attention(nn.Module):
     """Multi-head attention of a token sequence to itself or, given `context`, to another one."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "auto",
-                 qkv_bias: bool = False):
+    def __init__(
+        self, dim: int, heads: int, context_dim: int | None = None, backend: str = "auto", qkv_bias: bool = False
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
@@ -191,8 +197,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)

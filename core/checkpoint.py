@@ -45,9 +45,10 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,8 +133,10 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
-                              "restore it, or resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
+            "restore it, or resume from an earlier checkpoint"
+        ) from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -142,8 +145,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); it was damaged or edited by hand: "
-                              "restore it from a copy") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); it was damaged or edited by hand: restore it from a copy"
+        ) from None
 
 
 def sha256(path: str | Path) -> str:
@@ -227,8 +231,9 @@ def commit(run_dir: str | Path, staging: Path, step: int, keep: int) -> Path:
     if keep < 1:
         raise CheckpointError(f"train.keep_checkpoints must be at least 1, got {keep}")
     run_dir, root = Path(run_dir), Path(run_dir) / CHECKPOINTS
-    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != MANIFEST
-                   and not p.name.endswith(_TMP_SUFFIX))
+    names = sorted(
+        p.name for p in staging.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.endswith(_TMP_SUFFIX)
+    )
     files = {n: {"bytes": (staging / n).stat().st_size, "sha256": sha256(staging / n)} for n in names}
     write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
     fsync_dir(staging)
@@ -319,8 +324,9 @@ def verify(folder: str | Path) -> Checkpoint:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder.name}/{MANIFEST} is unreadable ({e})") from None
     if version > FORMAT_VERSION:
-        raise NewerFormatError(f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); "
-                              "upgrade latentdiff")
+        raise NewerFormatError(
+            f"{folder} was written by a newer latentdiff (format {version} > {FORMAT_VERSION}); upgrade latentdiff"
+        )
     signature = _signature(folder, files)
     cached = _verified.get(folder)
     if cached is not None and cached[0] == signature:
@@ -366,8 +372,10 @@ _warned: set[Path] = set()
 def fallback_message(run_dir: Path, chosen: Checkpoint, rejected: list[tuple[Path, str]], action: str = "") -> str:
     """The one line that says the newest checkpoint(s) were skipped and which one is used."""
     skipped = "; ".join(f"{folder.relative_to(run_dir)} ({reason})" for folder, reason in rejected)
-    return (f"latentdiff: newest checkpoint incomplete or corrupt, using step {chosen.step} "
-            f"({chosen.path.relative_to(run_dir) if not chosen.legacy else run_dir}) instead: {skipped}{action}")
+    return (
+        f"latentdiff: newest checkpoint incomplete or corrupt, using step {chosen.step} "
+        f"({chosen.path.relative_to(run_dir) if not chosen.legacy else run_dir}) instead: {skipped}{action}"
+    )
 
 
 def committed_file(run_dir: str | Path, name: str) -> Path:
@@ -409,25 +417,34 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     root = run_dir / META
     committed = committed_file(run_dir, META)
     if not root.is_file() and not committed.is_file() and (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir} has no checkpoint yet: its run stopped before the first save; "
-                              f"start it again with --out {run_dir}")
+        raise CheckpointError(
+            f"{run_dir} has no checkpoint yet: its run stopped before the first save; "
+            f"start it again with --out {run_dir}"
+        )
     if not root.is_file() and not committed.is_file():
-        raise CheckpointError(f"{run_dir} is not a latentdiff run directory (no {META}); "
-                              "train one with `latentdiff train STAGE --out DIR`")
+        raise CheckpointError(
+            f"{run_dir} is not a latentdiff run directory (no {META}); "
+            "train one with `latentdiff train STAGE --out DIR`"
+        )
     meta = read_json(root) if root.is_file() else {}
     if committed != root and committed.is_file():
         meta.update(read_json(committed))
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{run_dir} was written by a newer latentdiff "
-                              f"(format {meta['format_version']} > {FORMAT_VERSION}); upgrade latentdiff")
+        raise CheckpointError(
+            f"{run_dir} was written by a newer latentdiff "
+            f"(format {meta['format_version']} > {FORMAT_VERSION}); upgrade latentdiff"
+        )
     if stage is not None and meta.get("stage") != stage:
-        raise CheckpointError(f"{run_dir} is a {meta.get('stage')!r} run, not a {stage!r} run; "
-                              f"pass the output directory of `latentdiff train {stage}`")
+        raise CheckpointError(
+            f"{run_dir} is a {meta.get('stage')!r} run, not a {stage!r} run; "
+            f"pass the output directory of `latentdiff train {stage}`"
+        )
     return meta
 
 
-def amend(run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | None = None,
-          meta: dict | None = None) -> Path:
+def amend(
+    run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | None = None, meta: dict | None = None
+) -> Path:
     """Commit a new checkpoint of a run's newest step with some weights files replaced and/or meta updated.
 
     weights: {file name: state dict}; meta: keys to set in meta.json. Every other file is copied
@@ -441,8 +458,11 @@ def amend(run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | Non
     full_meta = read_meta(run_dir)
     staging = staging_dir(run_dir, current.step if current else 0)
     if current is not None:
-        names = list(current.files) if not current.legacy else [
-            p.name for p in current.path.iterdir() if p.is_file() and _is_legacy_checkpoint_file(p.name)]
+        names = (
+            list(current.files)
+            if not current.legacy
+            else [p.name for p in current.path.iterdir() if p.is_file() and _is_legacy_checkpoint_file(p.name)]
+        )
         for name in names:
             if name not in (weights or {}):
                 shutil.copy2(current.file(name), staging / name)
@@ -490,8 +510,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}: {e}); "
-                              "it is truncated or damaged: resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"{path} is not a readable training state ({type(e).__name__}: {e}); "
+            "it is truncated or damaged: resume from an earlier checkpoint"
+        ) from None
     if "rng" in state:
         state["rng"]["numpy"] = _numpy_state_from_tensors(state["rng"]["numpy"])
     return state

@@ -141,8 +141,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} "
-            f"(known keys: {', '.join(sorted(types_))})"
+            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (known keys: {', '.join(sorted(types_))})"
         )
     # Field names join with dots ("config.toml.train.lr"); after --set, with a space ("--set train.lr").
     kwargs = {k: _coerce(v, types_[k], f"{where} {k}" if where == "--set" else f"{where}.{k}") for k, v in data.items()}
@@ -215,8 +214,7 @@ def load_toml(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, 
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def load_preset(cls: type[T], package_dir: str | Path, name: str,
-                overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load_preset(cls: type[T], package_dir: str | Path, name: str, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Load preset `name` from `<package_dir>/presets/<name>.toml` (or a path to a .toml file)."""
     candidate = Path(name)
     if candidate.suffix == ".toml" and candidate.exists():
@@ -225,8 +223,9 @@ def load_preset(cls: type[T], package_dir: str | Path, name: str,
     path = presets / f"{name}.toml"
     if not path.exists():
         known = sorted(p.stem for p in presets.glob("*.toml"))
-        raise ConfigError(f"unknown preset {name!r} (known presets: {', '.join(known)}; "
-                          "or give a path to a .toml file)")
+        raise ConfigError(
+            f"unknown preset {name!r} (known presets: {', '.join(known)}; or give a path to a .toml file)"
+        )
     return load_toml(cls, path, overrides)
 
 
@@ -235,6 +234,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
     Any string round-trips (newlines, quotes, unicode); None values are dropped, as TOML has no null.
     """
+
     def drop_none(d: dict[str, Any]) -> dict[str, Any]:
         return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 

@@ -16,6 +16,7 @@ def _ema_multi_avg_fn(decay: float, warmup: bool):
     them means nothing (and lerp has no integer kernel), so the EMA model takes the model's.
     AveragedModel calls this once per (device, dtype) group, so a call's tensors share a dtype.
     """
+
     @torch.no_grad()
     def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
         if not ema_params:

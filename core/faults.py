@@ -49,8 +49,9 @@ class RunLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise RunLocked(f"{self.run_dir} is in use by {self.holder()}; wait for it to end, "
-                            "or pass another --out") from None
+            raise RunLocked(
+                f"{self.run_dir} is in use by {self.holder()}; wait for it to end, or pass another --out"
+            ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         (self.run_dir / LOCK_HOLDER).write_text(json.dumps(holder) + "\n")
 
@@ -81,7 +82,7 @@ class StopSignals:
         self._note = note
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -91,8 +92,10 @@ class StopSignals:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.received = signum
-        self._note(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-                   "(Ctrl-C again to abort without saving)")
+        self._note(
+            f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+            "(Ctrl-C again to abort without saving)"
+        )
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():

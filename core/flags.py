@@ -3,42 +3,61 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UserError
 
 Reader = Callable[[dict, Path], Any]  # (a run's meta.json, its directory) -> a flag's value
 
 
-def add_train_args(parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny",
-                   presets: Path | None = None) -> None:
+def add_train_args(
+    parser: argparse.ArgumentParser, stage: str, default_preset: str = "tiny", presets: Path | None = None
+) -> None:
     """The flags every `latentdiff train STAGE` takes; `presets` is the folder holding presets/*.toml."""
     where = parser.add_argument_group("run (one of --out and --resume is required)")
     target = where.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", metavar="RUN", help="run directory to create (new or empty)")
     target.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    where.add_argument("--data", help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern; "
-                                      "required for a new run, read from the run's records on --resume")
+    where.add_argument(
+        "--data",
+        help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern; "
+        "required for a new run, read from the run's records on --resume",
+    )
     names = sorted(p.stem for p in (Path(presets) / "presets").glob("*.toml")) if presets else []
     listed = f"{', '.join(names)}, " if names else ""
-    parser.add_argument("--preset", default=default_preset,
-                        help=f"{stage} preset: {listed or 'a name, '}or a .toml file (default: %(default)s)")
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        help=f"{stage} preset: {listed or 'a name, '}or a .toml file (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly, evaluate and save after this many minutes")
     parser.add_argument("--batch-size", type=int, help="batch size per process (train.batch_size)")
     parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
     parser.add_argument("--seed", type=int, help="random seed (train.seed)")
     parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set train.weight_decay=0.01 (repeatable; "
-                             "an unknown key is an error that lists the known ones)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set train.weight_decay=0.01 (repeatable; "
+        "an unknown key is an error that lists the known ones)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the GPU when there is one)")
 
 
 def cli_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"steps": "train.steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
-             "lr": "train.lr", "seed": "train.seed", "num_workers": "train.num_workers"}
+    flags = {
+        "steps": "train.steps",
+        "max_minutes": "train.max_minutes",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "train.seed",
+        "num_workers": "train.num_workers",
+    }
     out = [f"{key}={getattr(args, name)!r}" for name, key in flags.items() if getattr(args, name, None) is not None]
     return out + list(args.set)
 

@@ -19,8 +19,9 @@ def _unit_range(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _check_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"{name} needs two batches of the same shape (B, C, H, W), "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"{name} needs two batches of the same shape (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     _check_pair("psnr", x, y)
-    db = peak_signal_noise_ratio(_unit_range(x, torch.float32), _unit_range(y, torch.float32), data_range=1.0,
-                                 reduction="none", dim=(1, 2, 3))
+    db = peak_signal_noise_ratio(
+        _unit_range(x, torch.float32), _unit_range(y, torch.float32), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )
     return db.clamp(max=PSNR_MAX_DB)
 
 
@@ -51,9 +53,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     pad = int(3.5 * sigma + 0.5)  # torchmetrics' gaussian window is 2 pad + 1 wide: 11 at sigma 1.5
     if min(x.shape[-2:]) < 2 * pad + 1:
         raise ValueError(f"ssim needs images of at least {2 * pad + 1}x{2 * pad + 1} pixels, got {tuple(x.shape[-2:])}")
-    _, full = structural_similarity_index_measure(_unit_range(x, torch.float64), _unit_range(y, torch.float64),
-                                                  gaussian_kernel=True, sigma=sigma, data_range=1.0, k1=0.01, k2=0.03,
-                                                  reduction="none", return_full_image=True)
+    _, full = structural_similarity_index_measure(
+        _unit_range(x, torch.float64),
+        _unit_range(y, torch.float64),
+        gaussian_kernel=True,
+        sigma=sigma,
+        data_range=1.0,
+        k1=0.01,
+        k2=0.03,
+        reduction="none",
+        return_full_image=True,
+    )
     # torchmetrics pads the images by reflection and averages the whole map; the mean over the valid
     # region, as in Wang et al.'s reference code, keeps the border out and the figures as they were.
     return full[..., pad:-pad, pad:-pad].flatten(1).mean(1).float()

@@ -60,18 +60,22 @@ class LatentSpace:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> "LatentSpace":
+    def from_dict(cls, data: dict[str, Any], where: str) -> LatentSpace:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or set(data) != names:
             raise CheckpointError(f"{where}: a latent space needs exactly the keys {', '.join(sorted(names))}")
         return cls(**data)
 
-    def check_same(self, recorded: "LatentSpace", autoencoder: str, user: str) -> None:
+    def check_same(self, recorded: LatentSpace, autoencoder: str, user: str) -> None:
         """Raise CheckpointError (one line) when `recorded` (what `user` was trained on) differs from this one."""
-        diffs = [f"{f.name} {getattr(recorded, f.name)} -> {getattr(self, f.name)}"
-                 for f in dataclasses.fields(self) if getattr(recorded, f.name) != getattr(self, f.name)]
+        diffs = [
+            f"{f.name} {getattr(recorded, f.name)} -> {getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(recorded, f.name) != getattr(self, f.name)
+        ]
         if diffs:
             raise CheckpointError(
                 f"{user} was trained on another latent space than autoencoder {autoencoder} has now "
                 f"({'; '.join(diffs)}): the autoencoder was retrained or its scale re-measured. Use the "
-                "autoencoder run it was trained with, or train a new prior on this one")
+                "autoencoder run it was trained with, or train a new prior on this one"
+            )

@@ -13,8 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *,
-              labels: list[str] | None = None, title: str | None = None, min_cell: int = 96) -> Path:
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    *,
+    labels: list[str] | None = None,
+    title: str | None = None,
+    min_cell: int = 96,
+) -> Path:
     """Save (B, C, H, W) images in [-1, 1] as one PNG grid that a person can look at.
 
     nrow: images per row (default: a square). Images smaller than `min_cell` pixels are
@@ -120,12 +127,26 @@ class MetricLogger:
                 if k not in ("step", "time") and isinstance(v, (int, float)):
                     self._writer.add_scalar(k, v, step)
 
-    def image(self, tag: str, step: int, images: torch.Tensor) -> None:
-        if self._writer is not None:
+    def image(self, tag: str, step: int, picture: torch.Tensor | str | Path) -> None:
+        """Show a picture in TensorBoard's IMAGES tab under `tag` at `step`.
+
+        picture: (B, C, H, W) images in [-1, 1] (shown as one grid), or the path of a PNG such as a
+        grid save_grid wrote (shown as it is, labels and enlargement included).
+        """
+        if self._writer is None:
+            return
+        if isinstance(picture, torch.Tensor):
             from torchvision.utils import make_grid
 
-            grid = make_grid(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5)
-            self._writer.add_image(tag, grid, step)
+            self._writer.add_image(tag, make_grid(picture.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5), step)
+        else:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(picture) as png:
+                pixels = np.asarray(png.convert("RGB"))  # (H, W, 3) uint8
+            self._writer.add_image(tag, pixels, step, dataformats="HWC")
+        self._writer.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -138,5 +159,13 @@ class MetricLogger:
 
 def progress(total: int | None, desc: str, initial: int = 0, enabled: bool = True, unit: str = "step"):
     """The tqdm bar every long loop shows (off on non-main ranks)."""
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, unit=unit,
-                dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=not enabled,
+        unit=unit,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        smoothing=0.1,
+    )

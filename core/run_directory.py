@@ -11,8 +11,9 @@ import errno
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from .logger import MetricLogger
 from .runs import recorded_data
 from .runtime import Runtime, rng_state, set_rng_state
 
-_OPEN: list["RunDirectory"] = []  # runs holding their directory's lock; stage_main releases them however train ends
+_OPEN: list[RunDirectory] = []  # runs holding their directory's lock; stage_main releases them however train ends
 
 
 def close_open_runs() -> None:
@@ -38,8 +39,17 @@ def close_open_runs() -> None:
 class RunDirectory:
     """A stage's run directory: its config, lock, checkpoints and what a resume restores."""
 
-    def __init__(self, path: Path, stage: str, config: Any, runtime: Runtime, resuming: bool,
-                 recorded: dict | None = None, changes: list[str] | None = None, lock: RunLock | None = None):
+    def __init__(
+        self,
+        path: Path,
+        stage: str,
+        config: Any,
+        runtime: Runtime,
+        resuming: bool,
+        recorded: dict | None = None,
+        changes: list[str] | None = None,
+        lock: RunLock | None = None,
+    ):
         self.path = path
         self.stage = stage
         self.config = config
@@ -70,9 +80,16 @@ class RunDirectory:
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
-    def start(cls, args: argparse.Namespace, config_cls: type, preset_dir: Path, stage: str,
-              from_run: dict[str, Reader] | None = None, required: tuple[str, ...] = ("data",),
-              derive: Callable[[Any], Any] | None = None) -> "RunDirectory":
+    def start(
+        cls,
+        args: argparse.Namespace,
+        config_cls: type,
+        preset_dir: Path,
+        stage: str,
+        from_run: dict[str, Reader] | None = None,
+        required: tuple[str, ...] = ("data",),
+        derive: Callable[[Any], Any] | None = None,
+    ) -> RunDirectory:
         """Resolve the config (fresh from a preset, or the run's own on --resume), lock the directory.
 
         On --resume the flags in `from_run` that the user left out are read back from the run,
@@ -122,8 +139,13 @@ class RunDirectory:
         if self.runtime.is_main:
             ckpt.write_text(self.path / ckpt.CONFIG, dumps_toml(to_dict(self.config)))
 
-    def begin(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-              ema: EMA | None = None, meta: dict | None = None) -> int:
+    def begin(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema: EMA | None = None,
+        meta: dict | None = None,
+    ) -> int:
         """Name what the run checkpoints; when resuming, check and load the last checkpoint. Returns the step.
 
         A resume is checked before anything is written: weights that do not fit the resolved
@@ -149,15 +171,21 @@ class RunDirectory:
         return self.start_step
 
     def _resume(self, modules, optimizers, ema) -> int:
-        hyper = {name: [{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in opt.param_groups]
-                 for name, opt in optimizers.items()}
-        present = {name: m for name, m in modules.items() if name == "model" or ckpt.committed_file(
-            self.path, f"{name}.safetensors").exists()}
+        hyper = {
+            name: [{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in opt.param_groups]
+            for name, opt in optimizers.items()
+        }
+        present = {
+            name: m
+            for name, m in modules.items()
+            if name == "model" or ckpt.committed_file(self.path, f"{name}.safetensors").exists()
+        }
         fresh = [name for name in modules if name not in present]
         with_ema = ema is not None and ema.enabled and bool(self.recorded.get("ema"))
         try:
-            step, state = self.restore(present, {k: o for k, o in optimizers.items() if k in present},
-                                       ema if with_ema else None)
+            step, state = self.restore(
+                present, {k: o for k, o in optimizers.items() if k in present}, ema if with_ema else None
+            )
         except ckpt.CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError) as e:
@@ -165,14 +193,17 @@ class RunDirectory:
                 raise  # not load_state_dict refusing the weights or groups (say, out of memory)
             changed = "; ".join(self._changes) or "no config change"
             first = str(e).strip().splitlines()[-1].strip().rstrip(".")[:200]
-            raise ckpt.CheckpointError(f"cannot resume {self.path}: its checkpoint does not fit the config "
-                                       f"({changed}): {first}. Start a new run with --out instead") from None
+            raise ckpt.CheckpointError(
+                f"cannot resume {self.path}: its checkpoint does not fit the config "
+                f"({changed}): {first}. Start a new run with --out instead"
+            ) from None
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.runtime.world_size:
             raise ckpt.CheckpointError(
                 f"{self.path} was trained by {saved_world} process(es) and this resume has "
                 f"{self.runtime.world_size}: each process's data shard and random stream are part of the run; "
-                f"resume it with {saved_world} (torchrun --nproc_per_node={saved_world})")
+                f"resume it with {saved_world} (torchrun --nproc_per_node={saved_world})"
+            )
         for name, opt in optimizers.items():
             for group, values in zip(opt.param_groups, hyper[name]):
                 group.update(values)
@@ -189,8 +220,15 @@ class RunDirectory:
         return step
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-             ema: EMA | None = None, meta: dict | None = None, state: dict | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema: EMA | None = None,
+        meta: dict | None = None,
+        state: dict | None = None,
+    ) -> None:
         """Write one checkpoint (weights, EMA, training state, meta, config) and commit it as a unit.
 
         Every rank writes into the same staging folder, the others their own RNG state (each rank
@@ -205,24 +243,37 @@ class RunDirectory:
         full_meta = {}
         try:
             if not self.runtime.is_main:
-                ckpt.save_state(staging / f"rng_rank{self.runtime.rank}.pt",
-                                {"step": step, "rng": rng_state(), "data_position": self._data_state()})
+                ckpt.save_state(
+                    staging / f"rng_rank{self.runtime.rank}.pt",
+                    {"step": step, "rng": rng_state(), "data_position": self._data_state()},
+                )
             else:
                 for name, module in modules.items():
                     fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
                     ckpt.save_weights(staging / fname, unwrap(module).state_dict(), {"step": step})
                 if ema is not None and ema.enabled:
                     ckpt.save_weights(staging / ckpt.EMA, ema.weights(), {"step": step})
-                full_state = {"step": step, "rng": rng_state(), "skipped": self.skipped,
-                              "world_size": self.runtime.world_size, "data_position": self._data_state(),
-                              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                              "ema_count": ema.count() if ema is not None else torch.tensor(0)}
+                full_state = {
+                    "step": step,
+                    "rng": rng_state(),
+                    "skipped": self.skipped,
+                    "world_size": self.runtime.world_size,
+                    "data_position": self._data_state(),
+                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "ema_count": ema.count() if ema is not None else torch.tensor(0),
+                }
                 full_state.update(state or {})
                 ckpt.save_state(staging / ckpt.STATE, full_state)
                 ckpt.write_text(staging / ckpt.CONFIG, dumps_toml(to_dict(self.config)))
                 full_meta = self.read_meta_or_empty()
-                full_meta.update({"stage": self.stage, "format_version": ckpt.FORMAT_VERSION, "step": step,
-                                  "ema": bool(ema is not None and ema.enabled)})
+                full_meta.update(
+                    {
+                        "stage": self.stage,
+                        "format_version": ckpt.FORMAT_VERSION,
+                        "step": step,
+                        "ema": bool(ema is not None and ema.enabled),
+                    }
+                )
                 full_meta.update(meta or {})
                 ckpt.write_json(staging / ckpt.META, full_meta)
         except BaseException as e:
@@ -245,7 +296,8 @@ class RunDirectory:
         fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         raise ckpt.CheckpointError(
             f"could not write the checkpoint of step {step} in {self.path} ({error.strerror or error}); the previous "
-            f"checkpoint is kept: {fix} and resume with --resume {self.path}") from error
+            f"checkpoint is kept: {fix} and resume with --resume {self.path}"
+        ) from error
 
     def read_meta_or_empty(self) -> dict:
         """The run's meta (newest checkpoint over the root copy), or {} before its first checkpoint."""
@@ -264,14 +316,18 @@ class RunDirectory:
             try:
                 chosen = ckpt.latest(self.path, rejected)
                 if chosen is None:
-                    raise ckpt.CheckpointError(f"{self.path} has no checkpoint yet (it stopped before its first "
-                                               f"save); start it again with --out {self.path}")
+                    raise ckpt.CheckpointError(
+                        f"{self.path} has no checkpoint yet (it stopped before its first "
+                        f"save); start it again with --out {self.path}"
+                    )
             except ckpt.CheckpointError as e:
                 error = e
             if chosen is not None and rejected:
                 moved = [ckpt.set_aside(self.path, folder).name for folder, _ in rejected]
-                print(ckpt.fallback_message(self.path, chosen, rejected, f"; set aside as {', '.join(moved)}"),
-                      file=sys.stderr)
+                print(
+                    ckpt.fallback_message(self.path, chosen, rejected, f"; set aside as {', '.join(moved)}"),
+                    file=sys.stderr,
+                )
         # (found, step, seq, legacy) from the main rank; the all-reduce is also the barrier.
         code = torch.zeros(4, dtype=torch.int64, device=self.runtime.device)
         if chosen is not None:
@@ -283,12 +339,16 @@ class RunDirectory:
         if not found:
             raise ckpt.CheckpointError(f"{self.path}: the main rank found no checkpoint to resume from")
         if chosen is None:
-            chosen = (ckpt.Checkpoint(self.path, step, legacy=True) if legacy
-                      else ckpt.Checkpoint(ckpt.step_folder(self.path, step, seq), step))
+            chosen = (
+                ckpt.Checkpoint(self.path, step, legacy=True)
+                if legacy
+                else ckpt.Checkpoint(ckpt.step_folder(self.path, step, seq), step)
+            )
         return chosen
 
-    def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                ema: EMA | None = None) -> tuple[int, dict]:
+    def restore(
+        self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None = None
+    ) -> tuple[int, dict]:
         """Load the newest complete checkpoint when resuming; returns (step, training state) or (0, {}).
 
         First removes what an interrupted save left behind (staging folders, temporary files).
@@ -316,7 +376,8 @@ class RunDirectory:
             if not own.exists():
                 raise ckpt.CheckpointError(
                     f"{self.path} was saved by {state.get('world_size', 1)} process(es) and has no RNG state for "
-                    f"rank {self.runtime.rank}; resume it with --nproc_per_node={state.get('world_size', 1)}")
+                    f"rank {self.runtime.rank}; resume it with --nproc_per_node={state.get('world_size', 1)}"
+                )
             own_state = ckpt.load_state(own)
             rng, self._data_position = own_state["rng"], own_state.get("data_position")
         else:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,8 +50,16 @@ def read_config(run_dir: str | Path, config_cls: type[T]) -> T:
     return load_toml(config_cls, ckpt.committed_file(run_dir, ckpt.CONFIG))
 
 
-def load_run(run_dir: str | Path, stage: str, config_cls: type, build: Callable[[Any, dict], torch.nn.Module], *,
-             device: torch.device | str = "cpu", ema: bool = True, needs: tuple[str, ...] = ()) -> LoadedRun:
+def load_run(
+    run_dir: str | Path,
+    stage: str,
+    config_cls: type,
+    build: Callable[[Any, dict], torch.nn.Module],
+    *,
+    device: torch.device | str = "cpu",
+    ema: bool = True,
+    needs: tuple[str, ...] = (),
+) -> LoadedRun:
     """Rebuild the model of a `latentdiff train STAGE` run from its directory alone, frozen.
 
     build(config, meta): the stage's model, untrained (e.g. `lambda cfg, meta: UNet(cfg.model)`).
@@ -64,8 +73,10 @@ def load_run(run_dir: str | Path, stage: str, config_cls: type, build: Callable[
     meta = ckpt.read_meta(run_dir, stage)
     missing = [k for k in needs if meta.get(k) is None]
     if missing:
-        raise ckpt.CheckpointError(f"{run_dir} has no {missing[0]} in meta.json yet: its training did not finish; "
-                                   f"resume it with `latentdiff train {stage} --resume {run_dir}`")
+        raise ckpt.CheckpointError(
+            f"{run_dir} has no {missing[0]} in meta.json yet: its training did not finish; "
+            f"resume it with `latentdiff train {stage} --resume {run_dir}`"
+        )
     config = read_config(run_dir, config_cls)
     model = build(config, meta)
     state = ckpt.load_weights(ckpt.committed_file(run_dir, ckpt.EMA if ema and meta.get("ema") else ckpt.MODEL))
@@ -73,13 +84,15 @@ def load_run(run_dir: str | Path, stage: str, config_cls: type, build: Callable[
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise ckpt.CheckpointError(f"weights in {run_dir} do not fit its config.toml: "
-                                   f"{' '.join(line.strip() for line in first)}") from None
+        raise ckpt.CheckpointError(
+            f"weights in {run_dir} do not fit its config.toml: {' '.join(line.strip() for line in first)}"
+        ) from None
     model.to(device).eval().requires_grad_(False)
     return LoadedRun(run_dir.resolve(), meta, config, model, ckpt.tensors_hash(state))
 
 
 # ---- paths a run records ----------------------------------------------------------------------
+
 
 def is_local(path: str) -> bool:
     """False for what the data reader streams (`pipe:` commands, URLs); True for file-system paths."""
@@ -113,15 +126,18 @@ def find_recorded(record: dict[str, str] | str, run_dir: str | Path, what: str, 
     record = {"path": record} if isinstance(record, str) else record
     path = record["path"]
     if not is_local(path):
-        raise UserError(f"{run_dir} records {what} {path!r}, which is not a local path; such sources are only "
-                        f"taken from the command line: pass {flag} again")
+        raise UserError(
+            f"{run_dir} records {what} {path!r}, which is not a local path; such sources are only "
+            f"taken from the command line: pass {flag} again"
+        )
     if _exists(Path(path)):
         return path
     relative = record.get("from_run")
     if relative is not None and _exists(Path(run_dir) / relative):
         return str((Path(run_dir) / relative).resolve())
-    raise UserError(f"{run_dir} records {what} {path}, which no longer exists (nor relative to the run); "
-                    f"pass {flag} PATH")
+    raise UserError(
+        f"{run_dir} records {what} {path}, which no longer exists (nor relative to the run); pass {flag} PATH"
+    )
 
 
 def recorded_data(run_dir: str | Path, stage: str) -> str | None:
@@ -131,6 +147,7 @@ def recorded_data(run_dir: str | Path, stage: str) -> str | None:
 
 
 # ---- fields a new run takes from what it reads ------------------------------------------------
+
 
 def follow(args: argparse.Namespace, key: str, value: Any) -> Callable[[Any], Any]:
     """A `Run.start(derive=...)` step: a new run takes top-level field `key` = `value` from what it reads

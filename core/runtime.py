@@ -51,6 +51,8 @@ def set_rng_state(state: dict) -> None:
 # How a network runs: "auto" picks per device (see `Runtime.setup` for training, `sampling_dtype` for sampling).
 Precision = Literal["auto", "fp32", "bf16"]
 SAMPLING_PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 def sampling_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for running a network at inference, or None for float32.
 
@@ -75,11 +77,16 @@ def parse_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
     if not available.get(dev.type, False):
-        raise UserError(f"--device {name}: this machine has no {dev.type} device that torch {torch.__version__} "
-                        "can use; leave --device out to use the best one there is")
+        raise UserError(
+            f"--device {name}: this machine has no {dev.type} device that torch {torch.__version__} "
+            "can use; leave --device out to use the best one there is"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
@@ -111,7 +118,7 @@ class Runtime:
         return self.world_size > 1
 
     @classmethod
-    def setup(cls, seed: int, precision: str = "auto", device: str | None = None) -> "Runtime":
+    def setup(cls, seed: int, precision: str = "auto", device: str | None = None) -> Runtime:
         """Pick the device, join torchrun's process group if launched by it, seed every RNG.
 
         precision "auto" is bf16 autocast on CUDA and fp32 on CPU, where bf16 autocast was

@@ -34,8 +34,10 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -94,8 +96,7 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -114,8 +115,9 @@ class Run(RunDirectory):
         cfg = self.config.train
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr
-        return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, self._progress(step)),
-                        last_epoch=self.start_step - 1)
+        return LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg, self._progress(step)), last_epoch=self.start_step - 1
+        )
 
     def _progress(self, step: int) -> float | None:
         cfg = self.config.train
@@ -157,8 +159,7 @@ class Run(RunDirectory):
                 self._bar.close()
             self.checkpoint(self.done)
             if self._should_stop(signals)[1]:
-                raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}",
-                              signals.received or 15)
+                raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}", signals.received or 15)
 
     def _should_stop(self, signals: StopSignals) -> tuple[bool, bool]:
         budget = self.config.train.max_minutes
@@ -182,8 +183,13 @@ class Run(RunDirectory):
         start = self.start_step if start is None else start
         workers = max(1, getattr(loader, "num_workers", 0))
         recorded = self._data_position
-        fast = (start > 0 and hasattr(loader, "resumed") and recorded is not None
-                and recorded["workers"] == workers and recorded["at"])
+        fast = (
+            start > 0
+            and hasattr(loader, "resumed")
+            and recorded is not None
+            and recorded["workers"] == workers
+            and recorded["at"]
+        )
         # The replay below records the positions again; a restart starts from the recorded ones.
         self._positions = worker_positions(recorded) if fast else {}
         self._workers = workers
@@ -224,9 +230,11 @@ class Run(RunDirectory):
         self._note(f"step {step + 1}: the {part}'s loss or gradient norm is not finite; step skipped ({row} in a row)")
         if row >= limit:
             kept = f"step {self._saved_step}" if self._saved_step is not None else "none yet"
-            raise NonFiniteError(f"step {step + 1}: the {part}'s loss or gradient norm was not finite {row} steps in "
-                                 f"a row (train.max_nonfinite_steps = {limit}); stopped, last checkpoint kept "
-                                 f"({kept}); lower train.lr or check the data")
+            raise NonFiniteError(
+                f"step {step + 1}: the {part}'s loss or gradient norm was not finite {row} steps in "
+                f"a row (train.max_nonfinite_steps = {limit}); stopped, last checkpoint kept "
+                f"({kept}); lower train.lr or check the data"
+            )
         return False
 
     def checkpoint(self, step: int, meta: dict | None = None) -> None:
@@ -235,8 +243,10 @@ class Run(RunDirectory):
         ema_weights = {"ema": ema.weights()} if ema is not None and ema.enabled else {}
         bad = nonfinite_weights(modules, ema_weights)
         if any(self.runtime.any_rank(bool(bad))):
-            raise NonFiniteError(f"step {step}: the weights of {', '.join(bad) or 'another rank'} are not finite; "
-                                 f"not saved, last checkpoint kept (step {self._saved_step}); lower train.lr")
+            raise NonFiniteError(
+                f"step {step}: the weights of {', '.join(bad) or 'another rank'} are not finite; "
+                f"not saved, last checkpoint kept (step {self._saved_step}); lower train.lr"
+            )
         self.meta.update(meta or {})
         state = {"nonfinite_steps": self.nonfinite_steps}
         if self._last_progress is not None:
@@ -244,16 +254,27 @@ class Run(RunDirectory):
         self.save(step, modules, optimizers, ema, meta=self.meta, state=state)
         self._saved_step = step
 
-    def sample(self, step: int, make_grid: Callable[[], Any]) -> None:
-        """Run a periodic sample grid on the main rank; an error in it is reported and counted, not fatal."""
+    def sample(self, step: int, make_grid: Callable[[], Any], tag: str = "samples") -> None:
+        """Run a periodic sample grid on the main rank; an error in it is reported and counted, not fatal.
+
+        make_grid: writes the grid and returns its PNG's path (or the images), which TensorBoard then
+        shows under `tag` at step + 1 (the steps done), as `image` does.
+        """
         if not self.runtime.is_main:
             return
         try:
             with self.runtime.fork_rng():
-                make_grid()
+                picture = make_grid()
+            if picture is not None:
+                self.image(tag, step + 1, picture)
         except Exception as e:  # a grid is a by-product: a broken one must not end hours of training
             self.sample_errors += 1
             self._note(f"step {step + 1}: the sample grid failed ({type(e).__name__}: {e}); training goes on")
+
+    def image(self, tag: str, step: int, picture: torch.Tensor | str | Path) -> None:
+        """Show a grid in TensorBoard's IMAGES tab (main rank; MetricLogger.image): a PNG's path or images."""
+        if self.logger is not None:
+            self.logger.image(tag, step, picture)
 
     def count_images(self, n: int, skipped: int = 0) -> None:
         self._images += n
@@ -265,28 +286,41 @@ class Run(RunDirectory):
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         elapsed = max(1e-9, time.monotonic() - self._t0)
-        metrics = {**metrics, "images_per_s": self._images * self.runtime.world_size / elapsed,
-                   "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps,
-                   "sample_errors": self.sample_errors}
+        metrics = {
+            **metrics,
+            "images_per_s": self._images * self.runtime.world_size / elapsed,
+            "skipped_samples": self.skipped,
+            "nonfinite_steps": self.nonfinite_steps,
+            "sample_errors": self.sample_errors,
+        }
         self.logger.log(step + 1, metrics)
         if self._bar is not None:
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()
-                     if k in ("loss", "images_per_s", "psnr", "lr") or k.startswith("loss")}
+            shown = {
+                k: (f"{v:.4g}" if isinstance(v, float) else v)
+                for k, v in metrics.items()
+                if k in ("loss", "images_per_s", "psnr", "lr") or k.startswith("loss")
+            }
             self._bar.set_postfix(shown, refresh=False)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json (flat keys) and print it: how scripts and people read results."""
-        summary = {**summary, "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite_steps,
-                   "sample_errors": self.sample_errors}
+        summary = {
+            **summary,
+            "skipped_samples": self.skipped,
+            "nonfinite_steps": self.nonfinite_steps,
+            "sample_errors": self.sample_errors,
+        }
         if self.runtime.is_main:
             ckpt.write_json(self.path / "summary.json", summary)
-            self.logger.log(summary.get("steps", 0), {f"final/{k}": v for k, v in summary.items()
-                                                      if isinstance(v, (int, float))})
+            self.logger.log(
+                summary.get("steps", 0), {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+            )
             figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
             print(f"{self.stage} run {self.path}: {figures}")
         self.runtime.barrier()
         self.close()
         return summary
+
 
 def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:
     """A restarted DataLoader's batches in the interrupted one's order: worker `first`, then round robin.

@@ -47,7 +47,7 @@ IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif",
 )  # fmt: skip
-LARGE_NOTE = "over {:,} pixels (read anyway)".format(LARGE_PIXELS)
+LARGE_NOTE = f"over {LARGE_PIXELS:,} pixels (read anyway)"
 WARNING_NOTE = "Pillow warning (e.g. corrupt EXIF), image read anyway"
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")

@@ -1,6 +1,6 @@
 """The one reader every training stage uses: webdataset shards -> batches of images and captions.
 
-    loader = make_loader("data/shapes", "train", batch_size=64, seed=0)
+    loader = make_loader("datasets/shapes", "train", batch_size=64, seed=0)
     skips = SkipCounter()
     for step, batch in enumerate(loader):
         skips.update(batch)        # batch["image"]: (B, 3, H, W) float32 in [-1, 1]
@@ -128,7 +128,7 @@ class SkipCounter:
         return n
 
     def summary(self) -> str:
-        """"3 samples skipped (empty caption: 1, undecodable image: 2)"."""
+        """ "3 samples skipped (empty caption: 1, undecodable image: 2)"."""
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items()))
         return f"{self.total} samples skipped" + (f" ({reasons})" if reasons else "")
 
@@ -436,7 +436,7 @@ class Loader:
     def __init__(self, dataset: ShardStream, num_workers: int, name: str) -> None:
         self.dataset, self.num_workers, self.name = dataset, num_workers, name
 
-    def resumed(self, positions: dict[int, tuple[int, int]]) -> "Loader":
+    def resumed(self, positions: dict[int, tuple[int, int]]) -> Loader:
         """The same stream, each worker starting where a previous run of it stopped, without decoding images.
 
         positions: {worker: (epoch, raw samples of that epoch read)}, from the `position` (worker,

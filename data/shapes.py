@@ -68,7 +68,7 @@ def vocabularies() -> dict[str, list[str]]:
 
 
 def describe(shape: Shape) -> str:
-    """"a large red circle on the left"."""
+    """ "a large red circle on the left"."""
     return f"{with_article(f'{shape.size} {shape.color} {shape.shape}')} {POSITION_PHRASES[shape.position]}"
 
 
@@ -80,7 +80,7 @@ def caption_for(shapes: Sequence[Shape]) -> str:
 
 
 def parse_holdout(rules: Sequence[str]) -> list[dict[str, str]]:
-    """"blue triangle" -> {"color": "blue", "shape": "triangle"}; any attribute values may be combined."""
+    """ "blue triangle" -> {"color": "blue", "shape": "triangle"}; any attribute values may be combined."""
     owner = {value: attr for attr, values in vocabularies().items() for value in values}
     parsed = []
     for rule in rules:
@@ -122,9 +122,7 @@ def _sample_shape(rng: np.random.Generator, position: str, rules: Sequence[dict[
 
 def _check_feasible(rules: Sequence[dict[str, str]]) -> None:
     for position in ("left", "right"):  # both positions of two-shape images must stay possible
-        if all(
-            is_held_out(Shape(s, c, z, position), rules) for s in SHAPES for c in COLORS for z in SIZES
-        ):
+        if all(is_held_out(Shape(s, c, z, position), rules) for s in SHAPES for c in COLORS for z in SIZES):
             raise ValueError(f"holdout {rules} excludes every shape at position {position!r}; hold out less")
 
 

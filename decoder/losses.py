@@ -8,8 +8,9 @@ stage loops run backward, clipping and the optimizer steps where a reader sees t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = channels
         for i in range(1, layers + 1):
-            out = channels * min(2 ** i, 8)
+            out = channels * min(2**i, 8)
             stride = 2 if i < layers else 1
             mods += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), group_norm(out), nn.LeakyReLU(0.2)]
             ch = out
@@ -87,13 +88,15 @@ class DecoderLoss(nn.Module):
     every rank weighs the GAN term alike; the default leaves it as it is.
     """
 
-    def __init__(self, cfg: DecoderLossConfig, in_channels: int = 3,
-                 average: Callable[[torch.Tensor], torch.Tensor] = _same):
+    def __init__(
+        self, cfg: DecoderLossConfig, in_channels: int = 3, average: Callable[[torch.Tensor], torch.Tensor] = _same
+    ):
         super().__init__()
         self.cfg = cfg
         self.lpips = load_lpips() if cfg.perceptual == "lpips" else None
-        self.discriminator = (PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
-                              if cfg.disc_weight > 0 else None)
+        self.discriminator = (
+            PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers) if cfg.disc_weight > 0 else None
+        )
         self.average = average
 
     def gan_active(self, step: int) -> bool:
@@ -109,21 +112,26 @@ class DecoderLoss(nn.Module):
         terms["loss"] = total
         return terms
 
-    def add_gan(self, terms: dict[str, torch.Tensor], x_hat: torch.Tensor, step: int,
-                last_layer: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def add_gan(
+        self, terms: dict[str, torch.Tensor], x_hat: torch.Tensor, step: int, last_layer: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Add the adaptively weighted generator term -D(x_hat) to `loss` once the GAN is on."""
         if self.gan_active(step):
             g = -self.discriminator(x_hat).flatten(1).mean(1)
-            weight = (adaptive_weight(terms["loss"].mean(), g.mean(), last_layer) if last_layer is not None
-                      and torch.is_grad_enabled() else torch.tensor(1.0, device=x_hat.device))
+            weight = (
+                adaptive_weight(terms["loss"].mean(), g.mean(), last_layer)
+                if last_layer is not None and torch.is_grad_enabled()
+                else torch.tensor(1.0, device=x_hat.device)
+            )
             weight = self.average(weight)
             terms["gan"] = g
             terms["gan_weight"] = weight.expand_as(g)
             terms["loss"] = terms["loss"] + self.cfg.disc_weight * weight * g
         return terms
 
-    def forward(self, x: torch.Tensor, x_hat: torch.Tensor, step: int,
-                last_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, last_layer: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-sample terms (B,) and their weighted sum `loss` (B,); the loop takes the mean."""
         return self.add_gan(self.image_terms(x, x_hat), x_hat, step, last_layer)
 
@@ -138,8 +146,9 @@ class DecoderLoss(nn.Module):
         return torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
 
 
-def discriminator_step(loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor,
-                       step: int, run) -> torch.Tensor:
+def discriminator_step(
+    loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor, step: int, run
+) -> torch.Tensor:
     """The PatchGAN's own step after the generator's: loss, backward, average over ranks, step.
 
     Every rank starts from rank 0's discriminator (`Runtime.broadcast_module`) and applies the

@@ -52,8 +52,11 @@ class Decoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.post_quant_conv else None
         self.conv_in = nn.Conv2d(c, ch[-1], 3, padding=1)
         self.mid = nn.ModuleList([ResBlock(ch[-1], norm_groups=g), ResBlock(ch[-1], norm_groups=g)])
-        self.mid_attn = (SpatialSelfAttention(ch[-1], backend=cfg.attention, qkv_bias=cfg.attention_bias,
-                                              norm_groups=g) if cfg.mid_attention else None)
+        self.mid_attn = (
+            SpatialSelfAttention(ch[-1], backend=cfg.attention, qkv_bias=cfg.attention_bias, norm_groups=g)
+            if cfg.mid_attention
+            else None
+        )
         self.up = nn.ModuleList()
         in_ch = ch[-1]
         for level in reversed(range(len(ch))):
@@ -63,10 +66,14 @@ class Decoder(nn.Module):
                 in_ch = ch[level]
             # By default the upsampling conv narrows to the next level's width (cheaper than after it).
             out_ch = ch[level - 1] if level > 0 and cfg.upsample_narrows else in_ch
-            self.up.append(nn.ModuleDict({
-                "blocks": blocks,
-                "upsample": Upsample(in_ch, out_ch) if level > 0 else nn.Identity(),
-            }))
+            self.up.append(
+                nn.ModuleDict(
+                    {
+                        "blocks": blocks,
+                        "upsample": Upsample(in_ch, out_ch) if level > 0 else nn.Identity(),
+                    }
+                )
+            )
             in_ch = out_ch
         # Super-resolution levels: extra 2x steps at the image-level width.
         self.extra = nn.ModuleList()

@@ -26,13 +26,18 @@ def lpips_available() -> bool:
     return vgg16_weights_path().exists()
 
 
-def load_lpips() -> torch.nn.Module:
-    """A frozen LPIPS-VGG module taking images in [-1, 1]; a clear error when VGG16's weights are absent."""
+def load_lpips(without: str = 'train without it: --set loss.perceptual="none"') -> torch.nn.Module:
+    """A frozen LPIPS-VGG module taking images in [-1, 1]; a clear error when VGG16's weights are absent.
+
+    without: how the caller's command goes on without LPIPS, ending the error (the training stage's flag by
+    default; `evaluate-autoencoder` names its own). Raises UserError.
+    """
     path = vgg16_weights_path()
     if not path.exists():
         raise UserError(
             f"LPIPS needs torchvision's VGG16 weights at {path} (the torch hub cache; set TORCH_HOME to move it). "
-            f"Copy {path.name} there from a machine with internet, or train without it: --set loss.perceptual=\"none\"")
+            f"Copy {path.name} there from a machine with internet, or {without}"
+        )
     import lpips
 
     model = lpips.LPIPS(net="vgg", verbose=False)

@@ -47,8 +47,9 @@ class DecoderStageConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff train decoder",
-                                description="Train the decoder alone with the autoencoder's encoder frozen.")
+    p = argparse.ArgumentParser(
+        prog="latentdiff train decoder", description="Train the decoder alone with the autoencoder's encoder frozen."
+    )
     add_train_args(p, "decoder", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (its encoder is frozen)")
     p.add_argument("--upscale", type=int, choices=[1, 2, 4], help="decode to this many times the resolution")
@@ -63,8 +64,9 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_images: int, device) -> dict:
     """Val PSNR of this decoder against the autoencoder's own decoder (bicubically upsampled when upscale > 1)."""
-    loader = make_loader(data, "val", 100, shuffle=False, repeat=False, drop_last=False,
-                         resolution=res * upscale, rank=0, world_size=1)
+    loader = make_loader(
+        data, "val", 100, shuffle=False, repeat=False, drop_last=False, resolution=res * upscale, rank=0, world_size=1
+    )
     ours, base, n, shown = [], [], 0, None
     for batch in loader:
         x = batch["image"].to(device)
@@ -85,24 +87,34 @@ def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_image
 
 
 # Flags a resume reads back from the run when left out (only a local path is taken from its records).
-FROM_RUN = {"autoencoder": lambda meta, run: find_recorded(meta["autoencoder"], run, "its autoencoder",
-                                                          "--autoencoder")}
+FROM_RUN = {
+    "autoencoder": lambda meta, run: find_recorded(meta["autoencoder"], run, "its autoencoder", "--autoencoder")
+}
 
 
 def train(args: argparse.Namespace) -> dict:
     if args.upscale:
         args.set = [*args.set, f"upscale={args.upscale}"]
     # A new run takes its network from the autoencoder's decoder, so config.toml alone rebuilds it.
-    run = Run.start(args, DecoderStageConfig, PRESETS, stage="decoder", from_run=FROM_RUN,
-                    required=("data", "autoencoder"),
-                    derive=lambda cfg: replace(cfg, model=replace(
-                        read_autoencoder_config(args.autoencoder).model.decoder_config(), upscale=cfg.upscale)))
+    run = Run.start(
+        args,
+        DecoderStageConfig,
+        PRESETS,
+        stage="decoder",
+        from_run=FROM_RUN,
+        required=("data", "autoencoder"),
+        derive=lambda cfg: replace(
+            cfg, model=replace(read_autoencoder_config(args.autoencoder).model.decoder_config(), upscale=cfg.upscale)
+        ),
+    )
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     ae, space = load_autoencoder(args.autoencoder, rt.device)
     if run.recorded is not None and run.recorded["encoder_hash"] != space.encoder_hash:
-        raise ValueError(f"{args.autoencoder} is not the autoencoder this decoder run was started from "
-                         f"(encoder hash {space.encoder_hash} != {run.recorded['encoder_hash']})")
+        raise ValueError(
+            f"{args.autoencoder} is not the autoencoder this decoder run was started from "
+            f"(encoder hash {space.encoder_hash} != {run.recorded['encoder_hash']})"
+        )
     res = space.resolution
     dec_cfg = cfg.model
     decoder = Decoder(dec_cfg).to(rt.device)
@@ -122,16 +134,22 @@ def train(args: argparse.Namespace) -> dict:
     if opt_d is not None:
         modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
-    meta = {"autoencoder": record_path(args.autoencoder, run.path), "encoder_hash": space.encoder_hash,
-            "upscale": cfg.upscale, "resolution": res * cfg.upscale, "data": record_path(args.data, run.path)}
+    meta = {
+        "autoencoder": record_path(args.autoencoder, run.path),
+        "encoder_hash": space.encoder_hash,
+        "upscale": cfg.upscale,
+        "resolution": res * cfg.upscale,
+        "data": record_path(args.data, run.path),
+    }
     run.begin(modules, optimizers, ema, meta=meta)
     if opt_d is not None:
         rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
     net = rt.wrap(decoder)
     scheduler = run.lr_schedule(opt)
 
-    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                         resolution=res * cfg.upscale)
+    loader = make_loader(
+        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=res * cfg.upscale
+    )
     batches = run.batches(loader)  # a resumed run skips what it has seen
     for step in run.steps():
         batch = next(batches)
@@ -155,11 +173,23 @@ def train(args: argparse.Namespace) -> dict:
         run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
-            run.log(step, {"lr": lr, "grad_norm": grad_norm.item(), "psnr": psnr(x_hat.detach(), x).mean().item(),
-                           **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()}})
+            run.log(
+                step,
+                {
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "psnr": psnr(x_hat.detach(), x).mean().item(),
+                    **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()},
+                },
+            )
         if run.every(tcfg.sample_every, step):
-            run.sample(step, lambda: save_grid(torch.cat([x[:16], x_hat[:16].detach()]),
-                                               run.path / "samples" / f"recon_{step + 1:07d}.png", 16))
+            run.sample(
+                step,
+                lambda: save_grid(
+                    torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16
+                ),
+                tag="reconstructions",
+            )
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
@@ -169,6 +199,7 @@ def train(args: argparse.Namespace) -> dict:
         metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)
         summary.update(metrics)
         summary["comparison_grid"] = str(save_grid(shown, run.path / "comparison.png", 8))
+        run.image("comparison", run.done, summary["comparison_grid"])
     return run.finish(summary)
 
 

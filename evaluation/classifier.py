@@ -64,9 +64,11 @@ def heads_from_info(info: dict[str, Any], where: str = "the dataset") -> Heads:
     classes = info.get("classes")
     if classes:
         return {"class": list(classes)}
-    raise ValueError(f"{where} has no 'classes' or 'attributes' in its info.json, so there is nothing to classify; "
-                     "the classifier needs labelled shards such as `latentdiff data fashion-mnist` or "
-                     "`latentdiff data shapes` write")
+    raise ValueError(
+        f"{where} has no 'classes' or 'attributes' in its info.json, so there is nothing to classify; "
+        "the classifier needs labelled shards such as `latentdiff data fashion-mnist` or "
+        "`latentdiff data shapes` write"
+    )
 
 
 def targets_from_meta(heads: Heads, metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -106,11 +108,14 @@ class Classifier(nn.Module):
             raise ValueError("a classifier needs at least one head")
         self.cfg, self.heads, self.resolution = cfg, {k: list(v) for k, v in heads.items()}, resolution
         if len(cfg.convs_per_level) != len(cfg.channels) or min(cfg.convs_per_level) < 1:
-            raise ValueError(f"model.convs_per_level {cfg.convs_per_level} needs one count >= 1 per level of "
-                             f"model.channels {cfg.channels}")
+            raise ValueError(
+                f"model.convs_per_level {cfg.convs_per_level} needs one count >= 1 per level of "
+                f"model.channels {cfg.channels}"
+            )
         if resolution % 2 ** (len(cfg.channels) - 1):
-            raise ValueError(f"resolution {resolution} must be divisible by 2^{len(cfg.channels) - 1} "
-                             f"for {len(cfg.channels)} levels")
+            raise ValueError(
+                f"resolution {resolution} must be divisible by 2^{len(cfg.channels) - 1} for {len(cfg.channels)} levels"
+            )
         layers: list[nn.Module] = []
         c_prev = cfg.in_channels
         for level, (c, convs) in enumerate(zip(cfg.channels, cfg.convs_per_level)):
@@ -126,11 +131,13 @@ class Classifier(nn.Module):
 
     def check_images(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"the classifier takes images (B, {self.cfg.in_channels}, H, W) in [-1, 1], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"the classifier takes images (B, {self.cfg.in_channels}, H, W) in [-1, 1], got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
-            raise ValueError(f"the classifier takes float images in [-1, 1], got {x.dtype}; "
-                             "convert uint8 with x / 127.5 - 1")
+            raise ValueError(
+                f"the classifier takes float images in [-1, 1], got {x.dtype}; convert uint8 with x / 127.5 - 1"
+            )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, feature_dim) penultimate features, before the ReLU."""
@@ -171,9 +178,15 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu", ema
     `model.weights_hash` is the content hash of the loaded weights (keys FID statistics caches);
     `model.meta` is the run's meta.json.
     """
-    run = load_run(run_dir, STAGE, ClassifierStageConfig,
-                   lambda cfg, meta: Classifier(cfg.model, meta["heads"], cfg.resolution),
-                   device=device, ema=ema, needs=("heads",))
+    run = load_run(
+        run_dir,
+        STAGE,
+        ClassifierStageConfig,
+        lambda cfg, meta: Classifier(cfg.model, meta["heads"], cfg.resolution),
+        device=device,
+        ema=ema,
+        needs=("heads",),
+    )
     model = run.model
     model.weights_hash, model.meta, model.run_dir = run.weights_hash, run.meta, str(run_dir)
     return model

@@ -20,26 +20,45 @@ from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, resolve_shards
 
-from .classifier import (Classifier, ClassifierStageConfig, Heads, classification_loss, correct, heads_from_info,
-                         targets_from_meta)
+from .classifier import (
+    Classifier,
+    ClassifierStageConfig,
+    Heads,
+    classification_loss,
+    correct,
+    heads_from_info,
+    targets_from_meta,
+)
 
 PRESETS = Path(__file__).parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff train classifier",
-                                description="Train the small CNN whose penultimate features are the FID feature "
-                                            "space and whose predictions score prompt faithfulness.")
+    p = argparse.ArgumentParser(
+        prog="latentdiff train classifier",
+        description="Train the small CNN whose penultimate features are the FID feature "
+        "space and whose predictions score prompt faithfulness.",
+    )
     add_train_args(p, "classifier", presets=PRESETS)
     return p
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: Classifier, data: str, split: str, heads: Heads, resolution: int, max_images: int,
-                      batch_size: int = 250) -> dict[str, float]:
+def evaluate_accuracy(
+    model: Classifier, data: str, split: str, heads: Heads, resolution: int, max_images: int, batch_size: int = 250
+) -> dict[str, float]:
     """Fraction of up to `max_images` images of `split` with every head right ("accuracy") and per head."""
-    loader = make_loader(data, split, batch_size, shuffle=False, repeat=False, drop_last=False,
-                         resolution=resolution, rank=0, world_size=1)
+    loader = make_loader(
+        data,
+        split,
+        batch_size,
+        shuffle=False,
+        repeat=False,
+        drop_last=False,
+        resolution=resolution,
+        rank=0,
+        world_size=1,
+    )
     device = next(model.parameters()).device
     hits: dict[str, list[torch.Tensor]] = {}
     seen = 0
@@ -69,26 +88,42 @@ def _has_split(data: str, split: str) -> bool:
 
 def train(args: argparse.Namespace) -> dict:
     # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
-    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier",
-                    derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg))
+    run = Run.start(
+        args,
+        ClassifierStageConfig,
+        PRESETS,
+        stage="classifier",
+        derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg),
+    )
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     heads = heads_from_info(read_info(args.data), where=str(args.data))
     recorded = (run.recorded or {}).get("heads")
     if recorded is not None and recorded != heads:
-        raise ValueError(f"{run.path} was trained with heads {recorded} but {args.data} has {heads}; "
-                         "resume on the data the run was started with")
+        raise ValueError(
+            f"{run.path} was trained with heads {recorded} but {args.data} has {heads}; "
+            "resume on the data the run was started with"
+        )
 
     model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin({"model": model}, {"model": opt}, ema, meta={"heads": heads, "data": record_path(args.data, run.path),
-                                                           "resolution": cfg.resolution,
-                                                           "feature_dim": cfg.model.feature_dim})
+    run.begin(
+        {"model": model},
+        {"model": opt},
+        ema,
+        meta={
+            "heads": heads,
+            "data": record_path(args.data, run.path),
+            "resolution": cfg.resolution,
+            "feature_dim": cfg.model.feature_dim,
+        },
+    )
     net = rt.wrap(model)
     scheduler = run.lr_schedule(opt)
-    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                         resolution=cfg.resolution)
+    loader = make_loader(
+        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+    )
     batches = run.batches(loader)  # a resumed run skips what it has seen, dropout noise unchanged
     model.train()
     for step in run.steps():
@@ -110,8 +145,15 @@ def train(args: argparse.Namespace) -> dict:
 
         if run.every(tcfg.log_every, step):
             hits = correct({k: v.detach().argmax(-1) for k, v in logits.items()}, targets)
-            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                           "train_accuracy": hits["all"].float().mean().item()})
+            run.log(
+                step,
+                {
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "train_accuracy": hits["all"].float().mean().item(),
+                },
+            )
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 

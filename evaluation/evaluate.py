@@ -1,6 +1,6 @@
 """`latentdiff evaluate`: sweep guidance scales of a prior run; FID, KID, prompt accuracy, CLIP score; report + plot.
 
-    latentdiff evaluate --run runs/prior --data data/fmnist --n 1000 --features classifier:runs/classifier \\
+    latentdiff evaluate --run runs/prior --data datasets/fmnist --n 1000 --features classifier:runs/classifier \\
         --sampler ddim --steps 50 --guidance 1,3,5
 
 Per guidance value w, the same prompts and the same seed (so the same starting noise) give n
@@ -27,7 +27,6 @@ from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import Runtime
 from latentdiff.data.reader import read_info
-
 from latentdiff.prior.samplers import add_sampler_arguments, check_number, sampler_arguments
 
 from .classifier import load_classifier
@@ -50,31 +49,55 @@ def parse_guidance(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="latentdiff evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="prior run directory (`latentdiff train prior --out RUN`)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run (same encoder)")
-    p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
-                                                        "(its latent space must be the one the prior trained on)")
-    p.add_argument("--text", metavar="RUN", help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
-                                                 "not where the run recorded it (same weights, checked by hash)")
+    p.add_argument(
+        "--autoencoder",
+        metavar="RUN",
+        help="the prior's autoencoder run, if not where the run recorded it "
+        "(its latent space must be the one the prior trained on)",
+    )
+    p.add_argument(
+        "--text",
+        metavar="RUN",
+        help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+        "not where the run recorded it (same weights, checked by hash)",
+    )
     p.add_argument("--data", required=True, help="dataset with the real test images (and captions, labels)")
     p.add_argument("--split", default="test", help="split of --data to compare with (default: %(default)s)")
     p.add_argument("--n", type=int, default=1000, help="images generated per guidance value (default: %(default)s)")
     p.add_argument("--n-real", type=int, help="real images to read (default: all of the split)")
     add_feature_args(p, required=False)
-    p.add_argument("--classifier", metavar="RUN", help="classifier run for prompt accuracy "
-                                                       "(default: the one in --features classifier:RUN)")
+    p.add_argument(
+        "--classifier",
+        metavar="RUN",
+        help="classifier run for prompt accuracy (default: the one in --features classifier:RUN)",
+    )
     p.add_argument("--clip", metavar="RUN", help="CLIP (text run or openclip:MODEL:PRETRAINED) for CLIP score")
-    p.add_argument("--prompts", choices=["auto", "classes", "captions"], default="auto",
-                   help="class prompts or test captions (default: classes when the data has a single class label)")
+    p.add_argument(
+        "--prompts",
+        choices=["auto", "classes", "captions"],
+        default="auto",
+        help="class prompts or test captions (default: classes when the data has a single class label)",
+    )
     add_sampler_arguments(p)
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; default: 0, off)")
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; default: 0, off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
+    )
     p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
     p.add_argument("--out", help="report directory (default: RUN/eval)")
     return p
@@ -87,8 +110,12 @@ def _grid_indices(prompts: PromptSet, per_prompt: int = 8, max_rows: int = 10) -
     starts: dict[str, int] = {}
     for i, p in enumerate(prompts.prompts):
         starts.setdefault(p, i)
-    return [s + j for s in list(starts.values())[:max_rows] for j in range(per_prompt)
-            if s + j < len(prompts.prompts) and prompts.prompts[s + j] == prompts.prompts[s]]
+    return [
+        s + j
+        for s in list(starts.values())[:max_rows]
+        for j in range(per_prompt)
+        if s + j < len(prompts.prompts) and prompts.prompts[s + j] == prompts.prompts[s]
+    ]
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -97,19 +124,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     guidances = parse_guidance(args.guidance)
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
-    classifier_run = args.classifier or (args.features.partition(":")[2]
-                                         if args.features and args.features.startswith("classifier:") else None)
+    classifier_run = args.classifier or (
+        args.features.partition(":")[2] if args.features and args.features.startswith("classifier:") else None
+    )
     if not args.features and not classifier_run:
         raise ValueError("give --features (classifier:RUN, clip:RUN or inception) and/or --classifier RUN")
     device = Runtime.setup(args.seed, "fp32", args.device).device
     out = Path(args.out or Path(args.run) / "eval")
 
     # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
-    pipe = TextToImage.from_run(args.run, device=device, decoder=args.decoder, precision=args.precision,
-                                autoencoder=args.autoencoder, text=args.text)
-    sampling = dict(steps=args.steps, sampler=args.sampler, guidance=None, negative_prompt="", seed=args.seed,
-                    batch_size=args.gen_batch_size, guidance_rescale=args.guidance_rescale,
-                    sampler_options=sampler_arguments(args))
+    pipe = TextToImage.from_run(
+        args.run,
+        device=device,
+        decoder=args.decoder,
+        precision=args.precision,
+        autoencoder=args.autoencoder,
+        text=args.text,
+    )
+    sampling = dict(
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=None,
+        negative_prompt="",
+        seed=args.seed,
+        batch_size=args.gen_batch_size,
+        guidance_rescale=args.guidance_rescale,
+        sampler_options=sampler_arguments(args),
+    )
     pipe.settings([""], n=1, **sampling)
     space = None
     if args.features:
@@ -127,23 +168,34 @@ def evaluate(args: argparse.Namespace) -> dict:
     elif args.prompts == "classes" or (args.prompts == "auto" and info.get("classes") and not info.get("attributes")):
         prompts = evaluation_prompts({"class": list(info.get("classes") or [])}, info, real, args.n, "classes")
     else:
-        prompts = PromptSet(list(real.captions[:args.n]), {}, "captions")
+        prompts = PromptSet(list(real.captions[: args.n]), {}, "captions")
     n = len(prompts.prompts)
 
     cache = ref = None
     if space is not None:
         cache = StatisticsCache(None if args.no_cache else args.cache_dir)
         ref = real_reference(real.images, n, space, cache, args.batch_size)
-        print(f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
-              f"({ref.floor_n} held-out real images) in {space.label}")
+        print(
+            f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
+            f"({ref.floor_n} held-out real images) in {space.label}"
+        )
 
     settings = pipe.settings(prompts.prompts, n=1, **sampling)
     rows = []
     for w in guidances:
         t0 = time.monotonic()
-        images = pipe(prompts.prompts, n=1, steps=settings.steps, sampler=settings.sampler, guidance=w,
-                      sampler_options=settings.sampler_options, guidance_rescale=settings.guidance_rescale,
-                      seed=args.seed, batch_size=args.gen_batch_size, show_progress=True)  # (n, 3, H, W) in [-1, 1]
+        images = pipe(
+            prompts.prompts,
+            n=1,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            guidance=w,
+            sampler_options=settings.sampler_options,
+            guidance_rescale=settings.guidance_rescale,
+            seed=args.seed,
+            batch_size=args.gen_batch_size,
+            show_progress=True,
+        )  # (n, 3, H, W) in [-1, 1]
         row: dict = {"guidance": w, "generation_seconds": round(time.monotonic() - t0, 1)}
         if classifier is not None:
             hits = prompt_hits(classifier, images, prompts.targets)
@@ -160,21 +212,34 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(_row_line(row))
 
     report = {
-        "prior_run": str(args.run), "decoder": args.decoder, "data": real.source, "n_generated": n,
+        "prior_run": str(args.run),
+        "decoder": args.decoder,
+        "data": real.source,
+        "n_generated": n,
         "prompts": prompts.mode,
-        "distinct_prompts": len(set(prompts.prompts)), "sampler": settings.sampler, "steps": settings.steps,
-        "sampler_options": settings.sampler_options, "guidance_rescale": settings.guidance_rescale,
+        "distinct_prompts": len(set(prompts.prompts)),
+        "sampler": settings.sampler,
+        "steps": settings.steps,
+        "sampler_options": settings.sampler_options,
+        "guidance_rescale": settings.guidance_rescale,
         "precision": settings.precision,
-        "seed": args.seed, "features": space.label if space else None,
+        "seed": args.seed,
+        "features": space.label if space else None,
         "feature_weights_hash": space.weights_hash if space else None,
-        "classifier": classifier_run, "clip": args.clip,
+        "classifier": classifier_run,
+        "clip": args.clip,
         "classifier_val_accuracy": classifier.meta.get("val_accuracy") if classifier is not None else None,
-        "generated_size": list(images.shape[-2:]), "real_size": list(real.images.shape[-2:]),
-        "cached_real_statistics": cache.hits if cache else 0, "results": rows,
+        "generated_size": list(images.shape[-2:]),
+        "real_size": list(real.images.shape[-2:]),
+        "cached_real_statistics": cache.hits if cache else 0,
+        "results": rows,
     }
     if space is not None and (classifier is not None or clip is not None):
-        report["plot"] = str(tradeoff_plot(rows, out / "tradeoff.png",
-                                           f"{Path(args.run).name}: {settings.sampler} {settings.steps} steps"))
+        report["plot"] = str(
+            tradeoff_plot(
+                rows, out / "tradeoff.png", f"{Path(args.run).name}: {settings.sampler} {settings.steps} steps"
+            )
+        )
     write_json(out / "report.json", report)
     table = markdown_table(report)
     (out / "report.md").write_text(table + "\n")
@@ -199,9 +264,11 @@ def markdown_table(report: dict) -> str:
     lines += ["| " + " | ".join(fmt.format(r[key] * scale.get(key, 1)) for _, key, fmt in cols) + " |" for r in rows]
     if rows and "fid" in rows[0]:
         r = rows[0]
-        lines.append(f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
-                     f"({report['sampler']}, {report['steps']} steps) vs {r['n_reference']} real {report['data']} "
-                     f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}.")
+        lines.append(
+            f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
+            f"({report['sampler']}, {report['steps']} steps) vs {r['n_reference']} real {report['data']} "
+            f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}."
+        )
     return "\n".join(lines)
 
 
@@ -210,8 +277,10 @@ def _row_line(row: dict) -> str:
     if "prompt_accuracy" in row:
         parts.append(f"prompt accuracy {100 * row['prompt_accuracy']:.1f}%")
     if "fid" in row:
-        parts.append(f"FID {row['fid']:.2f} (floor {row['fid_floor']:.2f}; {row['n_fake']} generated vs "
-                     f"{row['n_reference']} real, {row['features']}) {format_kid(row['kid'])}")
+        parts.append(
+            f"FID {row['fid']:.2f} (floor {row['fid_floor']:.2f}; {row['n_fake']} generated vs "
+            f"{row['n_reference']} real, {row['features']}) {format_kid(row['kid'])}"
+        )
     if "clip_score" in row:
         parts.append(f"CLIP score {row['clip_score']:.2f}")
     parts.append(f"[{row['seconds']:.0f} s]")

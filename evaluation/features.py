@@ -76,13 +76,20 @@ class ClassifierFeatures(OneFeatureExtractor):
 
     FEATURE = "features"
 
-    def __init__(self, name: str, features_list, feature_extractor_weights_path=None,
-                 classifier: Classifier | None = None, **kwargs):
+    def __init__(
+        self,
+        name: str,
+        features_list,
+        feature_extractor_weights_path=None,
+        classifier: Classifier | None = None,
+        **kwargs,
+    ):
         super().__init__(name, features_list)
         if classifier is None:
             if feature_extractor_weights_path is None:
-                raise ValueError(f"{name}: pass feature_extractor_weights_path=RUN, "
-                                 "a `latentdiff train classifier` run")
+                raise ValueError(
+                    f"{name}: pass feature_extractor_weights_path=RUN, a `latentdiff train classifier` run"
+                )
             classifier = load_classifier(feature_extractor_weights_path)
         self.classifier = classifier.eval().requires_grad_(False)
 
@@ -155,7 +162,8 @@ def inception_weights_file(path: str | Path | None = None) -> Path:
         f"FID with `inception` needs torch-fidelity's Inception-v3 weights {INCEPTION_FILE}, which are not here and "
         f"are not downloaded at run time. Pass --inception-weights FILE, or copy the file to {cached} "
         f"(torch-fidelity's cache; TORCH_HOME moves it). It is published at {URL_INCEPTION_V3}. "
-        f"Without it, use --features classifier:RUN (train one with `latentdiff train classifier`).")
+        f"Without it, use --features classifier:RUN (train one with `latentdiff train classifier`)."
+    )
 
 
 def _inception(weights: str | Path | None) -> FeatureSpace:
@@ -165,15 +173,17 @@ def _inception(weights: str | Path | None) -> FeatureSpace:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a plain state dict
-        raise ValueError(f"{path} is not a plain tensor state dict ({type(e).__name__}: {e}); "
-                         f"use torch-fidelity's {INCEPTION_FILE}") from None
+        raise ValueError(
+            f"{path} is not a plain tensor state dict ({type(e).__name__}: {e}); use torch-fidelity's {INCEPTION_FILE}"
+        ) from None
     extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
     return FeatureSpace(extractor, "2048", "inception", ckpt.file_hash(path))
 
 
-def load_feature_space(spec: str, *, inception_weights: str | Path | None = None,
-                       device: torch.device | str = "cpu") -> FeatureSpace:
-    """"classifier:RUN", "clip:RUN" or "inception" -> a FeatureSpace on `device`, frozen."""
+def load_feature_space(
+    spec: str, *, inception_weights: str | Path | None = None, device: torch.device | str = "cpu"
+) -> FeatureSpace:
+    """ "classifier:RUN", "clip:RUN" or "inception" -> a FeatureSpace on `device`, frozen."""
     kind, _, arg = spec.partition(":")
     if kind == "classifier" and arg:
         classifier = load_classifier(arg, device)
@@ -189,7 +199,9 @@ def load_feature_space(spec: str, *, inception_weights: str | Path | None = None
     elif kind == "inception" and not arg:
         space = _inception(inception_weights)
     else:
-        raise ValueError(f"--features {spec!r}: use classifier:RUN (a `latentdiff train classifier` run), "
-                         "clip:RUN (a `latentdiff train text` run) or inception")
+        raise ValueError(
+            f"--features {spec!r}: use classifier:RUN (a `latentdiff train classifier` run), "
+            "clip:RUN (a `latentdiff train text` run) or inception"
+        )
     space.extractor.to(device).eval().requires_grad_(False)
     return space

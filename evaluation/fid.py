@@ -62,8 +62,9 @@ class Statistics:
         return self.features.shape[0]
 
 
-def extract_features(space: FeatureSpace, images: torch.Tensor, batch_size: int = 100,
-                     verbose: bool = False) -> torch.Tensor:
+def extract_features(
+    space: FeatureSpace, images: torch.Tensor, batch_size: int = 100, verbose: bool = False
+) -> torch.Tensor:
     """(N, D) float64 features of uint8 (or [-1, 1] float) images (N, C, H, W), via torch-fidelity's loop."""
     dataset = UInt8Images(images)
     if len(dataset) == 0:
@@ -79,22 +80,34 @@ def statistics(features: torch.Tensor) -> Statistics:
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"a Gaussian fit needs at least 2 feature vectors (N, D), got {tuple(features.shape)}")
     stats = fid_features_to_statistics(features.detach().cpu().double())
-    return Statistics(np.asarray(stats["mu"], np.float64), np.atleast_2d(stats["sigma"]).astype(np.float64),
-                      features.detach().cpu().float().numpy())
+    return Statistics(
+        np.asarray(stats["mu"], np.float64),
+        np.atleast_2d(stats["sigma"]).astype(np.float64),
+        features.detach().cpu().float().numpy(),
+    )
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
     """FID between two Gaussian fits (torch-fidelity's fid_statistics_to_metric)."""
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"feature sizes differ ({a.mu.shape[0]} vs {b.mu.shape[0]}): were both sets "
-                         "scored with the same feature extractor?")
+        raise ValueError(
+            f"feature sizes differ ({a.mu.shape[0]} vs {b.mu.shape[0]}): were both sets "
+            "scored with the same feature extractor?"
+        )
     d, n = a.mu.shape[0], min(a.n, b.n)
     if n < d:
-        warnings.warn(f"FID from {n} images in a {d}-dimensional feature space: with fewer images than dimensions "
-                      f"the covariance is rank-deficient and FID is biased upward; use at least {d} images "
-                      "(compare figures only at the same count)", FewImagesWarning, stacklevel=2)
-    return float(fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma},
-                                          verbose=False)[KEY_METRIC_FID])
+        warnings.warn(
+            f"FID from {n} images in a {d}-dimensional feature space: with fewer images than dimensions "
+            f"the covariance is rank-deficient and FID is biased upward; use at least {d} images "
+            "(compare figures only at the same count)",
+            FewImagesWarning,
+            stacklevel=2,
+        )
+    return float(
+        fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, verbose=False)[
+            KEY_METRIC_FID
+        ]
+    )
 
 
 def kernel_distance(a: Statistics, b: Statistics, seed: int = 0) -> tuple[float, float, int]:
@@ -102,8 +115,14 @@ def kernel_distance(a: Statistics, b: Statistics, seed: int = 0) -> tuple[float,
     size = min(KID_SUBSET_SIZE, a.n, b.n)
     # float32 features: 300 kernel matrices of 1000 x 1000 take ~8 s on 2 cores instead of ~12 s in
     # float64, and KID's subset noise (its std) is far above float32 rounding.
-    out = kid_features_to_metric(torch.from_numpy(a.features), torch.from_numpy(b.features),
-                                 kid_subsets=KID_SUBSETS, kid_subset_size=size, rng_seed=seed, verbose=False)
+    out = kid_features_to_metric(
+        torch.from_numpy(a.features),
+        torch.from_numpy(b.features),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=size,
+        rng_seed=seed,
+        verbose=False,
+    )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD], size
 
 
@@ -125,8 +144,9 @@ class StatisticsCache:
         key = hashlib.sha256(f"{pixel_hash(images)}|{space.key}".encode()).hexdigest()[:24]
         return self.root / f"{key}.npz"
 
-    def statistics(self, images: torch.Tensor, space: FeatureSpace, batch_size: int = 100,
-                   verbose: bool = False) -> Statistics:
+    def statistics(
+        self, images: torch.Tensor, space: FeatureSpace, batch_size: int = 100, verbose: bool = False
+    ) -> Statistics:
         """Statistics of `images` in `space`, from the cache when these pixels met these weights before."""
         path = self.path(images, space)
         if path is not None and path.is_file():
@@ -167,8 +187,15 @@ def split_real(n_real: int, h: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return order[:h].sort().values, order[h:].sort().values
 
 
-def real_reference(real: torch.Tensor, n_fake: int, space: FeatureSpace, cache: StatisticsCache,
-                   batch_size: int = 100, verbose: bool = False, seed: int = 0) -> RealReference:
+def real_reference(
+    real: torch.Tensor,
+    n_fake: int,
+    space: FeatureSpace,
+    cache: StatisticsCache,
+    batch_size: int = 100,
+    verbose: bool = False,
+    seed: int = 0,
+) -> RealReference:
     """Split real images into a holdout of h = min(n_fake, N // 2) and the reference (split_real).
 
     Generated sets are compared to the reference; the holdout's FID to the same reference is
@@ -177,8 +204,9 @@ def real_reference(real: torch.Tensor, n_fake: int, space: FeatureSpace, cache: 
     n_real = real.shape[0]
     h = min(n_fake, n_real // 2)
     if h < 2:
-        raise ValueError(f"{n_real} real images are too few to split into a reference and a floor holdout; "
-                         "give at least 4")
+        raise ValueError(
+            f"{n_real} real images are too few to split into a reference and a floor holdout; give at least 4"
+        )
     held, kept = split_real(n_real, h, seed)
     reference = cache.statistics(real[kept], space, batch_size, verbose)
     holdout = cache.statistics(real[held], space, batch_size, verbose)
@@ -188,19 +216,29 @@ def real_reference(real: torch.Tensor, n_fake: int, space: FeatureSpace, cache: 
 def score(fake: Statistics, ref: RealReference) -> dict[str, float | int | str]:
     """FID and KID of generated statistics against the reference, with counts, extractor and floor."""
     kid, kid_std, kid_size = kernel_distance(fake, ref.reference)
-    return {"fid": frechet_distance(fake, ref.reference), "fid_floor": ref.floor_fid, "kid": kid, "kid_std": kid_std,
-            "kid_subset_size": kid_size, "n_fake": fake.n, "n_reference": ref.reference.n, "n_floor": ref.floor_n,
-            "features": ref.label}
+    return {
+        "fid": frechet_distance(fake, ref.reference),
+        "fid_floor": ref.floor_fid,
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_subset_size": kid_size,
+        "n_fake": fake.n,
+        "n_reference": ref.reference.n,
+        "n_floor": ref.floor_n,
+        "features": ref.label,
+    }
 
 
 def describe(result: dict, what: str = "generated") -> str:
-    """"FID 48.10 (floor 8.00 from 1000 vs 9000 real) in classifier:RUN, 1000 generated vs 9000 real; KID ..."."""
-    return (f"FID {result['fid']:.2f} (floor {result['fid_floor']:.2f} from {result['n_floor']} vs "
-            f"{result['n_reference']} real) in {result['features']}, {result['n_fake']} {what} vs "
-            f"{result['n_reference']} real; {format_kid(result['kid'], result['kid_std'])}")
+    """ "FID 48.10 (floor 8.00 from 1000 vs 9000 real) in classifier:RUN, 1000 generated vs 9000 real; KID ..."."""
+    return (
+        f"FID {result['fid']:.2f} (floor {result['fid_floor']:.2f} from {result['n_floor']} vs "
+        f"{result['n_reference']} real) in {result['features']}, {result['n_fake']} {what} vs "
+        f"{result['n_reference']} real; {format_kid(result['kid'], result['kid_std'])}"
+    )
 
 
 def format_kid(kid: float, kid_std: float | None = None) -> str:
-    """"KID x1e3 3.01 +- 0.12": KID with its scale, as every command prints it."""
+    """ "KID x1e3 3.01 +- 0.12": KID with its scale, as every command prints it."""
     text = f"KID x1e3 {kid * KID_SCALE:.2f}"
     return text + (f" +- {kid_std * KID_SCALE:.2f}" if kid_std is not None else "")

@@ -20,15 +20,26 @@ from .fid import StatisticsCache, default_cache_dir, describe, extract_features,
 from .images import load_image_set
 
 
-def add_feature_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags every command that computes FID takes."""
-    p.add_argument("--features", required=required, metavar="SPEC",
-                   help="feature space: classifier:RUN (from `latentdiff train classifier`), clip:RUN "
-                        "(from `latentdiff train text`) or inception (torch-fidelity's Inception-v3)")
-    p.add_argument("--inception-weights", metavar="FILE",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: its torch hub cache)")
-    p.add_argument("--cache-dir", default=str(default_cache_dir()),
-                   help="where real-image statistics are cached (default: %(default)s)")
+def add_feature_args(p: argparse.ArgumentParser, required: bool = True, without: str = "") -> None:
+    """The flags every command that computes FID takes; `without`: what an optional --features' absence means."""
+    p.add_argument(
+        "--features",
+        required=required,
+        metavar="SPEC",
+        help="feature space: classifier:RUN (from `latentdiff train classifier`), clip:RUN "
+        "(from `latentdiff train text`) or inception (torch-fidelity's Inception-v3)"
+        + (f"; without it, {without}" if without else ""),
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="FILE",
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: its torch hub cache)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=str(default_cache_dir()),
+        help="where real-image statistics are cached (default: %(default)s)",
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
     p.add_argument("--batch-size", type=int, default=100, help="images per feature-extraction batch")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
@@ -43,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake-split", default="test", help="split read when --fake is shards (default: %(default)s)")
     p.add_argument("--n-real", type=int, help="use the first N real images (default: all)")
     p.add_argument("--n-fake", type=int, help="use the first N generated images (default: all)")
-    p.add_argument("--resolution", type=int,
-                   help="resize and center-crop every image to R x R on reading (needed when a folder mixes sizes)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="resize and center-crop every image to R x R on reading (needed when a folder mixes sizes)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     return p
 
@@ -57,8 +71,15 @@ def run(args: argparse.Namespace) -> dict:
     cache = StatisticsCache(None if args.no_cache else args.cache_dir)
     ref = real_reference(real.images, len(fake), space, cache, args.batch_size, verbose=True)
     result = score(statistics(extract_features(space, fake.images, args.batch_size, verbose=True)), ref)
-    result.update({"real": real.source, "fake": fake.source, "real_size": list(real.images.shape[-2:]),
-                   "fake_size": list(fake.images.shape[-2:]), "cached_real_statistics": cache.hits})
+    result.update(
+        {
+            "real": real.source,
+            "fake": fake.source,
+            "real_size": list(real.images.shape[-2:]),
+            "fake_size": list(fake.images.shape[-2:]),
+            "cached_real_statistics": cache.hits,
+        }
+    )
     print(describe(result))
     if args.json:
         write_json(Path(args.json), result)

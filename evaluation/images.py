@@ -6,7 +6,7 @@ commands and the shard reader (data/images.py load_rgb: every Pillow mode to RGB
 composited on white, 16-bit scaled); a file that cannot be read is refused with a message that
 names it.
 
-    real = load_image_set("data/fmnist", split="test", limit=10000)     # shards
+    real = load_image_set("datasets/fmnist", split="test", limit=10000)     # shards
     fake = load_image_set("samples/")                                   # a folder of PNGs
 """
 
@@ -39,9 +39,10 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def subset(self, start: int, stop: int) -> "ImageSet":
-        return ImageSet(self.images[start:stop], f"{self.source}[{start}:{stop}]",
-                        self.captions[start:stop], self.metas[start:stop])
+    def subset(self, start: int, stop: int) -> ImageSet:
+        return ImageSet(
+            self.images[start:stop], f"{self.source}[{start}:{stop}]", self.captions[start:stop], self.metas[start:stop]
+        )
 
 
 class UInt8Images(Dataset):
@@ -63,8 +64,10 @@ def as_uint8_rgb(images: torch.Tensor, what: str = "images") -> torch.Tensor:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{what}: expected a batch (B, C, H, W), got {shape}")
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"{what}: expected 1 (grayscale) or 3 (RGB) channels, got {images.shape[1]} "
-                         f"in shape {tuple(images.shape)}; drop the alpha channel or convert to RGB first")
+        raise ValueError(
+            f"{what}: expected 1 (grayscale) or 3 (RGB) channels, got {images.shape[1]} "
+            f"in shape {tuple(images.shape)}; drop the alpha channel or convert to RGB first"
+        )
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
             raise ValueError(f"{what}: expected uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")
@@ -88,8 +91,9 @@ def _is_shards(source: str) -> bool:
     return source.endswith(".tar") or "{" in source or source.startswith("pipe:") or "://" in source
 
 
-def load_image_set(source: str | os.PathLike, *, split: str = "test", limit: int | None = None,
-                   resolution: int | None = None) -> ImageSet:
+def load_image_set(
+    source: str | os.PathLike, *, split: str = "test", limit: int | None = None, resolution: int | None = None
+) -> ImageSet:
     """Images from a shard directory or pattern (split `split`) or a folder of image files, in a fixed order."""
     source = str(source)
     if limit is not None and limit < 1:
@@ -98,13 +102,16 @@ def load_image_set(source: str | os.PathLike, *, split: str = "test", limit: int
         return _from_shards(source, split, limit, resolution)
     if os.path.isdir(source):
         return _from_folder(Path(source), limit, resolution)
-    raise FileNotFoundError(f"{source} is neither a folder of images nor webdataset shards; pass a directory of "
-                            f"image files ({' '.join(IMAGE_SUFFIXES)}) or a dataset directory")
+    raise FileNotFoundError(
+        f"{source} is neither a folder of images nor webdataset shards; pass a directory of "
+        f"image files ({' '.join(IMAGE_SUFFIXES)}) or a dataset directory"
+    )
 
 
 def _from_shards(data: str, split: str, limit: int | None, resolution: int | None) -> ImageSet:
-    loader = make_loader(data, split, 250, shuffle=False, repeat=False, drop_last=False, resolution=resolution,
-                         rank=0, world_size=1)
+    loader = make_loader(
+        data, split, 250, shuffle=False, repeat=False, drop_last=False, resolution=resolution, rank=0, world_size=1
+    )
     chunks, captions, metas = [], [], []
     for batch in loader:
         chunks.append(to_uint8(batch["image"]))  # the reader's [-1, 1] back to the exact stored pixels
@@ -131,13 +138,16 @@ def folder_images(folder: Path) -> list[Path]:
         try:
             files = json.loads(settings.read_text()).get("files")
         except (json.JSONDecodeError, AttributeError):
-            raise ValueError(f"{settings} is not a settings file written by `latentdiff generate`; "
-                             "remove it or score another folder") from None
+            raise ValueError(
+                f"{settings} is not a settings file written by `latentdiff generate`; remove it or score another folder"
+            ) from None
         if isinstance(files, list):
             missing = [name for name in files if not (folder / name).is_file()]
             if missing:
-                raise FileNotFoundError(f"{folder}: settings.json lists {missing[0]} but it is missing "
-                                        f"({len(missing)} missing); regenerate into an empty folder")
+                raise FileNotFoundError(
+                    f"{folder}: settings.json lists {missing[0]} but it is missing "
+                    f"({len(missing)} missing); regenerate into an empty folder"
+                )
             return [folder / name for name in sorted(files)]
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -156,7 +166,9 @@ def _from_folder(folder: Path, limit: int | None, resolution: int | None) -> Ima
         arrays.append(np.asarray(image, dtype=np.uint8))  # (H, W, 3)
     if len(sizes) > 1:
         listed = ", ".join(f"{w}x{h} ({name})" for (w, h), name in list(sizes.items())[:3])
-        raise ValueError(f"images in {folder} have different sizes: {listed}; pass --resolution R to resize and "
-                         "center-crop them all to R x R")
+        raise ValueError(
+            f"images in {folder} have different sizes: {listed}; pass --resolution R to resize and "
+            "center-crop them all to R x R"
+        )
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
     return ImageSet(images, str(folder))

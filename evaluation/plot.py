@@ -29,8 +29,12 @@ def tradeoff_plot(results: list[dict], path: str | Path, title: str = "") -> Pat
         ax.plot(xs, ys, "o-", color="tab:blue")
         for x, y, r in zip(xs, ys, results):
             ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
-        ax.axhline(first["fid_floor"], color="gray", linestyle="--",
-                   label=f"real vs real floor ({first['fid_floor']:.1f}, n={first['n_floor']})")
+        ax.axhline(
+            first["fid_floor"],
+            color="gray",
+            linestyle="--",
+            label=f"real vs real floor ({first['fid_floor']:.1f}, n={first['n_floor']})",
+        )
         ax.set_xlabel(label + (" [%]" if key == "prompt_accuracy" else ""))
         ax.set_ylabel(f"FID ({first['n_fake']} samples vs {first['n_reference']} real)")
         ax.set_ylim(bottom=0)

@@ -46,16 +46,19 @@ class PromptSet:
         return out
 
 
-def evaluation_prompts(heads: Heads, info: dict[str, Any], test: ImageSet | None, n: int,
-                       mode: str = "auto") -> PromptSet:
+def evaluation_prompts(
+    heads: Heads, info: dict[str, Any], test: ImageSet | None, n: int, mode: str = "auto"
+) -> PromptSet:
     """Class prompts (n // classes each) or the first n test captions; see the module docstring."""
     classes = info.get("classes")
     if mode == "auto":
         mode = "classes" if list(heads) == ["class"] and classes else "captions"
     if mode == "classes":
         if list(heads) != ["class"] or not classes:
-            raise ValueError("class prompts need a single-head classifier and a dataset whose info.json lists classes; "
-                             "use --prompts captions")
+            raise ValueError(
+                "class prompts need a single-head classifier and a dataset whose info.json lists classes; "
+                "use --prompts captions"
+            )
         if list(classes) != heads["class"]:
             raise ValueError(f"the classifier's classes {heads['class']} differ from the dataset's {classes}")
         per = n // len(classes)
@@ -73,8 +76,9 @@ def evaluation_prompts(heads: Heads, info: dict[str, Any], test: ImageSet | None
 
 
 @torch.no_grad()
-def prompt_hits(classifier: Classifier, images: torch.Tensor, labels: dict[str, torch.Tensor] | torch.Tensor,
-                batch_size: int = 250) -> dict[str, torch.Tensor]:
+def prompt_hits(
+    classifier: Classifier, images: torch.Tensor, labels: dict[str, torch.Tensor] | torch.Tensor, batch_size: int = 250
+) -> dict[str, torch.Tensor]:
     """Per-head (N,) bool hits and "all" for images (N, C, H, W) (uint8, or float in [-1, 1])."""
     if isinstance(labels, torch.Tensor):
         if list(classifier.heads) != ["class"]:
@@ -86,17 +90,18 @@ def prompt_hits(classifier: Classifier, images: torch.Tensor, labels: dict[str, 
     size = (classifier.resolution, classifier.resolution)
     hits: dict[str, list[torch.Tensor]] = {}
     for i in range(0, images.shape[0], batch_size):
-        x = from_uint8(as_uint8_rgb(images[i:i + batch_size]).to(device))
+        x = from_uint8(as_uint8_rgb(images[i : i + batch_size]).to(device))
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
-        chunk = {k: v[i:i + batch_size] for k, v in labels.items()}
+        chunk = {k: v[i : i + batch_size] for k, v in labels.items()}
         for k, v in correct(classifier.predict(x), chunk).items():
             hits.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in hits.items()}
 
 
-def prompt_accuracy(classifier: Classifier, images: torch.Tensor,
-                    labels: dict[str, torch.Tensor] | torch.Tensor) -> float:
+def prompt_accuracy(
+    classifier: Classifier, images: torch.Tensor, labels: dict[str, torch.Tensor] | torch.Tensor
+) -> float:
     """Fraction of images whose every head the classifier reads as the prompt's label(s)."""
     return prompt_hits(classifier, images, labels)["all"].float().mean().item()
 
@@ -108,8 +113,8 @@ def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: in
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
     scores = []
     for i in range(0, len(prompts), batch_size):
-        x = from_uint8(as_uint8_rgb(images[i:i + batch_size]).to(encoder.device))
+        x = from_uint8(as_uint8_rgb(images[i : i + batch_size]).to(encoder.device))
         e_image = encoder.encode_image(x, normalize=True).float()  # (B, E)
-        e_text = encoder.encode(prompts[i:i + batch_size]).normalized_pooled().float()  # (B, E)
+        e_text = encoder.encode(prompts[i : i + batch_size]).normalized_pooled().float()  # (B, E)
         scores.append(100 * (e_image * e_text).sum(-1).clamp_min(0))
     return torch.cat(scores).mean().item()

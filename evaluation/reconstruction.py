@@ -1,6 +1,6 @@
 """`latentdiff evaluate-autoencoder`: how well an autoencoder reconstructs held-out images.
 
-    latentdiff evaluate-autoencoder --run runs/ae --data data/fmnist [--features classifier:runs/clf]
+    latentdiff evaluate-autoencoder --run runs/ae --data datasets/fmnist [--features classifier:runs/clf]
 
 Reconstructions are x_hat = D(mode of q(z|x)), as the prior's samples are decoded; with --decoder,
 D is a `latentdiff train decoder` run for the same encoder (an upscaling decoder sees the images
@@ -8,7 +8,8 @@ area-downsampled to the encoder's resolution and is scored at its own, larger on
 averaged over the images: PSNR and SSIM (Wang et al. 2004, gaussian window; both from
 core.image_metrics), LPIPS (Zhang et al. 2018) when torchvision's VGG16 weights are in the torch
 hub cache, and with --features the rFID: the real images are split into halves A and B; rFID is the FID
-of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes).
+of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes). Without --features
+rFID is not computed, and the command says so.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from .fid import StatisticsCache, describe, extract_features, real_reference, sc
 from .fid_command import add_feature_args
 from .images import load_image_set
 
+NO_RFID = (
+    "rFID: not computed, it needs a feature space: pass --features classifier:RUN (a `latentdiff train "
+    "classifier` run on the same kind of images), clip:RUN (a text run) or inception"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff evaluate-autoencoder", description=__doc__.split("\n\n")[0])
@@ -38,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to reconstruct (default: %(default)s)")
     p.add_argument("--n", type=int, default=2000, help="images to reconstruct (default: %(default)s)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run instead")
-    p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto",
-                   help="LPIPS: auto (when VGG16 weights are cached), on (error if missing) or off")
+    p.add_argument(
+        "--lpips",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="LPIPS: auto (when VGG16 weights are cached), on (error if missing) or off",
+    )
     p.add_argument("--out", help="report directory (default: RUN/eval)")
-    add_feature_args(p, required=False)
+    add_feature_args(p, required=False, without="no rFID")
     return p
 
 
@@ -59,18 +69,20 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         swapped, dec_meta = load_decoder(args.decoder, device)
         if dec_meta["encoder_hash"] != latent_space.encoder_hash:
             trained_on = dec_meta["autoencoder"]["path"]
-            raise ValueError(f"decoder {args.decoder} decodes the latents of autoencoder {trained_on} "
-                             f"(encoder hash {dec_meta['encoder_hash']}), not those of {args.run} "
-                             f"(encoder hash {latent_space.encoder_hash}); pass --run {trained_on}")
+            raise ValueError(
+                f"decoder {args.decoder} decodes the latents of autoencoder {trained_on} "
+                f"(encoder hash {dec_meta['encoder_hash']}), not those of {args.run} "
+                f"(encoder hash {latent_space.encoder_hash}); pass --run {trained_on}"
+            )
         decoder, upscale = swapped, int(dec_meta.get("upscale", 1))
     res = latent_space.resolution
     real = load_image_set(args.data, split=args.split, limit=args.n, resolution=res * upscale)
     use_lpips = args.lpips == "on" or (args.lpips == "auto" and lpips_available())
-    lpips_model = load_lpips().to(device) if use_lpips else None
+    lpips_model = load_lpips(without="evaluate without it: --lpips off").to(device) if use_lpips else None
     t0 = time.monotonic()
     psnrs, ssims, lpipss, recons = [], [], [], []
     for i in range(0, len(real), args.batch_size):
-        x = from_uint8(real.images[i:i + args.batch_size].to(device))  # (B, 3, H, W) in [-1, 1]
+        x = from_uint8(real.images[i : i + args.batch_size].to(device))  # (B, 3, H, W) in [-1, 1]
         x_in = x if upscale == 1 else F.interpolate(x, size=(res, res), mode="area")  # what the encoder sees
         x_hat = decoder(model.encode(x_in).mode()).float().clamp(-1, 1)
         psnrs.append(psnr(x_hat, x).cpu())
@@ -79,10 +91,16 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
             lpipss.append(lpips_distance(lpips_model, x_hat, x).cpu())
         recons.append(to_uint8(x_hat).cpu())  # what a saved PNG would hold, for rFID
     recon = torch.cat(recons)
-    report: dict = {"autoencoder": str(args.run), "decoder": args.decoder, "data": real.source, "images": len(real),
-                    "resolution": list(real.images.shape[-2:]),
-                    "psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
-                    "lpips": torch.cat(lpipss).mean().item() if lpipss else None}
+    report: dict = {
+        "autoencoder": str(args.run),
+        "decoder": args.decoder,
+        "data": real.source,
+        "images": len(real),
+        "resolution": list(real.images.shape[-2:]),
+        "psnr": torch.cat(psnrs).mean().item(),
+        "ssim": torch.cat(ssims).mean().item(),
+        "lpips": torch.cat(lpipss).mean().item() if lpipss else None,
+    }
     if args.features:
         from .features import load_feature_space
 
@@ -91,10 +109,20 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         ref = real_reference(real.images, len(real) // 2, space, cache, args.batch_size)
         # The reconstructions of the held-out images: their real originals are not in the reference.
         result = score(statistics(extract_features(space, recon[ref.holdout], args.batch_size)), ref)
-        report.update({"rfid": result["fid"], "rfid_floor": result["fid_floor"], "rfid_n": result["n_fake"],
-                       "rfid_reference_n": result["n_reference"], "features": result["features"],
-                       "rkid": result["kid"]})
+        report.update(
+            {
+                "rfid": result["fid"],
+                "rfid_floor": result["fid_floor"],
+                "rfid_n": result["n_fake"],
+                "rfid_reference_n": result["n_reference"],
+                "features": result["features"],
+                "rkid": result["kid"],
+            }
+        )
         print("rFID: " + describe(result, "reconstructed"))
+    else:
+        report["rfid"] = None
+        print(NO_RFID)
     report["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out or Path(args.run) / "eval")
     shown = from_uint8(torch.cat([real.images[:16], recon[:16]]))
@@ -103,9 +131,11 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     figures = [f"PSNR {report['psnr']:.2f} dB", f"SSIM {report['ssim']:.4f}"]
     if report["lpips"] is not None:
         figures.append(f"LPIPS {report['lpips']:.4f}")
-    if "rfid" in report:
-        figures.append(f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
-                       f"{report['features']})")
+    if report["rfid"] is not None:
+        figures.append(
+            f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
+            f"{report['features']})"
+        )
     print(f"{args.run} on {len(real)} images of {real.source}: " + ", ".join(figures))
     print(f"report: {out / 'reconstruction.json'}")
     return report

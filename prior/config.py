@@ -33,11 +33,15 @@ class DiffusionConfig:
         # At abar_T = 0 the network input is pure noise, so x0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar) is
         # undefined: an eps model cannot start sampling there (Lin et al. 2024, §3.2).
         if self.prediction == "eps" and self.zero_terminal_snr:
-            raise ConfigError('prediction "eps" cannot be used with zero_terminal_snr = true (x0 is undefined '
-                              'at abar_T = 0); use prediction "v" or "x0", or zero_terminal_snr = false')
+            raise ConfigError(
+                'prediction "eps" cannot be used with zero_terminal_snr = true (x0 is undefined '
+                'at abar_T = 0); use prediction "v" or "x0", or zero_terminal_snr = false'
+            )
         if isinstance(self.clip_x0, float) and not self.clip_x0 > 0:
-            raise ConfigError(f"diffusion.clip_x0 = {self.clip_x0}: a bound must be > 0; "
-                              'use "latent" (the autoencoder\'s measured range) or "off"')
+            raise ConfigError(
+                f"diffusion.clip_x0 = {self.clip_x0}: a bound must be > 0; "
+                'use "latent" (the autoencoder\'s measured range) or "off"'
+            )
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,10 @@ class PriorConfig:
 
     def __post_init__(self):
         if self.sampling.steps > self.diffusion.timesteps:
-            raise ConfigError(f"sampling.steps {self.sampling.steps} is more than diffusion.timesteps "
-                              f"{self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")
+            raise ConfigError(
+                f"sampling.steps {self.sampling.steps} is more than diffusion.timesteps "
+                f"{self.diffusion.timesteps}; use at most {self.diffusion.timesteps}"
+            )
 
 
 def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:

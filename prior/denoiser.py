@@ -13,7 +13,7 @@ not depend on the other rows of its batch (pipeline: one generator per image, se
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,8 +26,9 @@ Callback = Callable[[int, int, Tensor, Tensor], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def make_denoiser(model_fn: ModelFn, schedule: NoiseSchedule, prediction: str,
-                  clip_x0: float | None = None) -> Denoiser:
+def make_denoiser(
+    model_fn: ModelFn, schedule: NoiseSchedule, prediction: str, clip_x0: float | None = None
+) -> Denoiser:
     """Wrap a raw network output (eps, x0 or v) into the (x0_hat, eps_hat) a sampler needs.
 
     With clip_x0 the x0 estimate is clamped to [-clip_x0, clip_x0] and eps recomputed from it, so
@@ -36,9 +37,11 @@ def make_denoiser(model_fn: ModelFn, schedule: NoiseSchedule, prediction: str,
     """
     check_prediction(prediction)
     if prediction == "eps" and schedule.zero_terminal_snr:
-        raise ValueError("an eps-prediction model cannot recover z_0 at t = T-1 on a zero-terminal-SNR "
-                         "schedule (abar_T = 0, Lin et al. 2024 §3.2); train with prediction 'v' or 'x0', "
-                         "or sample with a schedule made with zero_terminal_snr=False")
+        raise ValueError(
+            "an eps-prediction model cannot recover z_0 at t = T-1 on a zero-terminal-SNR "
+            "schedule (abar_T = 0, Lin et al. 2024 §3.2); train with prediction 'v' or 'x0', "
+            "or sample with a schedule made with zero_terminal_snr=False"
+        )
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
 

@@ -53,13 +53,16 @@ def load_frozen_stages(autoencoder: str | Path, text: str | Path, device: torch.
 
 def stage_records(stages: FrozenStages, run_dir: Path) -> dict[str, Any]:
     """What a prior's meta.json says about its frozen stages (read by `recorded_stages` and `check_recorded`)."""
-    return {"autoencoder": record_path(stages.autoencoder_path, run_dir),
-            "latent_space": stages.latent_space.to_dict(),
-            "text": {**_record_text(stages.text_source, run_dir), "hash": text_hash(stages.text)}}
+    return {
+        "autoencoder": record_path(stages.autoencoder_path, run_dir),
+        "latent_space": stages.latent_space.to_dict(),
+        "text": {**_record_text(stages.text_source, run_dir), "hash": text_hash(stages.text)},
+    }
 
 
-def recorded_stages(meta: dict[str, Any], run_dir: str | Path, autoencoder: str | Path | None = None,
-                    text: str | Path | None = None) -> tuple[str, str]:
+def recorded_stages(
+    meta: dict[str, Any], run_dir: str | Path, autoencoder: str | Path | None = None, text: str | Path | None = None
+) -> tuple[str, str]:
     """(autoencoder, text): the ones given, else the ones the prior run recorded, found from here or from the run."""
     recorded_latent_space(meta, run_dir)  # a prior written before latent spaces were recorded stops here
     if autoencoder is None:
@@ -75,7 +78,8 @@ def check_recorded(stages: FrozenStages, meta: dict[str, Any], run_dir: str | Pa
     if got != want:
         raise CheckpointError(
             f"the prior was trained with text encoder {meta['text']['source']} (hash {want}), "
-            f"but {stages.text_source} has hash {got}; use the text encoder the prior was trained with")
+            f"but {stages.text_source} has hash {got}; use the text encoder the prior was trained with"
+        )
 
 
 def recorded_latent_space(meta: dict[str, Any], run_dir: str | Path) -> LatentSpace:
@@ -89,20 +93,28 @@ def check_prior_fits(cfg: PriorConfig, stages: FrozenStages, where: str) -> None
     """Clear errors for a prior config that cannot read these latents or these text states."""
     unet_cfg, space, encoder = cfg.model, stages.latent_space, stages.text
     if cfg.resolution != space.resolution:
-        raise ConfigError(f"{where}: the prior is set for {cfg.resolution}-px images, but autoencoder "
-                          f"{stages.autoencoder_path} encodes {space.resolution}-px ones; "
-                          f"--set resolution={space.resolution}")
+        raise ConfigError(
+            f"{where}: the prior is set for {cfg.resolution}-px images, but autoencoder "
+            f"{stages.autoencoder_path} encodes {space.resolution}-px ones; "
+            f"--set resolution={space.resolution}"
+        )
     if unet_cfg.context_dim != encoder.width:
-        raise CheckpointError(f"{where}: the UNet cross-attends to text width {unet_cfg.context_dim}, "
-                              f"but the text encoder ({encoder.source}) produces {encoder.width}; "
-                              f"--set model.context_dim={encoder.width}")
+        raise CheckpointError(
+            f"{where}: the UNet cross-attends to text width {unet_cfg.context_dim}, "
+            f"but the text encoder ({encoder.source}) produces {encoder.width}; "
+            f"--set model.context_dim={encoder.width}"
+        )
     if unet_cfg.pooled_dim and unet_cfg.pooled_dim != encoder.embed_dim:
-        raise CheckpointError(f"{where}: the UNet takes a pooled text embedding of width {unet_cfg.pooled_dim}, "
-                              f"but the text encoder gives {encoder.embed_dim}; "
-                              f"--set model.pooled_dim={encoder.embed_dim}")
+        raise CheckpointError(
+            f"{where}: the UNet takes a pooled text embedding of width {unet_cfg.pooled_dim}, "
+            f"but the text encoder gives {encoder.embed_dim}; "
+            f"--set model.pooled_dim={encoder.embed_dim}"
+        )
     if unet_cfg.in_channels != space.channels:
-        raise CheckpointError(f"{where}: the UNet has {unet_cfg.in_channels} input channels, but the autoencoder's "
-                              f"latents have {space.channels}; --set model.in_channels={space.channels}")
+        raise CheckpointError(
+            f"{where}: the UNet has {unet_cfg.in_channels} input channels, but the autoencoder's "
+            f"latents have {space.channels}; --set model.in_channels={space.channels}"
+        )
 
 
 def _record_text(source: str, run_dir: Path) -> dict[str, str]:
@@ -124,6 +136,7 @@ def _find_text(record: dict[str, str], run_dir: str | Path) -> str:
     if "from_run" not in record:
         return source
     model, pretrained = parse_spec(source)
-    found = find_recorded({"path": pretrained, "from_run": record["from_run"]}, run_dir,
-                          "its text encoder weights", "--text")
+    found = find_recorded(
+        {"path": pretrained, "from_run": record["from_run"]}, run_dir, "its text encoder weights", "--text"
+    )
     return f"{SPEC_PREFIX}{model}:{found}"

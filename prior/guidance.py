@@ -16,7 +16,8 @@ caption's.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +31,10 @@ def concat_conditioning(a: Conditioning, b: Conditioning, _where: str = "conditi
     """Concatenate two conditioning objects of the same structure along dim 0 (the batch)."""
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"{_where}: cannot batch shapes {tuple(a.shape)} and {tuple(b.shape)}; "
-                             "they may differ only in the leading batch dim")
+            raise ValueError(
+                f"{_where}: cannot batch shapes {tuple(a.shape)} and {tuple(b.shape)}; "
+                "they may differ only in the leading batch dim"
+            )
         return torch.cat([a, b], dim=0)
     if a is None and b is None:
         return None
@@ -43,8 +46,10 @@ def concat_conditioning(a: Conditioning, b: Conditioning, _where: str = "conditi
         if len(a) != len(b):
             raise ValueError(f"{_where}: lengths differ, {len(a)} vs {len(b)}")
         return type(a)(concat_conditioning(x, y, f"{_where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
-    raise TypeError(f"{_where}: cannot batch {type(a).__name__} with {type(b).__name__}; conditioning must be "
-                    "tensors with a leading batch dim, None, or tuples/lists/dicts of those, the same structure in both")
+    raise TypeError(
+        f"{_where}: cannot batch {type(a).__name__} with {type(b).__name__}; conditioning must be "
+        "tensors with a leading batch dim, None, or tuples/lists/dicts of those, the same structure in both"
+    )
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
@@ -61,8 +66,9 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return guided * (rescale * ratio + (1 - rescale))
 
 
-def cfg_model_fn(model: Model, cond: Conditioning, uncond: Conditioning, scale: float,
-                 rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+def cfg_model_fn(
+    model: Model, cond: Conditioning, uncond: Conditioning, scale: float, rescale: float = 0.0
+) -> Callable[[Tensor, Tensor], Tensor]:
     """model_fn(z_t, t) = uncond + scale * (cond - uncond), from one network pass over a 2B batch.
 
     scale == 1 is the conditional model alone (one pass over B); scale == 0 the unconditional alone.

@@ -19,13 +19,22 @@ from .schedule import NoiseSchedule
 from .spacing import NoiseLevels, noise_levels
 
 
-def _finite_levels(name: str, schedule: NoiseSchedule, steps: int, spacing: str, rho: float,
-                   sigma_min: float | None, sigma_max: float | None, t_start: float | None) -> NoiseLevels:
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+def _finite_levels(
+    name: str,
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str,
+    rho: float,
+    sigma_min: float | None,
+    sigma_max: float | None,
+    t_start: float | None,
+) -> NoiseLevels:
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     if lv.abars[0] == 0.0:
-        raise ValueError(f"{name} steps in sigma and cannot start at abar = 0 (sigma = inf, spacing {spacing!r} on a "
-                         "zero-terminal-SNR schedule); use spacing 'karras' or 'logsnr', or the ddim sampler")
+        raise ValueError(
+            f"{name} steps in sigma and cannot start at abar = 0 (sigma = inf, spacing {spacing!r} on a "
+            "zero-terminal-SNR schedule); use spacing 'karras' or 'logsnr', or the ddim sampler"
+        )
     return lv
 
 
@@ -49,8 +58,17 @@ def _churn(schedule: NoiseSchedule, sigmas: list[float], s_churn: float) -> tupl
     return hats, schedule.t_from_sigma(torch.tensor(hats, dtype=torch.float64)).tolist()
 
 
-def _karras_ode(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, generator, callback,
-                second_order: bool, s_churn: float, lv: NoiseLevels) -> Tensor:
+def _karras_ode(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    generator,
+    callback,
+    second_order: bool,
+    s_churn: float,
+    lv: NoiseLevels,
+) -> Tensor:
     """Karras et al. 2022 Alg. 2 (Alg. 1 at s_churn = 0); Euler when second_order is False."""
     sigmas = lv.sigmas
     hats, t_hats = _churn(schedule, sigmas, s_churn) if s_churn > 0 else (sigmas[:-1], lv.ts)
@@ -70,10 +88,21 @@ def _karras_ode(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps:
     return x  # sigma_N = 0: x is the data, where z = x
 
 
-def sample_euler(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                 generator: Generators = None, callback: Callback | None = None,
-                 s_churn: float = 0.0, spacing: str = "karras", rho: float = 7.0, sigma_min: float | None = None,
-                 sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
+def sample_euler(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    s_churn: float = 0.0,
+    spacing: str = "karras",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """Euler steps on the probability-flow ODE, Karras et al. 2022 Alg. 2 without the Heun correction.
 
     s_churn > 0 adds Alg. 2's noise (stochastic, from `generator`); 0 is deterministic.
@@ -82,10 +111,21 @@ def sample_euler(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps
     return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, False, s_churn, lv)
 
 
-def sample_heun(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: Generators = None, callback: Callback | None = None,
-                s_churn: float = 0.0, spacing: str = "karras", rho: float = 7.0, sigma_min: float | None = None,
-                sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
+def sample_heun(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    s_churn: float = 0.0,
+    spacing: str = "karras",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022 Alg. 1 (Alg. 2 with s_churn > 0); Euler on the last step.
 
     2 steps - 1 network evaluations.
@@ -94,11 +134,21 @@ def sample_heun(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps:
     return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, True, s_churn, lv)
 
 
-def sample_euler_ancestral(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                           generator: Generators = None, callback: Callback | None = None,
-                           eta: float = 1.0, spacing: str = "karras", rho: float = 7.0,
-                           sigma_min: float | None = None, sigma_max: float | None = None,
-                           t_start: float | None = None) -> Tensor:
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    spacing: str = "karras",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """Euler ancestral ("Euler a"): DDPM's ancestral step (Ho et al. 2020 Alg. 2) split in the VE variable.
 
     From sigma to sigma', the posterior q(x' | x, x0_hat) has variance

@@ -8,7 +8,6 @@ each time, as on the fly) with its caption, keyed by the encoder's content hash.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,15 +27,27 @@ class LatentCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, ae, data: str, path: Path, resolution: int, rt, batch_size: int = 256) -> "LatentCache":
+    def build(cls, ae, data: str, path: Path, resolution: int, rt, batch_size: int = 256) -> LatentCache:
         """Load the cache at `path` if it was made by this encoder from this data, else encode and write it."""
-        key = {"encoder_hash": encoder_hash(ae), "data": str(Path(data).resolve()) if Path(data).exists() else data,
-               "resolution": resolution}
+        key = {
+            "encoder_hash": encoder_hash(ae),
+            "data": str(Path(data).resolve()) if Path(data).exists() else data,
+            "resolution": resolution,
+        }
         info_path = path / "cache.json"
         if rt.is_main and _recorded_key(info_path) != key:  # missing, stale or damaged: (re)build it
             means, stds, captions = [], [], []
-            loader = make_loader(data, "train", batch_size, shuffle=False, repeat=False, drop_last=False,
-                                 resolution=resolution, rank=0, world_size=1)
+            loader = make_loader(
+                data,
+                "train",
+                batch_size,
+                shuffle=False,
+                repeat=False,
+                drop_last=False,
+                resolution=resolution,
+                rank=0,
+                world_size=1,
+            )
             skipped = 0
             for batch in tqdm(loader, desc="caching latents", unit="batch"):
                 post = ae.encode(batch["image"].to(next(ae.parameters()).device))
@@ -62,9 +73,13 @@ class LatentCache:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=g)[rank::world_size]
             for i in range(0, len(order) - batch_size + 1, batch_size):
-                idx = order[i:i + batch_size]
-                yield {"mean": self.mean[idx], "std": self.std[idx],
-                       "caption": [self.captions[j] for j in idx.tolist()], "skipped": 0}
+                idx = order[i : i + batch_size]
+                yield {
+                    "mean": self.mean[idx],
+                    "std": self.std[idx],
+                    "caption": [self.captions[j] for j in idx.tolist()],
+                    "skipped": 0,
+                }
             epoch += 1
 
     @staticmethod

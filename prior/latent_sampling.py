@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -44,11 +44,27 @@ def clip_bound(cfg: DiffusionConfig, space: LatentSpace) -> float | None:
 
 
 @torch.no_grad()
-def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: Conditioning, uncond: Conditioning,
-                   shape: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
-                   guidance_rescale: float = 0.0, generator: Generators, clip_x0: float | None, callback=None,
-                   dtype: torch.dtype | None = None, z_init: torch.Tensor | None = None, t_start: float | None = None,
-                   mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+def sample_latents(
+    unet: UNet,
+    schedule: NoiseSchedule,
+    prediction: str,
+    cond: Conditioning,
+    uncond: Conditioning,
+    shape: tuple[int, int, int],
+    *,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    guidance_rescale: float = 0.0,
+    generator: Generators,
+    clip_x0: float | None,
+    callback=None,
+    dtype: torch.dtype | None = None,
+    z_init: torch.Tensor | None = None,
+    t_start: float | None = None,
+    mask: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
     """z_0 (B, *shape) in prior units for each row of `cond`, classifier-free guided against `uncond`.
 
     guidance_rescale: phi of Lin et al. 2024 §3.4 (prior.guidance.cfg_model_fn); 0 is plain guidance.
@@ -67,6 +83,7 @@ def sample_latents(unet: UNet, schedule: NoiseSchedule, prediction: str, cond: C
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     if mask is not None:
         denoiser = keep_known(denoiser, z_init, mask, schedule)
-    z0 = sample(sampler, denoiser, z, schedule, steps, generator=generator, callback=callback, t_start=t_start,
-                **options)
+    z0 = sample(
+        sampler, denoiser, z, schedule, steps, generator=generator, callback=callback, t_start=t_start, **options
+    )
     return z0 if mask is None else mask * z0 + (1 - mask) * z_init

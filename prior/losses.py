@@ -29,8 +29,15 @@ def min_snr_weight(t: Tensor, schedule: NoiseSchedule, gamma: float, prediction:
     return snr.clamp(max=gamma)
 
 
-def diffusion_loss(output: Tensor, target: Tensor, t: Tensor, schedule: NoiseSchedule,
-                   weighting: str = "uniform", gamma: float = 5.0, prediction: str = "eps") -> Tensor:
+def diffusion_loss(
+    output: Tensor,
+    target: Tensor,
+    t: Tensor,
+    schedule: NoiseSchedule,
+    weighting: str = "uniform",
+    gamma: float = 5.0,
+    prediction: str = "eps",
+) -> Tensor:
     """Weighted mean squared error per sample, (B,) in at least float32 (DDPM eq. 14 for eps, uniform)."""
     if output.shape != target.shape:
         raise ValueError(f"network output {tuple(output.shape)} and target {tuple(target.shape)} differ in shape")

@@ -24,14 +24,28 @@ def _option(name: str, value: str) -> list[str]:
     return [f"{name}={value}"] if value.startswith("-") else [name, value]
 
 
-def generate_command(settings: GenerationSettings, decoder: str | None = None, device: str | None = None,
-                     precision: str = "auto") -> str:
+def generate_command(
+    settings: GenerationSettings, decoder: str | None = None, device: str | None = None, precision: str = "auto"
+) -> str:
     """The `latentdiff generate` command line that makes the same images (one shell-quoted line)."""
     # Prompts come first, unless one starts with "-" and would read as an option: then last, after "--".
     dashed = any(p.startswith("-") for p in settings.prompts)
-    words = ["latentdiff", "generate", *([] if dashed else settings.prompts), *_option("--run", settings.run),
-             "--n", str(settings.n), "--steps", str(settings.steps), "--sampler", settings.sampler,
-             "--guidance", repr(settings.guidance), "--seed", str(settings.seed)]
+    words = [
+        "latentdiff",
+        "generate",
+        *([] if dashed else settings.prompts),
+        *_option("--run", settings.run),
+        "--n",
+        str(settings.n),
+        "--steps",
+        str(settings.steps),
+        "--sampler",
+        settings.sampler,
+        "--guidance",
+        repr(settings.guidance),
+        "--seed",
+        str(settings.seed),
+    ]
     for key, value in sorted(settings.sampler_options.items()):
         if value is None:  # "the sampler's own" (e.g. sigma_max of the schedule): the command's default too
             continue
@@ -59,8 +73,9 @@ def generate_command(settings: GenerationSettings, decoder: str | None = None, d
 
 def png_parameters(settings: GenerationSettings, index: int, command: str) -> str:
     """The `parameters` text chunk of image `index` of a call: its settings, seed and command, as JSON."""
-    return json.dumps({**dataclasses.asdict(settings), "index": index, "image_seed": settings.seed + index,
-                       "command": command})
+    return json.dumps(
+        {**dataclasses.asdict(settings), "index": index, "image_seed": settings.seed + index, "command": command}
+    )
 
 
 def read_png_parameters(path: str | Path) -> dict:
@@ -73,17 +88,23 @@ def read_png_parameters(path: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"--from-png {path}: cannot read it as an image ({e})") from None
     if text is None:
-        raise ValueError(f"--from-png {path}: no '{PNG_KEY}' text chunk; only PNGs that latentdiff generate or "
-                         "serve wrote carry their settings")
+        raise ValueError(
+            f"--from-png {path}: no '{PNG_KEY}' text chunk; only PNGs that latentdiff generate or "
+            "serve wrote carry their settings"
+        )
     try:
         params = json.loads(text)
     except json.JSONDecodeError:
         params = None
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
-    if not isinstance(params, dict) or not {"index", "prompts", "run"} <= params.keys() or params.keys() - names - {
-            "index", "image_seed", "command"}:
-        raise ValueError(f"--from-png {path}: its '{PNG_KEY}' chunk is not latentdiff's JSON settings "
-                         "(another tool wrote it?)")
+    if (
+        not isinstance(params, dict)
+        or not {"index", "prompts", "run"} <= params.keys()
+        or params.keys() - names - {"index", "image_seed", "command"}
+    ):
+        raise ValueError(
+            f"--from-png {path}: its '{PNG_KEY}' chunk is not latentdiff's JSON settings (another tool wrote it?)"
+        )
     return params
 
 
@@ -93,9 +114,18 @@ def call_arguments(params: dict) -> tuple[list[str], dict, int]:
     The whole call is described (prompts, n, seed, batch size), and `only=[index]` makes just the
     batch that held the image, so it comes out exactly as it was.
     """
-    kwargs = dict(n=params["n"], steps=params["steps"], sampler=params["sampler"], guidance=params["guidance"],
-                  negative_prompt=params["negative_prompt"], seed=params["seed"],
-                  guidance_rescale=params["guidance_rescale"], sampler_options=dict(params["sampler_options"]),
-                  batch_size=params["batch_size"], init_image=params.get("init_image"), mask=params.get("mask"),
-                  strength=params.get("strength") if params.get("init_image") else None)
+    kwargs = dict(
+        n=params["n"],
+        steps=params["steps"],
+        sampler=params["sampler"],
+        guidance=params["guidance"],
+        negative_prompt=params["negative_prompt"],
+        seed=params["seed"],
+        guidance_rescale=params["guidance_rescale"],
+        sampler_options=dict(params["sampler_options"]),
+        batch_size=params["batch_size"],
+        init_image=params.get("init_image"),
+        mask=params.get("mask"),
+        strength=params.get("strength") if params.get("init_image") else None,
+    )
     return list(params["prompts"]), kwargs, int(params["index"])

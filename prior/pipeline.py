@@ -62,8 +62,18 @@ class GenerationSettings:
 
 
 class TextToImage:
-    def __init__(self, unet: UNet, cfg: PriorConfig, encoder, autoencoder, latent_space: LatentSpace, run: Path,
-                 decoder: torch.nn.Module | None = None, precision: str = "auto", decoder_run: str | None = None):
+    def __init__(
+        self,
+        unet: UNet,
+        cfg: PriorConfig,
+        encoder,
+        autoencoder,
+        latent_space: LatentSpace,
+        run: Path,
+        decoder: torch.nn.Module | None = None,
+        precision: str = "auto",
+        decoder_run: str | None = None,
+    ):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
         self.decoder = decoder if decoder is not None else autoencoder.decoder
         self.schedule = make_schedule(cfg.diffusion)
@@ -75,9 +85,17 @@ class TextToImage:
         self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
 
     @classmethod
-    def from_run(cls, run: str | Path, *, device: torch.device | str | None = None, ema: bool = True,
-                 autoencoder: str | Path | None = None, text: str | Path | None = None,
-                 decoder: str | Path | None = None, precision: str = "auto") -> "TextToImage":
+    def from_run(
+        cls,
+        run: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        ema: bool = True,
+        autoencoder: str | Path | None = None,
+        text: str | Path | None = None,
+        decoder: str | Path | None = None,
+        precision: str = "auto",
+    ) -> TextToImage:
         """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
 
         autoencoder, text: use these instead of the recorded ones; the autoencoder's latent space must
@@ -100,36 +118,73 @@ class TextToImage:
                     f"decoder {decoder} was trained for the latents of autoencoder {dec_meta['autoencoder']['path']} "
                     f"(encoder hash {dec_meta['encoder_hash']}), but this prior uses {stages.autoencoder_path} "
                     f"(encoder hash {stages.latent_space.encoder_hash}); "
-                    f"train a decoder with --autoencoder {stages.autoencoder_path}")
-        return cls(prior.model, prior.config, stages.text, stages.autoencoder, stages.latent_space, run,
-                   decoder=swapped, precision=precision,
-                   decoder_run=None if decoder is None else str(Path(decoder).resolve()))
+                    f"train a decoder with --autoencoder {stages.autoencoder_path}"
+                )
+        return cls(
+            prior.model,
+            prior.config,
+            stages.text,
+            stages.autoencoder,
+            stages.latent_space,
+            run,
+            decoder=swapped,
+            precision=precision,
+            decoder_run=None if decoder is None else str(Path(decoder).resolve()),
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str] | str, *, n: int = 1, steps: int | None = None, sampler: str | None = None,
-                 guidance: float | None = None, negative_prompt: str = "", seed: int = 0, eta: float | None = None,
-                 guidance_rescale: float = 0.0, sampler_options: dict | None = None,
-                 init_image: str | Path | None = None, mask: str | Path | None = None, strength: float | None = None,
-                 batch_size: int = 64, only: list[int] | None = None, show_progress: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        prompts: list[str] | str,
+        *,
+        n: int = 1,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
+        negative_prompt: str = "",
+        seed: int = 0,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        sampler_options: dict | None = None,
+        init_image: str | Path | None = None,
+        mask: str | Path | None = None,
+        strength: float | None = None,
+        batch_size: int = 64,
+        only: list[int] | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
         """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first).
 
         init_image, mask, strength: img2img and inpainting (module docstring; `settings` for the defaults).
         only: the indices of the images to make and return (in that order); their batches are run whole,
         so each comes out exactly as in the full call.
         """
-        settings = self.settings(prompts, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                 negative_prompt=negative_prompt, seed=seed, eta=eta, batch_size=batch_size,
-                                 guidance_rescale=guidance_rescale, sampler_options=sampler_options,
-                                 init_image=init_image, mask=mask, strength=strength)
+        settings = self.settings(
+            prompts,
+            n=n,
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            eta=eta,
+            batch_size=batch_size,
+            guidance_rescale=guidance_rescale,
+            sampler_options=sampler_options,
+            init_image=init_image,
+            mask=mask,
+            strength=strength,
+        )
         return self.generate(settings, only=only, show_progress=show_progress)
 
     @torch.inference_mode()
-    def generate(self, settings: GenerationSettings, *, only: list[int] | None = None,
-                 show_progress: bool = False) -> torch.Tensor:
+    def generate(
+        self, settings: GenerationSettings, *, only: list[int] | None = None, show_progress: bool = False
+    ) -> torch.Tensor:
         """The images of checked `settings` (from `settings()`), or those listed in `only`: (N, 3, H, W) in [-1, 1]."""
         made = {}
         for i, z0 in self._sample(settings, only, show_progress):  # decoded batch by batch, as sampled
@@ -138,8 +193,9 @@ class TextToImage:
         return torch.stack([made[k] for k in self._wanted(settings, only)])
 
     @torch.inference_mode()
-    def latents(self, settings: GenerationSettings, *, only: list[int] | None = None,
-                show_progress: bool = False) -> torch.Tensor:
+    def latents(
+        self, settings: GenerationSettings, *, only: list[int] | None = None, show_progress: bool = False
+    ) -> torch.Tensor:
         """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding."""
         made = {}
         for i, z0 in self._sample(settings, only, show_progress):
@@ -170,31 +226,63 @@ class TextToImage:
             z_init = self.encode(load_image(settings.init_image, self.latent_space.resolution))
             if settings.strength == 0.0:  # no step: the image's reconstruction
                 for i in batches:
-                    yield i, z_init.expand(len(rows[i:i + bs]), *z_init.shape[1:])
+                    yield i, z_init.expand(len(rows[i : i + bs]), *z_init.shape[1:])
                 return
             t_start = start_timestep(settings.strength, self.schedule.T)
             if settings.mask is not None:
                 mask = load_mask(settings.mask, self.latent_space.resolution, self.latent_space.downsampling)[1]
                 mask = mask.to(self.device)
         dtype = torch.bfloat16 if settings.precision == "bf16" else None
-        bar = progress(number_of_evaluations(settings.sampler, settings.steps) * len(batches), "sampling",
-                       enabled=show_progress)
+        bar = progress(
+            number_of_evaluations(settings.sampler, settings.steps) * len(batches), "sampling", enabled=show_progress
+        )
         for i in batches:
-            chunk = rows[i:i + bs]
+            chunk = rows[i : i + bs]
             cond, uncond = guided_conditioning(self.encoder, chunk, [settings.negative_prompt] * len(chunk))
             generators = [torch.Generator(self.device).manual_seed(settings.seed + k) for k in range(i, i + len(chunk))]
-            yield i, sample_latents(self.unet, self.schedule, self.cfg.diffusion.prediction, cond, uncond,
-                                    self.latent_shape, sampler=settings.sampler, steps=settings.steps,
-                                    guidance=settings.guidance, guidance_rescale=settings.guidance_rescale,
-                                    generator=generators, clip_x0=self.clip_x0, callback=lambda *_: bar.update(1),
-                                    dtype=dtype, z_init=z_init, t_start=t_start, mask=mask,
-                                    **settings.sampler_options)
+            yield (
+                i,
+                sample_latents(
+                    self.unet,
+                    self.schedule,
+                    self.cfg.diffusion.prediction,
+                    cond,
+                    uncond,
+                    self.latent_shape,
+                    sampler=settings.sampler,
+                    steps=settings.steps,
+                    guidance=settings.guidance,
+                    guidance_rescale=settings.guidance_rescale,
+                    generator=generators,
+                    clip_x0=self.clip_x0,
+                    callback=lambda *_: bar.update(1),
+                    dtype=dtype,
+                    z_init=z_init,
+                    t_start=t_start,
+                    mask=mask,
+                    **settings.sampler_options,
+                ),
+            )
         bar.close()
 
-    def settings(self, prompts, *, n, steps, sampler, guidance, negative_prompt, seed, eta=None,
-                 batch_size: int = 64, guidance_rescale: float = 0.0, sampler_options: dict | None = None,
-                 init_image: str | Path | None = None, mask: str | Path | None = None,
-                 strength: float | None = None) -> GenerationSettings:
+    def settings(
+        self,
+        prompts,
+        *,
+        n,
+        steps,
+        sampler,
+        guidance,
+        negative_prompt,
+        seed,
+        eta=None,
+        batch_size: int = 64,
+        guidance_rescale: float = 0.0,
+        sampler_options: dict | None = None,
+        init_image: str | Path | None = None,
+        mask: str | Path | None = None,
+        strength: float | None = None,
+    ) -> GenerationSettings:
         """Resolve defaults from the run's sampling config and check every value (ValueError with the range).
 
         strength defaults to 0.75 for img2img and 1.0 with a mask (repaint from pure noise); it needs
@@ -224,17 +312,36 @@ class TextToImage:
             if mask is not None:
                 mask = str(Path(mask).resolve())
                 load_mask(mask, self.latent_space.resolution, self.latent_space.downsampling)
-            strength = check_number("strength", (1.0 if mask else 0.75) if strength is None else strength,
-                                    float, 0.0, 1.0)
+            strength = check_number(
+                "strength", (1.0 if mask else 0.75) if strength is None else strength, float, 0.0, 1.0
+            )
             t_start = start_timestep(strength, self.schedule.T)
             if 0 < strength * self.schedule.T <= 1:
-                raise ValueError(f"strength {strength:g} starts at timestep {t_start:g}, below the first; use 0 "
-                                 f"(the image's reconstruction) or more than 1/T = {1 / self.schedule.T:g}")
+                raise ValueError(
+                    f"strength {strength:g} starts at timestep {t_start:g}, below the first; use 0 "
+                    f"(the image's reconstruction) or more than 1/T = {1 / self.schedule.T:g}"
+                )
             if strength > 0 and t_start is not None:
                 levels(sampler, self.schedule, steps, t_start, **options)  # enough timesteps for the steps
         # One precision for the whole call, from the device alone: never from the batch, so image k is the
         # same whatever n and batch_size (core.runtime.sampling_dtype).
         precision = "bf16" if sampling_dtype(self.device, self.precision) == torch.bfloat16 else "fp32"
-        return GenerationSettings(prompts, n, steps, sampler, options, guidance, guidance_rescale, negative_prompt,
-                                  seed, self.clip_x0, str(self.run), batch_size, precision, init_image, mask, strength,
-                                  self.decoder_run)
+        return GenerationSettings(
+            prompts,
+            n,
+            steps,
+            sampler,
+            options,
+            guidance,
+            guidance_rescale,
+            negative_prompt,
+            seed,
+            self.clip_x0,
+            str(self.run),
+            batch_size,
+            precision,
+            init_image,
+            mask,
+            strength,
+            self.decoder_run,
+        )

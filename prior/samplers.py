@@ -21,8 +21,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -58,8 +59,9 @@ class Option:
         return check_number(name, value, self.kind, self.low, self.high, self.above)
 
 
-def check_number(name: str, value: Any, kind: type = float, low: float = -math.inf, high: float = math.inf,
-                 above: bool = False) -> Any:
+def check_number(
+    name: str, value: Any, kind: type = float, low: float = -math.inf, high: float = math.inf, above: bool = False
+) -> Any:
     """value as `kind` (int or float) if finite and in [low, high] ((low, high] with above); else a ValueError
     that names the allowed range, e.g. "guidance must be a finite number >= 0, got nan"."""
     opt = Option(kind, "", low, high, above)
@@ -75,8 +77,9 @@ OPTIONS: dict[str, Option] = {
     "eta": Option(float, "noise injected per step: 0 deterministic, 1 ancestral (DDPM's posterior)", 0.0, 1.0),
     "s_churn": Option(float, "Karras et al. Alg. 2 churn: noise added before each step (0: deterministic)", 0.0),
     "rho": Option(float, "the karras spacing's rho (eq. 5; 7 in the paper)", 0.0, above=True),
-    "sigma_min": Option(float, "smallest sigma of the karras/logsnr spacings (the schedule's sigma(0))", 0.0,
-                        above=True),
+    "sigma_min": Option(
+        float, "smallest sigma of the karras/logsnr spacings (the schedule's sigma(0))", 0.0, above=True
+    ),
     "sigma_max": Option(float, "largest sigma of the karras/logsnr spacings (min(sigma(T-1), 80))", 0.0, above=True),
     "order": Option(int, "UniPC's order p (the corrector makes it p + 1)", choices=(1, 2, 3)),
     "variant": Option(str, "UniPC's B(h): bh1 = h, bh2 = e^h - 1", choices=("bh1", "bh2")),
@@ -113,9 +116,16 @@ _SPECS = [
     SamplerSpec("ddim", sample_ddim, "DDIM", 1, 1),
     SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M)", 1, 2),
     SamplerSpec("euler", sample_euler, "Euler", 1, 1),
-    SamplerSpec("heun", sample_heun, "Heun", 2, 2, min_steps=6,
-                refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
-                        "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step"),
+    SamplerSpec(
+        "heun",
+        sample_heun,
+        "Heun",
+        2,
+        2,
+        min_steps=6,
+        refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
+        "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step",
+    ),
     SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0),
     SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0),
     SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),
@@ -131,9 +141,17 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc-karras": ("unipc", {"spacing": "karras"}),
     "dpm-solver++": ("dpmpp-2m", {}),
 }
-KNOWN_AS = {"DPM++ 2M": "dpmpp-2m", "DPM++ 2M Karras": "dpmpp-2m-karras", "DPM++ 2M SDE": "dpmpp-2m-sde",
-            "DPM++ 2M SDE Karras": "dpmpp-2m-sde-karras", "Euler a": "euler-a", "Euler": "euler", "Heun": "heun",
-            "DDIM": "ddim", "UniPC": "unipc"}  # what the Stable Diffusion web UI calls them
+KNOWN_AS = {
+    "DPM++ 2M": "dpmpp-2m",
+    "DPM++ 2M Karras": "dpmpp-2m-karras",
+    "DPM++ 2M SDE": "dpmpp-2m-sde",
+    "DPM++ 2M SDE Karras": "dpmpp-2m-sde-karras",
+    "Euler a": "euler-a",
+    "Euler": "euler",
+    "Heun": "heun",
+    "DDIM": "ddim",
+    "UniPC": "unipc",
+}  # what the Stable Diffusion web UI calls them
 
 
 def normalise(name: str) -> str:
@@ -155,8 +173,10 @@ def resolve(name: str) -> tuple[SamplerSpec, dict[str, Any]]:
     if key in ALIASES:
         canonical, preset = ALIASES[key]
         return SAMPLERS[canonical], dict(preset)
-    raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)} "
-                     f"(also {', '.join(repr(k) for k in KNOWN_AS if normalise(k) in ALIASES)})")
+    raise ValueError(
+        f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)} "
+        f"(also {', '.join(repr(k) for k in KNOWN_AS if normalise(k) in ALIASES)})"
+    )
 
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -168,8 +188,10 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
             continue
         if key not in takes:
             which = [s.name for s in SAMPLERS.values() if key in s.options]
-            raise ValueError(f"sampler {spec.name} takes no option {key!r} (it takes {', '.join(takes) or 'none'}); "
-                             f"{key} applies to {', '.join(which) or 'no sampler'}")
+            raise ValueError(
+                f"sampler {spec.name} takes no option {key!r} (it takes {', '.join(takes) or 'none'}); "
+                f"{key} applies to {', '.join(which) or 'no sampler'}"
+            )
         merged[key] = value
     return {k: OPTIONS[k].check(k, v) if k in OPTIONS else v for k, v in merged.items()}
 
@@ -185,13 +207,24 @@ def check_sampler_steps(name: str, steps: int, schedule: NoiseSchedule) -> None:
     check_steps(schedule, steps)
     spec, _ = resolve(name)
     if steps < spec.min_steps:
-        raise ValueError(f"{spec.name} needs at least {spec.min_steps} steps ({spec.evaluations(spec.min_steps)} "
-                         f"network evaluations), got {steps}: {spec.refusal}")
+        raise ValueError(
+            f"{spec.name} needs at least {spec.min_steps} steps ({spec.evaluations(spec.min_steps)} "
+            f"network evaluations), got {steps}: {spec.refusal}"
+        )
 
 
-def sample(name: str, denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-           generator: Generators = None, callback: Callback | None = None, t_start: float | None = None,
-           **options) -> Tensor:
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    t_start: float | None = None,
+    **options,
+) -> Tensor:
     """Run the sampler registered as `name` (a name of SAMPLERS or ALIASES) with its checked options.
 
     t_start: the first level's timestep (None: T-1); z_T is the state at `levels(...).abars[0]`.
@@ -199,8 +232,7 @@ def sample(name: str, denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, 
     spec, _ = resolve(name)
     options = check_options(name, options)
     check_sampler_steps(name, steps, schedule)
-    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, t_start=t_start,
-                   **options)
+    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, t_start=t_start, **options)
 
 
 def levels(name: str, schedule: NoiseSchedule, steps: int, t_start: float | None = None, **options) -> NoiseLevels:
@@ -230,8 +262,14 @@ def add_sampler_arguments(p) -> None:
     for key, opt in OPTIONS.items():
         takes = [s.name for s in SAMPLERS.values() if key in s.options]
         which = "every sampler" if len(takes) == len(SAMPLERS) else ", ".join(takes)
-        p.add_argument(f"--{key.replace('_', '-')}", dest=f"sampler_{key}", type=opt.kind, default=None,
-                       metavar=key.upper(), help=f"{opt.help}; {opt.allowed()}; for {which} (default: the sampler's)")
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            dest=f"sampler_{key}",
+            type=opt.kind,
+            default=None,
+            metavar=key.upper(),
+            help=f"{opt.help}; {opt.allowed()}; for {which} (default: the sampler's)",
+        )
 
 
 def sampler_arguments(args) -> dict[str, Any]:

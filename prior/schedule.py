@@ -117,8 +117,10 @@ class NoiseSchedule:
             raise ValueError(f"a noise schedule needs an integer number of steps T >= 2, got {T!r}")
         betas = _betas(kind, T, beta_start, beta_end)
         if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError(f"betas of the {kind!r} schedule with T={T} fall outside (0, 1); "
-                             "use a larger T or smaller beta_start/beta_end")
+            raise ValueError(
+                f"betas of the {kind!r} schedule with T={T} fall outside (0, 1); "
+                "use a larger T or smaller beta_start/beta_end"
+            )
         if zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
         alphas = 1 - betas

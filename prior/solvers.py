@@ -20,16 +20,25 @@ from .schedule import NoiseSchedule, posterior_coefficients
 from .spacing import noise_levels
 
 
-def sample_ddpm(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: Generators = None, callback: Callback | None = None,
-                spacing: str = "trailing", rho: float = 7.0, sigma_min: float | None = None,
-                sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
+def sample_ddpm(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """Ancestral sampling, DDPM Alg. 2: z_s ~ q(z_s | z_t, x0_hat) (eq. 6-7; eq. 11 when x0_hat comes from eps).
 
     Between visited levels the betas are recomputed, beta' = 1 - abar_t / abar_s (Improved DDPM §4).
     """
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     z = z_T
     for i, t in enumerate(lv.ts):
         x0, _ = denoiser(z, t_like(z, t))
@@ -42,13 +51,23 @@ def sample_ddpm(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps:
     return z
 
 
-def sample_ddim(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                generator: Generators = None, callback: Callback | None = None,
-                eta: float = 0.0, spacing: str = "trailing", rho: float = 7.0, sigma_min: float | None = None,
-                sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """DDIM, Song et al. 2021 eq. 12 (sigma_t of eq. 16 scaled by eta; eta = 1 is ancestral DDPM)."""
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     z = z_T
     for i, t in enumerate(lv.ts):
         x0, eps = denoiser(z, t_like(z, t))  # x0 = "predicted x_0", eps = eps_theta(x_t, t)
@@ -76,17 +95,26 @@ def _second_order_to_data(x0: Tensor, eps: Tensor, eps_prev: Tensor, sigma: floa
     return x0 + sigma**2 / (2 * (sigma_prev - sigma)) * (eps_prev - eps)
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                    generator: Generators = None, callback: Callback | None = None,
-                    spacing: str = "trailing", rho: float = 7.0, sigma_min: float | None = None,
-                    sigma_max: float | None = None, t_start: float | None = None) -> Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022b Alg. 2: multistep data prediction in lambda = log(alpha/sigma).
 
     The first step is first order (no earlier x0_hat); the last, to the data, is second order in
     sigma (`_second_order_to_data`). Deterministic; `generator` is unused.
     """
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     lam, sig = lv.lambdas, lv.sigmas
     z = z_T
     x0_prev = eps_prev = None
@@ -109,11 +137,21 @@ def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, st
     raise AssertionError("unreachable: the last level jumps to the data")
 
 
-def sample_dpmpp_2m_sde(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                        generator: Generators = None, callback: Callback | None = None,
-                        eta: float = 1.0, spacing: str = "logsnr", rho: float = 7.0,
-                        sigma_min: float | None = None, sigma_max: float | None = None,
-                        t_start: float | None = None) -> Tensor:
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    spacing: str = "logsnr",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """SDE-DPM-Solver++(2M) of Lu et al. 2022b (DPM-Solver++), eta scaling the injected noise.
 
     One step of h in lambda, c = 1 + eta: the exact solution of the linear part of the
@@ -126,8 +164,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     lam = lv.lambdas
     z = z_T
     x0_prev = None
@@ -171,11 +208,22 @@ def _unipc_weights(rks: list[float], h: float, variant: str) -> tuple[float, lis
     return B, a.tolist()
 
 
-def sample_unipc(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps: int, *,
-                 generator: Generators = None, callback: Callback | None = None,
-                 order: int = 3, variant: str = "bh2", spacing: str = "logsnr", rho: float = 7.0,
-                 sigma_min: float | None = None, sigma_max: float | None = None,
-                 t_start: float | None = None) -> Tensor:
+def sample_unipc(
+    denoiser: Denoiser,
+    z_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    order: int = 3,
+    variant: str = "bh2",
+    spacing: str = "logsnr",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> Tensor:
     """UniPC, Zhao et al. 2023: the UniP-p predictor and UniC corrector, multistep, on data prediction.
 
     At level s with the last p-1 levels s-k, h = lambda_t - lambda_s, r_k = (lambda_{s-k} - lambda_s) / h,
@@ -191,8 +239,7 @@ def sample_unipc(denoiser: Denoiser, z_T: Tensor, schedule: NoiseSchedule, steps
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                      t_start=t_start)
+    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
     lam, sig = lv.lambdas, lv.sigmas
     z = z_T
     x0s: list[Tensor] = []  # x0_hat at each level visited, evaluated at the predicted state

@@ -103,13 +103,22 @@ def check_start(schedule: NoiseSchedule, steps: int, t_start: float) -> None:
     if not (isinstance(t_start, (int, float)) and 0 < t_start <= schedule.T - 1):
         raise ValueError(f"t_start must be a timestep in (0, {schedule.T - 1}], got {t_start!r}")
     if steps > t_start + 1:
-        raise ValueError(f"starting at timestep {t_start:g} of {schedule.T} leaves {math.floor(t_start + 1)} "
-                         f"timesteps, fewer than the {steps} steps asked for: raise the strength or lower the steps")
+        raise ValueError(
+            f"starting at timestep {t_start:g} of {schedule.T} leaves {math.floor(t_start + 1)} "
+            f"timesteps, fewer than the {steps} steps asked for: raise the strength or lower the steps"
+        )
 
 
-def noise_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", *, rho: float = 7.0,
-                 sigma_min: float | None = None, sigma_max: float | None = None,
-                 t_start: float | None = None) -> NoiseLevels:
+def noise_levels(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "trailing",
+    *,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_start: float | None = None,
+) -> NoiseLevels:
     """The levels of `spacing` (SPACINGS) for `steps` network evaluations on `schedule`.
 
     rho, sigma_min and sigma_max shape the continuous spacings ("karras", "logsnr"): by default
@@ -139,8 +148,10 @@ def noise_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
     sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
     lo, hi = schedule.sigma_min, schedule.sigma_max_finite
     if not lo * (1 - 1e-12) <= sigma_min < sigma_max <= hi * (1 + 1e-12):
-        raise ValueError(f"need {lo:.4g} <= sigma_min < sigma_max <= {hi:.4g} (the schedule's range of finite sigma), "
-                         f"got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError(
+            f"need {lo:.4g} <= sigma_min < sigma_max <= {hi:.4g} (the schedule's range of finite sigma), "
+            f"got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
     # Where the spacing starts below sigma(T-1), z_T ~ N(0, I) is not yet at its first level: the first
     # evaluation is at T-1 itself, and one DDIM-like step brings z_T to the spacing's start exactly enough
     # (x0_hat barely changes above sigma ~ 80). Treating z_T as the state at sigma_max instead costs a mean

@@ -40,13 +40,17 @@ PRESETS = Path(__file__).parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff train prior",
-                                description="Train the text-conditioned latent diffusion model (the prior).")
+    p = argparse.ArgumentParser(
+        prog="latentdiff train prior", description="Train the text-conditioned latent diffusion model (the prior)."
+    )
     add_train_args(p, "prior", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (frozen)")
     p.add_argument("--text", help="run directory of `latentdiff train text`, or openclip:MODEL:PRETRAINED (frozen)")
-    p.add_argument("--cache-latents", action="store_true",
-                   help="encode the training set once (posterior moments, run_dir/latent_cache) and train from it")
+    p.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode the training set once (posterior moments, run_dir/latent_cache) and train from it",
+    )
     return p
 
 
@@ -76,8 +80,9 @@ def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: tor
     return space.to_prior(ae.encode(batch["image"].to(device, non_blocking=True)).sample())
 
 
-def prior_loss(net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str],
-               rt) -> torch.Tensor:
+def prior_loss(
+    net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str], rt
+) -> torch.Tensor:
     """The objective above (Alg. 1) for a batch of scaled latents, one value per sample: (B,)."""
     with torch.no_grad():
         states, mask, pooled = text_conditioning(encoder, drop_captions(captions, cfg.caption_dropout))
@@ -88,28 +93,42 @@ def prior_loss(net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: to
     target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
     with rt.autocast():
         out = net(z_t, t.float(), states, mask, pooled)
-    return diffusion_loss(out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma,
-                          cfg.diffusion.prediction)
+    return diffusion_loss(
+        out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma, cfg.diffusion.prediction
+    )
 
 
 @torch.no_grad()
-def sample_grid(unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpace, clip_x0, prompts,
-                path: Path, seed: int = 0) -> Path:
+def sample_grid(
+    unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpace, clip_x0, prompts, path: Path, seed: int = 0
+) -> Path:
     prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
     cond, uncond = guided_conditioning(encoder, prompts, [""] * len(prompts))
     g = torch.Generator(cond[0].device).manual_seed(seed)
-    z0 = sample_latents(unet, schedule, cfg.diffusion.prediction, cond, uncond, space.latent_shape,
-                        sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=cfg.sampling.guidance,
-                        generator=g, clip_x0=clip_x0)
+    z0 = sample_latents(
+        unet,
+        schedule,
+        cfg.diffusion.prediction,
+        cond,
+        uncond,
+        space.latent_shape,
+        sampler=cfg.sampling.sampler,
+        steps=cfg.sampling.steps,
+        guidance=cfg.sampling.guidance,
+        generator=g,
+        clip_x0=clip_x0,
+    )
     images = ae.decode(space.to_decoder(z0))
     return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
 
 
 # Flags a resume reads back from the run when left out (only local paths are taken from its records).
 # The cache's order is not the shards', so a resumed run reads its data the way it started.
-FROM_RUN = {"autoencoder": lambda meta, run: recorded_stages(meta, run)[0],
-            "text": lambda meta, run: recorded_stages(meta, run)[1],
-            "cache_latents": lambda meta, run: bool(meta.get("cache_latents", False))}
+FROM_RUN = {
+    "autoencoder": lambda meta, run: recorded_stages(meta, run)[0],
+    "text": lambda meta, run: recorded_stages(meta, run)[1],
+    "cache_latents": lambda meta, run: bool(meta.get("cache_latents", False)),
+}
 
 
 def _autoencoder_resolution(args: argparse.Namespace):
@@ -122,8 +141,15 @@ def _autoencoder_resolution(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> dict:
-    run = Run.start(args, PriorConfig, PRESETS, stage="prior", from_run=FROM_RUN,
-                    required=("data", "autoencoder", "text"), derive=lambda cfg: _autoencoder_resolution(args)(cfg))
+    run = Run.start(
+        args,
+        PriorConfig,
+        PRESETS,
+        stage="prior",
+        from_run=FROM_RUN,
+        required=("data", "autoencoder", "text"),
+        derive=lambda cfg: _autoencoder_resolution(args)(cfg),
+    )
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     stages = load_frozen_stages(args.autoencoder, args.text, rt.device)
@@ -133,8 +159,11 @@ def train(args: argparse.Namespace) -> dict:
     ae, space, encoder = stages.autoencoder, stages.latent_space, stages.text
     schedule = make_schedule(cfg.diffusion)
     clip_x0 = clip_bound(cfg.diffusion, space)
-    meta = {**stage_records(stages, run.path), "data": record_path(args.data, run.path),
-            "cache_latents": bool(args.cache_latents)}
+    meta = {
+        **stage_records(stages, run.path),
+        "data": record_path(args.data, run.path),
+        "cache_latents": bool(args.cache_latents),
+    }
 
     unet = UNet(cfg.model).to(rt.device)
     opt = make_optimizer(unet.parameters(), tcfg)
@@ -149,8 +178,14 @@ def train(args: argparse.Namespace) -> dict:
             cache = LatentCache.build(ae, args.data, run.path / "latent_cache", space.resolution, rt)
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
-        loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                             resolution=space.resolution)
+        loader = make_loader(
+            args.data,
+            "train",
+            tcfg.batch_size,
+            seed=tcfg.seed,
+            num_workers=tcfg.num_workers,
+            resolution=space.resolution,
+        )
     # Same seed, same order: a resumed run skips the batches it has already seen.
     batches = run.batches(loader)
     for step in run.steps():
@@ -171,17 +206,32 @@ def train(args: argparse.Namespace) -> dict:
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step):
             sampled = ema.module if ema.enabled else unwrap(unet)
-            run.sample(step, lambda: sample_grid(sampled, schedule, cfg, encoder, ae, space, clip_x0, prompts,
-                                                 run.path / "samples" / f"step_{step + 1:07d}.png", seed=tcfg.seed))
+            run.sample(
+                step,
+                lambda: sample_grid(
+                    sampled,
+                    schedule,
+                    cfg,
+                    encoder,
+                    ae,
+                    space,
+                    clip_x0,
+                    prompts,
+                    run.path / "samples" / f"step_{step + 1:07d}.png",
+                    seed=tcfg.seed,
+                ),
+            )
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
     summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(unet)
-        grid = sample_grid(final, schedule, cfg, encoder, ae, space, clip_x0, prompts,
-                           run.path / "samples.png", seed=tcfg.seed)
+        grid = sample_grid(
+            final, schedule, cfg, encoder, ae, space, clip_x0, prompts, run.path / "samples.png", seed=tcfg.seed
+        )
         summary["sample_grid"] = str(grid)
+        run.image("samples", run.done, grid)
     return run.finish(summary)
 
 

@@ -22,8 +22,9 @@ def text_conditioning(encoder: TextEncoder, prompts: list[str], length: int | No
     return _cut(out, length)
 
 
-def guided_conditioning(encoder: TextEncoder, prompts: list[str],
-                        negative: list[str]) -> tuple[Conditioning, Conditioning]:
+def guided_conditioning(
+    encoder: TextEncoder, prompts: list[str], negative: list[str]
+) -> tuple[Conditioning, Conditioning]:
     """Conditioning for the prompts and for their negative (or empty) prompts, cut to one length.
 
     Classifier-free guidance runs both halves as one batch, so they must have the same length.

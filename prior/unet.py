@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from latentdiff.core.blocks import (Attention, AttentionBackend, Downsample, ResBlock, Upsample, group_norm,
-                                    timestep_embedding, zero_module)
+from latentdiff.core.blocks import (
+    Attention,
+    AttentionBackend,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_module,
+)
 from latentdiff.core.config import ConfigError, NonNegativeInt, PositiveInt, Probability
 
 
@@ -36,8 +44,10 @@ class UNetConfig:
     def __post_init__(self):
         levels = len(self.channels)
         if any(level >= levels for level in self.attention_levels):
-            raise ConfigError(f"attention_levels {list(self.attention_levels)} name a level beyond the "
-                              f"{levels} of channels; use levels 0..{levels - 1}")
+            raise ConfigError(
+                f"attention_levels {list(self.attention_levels)} name a level beyond the "
+                f"{levels} of channels; use levels 0..{levels - 1}"
+            )
         # The middle block attends at the last width, the levels at theirs.
         widths = {self.channels[-1], *(self.channels[level] for level in self.attention_levels)}
         if any(width % self.heads for width in widths):
@@ -127,12 +137,13 @@ class UNet(nn.Module):
                 self.down.append(Downsample(in_ch))
                 skips.append(in_ch)
 
-        self.mid = nn.ModuleList([UNetLayer(in_ch, in_ch, emb_dim, cfg, True),
-                                  UNetLayer(in_ch, in_ch, emb_dim, cfg, False)])
+        self.mid = nn.ModuleList(
+            [UNetLayer(in_ch, in_ch, emb_dim, cfg, True), UNetLayer(in_ch, in_ch, emb_dim, cfg, False)]
+        )
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(ch))):
-            for i in range(cfg.num_res_blocks + 1):
+            for _ in range(cfg.num_res_blocks + 1):
                 self.up.append(UNetLayer(in_ch + skips.pop(), ch[level], emb_dim, cfg, level in cfg.attention_levels))
                 in_ch = ch[level]
             if level > 0:
@@ -147,13 +158,21 @@ class UNet(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """z_t (B, c, h, w); t (B,) timesteps (may be fractional); context (B, T, D); mask (B, T) bool."""
         levels = len(self.cfg.channels) - 1
-        if z_t.shape[-1] % 2 ** levels or z_t.shape[-2] % 2 ** levels:
-            raise ValueError(f"latent side {tuple(z_t.shape[-2:])} must be divisible by {2 ** levels} "
-                             f"for a UNet with {levels + 1} levels")
+        if z_t.shape[-1] % 2**levels or z_t.shape[-2] % 2**levels:
+            raise ValueError(
+                f"latent side {tuple(z_t.shape[-2:])} must be divisible by {2**levels} "
+                f"for a UNet with {levels + 1} levels"
+            )
         emb = self.time_embed(timestep_embedding(t, self.cfg.channels[0]).to(z_t.dtype))
         if self.pooled_embed is not None:
             if pooled is None:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None):
         if tuple(argv[: len(words)]) == words:
             if importlib.util.find_spec(module) is None:
                 break
-            result = importlib.import_module(module).main(argv[len(words):])
+            result = importlib.import_module(module).main(argv[len(words) :])
             # Stage mains return their summary (for tests); the shell gets an exit code.
             return result if isinstance(result, int) else 0
     groups = {words[0] for words in COMMANDS if len(words) > 1}

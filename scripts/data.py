@@ -1,8 +1,8 @@
 """`latentdiff data ...`: write a dataset directory of webdataset shards from a built-in source.
 
-    latentdiff data fashion-mnist --out data/fmnist
-    latentdiff data shapes --out data/shapes --n 20000 --holdout "blue triangle"
-    latentdiff data folder photos/ --out data/photos --resolution 64
+latentdiff data fashion-mnist --out datasets/fmnist
+latentdiff data shapes --out datasets/shapes --n 20000 --holdout "blue triangle"
+latentdiff data folder photos/ --out data/photos --resolution 64
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, resolution_required: bool = False) -> None:
         p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json), new or empty")
-        p.add_argument("--overwrite", action="store_true", help="replace the shards and info.json of a dataset in --out")
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace the shards and info.json of a dataset in --out"
+        )
         if resolution_required:
             p.add_argument("--resolution", type=int, required=True, help="output images are R x R")
         else:

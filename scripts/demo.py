@@ -40,8 +40,10 @@ def fashion_mnist_available() -> bool:
         say("installing Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
         ok = subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]).returncode == 0
         if not ok:
-            ok = (subprocess.run(["apt-get", "update", "-q"]).returncode == 0 and
-                  subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]).returncode == 0)
+            ok = (
+                subprocess.run(["apt-get", "update", "-q"]).returncode == 0
+                and subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]).returncode == 0
+            )
         return ok and any(FASHION_MNIST.glob("train-images-idx3-ubyte*"))
     return False
 
@@ -55,8 +57,10 @@ def prepare_data(out: Path) -> Path:
         say("data: Fashion-MNIST (real photos of 10 kinds of clothing) -> webdataset shards")
         run(["data", "fashion-mnist", "--out", str(data)])
     else:
-        say("data: Fashion-MNIST is not installed and could not be (apt-get install -y dataset-fashion-mnist); "
-            "using procedural shapes instead")
+        say(
+            "data: Fashion-MNIST is not installed and could not be (apt-get install -y dataset-fashion-mnist); "
+            "using procedural shapes instead"
+        )
         run(["data", "shapes", "--out", str(data), "--n", "20000", "--seed", "0"])
     return data
 
@@ -79,15 +83,26 @@ def class_prompts(data: Path) -> list[str]:
     info = json.loads((data / "info.json").read_text())
     if info.get("classes") and info.get("source") == "fashion-mnist":
         return [class_prompt(c) for c in info["classes"]]
-    return ["a large red circle on the left", "a small blue square on the right", "a large green triangle in the center",
-            "a small yellow cross on the left", "a large white circle on the right"]
+    return [
+        "a large red circle on the left",
+        "a small blue square on the right",
+        "a large green triangle in the center",
+        "a small yellow cross on the left",
+        "a large white circle on the right",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m latentdiff.scripts.demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="where the demo writes everything (default: %(default)s)")
-    p.add_argument("--minutes", type=float, nargs=3, default=[3.5, 3.0, 10.0], metavar=("AE", "TEXT", "PRIOR"),
-                   help="time budget per stage (default: %(default)s)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        nargs=3,
+        default=[3.5, 3.0, 10.0],
+        metavar=("AE", "TEXT", "PRIOR"),
+        help="time budget per stage (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,16 +110,48 @@ def main(argv: list[str] | None = None) -> int:
     ae_min, text_min, prior_min = args.minutes
     train("autoencoder", out / "autoencoder", ae_min, ["--data", str(data)])
     train("text", out / "text", text_min, ["--data", str(data)])
-    train("prior", out / "prior", prior_min, ["--data", str(data), "--autoencoder", str(out / "autoencoder"),
-                                              "--text", str(out / "text"), "--cache-latents"])
+    train(
+        "prior",
+        out / "prior",
+        prior_min,
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(out / "autoencoder"),
+            "--text",
+            str(out / "text"),
+            "--cache-latents",
+        ],
+    )
     say("generating 8 images for every prompt (DDIM, 50 steps, guidance 3)")
     prompts = class_prompts(data)
-    run(["generate", *prompts, "--run", str(out / "prior"), "--n", "8", "--sampler", "ddim", "--steps", "50",
-         "--guidance", "3", "--seed", "0", "--out", str(out / "samples")])
+    run(
+        [
+            "generate",
+            *prompts,
+            "--run",
+            str(out / "prior"),
+            "--n",
+            "8",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "50",
+            "--guidance",
+            "3",
+            "--seed",
+            "0",
+            "--out",
+            str(out / "samples"),
+        ]
+    )
     say(f"done. One row per prompt: {out / 'samples' / 'grid.png'}")
-    print("Make more with, for example:\n"
-          f"  .venv/bin/latentdiff generate \"{prompts[0]}\" --run {out / 'prior'} --n 16 "
-          "--sampler dpmpp-2m --steps 20 --guidance 3 --seed 1 --out outputs")
+    print(
+        "Make more with, for example:\n"
+        f'  .venv/bin/latentdiff generate "{prompts[0]}" --run {out / "prior"} --n 16 '
+        "--sampler dpmpp-2m --steps 20 --guidance 3 --seed 1 --out outputs/more"
+    )
     return 0
 
 

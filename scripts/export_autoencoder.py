@@ -11,7 +11,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="latentdiff export autoencoder",
         description="Write an autoencoder run as config.json + diffusion_pytorch_model.safetensors, the folder "
-                    "diffusers' AutoencoderKL.from_pretrained reads (its architecture must be LDM's layout).")
+        "diffusers' AutoencoderKL.from_pretrained reads (its architecture must be LDM's layout).",
+    )
     p.add_argument("run", help="autoencoder run directory (trained or imported)")
     p.add_argument("--out", required=True, help="folder to write")
     return p
@@ -23,8 +24,10 @@ def main(argv: list[str] | None = None) -> dict:
         from latentdiff.autoencoder.interchange import export_autoencoder
 
         summary = export_autoencoder(args.run, args.out)
-        print(f"exported {args.run} to {summary['out']} ({summary['tensors']} tensors, "
-              f"scaling_factor={summary['scaling_factor']:.6g})")
+        print(
+            f"exported {args.run} to {summary['out']} ({summary['tensors']} tensors, "
+            f"scaling_factor={summary['scaling_factor']:.6g})"
+        )
         return summary
 
 

@@ -26,38 +26,76 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentdiff generate", description="Generate images from text prompts.")
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a photo of a sneaker" ("" is unconditional)')
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
-    p.add_argument("--run", help="prior run directory (it records its autoencoder and text encoder); required "
-                                 "unless --from-png names it")
+    p.add_argument(
+        "--run",
+        help="prior run directory (it records its autoencoder and text encoder); required unless --from-png names it",
+    )
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
-    p.add_argument("--autoencoder", metavar="RUN", help="the prior's autoencoder run, if not where the run recorded it "
-                                                        "(its latent space must be the one the prior trained on)")
-    p.add_argument("--text", metavar="RUN", help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
-                                                 "not where the run recorded it (same weights, checked by hash)")
+    p.add_argument(
+        "--autoencoder",
+        metavar="RUN",
+        help="the prior's autoencoder run, if not where the run recorded it "
+        "(its latent space must be the one the prior trained on)",
+    )
+    p.add_argument(
+        "--text",
+        metavar="RUN",
+        help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+        "not where the run recorded it (same weights, checked by hash)",
+    )
     p.add_argument("--out", default="outputs", help="output directory, new or empty (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the images, grid and settings.json of an earlier generate in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the images, grid and settings.json of an earlier generate in --out",
+    )
     p.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     add_sampler_arguments(p)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the run's)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)")
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)",
+    )
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="image k of the call is made from seed + k (recorded in its PNG): the same whatever --n "
-                        "and --batch-size")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="images per sampling pass (memory vs speed; the images do not depend on it)")
-    p.add_argument("--init-image", metavar="IMG", help="img2img (SDEdit): start from this image, read at the run's "
-                                                       "resolution (center-cropped)")
-    p.add_argument("--strength", type=float, help="img2img: how far IMG is noised, 0..1 (the sampler starts at "
-                                                  "timestep S*T; 0 = IMG's reconstruction, 1 = text-to-image; "
-                                                  "default 0.75, 1 with --mask)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="image k of the call is made from seed + k (recorded in its PNG): the same whatever --n and --batch-size",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per sampling pass (memory vs speed; the images do not depend on it)",
+    )
+    p.add_argument(
+        "--init-image",
+        metavar="IMG",
+        help="img2img (SDEdit): start from this image, read at the run's resolution (center-cropped)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="img2img: how far IMG is noised, 0..1 (the sampler starts at "
+        "timestep S*T; 0 = IMG's reconstruction, 1 = text-to-image; "
+        "default 0.75, 1 with --mask)",
+    )
     p.add_argument("--mask", metavar="MASK", help="inpainting (with --init-image): white = repaint, black = keep")
-    p.add_argument("--from-png", metavar="FILE", help="make again the image a PNG of generate or serve describes "
-                                                      "(its 'parameters' text chunk)")
+    p.add_argument(
+        "--from-png",
+        metavar="FILE",
+        help="make again the image a PNG of generate or serve describes (its 'parameters' text chunk)",
+    )
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
+    )
     return p
 
 
@@ -68,7 +106,9 @@ def read_prompts(path: str) -> list[str]:
     except FileNotFoundError:
         raise ValueError(f"--prompts {path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -84,13 +124,19 @@ def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser
     """(prompts, pipeline keyword arguments, index) of the image --from-png names; refuses flags that change it."""
     from latentdiff.prior.parameters import call_arguments, read_png_parameters
 
-    changed = [k for k, v in vars(args).items()
-               if k not in FROM_PNG_FLAGS and v != parser.get_default(k) and not (k == "prompts" and v == [])]
+    changed = [
+        k
+        for k, v in vars(args).items()
+        if k not in FROM_PNG_FLAGS and v != parser.get_default(k) and not (k == "prompts" and v == [])
+    ]
     if changed:
-        flags = ", ".join("prompts" if k == "prompts" else "--" + k.removeprefix("sampler_").replace("_", "-")
-                          for k in changed)
-        raise ValueError(f"--from-png makes the recorded image again; {flags} cannot change it (generate without "
-                         "--from-png for other settings)")
+        flags = ", ".join(
+            "prompts" if k == "prompts" else "--" + k.removeprefix("sampler_").replace("_", "-") for k in changed
+        )
+        raise ValueError(
+            f"--from-png makes the recorded image again; {flags} cannot change it (generate without "
+            "--from-png for other settings)"
+        )
     params = read_png_parameters(args.from_png)
     args.run = args.run or params["run"]
     args.decoder = args.decoder or params.get("decoder")
@@ -115,14 +161,30 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             raise ValueError('give at least one prompt ("" for unconditional), or --prompts FILE, or --from-png FILE')
         if args.run is None:
             raise ValueError("--run is required (the prior run to sample from), unless --from-png names it")
-        kwargs = dict(n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                      negative_prompt=args.negative, seed=args.seed, guidance_rescale=args.guidance_rescale,
-                      sampler_options=sampler_arguments(args), batch_size=args.batch_size,
-                      init_image=args.init_image, mask=args.mask, strength=args.strength)
+        kwargs = dict(
+            n=args.n,
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            negative_prompt=args.negative,
+            seed=args.seed,
+            guidance_rescale=args.guidance_rescale,
+            sampler_options=sampler_arguments(args),
+            batch_size=args.batch_size,
+            init_image=args.init_image,
+            mask=args.mask,
+            strength=args.strength,
+        )
     out = Path(args.out)
     fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
-    pipe = TextToImage.from_run(args.run, device=args.device, decoder=args.decoder, precision=args.precision,
-                                autoencoder=args.autoencoder, text=args.text)
+    pipe = TextToImage.from_run(
+        args.run,
+        device=args.device,
+        decoder=args.decoder,
+        precision=args.precision,
+        autoencoder=args.autoencoder,
+        text=args.text,
+    )
     settings = pipe.settings(prompts, **kwargs)
     images = pipe.generate(settings, only=only, show_progress=True)
     command = generate_command(settings, device=args.device, decoder=args.decoder, precision=args.precision)
@@ -133,16 +195,24 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         path = out / f"{k // settings.n:03d}_{slug(prompt)}_{k % settings.n:02d}.png"
         save_png(image, path, text={"parameters": png_parameters(settings, k, command)})
         files.append(path.name)
-    title = (f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
-             + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
-             + (f", img2img strength {settings.strength:g}" if settings.init_image else ""))
+    title = (
+        f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
+        + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
+        + (f", img2img strength {settings.strength:g}" if settings.init_image else "")
+    )
     labels = None if only else [p or "(unconditional)" for p in settings.prompts]
     grid = save_grid(images, out / "grid.png", nrow=1 if only else settings.n, labels=labels, title=title)
-    record = {**dataclasses.asdict(settings), "files": files, "seeds": [settings.seed + k for k in indices],
-              "command": command}
+    record = {
+        **dataclasses.asdict(settings),
+        "files": files,
+        "seeds": [settings.seed + k for k in indices],
+        "command": command,
+    }
     (out / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
-          "settings.json beside them, and in each PNG's 'parameters' chunk)")
+    print(
+        f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
+        "settings.json beside them, and in each PNG's 'parameters' chunk)"
+    )
     return grid
 
 

@@ -9,17 +9,25 @@ from latentdiff.core.errors import UserError, cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff serve",
-                                description="A local web page: generate images from a prior run, watch its training.")
+    p = argparse.ArgumentParser(
+        prog="latentdiff serve", description="A local web page: generate images from a prior run, watch its training."
+    )
     p.add_argument("--run", required=True, help="prior run directory (its autoencoder and text runs are shown too)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes it to the "
-                        "network, without a password)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes it to the "
+        "network, without a password)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
+    )
     return p
 
 
@@ -31,9 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as e:
             if e.name != "gradio":
                 raise
-            raise UserError("latentdiff serve needs gradio: pip install 'latentdiff[serve]' (make setup installs it)")
-        server = start(args.run, host=args.host, port=args.port, decoder=args.decoder, device=args.device,
-                       precision=args.precision, quiet=True)
+            raise UserError(
+                "latentdiff serve needs gradio: pip install 'latentdiff[serve]' (make setup installs it)"
+            ) from None
+        server = start(
+            args.run,
+            host=args.host,
+            port=args.port,
+            decoder=args.decoder,
+            device=args.device,
+            precision=args.precision,
+            quiet=True,
+        )
         warning = exposure_warning(args.host)
         if warning:
             print(warning, file=sys.stderr)

@@ -42,10 +42,10 @@ def _generate_tab(generator: Generator) -> None:
     defaults = generator.defaults()
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a large red circle on the left",
-                                elem_id="prompt")
-            negative = gr.Textbox(label="Negative prompt", placeholder="what guidance steers away from",
-                                  elem_id="negative")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a large red circle on the left", elem_id="prompt")
+            negative = gr.Textbox(
+                label="Negative prompt", placeholder="what guidance steers away from", elem_id="negative"
+            )
             with gr.Row():
                 sampler = gr.Dropdown(sampler_names(), value=defaults.sampler, label="Sampler", elem_id="sampler")
                 steps = gr.Number(defaults.steps, label="Steps", precision=0, elem_id="steps")
@@ -55,29 +55,64 @@ def _generate_tab(generator: Generator) -> None:
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
             with gr.Accordion("img2img and inpainting", open=False):
                 with gr.Row():
-                    init_image = gr.Image(type="filepath", label="Init image (SDEdit)", sources=["upload"],
-                                          elem_id="init-image")
-                    mask = gr.Image(type="filepath", label="Mask (white = repaint)", sources=["upload"],
-                                    elem_id="mask")
-                strength = gr.Slider(0.0, 1.0, value=0.75, step=0.05, label="Strength (0: the image, 1: text only)",
-                                     elem_id="strength")
+                    init_image = gr.Image(
+                        type="filepath", label="Init image (SDEdit)", sources=["upload"], elem_id="init-image"
+                    )
+                    mask = gr.Image(type="filepath", label="Mask (white = repaint)", sources=["upload"], elem_id="mask")
+                strength = gr.Slider(
+                    0.0, 1.0, value=0.75, step=0.05, label="Strength (0: the image, 1: text only)", elem_id="strength"
+                )
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", elem_id="gallery",
-                                 buttons=["download", "fullscreen"])
-            command = gr.Textbox(label="The same images from the command line", buttons=["copy"], interactive=False,
-                                 elem_id="command")
-            files = gr.File(label=f"PNG files (settings in the `{PNG_KEY}` text chunk)", file_count="multiple",
-                            interactive=False, elem_id="files")
+            gallery = gr.Gallery(
+                label="Images",
+                columns=4,
+                height=360,
+                object_fit="contain",
+                elem_id="gallery",
+                buttons=["download", "fullscreen"],
+            )
+            command = gr.Textbox(
+                label="The same images from the command line", buttons=["copy"], interactive=False, elem_id="command"
+            )
+            files = gr.File(
+                label=f"PNG files (settings in the `{PNG_KEY}` text chunk)",
+                file_count="multiple",
+                interactive=False,
+                elem_id="files",
+            )
 
-    def run(prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength, request: gr.Request,
-            progress=gr.Progress(track_tqdm=True)):  # the pipeline's own tqdm bar, one tick per network pass
+    def run(
+        prompt,
+        negative,
+        sampler,
+        steps,
+        guidance,
+        seed,
+        n,
+        init_image,
+        mask,
+        strength,
+        request: gr.Request,
+        progress=gr.Progress(track_tqdm=True),
+    ):  # the pipeline's own tqdm bar, one tick per network pass
         try:
-            result = generator.generate(prompt, negative, sampler, steps, guidance, seed, n, init_image=init_image,
-                                        mask=mask, strength=strength, session=request.session_hash or "",
-                                        show_progress=True)
+            result = generator.generate(
+                prompt,
+                negative,
+                sampler,
+                steps,
+                guidance,
+                seed,
+                n,
+                init_image=init_image,
+                mask=mask,
+                strength=strength,
+                session=request.session_hash or "",
+                show_progress=True,
+            )
         except (UserError, Cancelled) as e:
             raise _message(e) from None
         images = [(str(f), f"image {i}, seed {result.settings.seed + i}") for i, f in enumerate(result.files)]
@@ -87,9 +122,15 @@ def _generate_tab(generator: Generator) -> None:
         generator.cancel(request.session_hash or "")
 
     # One request at a time over every tab and session; the others wait in the queue, with their position shown.
-    event = gr.on([go.click, prompt.submit], run,
-                  [prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength],
-                  [gallery, command, files], concurrency_limit=1, concurrency_id="generate", show_progress_on=gallery)
+    event = gr.on(
+        [go.click, prompt.submit],
+        run,
+        [prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength],
+        [gallery, command, files],
+        concurrency_limit=1,
+        concurrency_id="generate",
+        show_progress_on=gallery,
+    )
     stop.click(cancel, None, None, cancels=[event], queue=False)
 
 
@@ -106,8 +147,15 @@ def _runs_tab(stages: list[Stage]):
             plot = gr.Plot(label=f"{stage.name}: training curves", format="png", elem_id=f"curves-{stage.name}")
             with gr.Row():
                 # Preview mode: the newest grid whole (grids are wide: 16 images a row), the others below it.
-                grids = gr.Gallery(label="sample grids, oldest first", columns=8, height=300, object_fit="contain",
-                                   preview=True, elem_classes=["grids"], scale=3)
+                grids = gr.Gallery(
+                    label="sample grids, oldest first",
+                    columns=8,
+                    height=300,
+                    object_fit="contain",
+                    preview=True,
+                    elem_classes=["grids"],
+                    scale=3,
+                )
                 summary = gr.JSON(label="summary.json", scale=2)
             report = gr.Markdown()
             report_plots = gr.Gallery(label="evaluation trade-off", columns=2, height=320, visible=False)
@@ -119,11 +167,14 @@ def _runs_tab(stages: list[Stage]):
             v = view(stage)
             note = "" if v.curves is not None else "\n\nNo per-step metrics in metrics.jsonl yet."
             plots = [p for _, p in v.reports if p]
-            values += [f"### {stage.name} · `{stage.path}`{note}",
-                       gr.update(value=v.curves, visible=v.curves is not None),
-                       gr.update(value=v.grids, selected_index=len(v.grids) - 1 if v.grids else None), v.summary,
-                       "\n\n".join(text for text, _ in v.reports),
-                       gr.update(value=plots, visible=bool(plots))]
+            values += [
+                f"### {stage.name} · `{stage.path}`{note}",
+                gr.update(value=v.curves, visible=v.curves is not None),
+                gr.update(value=v.grids, selected_index=len(v.grids) - 1 if v.grids else None),
+                v.summary,
+                "\n\n".join(text for text, _ in v.reports),
+                gr.update(value=plots, visible=bool(plots)),
+            ]
         return values
 
     timer = gr.Timer(REFRESH_SECONDS, active=False)
@@ -167,9 +218,17 @@ class Server:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def start(run: str | Path, *, host: str = "127.0.0.1", port: int = 7860, pipe: TextToImage | None = None,
-          decoder: str | None = None, device: str | None = None, precision: str = "auto",
-          quiet: bool = False) -> Server:
+def start(
+    run: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    pipe: TextToImage | None = None,
+    decoder: str | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    quiet: bool = False,
+) -> Server:
     """Load the prior run once (unless `pipe` is given) and serve the page on host:port in a background thread.
 
     Raises UserError when the port cannot be bound; CheckpointError (from the loader) for a bad run.
@@ -181,9 +240,21 @@ def start(run: str | Path, *, host: str = "127.0.0.1", port: int = 7860, pipe: T
     generator = Generator(pipe, out_dir, decoder=decoder, device=device, precision=precision)
     blocks = build(generator, stages, run)
     try:
-        _, url, _ = blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=quiet,
-                                  share=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
-                                  run_history=False, footer_links=[], show_error=False, css=CSS)
+        _, url, _ = blocks.launch(
+            server_name=host,
+            server_port=port,
+            prevent_thread_lock=True,
+            quiet=quiet,
+            share=False,
+            ssr_mode=False,
+            mcp_server=False,
+            pwa=False,
+            enable_monitoring=False,
+            run_history=False,
+            footer_links=[],
+            show_error=False,
+            css=CSS,
+        )
     except OSError as e:
         generator.close()
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -195,5 +266,7 @@ def exposure_warning(host: str) -> str | None:
     """What serving on a non-loopback address means, or None for 127.0.0.1 / localhost / ::1."""
     if host in ("127.0.0.1", "localhost", "::1"):
         return None
-    return (f"warning: serving on {host}: anyone who can reach this machine on that address can use the page, "
-            "with no password: generate (your CPU/GPU time) and read the runs' metrics, grids and summaries")
+    return (
+        f"warning: serving on {host}: anyone who can reach this machine on that address can use the page, "
+        "with no password: generate (your CPU/GPU time) and read the runs' metrics, grids and summaries"
+    )

@@ -59,8 +59,15 @@ def _integer(name: str, value, low: int, high: int) -> int:
 class Generator:
     """Serves generation requests from one loaded pipeline; `out_dir` receives the PNGs."""
 
-    def __init__(self, pipe: TextToImage, out_dir: str | Path, *, decoder: str | None = None,
-                 device: str | None = None, precision: str = "auto"):
+    def __init__(
+        self,
+        pipe: TextToImage,
+        out_dir: str | Path,
+        *,
+        decoder: str | None = None,
+        device: str | None = None,
+        precision: str = "auto",
+    ):
         self.pipe = pipe
         self.out_dir = Path(out_dir)
         self.command_flags = dict(decoder=decoder, device=device, precision=precision)
@@ -88,8 +95,9 @@ class Generator:
         """The run's own sampling settings: the form's initial values."""
         return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0)
 
-    def check(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None,
-              strength=None) -> GenerationSettings:
+    def check(
+        self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None, strength=None
+    ) -> GenerationSettings:
         """Form values -> resolved settings; any bad value is a UserError that says which and why.
 
         init_image, mask: image files (img2img, inpainting; prior/img2img.py), None for text-to-image;
@@ -118,20 +126,53 @@ class Generator:
             except (TypeError, ValueError):
                 raise UserError(f"strength must be a number in [0, 1], got {strength!r}") from None
         try:
-            return self.pipe.settings(prompt, n=n, steps=steps, sampler=sampler, guidance=guidance,
-                                      negative_prompt=negative_prompt, seed=seed, init_image=init_image, mask=mask,
-                                      strength=strength)
+            return self.pipe.settings(
+                prompt,
+                n=n,
+                steps=steps,
+                sampler=sampler,
+                guidance=guidance,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                init_image=init_image,
+                mask=mask,
+                strength=strength,
+            )
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
-    def generate(self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None,
-                 strength=None, session: str = "", show_progress: bool = False) -> Result:
+    def generate(
+        self,
+        prompt,
+        negative_prompt,
+        sampler,
+        steps,
+        guidance,
+        seed,
+        n,
+        *,
+        init_image=None,
+        mask=None,
+        strength=None,
+        session: str = "",
+        show_progress: bool = False,
+    ) -> Result:
         """Sample n images for one prompt (img2img / inpainting with an init image) and write them as PNGs.
 
         Raises UserError or Cancelled.
         """
-        settings = self.check(prompt, negative_prompt, sampler, steps, guidance, seed, n, init_image=init_image,
-                              mask=mask, strength=strength)
+        settings = self.check(
+            prompt,
+            negative_prompt,
+            sampler,
+            steps,
+            guidance,
+            seed,
+            n,
+            init_image=init_image,
+            mask=mask,
+            strength=strength,
+        )
         command = generate_command(settings, **self.command_flags)
         # Registered before waiting for the lock, so a request still waiting can be cancelled too.
         flag = self._flags[session] = threading.Event()
@@ -149,8 +190,14 @@ class Generator:
         finally:
             if self._flags.get(session) is flag:
                 del self._flags[session]
-        files = [save_png(image, folder / f"image_{i:02d}_seed{settings.seed + i}.png",
-                          text={PNG_KEY: png_parameters(settings, i, command)}) for i, image in enumerate(images)]
+        files = [
+            save_png(
+                image,
+                folder / f"image_{i:02d}_seed{settings.seed + i}.png",
+                text={PNG_KEY: png_parameters(settings, i, command)},
+            )
+            for i, image in enumerate(images)
+        ]
         return Result(files, settings, command)
 
     def cancel(self, session: str = "") -> bool:

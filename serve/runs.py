@@ -60,8 +60,10 @@ def trained_stages(prior_run: str | Path, decoder: str | Path | None = None) -> 
     meta = ckpt.read_meta(prior_run, "prior")
     stages = [Stage("prior", prior_run)]
     text = meta.get("text", {})
-    for name, recorded in (("autoencoder", meta.get("autoencoder")),
-                           ("text", {"path": text["source"], **text} if "source" in text else None)):
+    for name, recorded in (
+        ("autoencoder", meta.get("autoencoder")),
+        ("text", {"path": text["source"], **text} if "source" in text else None),
+    ):
         path = _recorded(prior_run, recorded)  # a text encoder from an open_clip file has no run to show
         if path is not None:
             stages.append(Stage(name, path))
@@ -100,7 +102,7 @@ def curves_figure(curves: dict[str, tuple[list[int], list[float]]], title: str) 
     """One small plot per metric against the training step (losses first, then lr, then the rest)."""
     if not curves:
         return None
-    keys = sorted(curves, key=lambda k: (0 if "loss" in k else 1 if k == "lr" else 2))[:MAX_CURVES]
+    keys = sorted(curves, key=lambda k: 0 if "loss" in k else 1 if k == "lr" else 2)[:MAX_CURVES]
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
     fig = Figure(figsize=(3.6 * columns, 2.6 * rows + 0.4), layout="constrained")
@@ -147,5 +149,10 @@ def evaluation_reports(run: str | Path) -> list[tuple[str, str | None]]:
 
 
 def view(stage: Stage) -> StageView:
-    return StageView(stage, curves_figure(read_metrics(stage.path), f"{stage.name}: {stage.path}"),
-                     sample_grids(stage.path), read_summary(stage.path), evaluation_reports(stage.path))
+    return StageView(
+        stage,
+        curves_figure(read_metrics(stage.path), f"{stage.name}: {stage.path}"),
+        sample_grids(stage.path),
+        read_summary(stage.path),
+        evaluation_reports(stage.path),
+    )

@@ -17,7 +17,6 @@ from latentdiff.data import shapes
 from latentdiff.prior.pipeline import TextToImage
 from latentdiff.prior.stage import main as prior_main
 from latentdiff.text.stage import main as text_main
-
 from tests.helpers import AE_ARGS, N_TRAIN, PRIOR_ARGS
 
 # ---------------------------------------------------------------- shared tiny runs

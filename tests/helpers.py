@@ -68,3 +68,23 @@ def write_text_run(run_dir: Path, model: open_clip.CLIP, model_name: str = "clip
     ckpt.write_text(run_dir / ckpt.CONFIG, config)
     ckpt.write_json(run_dir / ckpt.META, meta)
     return run_dir
+
+
+def tensorboard_images(run_dir: Path) -> dict[str, list]:
+    """The images of a run's TensorBoard event files, by tag: [(step, width, height, encoded PNG)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.width, e.height, e.encoded_image_string) for e in events.Images(tag)]
+            for tag in events.Tags()["images"]}
+
+
+def decoded(encoded: bytes):
+    """An encoded image (PNG bytes) as an (H, W, 3) uint8 array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))

@@ -113,11 +113,13 @@ class TextEncoder(nn.Module):
         return tokens.to(self.device)
 
     def truncation_summary(self) -> str | None:
-        """"12 of 6400 prompts were truncated to the context of 77 tokens", or None when none was."""
+        """ "12 of 6400 prompts were truncated to the context of 77 tokens", or None when none was."""
         if not self.truncated:
             return None
-        return (f"{self.truncated} of {self.tokenized} prompts were truncated to the context of "
-                f"{self.context_length} tokens")
+        return (
+            f"{self.truncated} of {self.tokenized} prompts were truncated to the context of "
+            f"{self.context_length} tokens"
+        )
 
     def forward_tokens(self, tokens: torch.Tensor) -> TextOutput:
         """Per-token states, mask and pooled embedding for token ids (B, T) from `tokenize`."""

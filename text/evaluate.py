@@ -15,7 +15,10 @@ from latentdiff.text.encoder import TextEncoder
 def class_embeddings(
     encoder: TextEncoder, class_names: Sequence[str], prompt_fn: Callable[[str], str | Sequence[str]]
 ) -> torch.Tensor:
-    """(K, E) unit class embeddings; a prompt_fn returning several templates averages them (CLIP's prompt ensembling)."""
+    """(K, E) unit class embeddings; a prompt_fn returning several templates averages them.
+
+    Averaging the templates' embeddings is CLIP's prompt ensembling (Radford et al. 2021, §3.1.4).
+    """
     rows = []
     for name in class_names:
         prompts = prompt_fn(name)
@@ -61,8 +64,9 @@ def zero_shot_accuracy(
     return correct / total
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5),
-                      captions: Sequence[str] | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5), captions: Sequence[str] | None = None
+) -> dict[str, float]:
     """Recall@k of image->text and text->image retrieval where pair i is the match of i.
 
     image_emb, text_emb: (N, E), normalised here. A match counts at rank r when r wrong

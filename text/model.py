@@ -79,7 +79,9 @@ def load_model_config(name_or_path: str | Path) -> dict[str, Any]:
     name = str(name_or_path)
     if name.startswith(("hf-hub:", "local-dir:")):
         # open_clip would fetch hf-hub configs over the network; latentdiff stays offline.
-        raise ValueError(f"{name!r}: hf-hub:/local-dir: model names are not supported; pass a config name or .json file")
+        raise ValueError(
+            f"{name!r}: hf-hub:/local-dir: model names are not supported; pass a config name or .json file"
+        )
     ours = CONFIG_DIR / f"{name}.json"
     if ours.is_file():
         with open(ours, encoding="utf-8") as f:
@@ -102,8 +104,13 @@ def build_clip(config: dict[str, Any]) -> open_clip.CLIP:
     # get_model_preprocess_cfg behave alike for both construction paths.
     open_clip.set_model_preprocess_cfg(
         model,
-        {"size": model.visual.image_size, "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD,
-         "interpolation": "bicubic", "resize_mode": "shortest"},
+        {
+            "size": model.visual.image_size,
+            "mean": OPENAI_DATASET_MEAN,
+            "std": OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     )
     return model
 

@@ -32,7 +32,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """'openclip:MODEL:PRETRAINED' -> (MODEL, PRETRAINED); PRETRAINED may itself contain ':'."""
     if not spec.startswith(SPEC_PREFIX):
         raise ValueError(f"{spec!r} is not an open_clip spec; expected openclip:MODEL:PRETRAINED")
-    model_name, sep, pretrained = spec[len(SPEC_PREFIX):].partition(":")
+    model_name, sep, pretrained = spec[len(SPEC_PREFIX) :].partition(":")
     if not model_name or not sep or not pretrained:
         raise ValueError(
             f"{spec!r}: expected openclip:MODEL:PRETRAINED, e.g. openclip:ViT-B-32:laion2b_s34b_b79k "
@@ -147,9 +147,7 @@ def load_text_run(run_dir: str | Path) -> TextEncoder:
     return TextEncoder(run.model, build_tokenizer(model_config), model_config=model_config, source=str(run_dir))
 
 
-def load_text_encoder(
-    spec_or_run_dir: str | Path, *, cache_dir: str | None = None
-) -> TextEncoder:
+def load_text_encoder(spec_or_run_dir: str | Path, *, cache_dir: str | None = None) -> TextEncoder:
     """The one way later stages get a text encoder: an openclip:MODEL:PRETRAINED spec or a text run directory.
 
     It is returned frozen: gradients off, eval mode.

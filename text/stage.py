@@ -41,9 +41,10 @@ class TextStageConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff train text",
-                                description="Train a CLIP contrastively on (image, caption) shards; "
-                                            "its text tower conditions the prior.")
+    p = argparse.ArgumentParser(
+        prog="latentdiff train text",
+        description="Train a CLIP contrastively on (image, caption) shards; its text tower conditions the prior.",
+    )
     add_train_args(p, "text", presets=PRESETS)
     return p
 
@@ -51,9 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str, float]:
     """Zero-shot accuracy over the class prompts (labelled data) and retrieval recall@1/5 on val."""
+
     def val_batches():
-        loader = make_loader(data, "val", 250, shuffle=False, repeat=False, drop_last=False,
-                             resolution=cfg.resolution, rank=0, world_size=1)
+        loader = make_loader(
+            data,
+            "val",
+            250,
+            shuffle=False,
+            repeat=False,
+            drop_last=False,
+            resolution=cfg.resolution,
+            rank=0,
+            world_size=1,
+        )
         seen = 0
         for batch in loader:
             yield batch
@@ -98,8 +109,9 @@ def train(args: argparse.Namespace) -> dict:
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
 
-    loader = make_loader(args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers,
-                         resolution=cfg.resolution)
+    loader = make_loader(
+        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+    )
     batches = run.batches(loader)  # a resumed run skips what it has seen
     for step in run.steps():
         batch = next(batches)
@@ -120,16 +132,24 @@ def train(args: argparse.Namespace) -> dict:
         run.count_images(images.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
-            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                           "logit_scale": model.logit_scale.exp().item()})
+            run.log(
+                step,
+                {
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "logit_scale": model.logit_scale.exp().item(),
+                },
+            )
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
     summary = {"steps": run.done}
     if rt.is_main:
         final = ema.final(model)
-        summary.update(evaluate(TextEncoder(final, encoder.tokenizer, model_config).frozen(cache_size=64),
-                                args.data, cfg))
+        summary.update(
+            evaluate(TextEncoder(final, encoder.tokenizer, model_config).frozen(cache_size=64), args.data, cfg)
+        )
     return run.finish(summary)
 
 

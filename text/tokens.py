@@ -104,7 +104,7 @@ def encode_prompts(
 
 
 def truncation_message(truncated: Sequence[str], n_prompts: int, context_length: int) -> str:
-    """"2 of 8 prompts exceed the text encoder's context of 77 tokens ... and were truncated: prompt 0 (...)"."""
+    """ "2 of 8 prompts exceed the text encoder's context of 77 tokens ... and were truncated: prompt 0 (...)"."""
     shown = "; ".join(truncated[:3]) + (f"; and {len(truncated) - 3} more" if len(truncated) > 3 else "")
     return (
         f"{len(truncated)} of {n_prompts} prompts exceed the text encoder's context of {context_length} "

@@ -19,8 +19,15 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import load_toml
 from latentdiff.data.shards import Sample, write_info, write_split
-
-from tests.helpers import AE_ARGS, RESUME_LR, assert_same_weights, run_weights, val_images
+from tests.helpers import (
+    AE_ARGS,
+    RESUME_LR,
+    assert_same_weights,
+    decoded,
+    run_weights,
+    tensorboard_images,
+    val_images,
+)
 
 
 def test_autoencoder_run_writes_every_file(ae_run):
@@ -51,6 +58,23 @@ def test_autoencoder_run_writes_every_file(ae_run):
         assert grid.format == "PNG" and grid.width > grid.height  # one row: inputs then reconstructions
     state = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))
     assert state["step"] == 3 and set(state["optimizers"]) == {"model"}
+
+
+def test_grids_are_shown_in_tensorboard(data, tmp_path, prior_run):
+    """Every periodic grid and the final one reach TensorBoard's IMAGES tab, the same pictures as the PNGs."""
+    run = tmp_path / "ae"
+    autoencoder_main(["--data", str(data), "--out", str(run), "--steps", "2", *AE_ARGS, "--set", "train.sample_every=1"])
+    shown = tensorboard_images(run)["reconstructions"]
+    assert [step for step, *_ in shown] == [1, 2, 2]  # the periodic grids of steps 1 and 2, then the final one
+    for (_, width, height, encoded), png in zip(shown, [run / "samples" / f"recon_{i:07d}.png" for i in (1, 2)]
+                                                + [run / "reconstructions.png"]):
+        with Image.open(png) as saved:
+            assert (width, height) == saved.size
+            np.testing.assert_array_equal(decoded(encoded), np.asarray(saved.convert("RGB")))
+    ((step, *_, encoded),) = tensorboard_images(prior_run[0])["samples"]  # the prior's final sample grid
+    with Image.open(prior_run[0] / "samples.png") as saved:
+        assert step == prior_run[1]["steps"]
+        np.testing.assert_array_equal(decoded(encoded), np.asarray(saved.convert("RGB")))
 
 
 def test_autoencoder_checkpoint_load_gives_identical_outputs(ae_run, data, tmp_path):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from latentdiff.core.logger import save_grid, save_png, to_uint8
+from latentdiff.core.logger import MetricLogger, save_grid, save_png, to_uint8
+
+from tests.helpers import tensorboard_images  # noqa: E402
 
 
 def test_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
@@ -40,3 +44,19 @@ def test_save_png_keeps_resolution_and_pixels(tmp_path, channels):
     want = to_uint8(x).permute(1, 2, 0).numpy()
     assert got.shape[:2] == (20, 28)
     assert np.array_equal(got.reshape(want.shape), want)
+
+
+def test_metric_logger_shows_grids_in_tensorboard(tmp_path):
+    images = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
+    png = save_grid(images, tmp_path / "grid.png", 4, labels=["a prompt"], title="guidance 3")
+    logger = MetricLogger(tmp_path)
+    logger.image("samples", 5, png)
+    logger.image("raw", 7, images)
+    logger.close()
+    shown = tensorboard_images(tmp_path)
+    ((step, width, height, encoded),) = shown["samples"]
+    with Image.open(png) as saved:
+        assert (step, width, height) == (5, saved.width, saved.height)  # the labelled, enlarged grid as saved
+        expected = np.asarray(saved.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")), expected)
+    assert [s for s, *_ in shown["raw"]] == [7]

@@ -14,7 +14,6 @@ import torch
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.prior.pipeline import TextToImage
-
 from tests.helpers import AE_ARGS, PRIOR_ARGS, SUBPROCESS_TIMEOUT, cli_exit_2
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,17 @@ def test_generation_with_a_swapped_decoder(prior_run, decoder_run):
     assert a.shape == b.shape and not torch.equal(a, b)
     # Same latents, other decoder: decoding the pipeline's latents by hand gives the swapped images.
     assert swapped.decoder is not swapped.autoencoder.decoder
+    # settings.json says which decoder made the images (None: the autoencoder's own).
+    assert own.settings("a", n=1, steps=3, sampler=None, guidance=None, negative_prompt="", seed=0).decoder is None
+
+
+def test_generate_records_the_decoder_in_settings(prior_run, decoder_run, tmp_path):
+    from latentdiff.scripts import cli
+
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--decoder", str(decoder_run[0]),
+                     "--n", "1", "--steps", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["decoder"] == str(Path(decoder_run[0]).resolve())
 
 
 def test_decoder_of_another_autoencoder_is_refused(root, data, other_ae_run, prior_run):

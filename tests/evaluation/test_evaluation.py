@@ -425,3 +425,18 @@ def test_evaluate_autoencoder_matches_the_stage_psnr(ae_run, data: Path, classif
     assert 0 < report["ssim"] < 1 and report["lpips"] is None
     assert report["rfid_n"] == 4 and report["rfid_reference_n"] == 4 and np.isfinite(report["rfid"])
     assert (tmp_path / "eval" / "reconstruction.json").is_file()
+
+
+def test_evaluate_autoencoder_says_what_it_skips(ae_run, data: Path, tmp_path: Path, monkeypatch, capsys):
+    from latentdiff.evaluation import reconstruction
+
+    args = ["--run", str(ae_run[0]), "--data", str(data), "--split", "val", "--n", "4", "--out", str(tmp_path / "e")]
+    report = reconstruction.main([*args, "--lpips", "off"])
+    out = capsys.readouterr().out
+    assert report["rfid"] is None and "rFID: not computed" in out and "--features classifier:RUN" in out
+    # --lpips on without VGG16's weights: one line naming this command's flag, not a training one.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    with pytest.raises(SystemExit) as e:
+        reconstruction.main([*args, "--lpips", "on"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--lpips off" in err and "loss.perceptual" not in err and "Traceback" not in err

@@ -24,7 +24,6 @@ from latentdiff.prior.stage import main as prior_main
 from latentdiff.scripts import cli
 from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.tokens import PromptTruncatedWarning
-
 from tests.helpers import N_TRAIN, PRIOR_ARGS, RESUME_LR, assert_same_weights, run_weights, write_text_run
 
 

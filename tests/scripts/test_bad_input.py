@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from latentdiff.core import checkpoint as ckpt
-
 from tests.helpers import AE_ARGS, PRIOR_ARGS, cli_exit_2
 
 

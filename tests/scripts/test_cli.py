@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +162,16 @@ def _config_class(module):
                and {"train"} <= {f.name for f in dataclasses.fields(v)}]
     assert len(classes) == 1, classes
     return classes[0]
+
+
+@pytest.mark.parametrize("name", [p.stem for p in (Path(__file__).resolve().parents[2] / "bench").glob("*.py")
+                                  if p.stem not in ("__init__", "__main__", "common")])
+def test_bench_help_speaks_to_a_user(name, capsys):
+    """--help of each benchmark: no reference to the project's issues or "see the Makefile"."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"bench.{name}").main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: python -m bench.{name}")
+    assert not re.search(r"\bissue\b|issue's|issue \d|see the Makefile", out), out

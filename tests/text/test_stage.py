@@ -12,7 +12,6 @@ from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.sources import load_text_encoder
 from latentdiff.text.stage import TextStageConfig, evaluate
 from latentdiff.text.tokens import build_tokenizer
-
 from tests.helpers import run_weights
 
 

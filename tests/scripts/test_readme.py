@@ -1,0 +1,227 @@
+"""Every command of README.md's ```bash blocks runs, in order, in a fresh folder, with tiny budgets.
+
+A newcomer runs the README top to bottom; so does this test. Each `latentdiff ...` command is run
+in-process (cwd = a temporary folder, so the README's relative paths land there) after a rewrite to
+tiny budgets: training stops after 2 steps of tiny models, generation and evaluation make a few
+images with 2 sampler steps, datasets hold a few dozen images; pretrained files the README names
+(Stable Diffusion's VAE) are small random stand-ins made with diffusers. The test fails when a command fails,
+when its --out is inside (or holds) another command's output, or when it changes files outside what
+it owns. A command that cannot run here is listed in SKIPPED with the reason, and every entry of
+SKIPPED must still match a README command: a new README command is either run or consciously skipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shlex
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff.scripts.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+# pattern (searched in the command) -> why the test does not run it
+SKIPPED = {
+    r"^make (demo|bench|test)\b": "sets up .venv and trains or benchmarks for minutes (make test is this suite)",
+    r"runs/demo/": "reads `make demo`'s runs (~19 min of training), which this test does not make",
+    r"^latentdiff serve\b": "serves until stopped (tests/serve/ drives it)",
+    r"^tensorboard\b": "serves until stopped",
+    r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/bench/test_bench.py runs it on a tiny one)",
+    r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
+    r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
+}
+# README paths of pretrained files -> how the test makes a tiny stand-in (diffusers, a test dependency)
+PRETRAINED = {"/models/sd-vae-ft-mse": "folder", "/models/v1-5-pruned-emaonly.safetensors": "single-file"}
+
+# Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
+TINY_TRAIN = {
+    "autoencoder": ["--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
+                    "--set", "model.channels=[8, 16, 16]"],
+    "text": ["--batch-size", "8", "--set", "eval_images=8"],
+    "prior": ["--batch-size", "4", "--set", "model.channels=[16, 32]", "--set", "model.num_res_blocks=1",
+              "--set", "sampling.steps=2", "--set", "sampling.per_prompt=1"],
+    "decoder": ["--batch-size", "4", "--set", "eval_images=8"],
+    "classifier": ["--batch-size", "8", "--set", "eval_images=16", "--set", "model.channels=[8, 8, 8, 8]"],
+}
+# What a command may write besides its --out: the report folder inside the run it reads.
+WRITES_INTO_RUN = {"evaluate": "eval", "evaluate-autoencoder": "eval"}
+DEFAULT_OUT = {"generate": "outputs"}  # where a command without --out writes
+
+
+def readme_commands(text: str) -> list[str]:
+    """The shell commands of the ```bash blocks, in order: continuations joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words))
+    return commands
+
+
+def skip_reason(command: str) -> str | None:
+    return next((why for pattern, why in SKIPPED.items() if re.search(pattern, command)), None)
+
+
+def _set(argv: list[str], flag: str, value: str) -> None:
+    """Give `flag` the value `value`: replace it where the command has it, else append it."""
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+
+
+def _idx(array: np.ndarray) -> bytes:
+    return bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+def _fashion_mnist_source(root: Path) -> Path:
+    """The four Fashion-MNIST IDX files: 100 random 28x28 images of all 10 classes."""
+    rng = np.random.default_rng(0)
+    src = root / "idx"
+    src.mkdir()
+    for prefix, n in (("train", 60), ("t10k", 40)):
+        (src / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))))
+        (src / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx((np.arange(n) % 10).astype(np.uint8)))
+    return src
+
+
+def _my_images(root: Path) -> Path:
+    """`~/my-images` of the README: a few captioned images."""
+    folder = root / "my-images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a picture number {i}")
+    return folder
+
+
+def _pretrained_vae(root: Path) -> dict[str, Path]:
+    """A small random diffusers AutoencoderKL as a diffusers folder and as a single-file SD checkpoint."""
+    from tests.autoencoder import test_import as imports  # its helpers; importing it skips when diffusers is missing
+
+    vae = imports.make_diffusers_vae(imports.SMALL)
+    vae.save_pretrained(root / "vae-folder")
+    imports.ldm_checkpoint(vae, root / "vae.safetensors")
+    return {"folder": root / "vae-folder", "single-file": root / "vae.safetensors"}
+
+
+def tiny(argv: list[str], inputs: dict[str, Path]) -> list[str]:
+    """The README's `latentdiff` argv with tiny budgets (see the module docstring)."""
+    stand_ins = {"~/my-images": inputs["my-images"], **{k: inputs[v] for k, v in PRETRAINED.items() if v in inputs}}
+    argv = [str(stand_ins.get(a, a)) for a in argv]
+    words = tuple(argv[:2])
+    if words == ("data", "fashion-mnist"):  # 100 images, even where the real 70,000 are installed
+        _set(argv, "--source", str(inputs["idx"]))
+    elif words == ("data", "shapes"):
+        _set(argv, "--n", "48")
+        _set(argv, "--val-n", "8")
+        _set(argv, "--test-n", "24")
+    elif argv[0] == "train":
+        argv += ["--steps", "2", *TINY_TRAIN[argv[1]]]
+    elif words == ("import", "autoencoder"):
+        _set(argv, "--resolution", "32")
+        _set(argv, "--batch-size", "2")
+        _set(argv, "--batches", "1")
+    elif argv[0] == "generate":
+        _set(argv, "--n", "2")
+        _set(argv, "--steps", "3")
+    elif argv[0] == "evaluate":
+        _set(argv, "--n", "10")
+        _set(argv, "--steps", "3")
+    elif argv[0] == "evaluate-autoencoder":
+        _set(argv, "--n", "8")
+    return argv
+
+
+def _files(root: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def _out(argv: list[str], cwd: Path) -> Path | None:
+    """The output folder of a command: its --out, or the default of a command that has one."""
+    out = argv[argv.index("--out") + 1] if "--out" in argv else DEFAULT_OUT.get(argv[0])
+    return None if out is None else (cwd / out).resolve()
+
+
+def _owned(argv: list[str], cwd: Path) -> list[Path]:
+    """The folders a command may write: its output folder, or the report folder of the run it reads."""
+    if _out(argv, cwd) is not None:
+        return [_out(argv, cwd)]
+    if argv[0] in WRITES_INTO_RUN and "--run" in argv:
+        return [(cwd / argv[argv.index("--run") + 1] / WRITES_INTO_RUN[argv[0]]).resolve()]
+    return []
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def test_readme_commands_are_run_or_skipped_with_a_reason():
+    commands = readme_commands((REPO / "README.md").read_text())
+    assert any(c.startswith("latentdiff train prior") for c in commands)  # the extraction finds the blocks
+    unused = [p for p in SKIPPED if not any(re.search(p, c) for c in commands)]
+    assert not unused, f"SKIPPED entries that match no README command any more: {unused}"
+    for command in commands:
+        assert command.startswith(("latentdiff ", "python -m ")) or skip_reason(command), (
+            f"README command neither run by this test nor skipped with a reason: {command}")
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "clone"
+    work.mkdir()
+    inputs = {"idx": _fashion_mnist_source(tmp_path), "my-images": _my_images(tmp_path)}
+    try:
+        inputs.update(_pretrained_vae(tmp_path))
+    except pytest.skip.Exception:  # no diffusers (the dev extra): the imports are not run, the rest is
+        pass
+    rng = np.random.default_rng(2)  # the user's own photo and inpainting mask (white: repaint)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(work / "photo.png")
+    mask = np.where(np.arange(48)[:, None] < 24, 255, 0).astype(np.uint8).repeat(48, 1)  # the top half
+    Image.fromarray(mask).save(work / "mask.png")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path / "cache"))  # FID statistics outside the clone
+    outputs: dict[Path, str] = {}  # output folder -> the command that made it
+    ran = 0
+    for command in readme_commands((REPO / "README.md").read_text()):
+        if skip_reason(command) or any(path in command and how not in inputs for path, how in PRETRAINED.items()):
+            continue
+        words = shlex.split(command)
+        before = _files(work)
+        if words[0] == "latentdiff":
+            argv = tiny(words[1:], inputs)
+            owned = _owned(argv, work)
+            for folder in [_out(argv, work)] if _out(argv, work) else []:
+                for other, by in outputs.items():
+                    assert not (_inside(folder, other) or _inside(other, folder)), (
+                        f"`{command}` writes into {folder}, the output of `{by}`")
+            try:
+                code = cli_main(argv)
+            except SystemExit as e:
+                code = e.code
+            assert code in (0, None), f"`{command}` (run as {argv}) failed: {capsys.readouterr().err[-2000:]}"
+        else:  # python -m ...: a subprocess from the repository, as a clone's shell would run it
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([sys.executable, *words[1:]], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, f"`{command}` failed: {done.stderr[-2000:]}"
+            owned = []
+        after = _files(work)
+        changed = [p for p, stamp in after.items() if before.get(p) != stamp] + [p for p in before if p not in after]
+        stray = [p for p in changed if not any(_inside(p.resolve(), folder) for folder in owned)]
+        assert not stray, f"`{command}` changed or removed files outside its own output: {sorted(map(str, stray))[:5]}"
+        if words[0] == "latentdiff" and _out(argv, work):
+            outputs[_out(argv, work)] = command
+        ran += 1
+    assert ran >= 15
