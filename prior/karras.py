@@ -4,7 +4,7 @@ In x the probability-flow ODE is dx/dsigma = (x - D(x; sigma)) / sigma = eps_hat
 sigma(t) = t), and the VP denoiser is evaluated at z = x / sqrt(1 + sigma^2). Every level needs a
 finite sigma, so a spacing that starts at abar = 0 (trailing on a zero-terminal-SNR schedule) is
 refused: "karras" and "logsnr" start at the largest finite sigma. Euler without churn is DDIM
-(eta = 0) on the same levels, and Euler ancestral is DDIM with eta (tests/test_samplers.py).
+(eta = 0) on the same levels, and Euler ancestral is DDIM with eta (tests/prior/test_samplers.py).
 """
 
 from __future__ import annotations

@@ -17,17 +17,7 @@ from latentdiff.data import shapes
 from latentdiff.prior.pipeline import TextToImage
 from latentdiff.prior.stage import main as prior_main
 from latentdiff.text.stage import main as text_main
-
-N_TRAIN = 64  # shapes training images, in 4 shards of 16 (so 2 ranks each read their own shards)
-AE_ARGS = ["--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
-           "--set", "model.channels=[8, 16, 16]"]
-PRIOR_ARGS = ["--batch-size", "4", "--set", "model.channels=[16, 32]", "--set", "model.num_res_blocks=1",
-              "--set", "sampling.steps=2", "--set", "sampling.per_prompt=1"]
-# The lr must not depend on train.steps for "2 steps, then resume to 4" to equal "4 steps": with
-# cosine decay the first invocation (steps=2) would decay faster. Warm-up crosses the resume point.
-RESUME_LR = ["--set", "train.warmup_steps=3", "--set", 'train.lr_decay="constant"']
-SUBPROCESS_TIMEOUT = 300  # seconds; a hung process group fails the test instead of the suite
-
+from tests.helpers import AE_ARGS, N_TRAIN, PRIOR_ARGS
 
 # ---------------------------------------------------------------- shared tiny runs
 

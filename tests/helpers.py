@@ -1,14 +1,58 @@
-"""Small builders the tests share (not fixtures): runs written by hand where training one would be slow."""
+"""What the tests share that is not a fixture: the tiny-run arguments, runs written by hand where training one
+would be slow, and checks several parts' tests make (same weights, a `latentdiff` command refused with exit 2)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.config import dumps_toml, to_dict
+from latentdiff.data.reader import make_loader
+from latentdiff.scripts import cli
 from latentdiff.text.stage import TextStageConfig
+
+N_TRAIN = 64  # shapes training images, in 4 shards of 16 (so 2 ranks each read their own shards)
+AE_ARGS = ["--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
+           "--set", "model.channels=[8, 16, 16]"]
+PRIOR_ARGS = ["--batch-size", "4", "--set", "model.channels=[16, 32]", "--set", "model.num_res_blocks=1",
+              "--set", "sampling.steps=2", "--set", "sampling.per_prompt=1"]
+# The lr must not depend on train.steps for "2 steps, then resume to 4" to equal "4 steps": with
+# cosine decay the first invocation (steps=2) would decay faster. Warm-up crosses the resume point.
+RESUME_LR = ["--set", "train.warmup_steps=3", "--set", 'train.lr_decay="constant"']
+SUBPROCESS_TIMEOUT = 300  # seconds; a hung process group fails the test instead of the suite
+
+
+def run_weights(run: Path, name: str = ckpt.MODEL) -> dict[str, torch.Tensor]:
+    """The tensors of `name` in `run`'s newest committed checkpoint."""
+    return load_file(str(ckpt.committed_file(run, name)))
+
+
+def assert_same_weights(a: Path, b: Path, name: str) -> None:
+    """Runs `a` and `b` hold bit-identical tensors in `name` (the check behind every "resume equals straight")."""
+    wa, wb = run_weights(a, name), run_weights(b, name)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{name}: {len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+def val_images(data: Path, n: int = 4) -> torch.Tensor:
+    """The first `n` validation images of a shapes data set at 32 px, (n, 3, 32, 32) in [-1, 1]."""
+    loader = make_loader(str(data), "val", n, shuffle=False, repeat=False, resolution=32, rank=0, world_size=1)
+    return next(iter(loader))["image"]
+
+
+def cli_exit_2(capsys, argv: list[str]) -> str:
+    """Run `latentdiff ARGV`, expect exit code 2, return what it printed on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
 
 
 def write_text_run(run_dir: Path, model: open_clip.CLIP, model_name: str = "clip-tiny") -> Path:

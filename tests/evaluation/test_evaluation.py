@@ -357,7 +357,7 @@ def test_inception_from_a_weights_file_or_the_cache(tmp_path: Path, monkeypatch)
 def test_clip_image_tower_as_feature_space_and_clip_score(tmp_path: Path):
     from latentdiff.evaluation.prompts import clip_score
     from latentdiff.text.model import build_clip, load_model_config
-    from helpers import write_text_run
+    from tests.helpers import write_text_run
 
     config = load_model_config("clip-tiny")
     write_text_run(tmp_path / "text", build_clip(config))

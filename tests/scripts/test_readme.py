@@ -27,15 +27,15 @@ from PIL import Image
 
 from latentdiff.scripts.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # pattern (searched in the command) -> why the test does not run it
 SKIPPED = {
     r"^make (demo|bench|test)\b": "sets up .venv and trains or benchmarks for minutes (make test is this suite)",
     r"runs/demo/": "reads `make demo`'s runs (~19 min of training), which this test does not make",
-    r"^latentdiff serve\b": "serves until stopped (tests/test_serve.py and test_serve_browser.py drive it)",
+    r"^latentdiff serve\b": "serves until stopped (tests/serve/ drives it)",
     r"^tensorboard\b": "serves until stopped",
-    r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/test_bench.py runs it on a tiny one)",
+    r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/bench/test_bench.py runs it on a tiny one)",
     r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
 }
@@ -109,7 +109,7 @@ def _my_images(root: Path) -> Path:
 
 def _pretrained_vae(root: Path) -> dict[str, Path]:
     """A small random diffusers AutoencoderKL as a diffusers folder and as a single-file SD checkpoint."""
-    import test_autoencoder_import as imports  # its helpers; importing it skips when diffusers is missing
+    from tests.autoencoder import test_import as imports  # its helpers; importing it skips when diffusers is missing
 
     vae = imports.make_diffusers_vae(imports.SMALL)
     vae.save_pretrained(root / "vae-folder")

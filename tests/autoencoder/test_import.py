@@ -23,7 +23,7 @@ from latentdiff.autoencoder.stage import PRESETS
 from latentdiff.core.config import ConfigError, load_preset, load_toml
 from latentdiff.scripts import cli
 
-from conftest import PRIOR_ARGS  # noqa: E402
+from tests.helpers import PRIOR_ARGS  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,7 +15,7 @@ from latentdiff.data import folder
 from latentdiff.data.reader import make_loader, read_info
 from latentdiff.scripts.data import main as data_main
 
-from image_files import bad_exif_jpeg, png_header_only  # noqa: E402
+from tests.image_files import bad_exif_jpeg, png_header_only  # noqa: E402
 
 CATEGORIES = ["animals", "buildings", "plants", "stars"]
 

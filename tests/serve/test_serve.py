@@ -1,6 +1,6 @@
 """`latentdiff serve` without a browser: the Generate and Runs handlers, and the server's start-up errors.
 
-The browser test (test_serve_browser.py) drives the same page in headless Chromium.
+The browser test (tests/serve/test_serve_browser.py) drives the same page in headless Chromium.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from PIL import Image
 from latentdiff.data import images
 from latentdiff.data.images import BACKGROUND, BadImage, fit_square, load_rgb, to_rgb
 
-from image_files import bad_exif_jpeg, encoded, exif_jpeg, pgm16, png_header_only  # noqa: E402
+from tests.image_files import bad_exif_jpeg, encoded, exif_jpeg, pgm16, png_header_only  # noqa: E402
 
 
 def _pixels(image: Image.Image) -> list[tuple[int, int, int]]:

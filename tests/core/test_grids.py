@@ -11,7 +11,7 @@ from PIL import Image
 
 from latentdiff.core.logger import MetricLogger, save_grid, save_png, to_uint8
 
-from helpers import tensorboard_images  # noqa: E402
+from tests.helpers import tensorboard_images  # noqa: E402
 
 
 def test_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):

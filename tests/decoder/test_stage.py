@@ -18,7 +18,7 @@ from latentdiff.decoder.load import load_decoder
 from latentdiff.decoder.stage import main as decoder_main
 from latentdiff.prior.pipeline import TextToImage
 
-from conftest import RESUME_LR  # noqa: E402
+from tests.helpers import RESUME_LR  # noqa: E402
 
 DEC_ARGS = ["--batch-size", "4", "--set", "eval_images=8"]
 

@@ -28,7 +28,7 @@ from latentdiff.core.train import Run, TrainConfig, lr_factor
 from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.evaluation.classifier_stage import main as classifier_main
 
-from conftest import AE_ARGS, RESUME_LR  # noqa: E402
+from tests.helpers import AE_ARGS, RESUME_LR  # noqa: E402
 
 SMALL = [*AE_ARGS, "--set", "eval_images=4", "--set", "scale_batches=1"]
 
@@ -349,7 +349,7 @@ def test_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step(data, tmp_path
     import sys
     import time
 
-    from conftest import SUBPROCESS_TIMEOUT
+    from tests.helpers import SUBPROCESS_TIMEOUT
 
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

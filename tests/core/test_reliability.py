@@ -29,7 +29,7 @@ from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.evaluation import classifier_stage
 from latentdiff.evaluation.classifier import load_classifier
 
-from conftest import SUBPROCESS_TIMEOUT  # noqa: E402
+from tests.helpers import SUBPROCESS_TIMEOUT  # noqa: E402
 
 STEPS = 10
 CLF = ["--batch-size", "4", "--set", "resolution=16", "--set", "model.channels=[8, 16]",

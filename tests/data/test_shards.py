@@ -359,7 +359,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def test_a_bad_sample_mid_shard_skips_that_sample_and_keeps_the_shard(tmp_path: Path, caplog):
-    from image_files import bad_exif_jpeg
+    from tests.image_files import bad_exif_jpeg
 
     good = _random_samples(9, prefix="ok")
     members = []

@@ -20,7 +20,7 @@ from latentdiff.prior.config import PriorConfig, SamplerName
 from latentdiff.prior.samplers import SAMPLERS
 from latentdiff.text.stage import TextStageConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Every stage's config and the folder of its presets.
 STAGES = [(AutoencoderConfig, "autoencoder"), (PriorConfig, "prior"), (DecoderStageConfig, "decoder"),
           (TextStageConfig, "text"), (ClassifierStageConfig, "evaluation")]

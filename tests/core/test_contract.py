@@ -41,7 +41,7 @@ from latentdiff.scripts import cli
 from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.stage import TextStageConfig
 
-from conftest import AE_ARGS, PRIOR_ARGS  # noqa: E402
+from tests.helpers import AE_ARGS, PRIOR_ARGS  # noqa: E402
 
 
 def _one_line_exit(capsys, main, argv: list[str]) -> str:

@@ -164,7 +164,7 @@ def _config_class(module):
     return classes[0]
 
 
-@pytest.mark.parametrize("name", [p.stem for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")
+@pytest.mark.parametrize("name", [p.stem for p in (Path(__file__).resolve().parents[2] / "bench").glob("*.py")
                                   if p.stem not in ("__init__", "__main__", "common")])
 def test_bench_help_speaks_to_a_user(name, capsys):
     """--help of each benchmark: no reference to the project's issues or "see the Makefile"."""

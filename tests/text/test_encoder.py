@@ -30,7 +30,7 @@ from latentdiff.text.sources import (
 from latentdiff.text import tokens as tokens_module
 from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer, tokenize
 
-from helpers import write_text_run
+from tests.helpers import write_text_run
 
 EDGE_PROMPTS = [
     "",
