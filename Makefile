@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test browser demo bench clean
+.PHONY: setup test lint format browser demo bench clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --constraint constraints.txt -e '.[dev,serve]'
 	touch $(STAMP)
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest -q tests
+
+# One formatter and linter (ruff, configured in pyproject.toml); `make test` fails on either.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The browser test of `latentdiff serve` drives Debian's headless Chromium: installed here when it is
 # missing and we are root with apt-get; otherwise that one test is skipped and says how to install it.

@@ -46,8 +46,9 @@ def data(root) -> Path:
 @pytest.fixture(scope="session")
 def ae_run(root, data) -> tuple[Path, dict]:
     out = root / "ae"
-    summary = autoencoder_main(["--data", str(data), "--out", str(out), "--steps", "3", *AE_ARGS,
-                                "--set", "train.log_every=1"])
+    summary = autoencoder_main(
+        ["--data", str(data), "--out", str(out), "--steps", "3", *AE_ARGS, "--set", "train.log_every=1"]
+    )
     return out, summary
 
 
@@ -63,8 +64,22 @@ def other_ae_run(root, data) -> Path:
 def text_run(root, data) -> tuple[Path, dict]:
     out = root / "text"
     # EMA on: the prior then reads ema.safetensors, and the stage evaluates the in-memory EMA model.
-    summary = text_main(["--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "8",
-                         "--set", "eval_images=8", "--set", "train.ema_decay=0.9"])
+    summary = text_main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--set",
+            "eval_images=8",
+            "--set",
+            "train.ema_decay=0.9",
+        ]
+    )
     return out, summary
 
 
@@ -73,15 +88,32 @@ def prior_run(root, data, ae_run, text_run) -> tuple[Path, dict]:
     out = root / "prior"
     # No warm-up and a short EMA: the zero-initialised output convolutions must move off zero within
     # 3 steps for the text (and so guidance and negative prompts) to change the images at all.
-    summary = prior_main(["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]),
-                          "--out", str(out), "--steps", "3", *PRIOR_ARGS, "--set", "train.warmup_steps=0",
-                          "--set", "train.ema_decay=0.5"])
+    summary = prior_main(
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(ae_run[0]),
+            "--text",
+            str(text_run[0]),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            *PRIOR_ARGS,
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.ema_decay=0.5",
+        ]
+    )
     return out, summary
 
 
 @pytest.fixture(scope="session")
 def pipe(prior_run) -> TextToImage:
     return TextToImage.from_run(prior_run[0], device="cpu")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

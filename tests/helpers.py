@@ -17,10 +17,28 @@ from latentdiff.scripts import cli
 from latentdiff.text.stage import TextStageConfig
 
 N_TRAIN = 64  # shapes training images, in 4 shards of 16 (so 2 ranks each read their own shards)
-AE_ARGS = ["--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
-           "--set", "model.channels=[8, 16, 16]"]
-PRIOR_ARGS = ["--batch-size", "4", "--set", "model.channels=[16, 32]", "--set", "model.num_res_blocks=1",
-              "--set", "sampling.steps=2", "--set", "sampling.per_prompt=1"]
+AE_ARGS = [
+    "--batch-size",
+    "4",
+    "--set",
+    "eval_images=8",
+    "--set",
+    "scale_batches=2",
+    "--set",
+    "model.channels=[8, 16, 16]",
+]
+PRIOR_ARGS = [
+    "--batch-size",
+    "4",
+    "--set",
+    "model.channels=[16, 32]",
+    "--set",
+    "model.num_res_blocks=1",
+    "--set",
+    "sampling.steps=2",
+    "--set",
+    "sampling.per_prompt=1",
+]
 # The lr must not depend on train.steps for "2 steps, then resume to 4" to equal "4 steps": with
 # cosine decay the first invocation (steps=2) would decay faster. Warm-up crosses the resume point.
 RESUME_LR = ["--set", "train.warmup_steps=3", "--set", 'train.lr_decay="constant"']
@@ -76,8 +94,10 @@ def tensorboard_images(run_dir: Path) -> dict[str, list]:
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    return {tag: [(e.step, e.width, e.height, e.encoded_image_string) for e in events.Images(tag)]
-            for tag in events.Tags()["images"]}
+    return {
+        tag: [(e.step, e.width, e.height, e.encoded_image_string) for e in events.Images(tag)]
+        for tag in events.Tags()["images"]
+    }
 
 
 def decoded(encoded: bytes):

@@ -16,21 +16,27 @@ from safetensors.torch import load_file, save_file
 from latentdiff.autoencoder.convert import LDM_PREFIX, diffusers_name, ldm_namer
 from latentdiff.autoencoder.interchange import import_autoencoder
 from latentdiff.autoencoder.load import load_autoencoder
-from latentdiff.core import checkpoint as ckpt
-from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.autoencoder.model import AutoencoderConfig
 from latentdiff.autoencoder.stage import PRESETS
+from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import ConfigError, load_preset, load_toml
 from latentdiff.scripts import cli
-
 from tests.helpers import PRIOR_ARGS  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 
 SMALL = dict(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)
 # The options LDM never uses but diffusers allows: other group counts, no attention, no quant convs.
-VARIANT = dict(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4, sample_size=32,
-               mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False)
+VARIANT = dict(
+    block_out_channels=(8, 16, 16),
+    layers_per_block=2,
+    norm_num_groups=4,
+    sample_size=32,
+    mid_block_add_attention=False,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 # Stable Diffusion 1.x/2.x's VAE (83.7M parameters), only on 32 px images here to stay fast.
 SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=256)
 
@@ -41,9 +47,12 @@ MEASURE = dict(batch_size=2, batches=1)  # the latent std and range, measured on
 def make_diffusers_vae(layout: dict, seed: int = 0):
     torch.manual_seed(seed)
     levels = len(layout["block_out_channels"])
-    return diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
-                                   up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4,
-                                   **layout).eval()
+    return diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        **layout,
+    ).eval()
 
 
 def ldm_checkpoint(vae, path: Path) -> None:
@@ -130,8 +139,15 @@ def test_stable_diffusion_layout_imports_exactly_from_a_folder_and_a_single_file
     # The single file gives the same run, weights bit for bit, so the same outputs (the small model
     # checks single-file outputs against diffusers' own converter, below).
     ldm_checkpoint(vae, tmp_path / "sd.safetensors")
-    summary = import_autoencoder(tmp_path / "sd.safetensors", tmp_path / "run_file", data, batch_size=1, batches=1,
-                                 scaling_factor=0.18215, resolution=32)
+    summary = import_autoencoder(
+        tmp_path / "sd.safetensors",
+        tmp_path / "run_file",
+        data,
+        batch_size=1,
+        batches=1,
+        scaling_factor=0.18215,
+        resolution=32,
+    )
     assert summary["format"] == "single-file" and summary["scale_from"] == "argument"
     a, b = weights(tmp_path / "run"), weights(tmp_path / "run_file")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -205,8 +221,11 @@ def test_mismatched_sources_give_one_line_naming_what_differs(small_folder, data
     wide = _copy_folder(small_folder, tmp_path / "wide")
     config = json.loads((wide / "config.json").read_text())
     (wide / "config.json").write_text(json.dumps({**config, "block_out_channels": [32, 32, 96]}))
-    with pytest.raises(CheckpointError, match=r"another shape \(encoder\.down_blocks\.2\.resnets\.0\.conv1\.weight "
-                                              r"is \(64, 32, 3, 3\), needs \(96, 32, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another shape \(encoder\.down_blocks\.2\.resnets\.0\.conv1\.weight "
+        r"is \(64, 32, 3, 3\), needs \(96, 32, 3, 3\)",
+    ):
         import_autoencoder(wide, tmp_path / "r1", data, **MEASURE)
     # missing tensors
     missing = _copy_folder(small_folder, tmp_path / "missing")
@@ -223,8 +242,19 @@ def test_mismatched_sources_give_one_line_naming_what_differs(small_folder, data
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, str(tmp_path / "unet.safetensors"))
     for args in ([str(tmp_path / "unet.safetensors")], [str(wide)]):
         with pytest.raises(SystemExit) as e:
-            cli.main(["import", "autoencoder", *args, "--out", str(tmp_path / "r4"), "--scaling-factor", "1",
-                      "--data", str(data)])
+            cli.main(
+                [
+                    "import",
+                    "autoencoder",
+                    *args,
+                    "--out",
+                    str(tmp_path / "r4"),
+                    "--scaling-factor",
+                    "1",
+                    "--data",
+                    str(data),
+                ]
+            )
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("latentdiff: error:") and "\n" not in err
@@ -249,24 +279,99 @@ def test_a_prior_trains_on_imported_latents_and_generates(small_folder, data, te
     from latentdiff.scripts.import_autoencoder import main as import_main
 
     ae = tmp_path / "imported"
-    summary = import_main([str(small_folder), "--out", str(ae), "--scale", "data", "--data", str(data),
-                           "--batch-size", "4", "--batches", "2", "--device", "cpu"])
+    summary = import_main(
+        [
+            str(small_folder),
+            "--out",
+            str(ae),
+            "--scale",
+            "data",
+            "--data",
+            str(data),
+            "--batch-size",
+            "4",
+            "--batches",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert summary["scale_from"] == "data" and summary["scale_factor"] != pytest.approx(0.18215)
     meta = ckpt.read_meta(ae, "autoencoder")
     space = meta["latent_space"]
     assert space["absmax"] > 0 and space["scale"] == pytest.approx(1 / meta["latent_std"])
     prior = tmp_path / "prior"
-    prior_main(["--data", str(data), "--autoencoder", str(ae), "--text", str(text_run[0]), "--out", str(prior),
-                "--steps", "2", *PRIOR_ARGS, "--set", "train.warmup_steps=0"])
+    prior_main(
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(ae),
+            "--text",
+            str(text_run[0]),
+            "--out",
+            str(prior),
+            "--steps",
+            "2",
+            *PRIOR_ARGS,
+            "--set",
+            "train.warmup_steps=0",
+        ]
+    )
     assert ckpt.read_meta(prior, "prior")["latent_space"] == space
-    report = reconstruction.main(["--run", str(ae), "--data", str(data), "--split", "val", "--n", "4",
-                                  "--lpips", "off", "--out", str(tmp_path / "eval")])
+    report = reconstruction.main(
+        [
+            "--run",
+            str(ae),
+            "--data",
+            str(data),
+            "--split",
+            "val",
+            "--n",
+            "4",
+            "--lpips",
+            "off",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert report["images"] == 4 and report["psnr"] > 0
-    decoder_main(["--autoencoder", str(ae), "--data", str(data), "--out", str(tmp_path / "decoder"),
-                  "--steps", "1", "--batch-size", "4", "--set", "eval_images=4"])
+    decoder_main(
+        [
+            "--autoencoder",
+            str(ae),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "decoder"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "eval_images=4",
+        ]
+    )
     out = tmp_path / "gen"
-    assert cli.main(["generate", "a red circle", "--run", str(prior), "--n", "2", "--steps", "2",
-                     "--decoder", str(tmp_path / "decoder"), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--run",
+                str(prior),
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--decoder",
+                str(tmp_path / "decoder"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     assert len(settings["files"]) == 2 and all((out / f).is_file() for f in settings["files"])
 
@@ -276,8 +381,9 @@ def test_vae_speed_benchmark_times_an_imported_run(small_folder, data, tmp_path)
 
     import_autoencoder(small_folder, tmp_path / "run", data, **MEASURE)
     out = tmp_path / "vae_speed.json"
-    figures = vae_speed.main(["--run", str(tmp_path / "run"), "--sizes", "16,32", "--batch-size", "1",
-                              "--repeats", "1", "--out", str(out)])
+    figures = vae_speed.main(
+        ["--run", str(tmp_path / "run"), "--sizes", "16,32", "--batch-size", "1", "--repeats", "1", "--out", str(out)]
+    )
     assert [r["latent"] for r in figures["results"]] == [[4, 4, 4], [4, 8, 8]]
     assert all(r["encode_images_per_s"] > 0 and r["decode_images_per_s"] > 0 for r in figures["results"])
     assert json.loads(out.read_text())["figures"] == figures

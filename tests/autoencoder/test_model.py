@@ -5,8 +5,8 @@ import torch
 
 from latentdiff.autoencoder.encoder import DiagonalGaussian
 from latentdiff.autoencoder.losses import AutoencoderLoss
-from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.autoencoder.model import Autoencoder, AutoencoderLossConfig, AutoencoderModelConfig
+from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.decoder.network import Decoder, DecoderConfig
 
 
@@ -36,8 +36,13 @@ def test_kl_is_nonnegative_and_zero_at_the_prior():
 def test_kl_matches_torch_distributions():
     moments = torch.randn(3, 4, 2, 2)
     q = DiagonalGaussian(moments)
-    ref = torch.distributions.kl_divergence(
-        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    ref = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)
+        )
+        .flatten(1)
+        .sum(1)
+    )
     assert torch.allclose(q.kl(), ref, atol=1e-5)
 
 

@@ -63,11 +63,14 @@ def test_autoencoder_run_writes_every_file(ae_run):
 def test_grids_are_shown_in_tensorboard(data, tmp_path, prior_run):
     """Every periodic grid and the final one reach TensorBoard's IMAGES tab, the same pictures as the PNGs."""
     run = tmp_path / "ae"
-    autoencoder_main(["--data", str(data), "--out", str(run), "--steps", "2", *AE_ARGS, "--set", "train.sample_every=1"])
+    autoencoder_main(
+        ["--data", str(data), "--out", str(run), "--steps", "2", *AE_ARGS, "--set", "train.sample_every=1"]
+    )
     shown = tensorboard_images(run)["reconstructions"]
     assert [step for step, *_ in shown] == [1, 2, 2]  # the periodic grids of steps 1 and 2, then the final one
-    for (_, width, height, encoded), png in zip(shown, [run / "samples" / f"recon_{i:07d}.png" for i in (1, 2)]
-                                                + [run / "reconstructions.png"]):
+    for (_, width, height, encoded), png in zip(
+        shown, [run / "samples" / f"recon_{i:07d}.png" for i in (1, 2)] + [run / "reconstructions.png"]
+    ):
         with Image.open(png) as saved:
             assert (width, height) == saved.size
             np.testing.assert_array_equal(decoded(encoded), np.asarray(saved.convert("RGB")))
@@ -134,8 +137,14 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     rng = np.random.default_rng(0)
 
     def good(n: int, prefix: str) -> list[Sample]:
-        return [Sample(key=f"{prefix}{i:03d}", image=Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
-                       caption=f"noise {i}") for i in range(n)]
+        return [
+            Sample(
+                key=f"{prefix}{i:03d}",
+                image=Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                caption=f"noise {i}",
+            )
+            for i in range(n)
+        ]
 
     data = tmp_path / "data"
     train = good(8, "a") + [Sample(key="broken", image=b"\x89PNG\r\n\x1a\n not an image", caption="a broken file")]
@@ -144,8 +153,21 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     write_split(data, "val", good(4, "v"))
     write_info(data, source="test", resolution=32, splits={"train": 17, "val": 4})
     # 6 batches of 4 = 24 decoded samples > the 16 good ones of an epoch: the broken one was read.
-    summary = autoencoder_main(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "6", *AE_ARGS,
-                                "--set", "eval_images=4", "--set", "scale_batches=1"])
+    summary = autoencoder_main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "6",
+            *AE_ARGS,
+            "--set",
+            "eval_images=4",
+            "--set",
+            "scale_batches=1",
+        ]
+    )
     assert summary["steps"] == 6
     assert summary["skipped_samples"] >= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_samples"] == summary["skipped_samples"]
@@ -154,8 +176,23 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
 
 def test_max_minutes_stops_cleanly_with_a_checkpoint(data, tmp_path):
     run = tmp_path / "budget"
-    summary = autoencoder_main(["--data", str(data), "--out", str(run), "--steps", "1000", "--max-minutes", "0.001",
-                                *AE_ARGS, "--set", "eval_images=4", "--set", "scale_batches=1"])
+    summary = autoencoder_main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--steps",
+            "1000",
+            "--max-minutes",
+            "0.001",
+            *AE_ARGS,
+            "--set",
+            "eval_images=4",
+            "--set",
+            "scale_batches=1",
+        ]
+    )
     done = summary["steps"]
     assert done < 1000
     assert json.loads((run / "summary.json").read_text())["steps"] == done

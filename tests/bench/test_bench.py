@@ -22,14 +22,16 @@ def test_sampler_steps_fit_the_evaluation_budget(sampler, budget):
     assert nfe <= budget
     assert number_of_evaluations(sampler, steps + 1) > budget  # the most steps that fit
     assert samplers.refused(sampler, budget) == (sampler == "heun" and budget < 11)
-    assert samplers.title(sampler) == {"dpmpp-2m-karras": "DPM++ 2M Karras"}.get(sampler, SAMPLERS[sampler].title
-                                                                                  if sampler in SAMPLERS else None)
+    assert samplers.title(sampler) == {"dpmpp-2m-karras": "DPM++ 2M Karras"}.get(
+        sampler, SAMPLERS[sampler].title if sampler in SAMPLERS else None
+    )
 
 
 def test_sampler_accuracy_benchmark_prints_every_sampler(tmp_path):
     out = tmp_path / "acc.json"
-    figures = sampler_accuracy.main(["--samplers", "ddim,heun,unipc", "--budgets", "5,20", "--n", "2000",
-                                     "--out", str(out)])
+    figures = sampler_accuracy.main(
+        ["--samplers", "ddim,heun,unipc", "--budgets", "5,20", "--n", "2000", "--out", str(out)]
+    )
     table = json.loads(out.read_text())["table"]
     assert "| UniPC (logsnr) |" in table and "refused" in table  # Heun at 5 evaluations
     assert figures["default"]["cosine"]["heun"][0] is None
@@ -69,8 +71,12 @@ def _small_prior(make):
 
     def small():
         cfg = make()
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=16),
-                                   model=dataclasses.replace(cfg.model, channels=(16, 32)))
+        return dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, batch_size=16),
+            model=dataclasses.replace(cfg.model, channels=(16, 32)),
+        )
+
     return small
 
 

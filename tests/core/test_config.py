@@ -11,8 +11,16 @@ import pytest
 
 from latentdiff.autoencoder import stage as autoencoder_stage
 from latentdiff.autoencoder.model import AutoencoderConfig
-from latentdiff.core.config import (ConfigError, Range, apply_overrides, dumps_toml, from_dict, load_preset, load_toml,
-                                    to_dict)
+from latentdiff.core.config import (
+    ConfigError,
+    Range,
+    apply_overrides,
+    dumps_toml,
+    from_dict,
+    load_preset,
+    load_toml,
+    to_dict,
+)
 from latentdiff.core.train import TrainConfig, lr_factor
 from latentdiff.decoder.stage import DecoderStageConfig
 from latentdiff.evaluation.classifier import ClassifierStageConfig
@@ -22,8 +30,13 @@ from latentdiff.text.stage import TextStageConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every stage's config and the folder of its presets.
-STAGES = [(AutoencoderConfig, "autoencoder"), (PriorConfig, "prior"), (DecoderStageConfig, "decoder"),
-          (TextStageConfig, "text"), (ClassifierStageConfig, "evaluation")]
+STAGES = [
+    (AutoencoderConfig, "autoencoder"),
+    (PriorConfig, "prior"),
+    (DecoderStageConfig, "decoder"),
+    (TextStageConfig, "text"),
+    (ClassifierStageConfig, "evaluation"),
+]
 # String fields that are free text, not a choice among names.
 FREE_TEXT = {"TextStageConfig.model"}  # an open_clip config name or a path to a .json
 
@@ -46,18 +59,21 @@ def test_every_choice_is_a_literal(cls, folder):
     assert bare == []
 
 
-@pytest.mark.parametrize("cls,key,choices", [
-    (AutoencoderConfig, "train.lr_decay", "'constant', 'cosine'"),
-    (AutoencoderConfig, "train.precision", "'auto', 'fp32', 'bf16'"),
-    (AutoencoderConfig, "loss.reconstruction", "'l1', 'l2'"),
-    (AutoencoderConfig, "loss.perceptual", "'lpips', 'none'"),
-    (AutoencoderConfig, "model.attention", "'auto', 'sdpa', 'xformers', 'math'"),
-    (PriorConfig, "model.attention", "'auto', 'sdpa', 'xformers', 'math'"),
-    (PriorConfig, "diffusion.schedule", "'linear', 'scaled_linear', 'cosine'"),
-    (PriorConfig, "diffusion.prediction", "'eps', 'x0', 'v'"),
-    (PriorConfig, "diffusion.loss_weighting", "'uniform', 'min_snr'"),
-    (PriorConfig, "sampling.sampler", "'ddpm', 'ddim', 'dpmpp-2m', 'euler', 'heun'"),
-])
+@pytest.mark.parametrize(
+    "cls,key,choices",
+    [
+        (AutoencoderConfig, "train.lr_decay", "'constant', 'cosine'"),
+        (AutoencoderConfig, "train.precision", "'auto', 'fp32', 'bf16'"),
+        (AutoencoderConfig, "loss.reconstruction", "'l1', 'l2'"),
+        (AutoencoderConfig, "loss.perceptual", "'lpips', 'none'"),
+        (AutoencoderConfig, "model.attention", "'auto', 'sdpa', 'xformers', 'math'"),
+        (PriorConfig, "model.attention", "'auto', 'sdpa', 'xformers', 'math'"),
+        (PriorConfig, "diffusion.schedule", "'linear', 'scaled_linear', 'cosine'"),
+        (PriorConfig, "diffusion.prediction", "'eps', 'x0', 'v'"),
+        (PriorConfig, "diffusion.loss_weighting", "'uniform', 'min_snr'"),
+        (PriorConfig, "sampling.sampler", "'ddpm', 'ddim', 'dpmpp-2m', 'euler', 'heun'"),
+    ],
+)
 def test_a_misspelt_choice_fails_at_load_naming_the_field_and_the_choices(cls, key, choices, tmp_path):
     with pytest.raises(ConfigError) as by_override:
         apply_overrides(cls(), [f'{key}="cosin"'])
@@ -73,8 +89,9 @@ def test_a_misspelt_choice_fails_at_load_naming_the_field_and_the_choices(cls, k
 
 def test_a_misspelt_choice_on_the_command_line_ends_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        autoencoder_stage.main(["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
-                                "--set", 'train.lr_decay="cosin"'])
+        autoencoder_stage.main(
+            ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--set", 'train.lr_decay="cosin"']
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "train.lr_decay" in err and "'constant', 'cosine'" in err and len(err.splitlines()) == 1
@@ -108,22 +125,25 @@ def test_lr_inf_from_the_command_line_flag_is_refused(tmp_path, capsys):
     assert exit_.value.code == 2 and "train.lr: inf is not a finite number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override,allowed", [
-    ("train.steps=-5", ">= 1"),
-    ("train.steps=0", ">= 1"),
-    ("train.batch_size=0", ">= 1"),
-    ("train.lr=0", "> 0"),
-    ("train.lr=-1e-3", "> 0"),
-    ("train.warmup_steps=-1", ">= 0"),
-    ("train.ema_decay=1.0", "[0, 1)"),
-    ("train.ema_decay=-0.1", "[0, 1)"),
-    ("train.betas=[0.9, 1.0]", "[0, 1)"),
-    ("train.grad_clip=-1", ">= 0"),
-    ("train.num_workers=-2", ">= 0"),
-    ("resolution=0", ">= 1"),
-    ("model.channels=[8, 0]", ">= 1"),
-    ("loss.disc_lr=0", "> 0"),
-])
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("train.steps=-5", ">= 1"),
+        ("train.steps=0", ">= 1"),
+        ("train.batch_size=0", ">= 1"),
+        ("train.lr=0", "> 0"),
+        ("train.lr=-1e-3", "> 0"),
+        ("train.warmup_steps=-1", ">= 0"),
+        ("train.ema_decay=1.0", "[0, 1)"),
+        ("train.ema_decay=-0.1", "[0, 1)"),
+        ("train.betas=[0.9, 1.0]", "[0, 1)"),
+        ("train.grad_clip=-1", ">= 0"),
+        ("train.num_workers=-2", ">= 0"),
+        ("resolution=0", ">= 1"),
+        ("model.channels=[8, 0]", ">= 1"),
+        ("loss.disc_lr=0", "> 0"),
+    ],
+)
 def test_impossible_values_are_refused_with_the_allowed_range(override, allowed):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as error:
@@ -132,8 +152,17 @@ def test_impossible_values_are_refused_with_the_allowed_range(override, allowed)
 
 
 def test_possible_values_at_the_edges_load():
-    cfg = apply_overrides(AutoencoderConfig(), ["train.steps=1", "train.warmup_steps=50", "train.ema_decay=0.0",
-                                                "train.ema_decay=0.9999", "train.grad_clip=0", "train.max_minutes=0"])
+    cfg = apply_overrides(
+        AutoencoderConfig(),
+        [
+            "train.steps=1",
+            "train.warmup_steps=50",
+            "train.ema_decay=0.0",
+            "train.ema_decay=0.9999",
+            "train.grad_clip=0",
+            "train.max_minutes=0",
+        ],
+    )
     assert cfg.train.warmup_steps > cfg.train.steps  # warm-up longer than the run is allowed
     assert lr_factor(0, cfg.train) == pytest.approx(1 / 50)
     prior = apply_overrides(PriorConfig(), ["caption_dropout=1.0", "model.dropout=0", "sampling.guidance=0"])
@@ -185,8 +214,7 @@ def test_every_preset_loads_and_round_trips(cls, folder, tmp_path):
 
 
 def test_strings_with_newlines_quotes_and_unicode_round_trip(tmp_path):
-    prompts = ('a "quoted" sneaker\non two lines', "tab\there, back\\slash, 'single'",
-               "été · 靴 · 👟", "\x7f\r\n")
+    prompts = ('a "quoted" sneaker\non two lines', "tab\there, back\\slash, 'single'", "été · 靴 · 👟", "\x7f\r\n")
     cfg = dataclasses.replace(PriorConfig(), sampling=dataclasses.replace(PriorConfig().sampling, prompts=prompts))
     path = tmp_path / "config.toml"
     path.write_text(dumps_toml(to_dict(cfg)), encoding="utf-8")
@@ -204,7 +232,7 @@ def test_floats_round_trip_exactly(tmp_path):
 
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_bytes(b'[train]\nlr = 1e-3\n# \xff\xfe\n')
+    path.write_bytes(b"[train]\nlr = 1e-3\n# \xff\xfe\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(AutoencoderConfig, path)
 

@@ -40,7 +40,6 @@ from latentdiff.prior.unet import UNet
 from latentdiff.scripts import cli
 from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.stage import TextStageConfig
-
 from tests.helpers import AE_ARGS, PRIOR_ARGS  # noqa: E402
 
 
@@ -97,8 +96,21 @@ def test_a_prior_refuses_an_autoencoder_whose_scale_was_remeasured(capsys, root,
     ae = tmp_path / "ae"
     shutil.copytree(ae_run[0], ae)
     prior = tmp_path / "prior"
-    prior_main(["--data", str(data), "--autoencoder", str(ae), "--text", str(text_run[0]), "--out", str(prior),
-                "--steps", "1", *PRIOR_ARGS])
+    prior_main(
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(ae),
+            "--text",
+            str(text_run[0]),
+            "--out",
+            str(prior),
+            "--steps",
+            "1",
+            *PRIOR_ARGS,
+        ]
+    )
     _, before = load_autoencoder(ae)
     # Resuming the finished autoencoder on other data changes no weight but re-measures the scale.
     other = root / "shapes_other"
@@ -122,15 +134,29 @@ def test_stages_follow_the_data_and_the_prior_follows_its_autoencoder(capsys, ro
     ae = tmp_path / "ae64"
     autoencoder_main(["--data", str(data64), "--out", str(ae), "--steps", "1", *AE_ARGS])
     assert load_autoencoder(ae)[1].resolution == 64
-    autoencoder_main(["--data", str(data64), "--out", str(tmp_path / "ae32"), "--steps", "1", *AE_ARGS,
-                      "--set", "resolution=32"])
+    autoencoder_main(
+        ["--data", str(data64), "--out", str(tmp_path / "ae32"), "--steps", "1", *AE_ARGS, "--set", "resolution=32"]
+    )
     assert load_autoencoder(tmp_path / "ae32")[1].resolution == 32
-    classifier_main(["--data", str(data64), "--out", str(tmp_path / "clf"), "--steps", "1", "--batch-size", "4",
-                     "--set", "eval_images=4", "--set", "model.channels=[8, 8, 8, 8]"])
+    classifier_main(
+        [
+            "--data",
+            str(data64),
+            "--out",
+            str(tmp_path / "clf"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "eval_images=4",
+            "--set",
+            "model.channels=[8, 8, 8, 8]",
+        ]
+    )
     assert ckpt.read_meta(tmp_path / "clf")["resolution"] == 64
     # The tiny prior preset with the 64-px autoencoder trains a 64-px prior over 16x16 latents...
-    common = ["--data", str(data64), "--autoencoder", str(ae), "--text", str(text_run[0]), "--steps", "1",
-              *PRIOR_ARGS]
+    common = ["--data", str(data64), "--autoencoder", str(ae), "--text", str(text_run[0]), "--steps", "1", *PRIOR_ARGS]
     prior_main([*common, "--out", str(tmp_path / "p64")])
     assert load_preset(PriorConfig, PRIOR_PRESETS, "tiny").resolution == 32
     assert ckpt.read_meta(tmp_path / "p64")["latent_space"]["resolution"] == 64
@@ -149,10 +175,40 @@ def test_stages_follow_the_data_and_the_prior_follows_its_autoencoder(capsys, ro
 def small_runs(root, data, ae_run) -> dict[str, Path]:
     """A 1-step decoder and classifier run (the shared fixtures cover the other stages)."""
     decoder, classifier = root / "contract_decoder", root / "contract_classifier"
-    decoder_main(["--autoencoder", str(ae_run[0]), "--data", str(data), "--out", str(decoder), "--steps", "1",
-                  "--batch-size", "4", "--set", "eval_images=4", "--set", "train.ema_decay=0.9"])
-    classifier_main(["--data", str(data), "--out", str(classifier), "--steps", "1", "--batch-size", "4",
-                     "--set", "eval_images=4", "--set", "model.channels=[8, 8, 8, 8]"])
+    decoder_main(
+        [
+            "--autoencoder",
+            str(ae_run[0]),
+            "--data",
+            str(data),
+            "--out",
+            str(decoder),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "eval_images=4",
+            "--set",
+            "train.ema_decay=0.9",
+        ]
+    )
+    classifier_main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(classifier),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "eval_images=4",
+            "--set",
+            "model.channels=[8, 8, 8, 8]",
+        ]
+    )
     return {"decoder": decoder, "classifier": classifier}
 
 
@@ -227,13 +283,16 @@ def test_runs_work_from_any_directory_and_after_the_tree_moved(monkeypatch, data
     for name, src in (("ae", ae_run[0]), ("text", text_run[0]), ("data", data)):
         shutil.copytree(src, tree / name)
     monkeypatch.chdir(tree)  # every path given relative to this directory
-    prior_main(["--data", "data", "--autoencoder", "ae", "--text", "text", "--out", "prior", "--steps", "1",
-                *PRIOR_ARGS])
+    prior_main(
+        ["--data", "data", "--autoencoder", "ae", "--text", "text", "--out", "prior", "--steps", "1", *PRIOR_ARGS]
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert cli.main(["generate", "a red circle", "--run", str(tree / "prior"), "--n", "1", "--steps", "2",
-                     "--out", "gen"]) == 0
+    assert (
+        cli.main(["generate", "a red circle", "--run", str(tree / "prior"), "--n", "1", "--steps", "2", "--out", "gen"])
+        == 0
+    )
     assert (elsewhere / "gen" / "grid.png").is_file()
     # Move the whole tree: the run finds its stages and data relative to itself.
     moved = tmp_path / "moved"
@@ -245,9 +304,27 @@ def test_runs_work_from_any_directory_and_after_the_tree_moved(monkeypatch, data
     shutil.move(str(moved / "ae"), str(tmp_path / "ae_elsewhere"))
     with pytest.raises(UserError, match="--autoencoder"):
         TextToImage.from_run(moved / "prior", device="cpu")
-    assert cli.main(["generate", "a red circle", "--run", str(moved / "prior"), "--n", "1", "--steps", "2",
-                     "--autoencoder", str(tmp_path / "ae_elsewhere"), "--text", str(moved / "text"),
-                     "--out", "gen2"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--run",
+                str(moved / "prior"),
+                "--n",
+                "1",
+                "--steps",
+                "2",
+                "--autoencoder",
+                str(tmp_path / "ae_elsewhere"),
+                "--text",
+                str(moved / "text"),
+                "--out",
+                "gen2",
+            ]
+        )
+        == 0
+    )
 
 
 def test_runs_from_before_latent_spaces_get_a_one_line_answer(ae_run, prior_run, tmp_path):

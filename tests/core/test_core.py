@@ -122,7 +122,7 @@ def test_attention_backends_agree_with_a_mask(backend):
     mask[1, ..., 4:] = False
     out = attention(q, k, v, mask, backend)
     # reference: masked keys dropped entirely
-    ref1 = torch.softmax(q[1] @ k[1, :, :4].transpose(-1, -2) / 8 ** 0.5, -1) @ v[1, :, :4]
+    ref1 = torch.softmax(q[1] @ k[1, :, :4].transpose(-1, -2) / 8**0.5, -1) @ v[1, :, :4]
     assert torch.allclose(out[1], ref1, atol=1e-5)
 
 
@@ -135,13 +135,16 @@ def test_padding_keys_with_masked_ones_leaves_attention_unchanged(keys):
     pk, pv, pmask = pad_keys(k, v, mask)
     assert pk.shape[2] == pv.shape[2] == pmask.shape[-1] == 8 * math.ceil(keys / 8)
     assert torch.equal(pk[:, :, :keys], k) and not pmask[..., keys:].any() and torch.equal(pmask[..., :keys], mask)
-    torch.testing.assert_close(attention(q, pk, pv, pmask, "sdpa"), attention(q, k, v, mask, "sdpa"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attention(q, pk, pv, pmask, "sdpa"), attention(q, k, v, mask, "sdpa"), rtol=1e-5, atol=1e-6
+    )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available("cuda"),
-                    reason="needs CUDA and an xformers that runs there (the text mask's key lengths are checked "
-                           "against SDPA on the GPU)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not xformers_available("cuda"),
+    reason="needs CUDA and an xformers that runs there (the text mask's key lengths are checked "
+    "against SDPA on the GPU)",
+)
 @pytest.mark.parametrize("keys", [5, 7, 8, 12])
 def test_xformers_takes_text_masks_of_any_length_and_agrees_with_sdpa(keys):
     g = torch.Generator("cuda").manual_seed(0)
@@ -204,12 +207,14 @@ def test_psnr_and_ssim_are_torchmetrics_per_image():
     x, y = _metric_pair()
     x01, y01 = (x + 1) / 2, (y + 1) / 2
     for i in range(len(x)):
-        assert psnr(y[i:i + 1], x[i:i + 1]).item() == pytest.approx(
-            peak_signal_noise_ratio(y01[i], x01[i], data_range=1.0).item(), rel=1e-6)
+        assert psnr(y[i : i + 1], x[i : i + 1]).item() == pytest.approx(
+            peak_signal_noise_ratio(y01[i], x01[i], data_range=1.0).item(), rel=1e-6
+        )
     # torchmetrics averages the SSIM map over the reflection-padded whole image; ours over the valid
     # region (Wang et al.'s reference code), where the 11x11 window lies inside the image: 5 px in from the edge.
-    _, full = structural_similarity_index_measure(y01.double(), x01.double(), data_range=1.0, reduction="none",
-                                                  return_full_image=True)
+    _, full = structural_similarity_index_measure(
+        y01.double(), x01.double(), data_range=1.0, reduction="none", return_full_image=True
+    )
     torch.testing.assert_close(ssim(y, x), full[..., 5:-5, 5:-5].flatten(1).mean(1).float())
     assert not torch.allclose(ssim(y, x), full.flatten(1).mean(1).float())
     assert torch.equal(ssim(x, x), torch.ones(4))

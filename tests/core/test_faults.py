@@ -27,7 +27,6 @@ from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import Run, TrainConfig, lr_factor
 from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.evaluation.classifier_stage import main as classifier_main
-
 from tests.helpers import AE_ARGS, RESUME_LR  # noqa: E402
 
 SMALL = [*AE_ARGS, "--set", "eval_images=4", "--set", "scale_batches=1"]
@@ -88,8 +87,21 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(dat
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     _nan_at(monkeypatch, {3, 4, 5})
     run = tmp_path / "run"
-    code = _exit_code(["--data", str(data), "--out", str(run), "--steps", "8", *SMALL,
-                       "--set", "train.ckpt_every=2", "--set", "train.max_nonfinite_steps=2"])
+    code = _exit_code(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--steps",
+            "8",
+            *SMALL,
+            "--set",
+            "train.ckpt_every=2",
+            "--set",
+            "train.max_nonfinite_steps=2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "step 5:" in err[-1] and "2 steps in a row" in err[-1]
     assert ckpt.read_meta(run)["step"] == 4  # saved after steps 3 (good) and 4 (skipped, weights unchanged)
@@ -168,8 +180,9 @@ def test_a_failing_sample_grid_does_not_end_the_run(data, tmp_path, monkeypatch)
         return save_grid(images, path, nrow)
 
     monkeypatch.setattr(ae_stage, "save_grid", broken)
-    summary = _ae(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "3", *SMALL,
-                   "--set", "train.sample_every=1"])
+    summary = _ae(
+        ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "3", *SMALL, "--set", "train.sample_every=1"]
+    )
     assert summary["steps"] == 3 and summary["sample_errors"] == 3
 
 
@@ -201,6 +214,7 @@ def short_run(ae_run, tmp_path) -> Path:
 
 def test_resume_with_another_model_shape_is_refused_and_writes_nothing(short_run, capsys, monkeypatch):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
+
     def files() -> dict[str, bytes]:
         kept = [p for p in short_run.iterdir() if p.is_file() and not p.name.startswith("run.lock")]
         return {p.name: p.read_bytes() for p in kept}
@@ -215,11 +229,31 @@ def test_resume_with_another_model_shape_is_refused_and_writes_nothing(short_run
 
 def test_optimizer_hyper_parameters_follow_the_config_on_resume(data, tmp_path):
     run = tmp_path / "run"
-    gan = ["--set", "loss.disc_weight=0.5", "--set", "loss.disc_start=0", "--set", "loss.disc_channels=8",
-           "--set", "loss.disc_layers=2"]
+    gan = [
+        "--set",
+        "loss.disc_weight=0.5",
+        "--set",
+        "loss.disc_start=0",
+        "--set",
+        "loss.disc_channels=8",
+        "--set",
+        "loss.disc_layers=2",
+    ]
     _ae(["--data", str(data), "--out", str(run), "--steps", "2", *SMALL, *gan])
-    _ae(["--resume", str(run), "--steps", "3", "--set", "train.weight_decay=0.05", "--set", "train.betas=[0.8, 0.95]",
-         "--set", "loss.disc_lr=3e-5"])
+    _ae(
+        [
+            "--resume",
+            str(run),
+            "--steps",
+            "3",
+            "--set",
+            "train.weight_decay=0.05",
+            "--set",
+            "train.betas=[0.8, 0.95]",
+            "--set",
+            "loss.disc_lr=3e-5",
+        ]
+    )
     groups = ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["optimizers"]
     assert [g["weight_decay"] for g in groups["model"]["param_groups"]] == [0.05, 0.0]
     assert all(tuple(g["betas"]) == (0.8, 0.95) for g in groups["model"]["param_groups"])
@@ -236,8 +270,16 @@ def test_switching_ema_on_at_resume_starts_it_from_the_current_weights(short_run
 
 
 def test_switching_the_discriminator_on_at_resume_starts_it_fresh(short_run, capsys):
-    gan = ["--set", "loss.disc_weight=0.5", "--set", "loss.disc_start=0", "--set", "loss.disc_channels=8",
-           "--set", "loss.disc_layers=2"]
+    gan = [
+        "--set",
+        "loss.disc_weight=0.5",
+        "--set",
+        "loss.disc_start=0",
+        "--set",
+        "loss.disc_channels=8",
+        "--set",
+        "loss.disc_layers=2",
+    ]
     assert _ae(["--resume", str(short_run), "--steps", "4", *gan])["steps"] == 4
     assert "discriminator starts from its initial weights" in capsys.readouterr().out
     assert ckpt.committed_file(short_run, "discriminator.safetensors").is_file()
@@ -258,8 +300,23 @@ def test_budgeted_cosine_continues_from_the_recorded_progress(tmp_path):
 
 def test_budgeted_run_records_its_progress(data, tmp_path):
     run = tmp_path / "run"
-    _ae(["--data", str(data), "--out", str(run), "--steps", "3", "--max-minutes", "30", *SMALL,
-         "--set", 'train.lr_decay="cosine"', "--set", "train.warmup_steps=0"])
+    _ae(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--steps",
+            "3",
+            "--max-minutes",
+            "30",
+            *SMALL,
+            "--set",
+            'train.lr_decay="cosine"',
+            "--set",
+            "train.warmup_steps=0",
+        ]
+    )
     assert 0.0 < ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["lr_progress"] <= 1.0
 
 
@@ -282,8 +339,9 @@ def test_collectives_run_on_the_runtime_device(monkeypatch, tmp_path):
 
 def test_classifier_resume_keeps_its_heads(tmp_path, data):
     run = tmp_path / "clf"
-    classifier_main(["--data", str(data), "--out", str(run), "--steps", "2", "--batch-size", "8",
-                     "--set", "eval_images=8"])
+    classifier_main(
+        ["--data", str(data), "--out", str(run), "--steps", "2", "--batch-size", "8", "--set", "eval_images=8"]
+    )
     assert classifier_main(["--resume", str(run), "--steps", "3"])["steps"] == 3
 
 
@@ -300,8 +358,9 @@ def _discriminator_rank(rank: int, world_size: int, init_file: str, out: str) ->
     rt = Runtime(torch.device("cpu"), rank=rank, world_size=world_size)
     model = Autoencoder(AutoencoderModelConfig(channels=(8, 16, 16)))
     rt.broadcast_module(model)  # DDP would do this for the autoencoder itself
-    loss_fn = AutoencoderLoss(AutoencoderLossConfig(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2),
-                              average=rt.all_reduce_mean)
+    loss_fn = AutoencoderLoss(
+        AutoencoderLossConfig(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2), average=rt.all_reduce_mean
+    )
     opt_d = loss_fn.discriminator_optimizer()
     rt.broadcast_module(loss_fn.discriminator)
     run = Run(Path(out), "autoencoder", types.SimpleNamespace(train=TrainConfig()), rt, resuming=False)
@@ -352,9 +411,24 @@ def test_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step(data, tmp_path
     from tests.helpers import SUBPROCESS_TIMEOUT
 
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "latentdiff.autoencoder.stage", "--data", str(data), "--out", str(run), "--steps", "100000", *SMALL,
-           "--set", "train.log_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "latentdiff.autoencoder.stage",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--steps",
+        "100000",
+        *SMALL,
+        "--set",
+        "train.log_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from latentdiff.core.logger import MetricLogger, save_grid, save_png, to_uint8
-
 from tests.helpers import tensorboard_images  # noqa: E402
 
 
@@ -27,8 +26,9 @@ def test_grid_enlarges_small_images_by_nearest_neighbour(tmp_path):
 def test_grid_labels_and_title_widen_it(tmp_path):
     x = torch.zeros(4, 3, 32, 32)
     plain = Image.open(save_grid(x, tmp_path / "a.png", nrow=2))
-    labelled = Image.open(save_grid(x, tmp_path / "b.png", nrow=2, labels=["a sneaker", "an ankle boot"],
-                                    title="guidance 3, seed 0"))
+    labelled = Image.open(
+        save_grid(x, tmp_path / "b.png", nrow=2, labels=["a sneaker", "an ankle boot"], title="guidance 3, seed 0")
+    )
     assert labelled.width > plain.width and labelled.height > plain.height
     left = np.asarray(labelled.convert("L"))[:, : labelled.width - plain.width]
     assert (left < 128).any()  # text was drawn beside the rows

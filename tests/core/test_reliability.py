@@ -28,14 +28,35 @@ from latentdiff.data import reader
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.evaluation import classifier_stage
 from latentdiff.evaluation.classifier import load_classifier
-
 from tests.helpers import SUBPROCESS_TIMEOUT  # noqa: E402
 
 STEPS = 10
-CLF = ["--batch-size", "4", "--set", "resolution=16", "--set", "model.channels=[8, 16]",
-       "--set", "model.convs_per_level=[1, 1]", "--set", "model.feature_dim=16", "--set", "eval_images=4",
-       "--set", "train.warmup_steps=0", "--set", "train.ema_decay=0.9", "--set", "train.ckpt_every=1",
-       "--set", "train.log_every=1", "--set", "train.keep_checkpoints=2", "--set", 'train.lr_decay="constant"']
+CLF = [
+    "--batch-size",
+    "4",
+    "--set",
+    "resolution=16",
+    "--set",
+    "model.channels=[8, 16]",
+    "--set",
+    "model.convs_per_level=[1, 1]",
+    "--set",
+    "model.feature_dim=16",
+    "--set",
+    "eval_images=4",
+    "--set",
+    "train.warmup_steps=0",
+    "--set",
+    "train.ema_decay=0.9",
+    "--set",
+    "train.ckpt_every=1",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.keep_checkpoints=2",
+    "--set",
+    'train.lr_decay="constant"',
+]
 WEIGHTS = (ckpt.MODEL, ckpt.EMA)
 
 
@@ -45,8 +66,15 @@ def noisy_data(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
 
     def good(n: int, prefix: str) -> list[Sample]:
-        return [Sample(key=f"{prefix}{i:03d}", caption=f"noise {i}", meta={"label": i % 3},
-                       image=Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))) for i in range(n)]
+        return [
+            Sample(
+                key=f"{prefix}{i:03d}",
+                caption=f"noise {i}",
+                meta={"label": i % 3},
+                image=Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+            )
+            for i in range(n)
+        ]
 
     data = tmp_path_factory.mktemp("noisy")
     broken = Sample(key="broken", image=b"\x89PNG\r\n\x1a\n not an image", caption="a broken file", meta={"label": 0})
@@ -187,8 +215,9 @@ def test_sigkill_anywhere_then_resume_equals_the_straight_run(noisy_data, straig
 # ---------------------------------------------------------------- a full disk
 
 
-def test_disk_full_on_the_second_file_keeps_the_previous_checkpoint(noisy_data, straight, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_disk_full_on_the_second_file_keeps_the_previous_checkpoint(
+    noisy_data, straight, tmp_path, monkeypatch, capsys
+):
     run = tmp_path / "full"
     real_atomic = ckpt.atomic_write
     written = []
@@ -328,8 +357,9 @@ def _fake_run(tmp_path: Path) -> core_train.Run:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_restarts_each_worker_where_it_stopped(noisy_data, tmp_path, workers, monkeypatch):
     """Batches after a resume at step 5 are the straight run's, across an epoch and the broken sample."""
-    loader = reader.make_loader(str(noisy_data), "train", 4, seed=3, num_workers=workers, shuffle_buffer=8,
-                                rank=0, world_size=1)
+    loader = reader.make_loader(
+        str(noisy_data), "train", 4, seed=3, num_workers=workers, shuffle_buffer=8, rank=0, world_size=1
+    )
     first = _fake_run(tmp_path)
     straight = _batches_of(first, loader, 0, 12)  # 1.5 epochs of 8 batches
     first = _fake_run(tmp_path)
@@ -350,8 +380,15 @@ def test_resume_restarts_each_worker_where_it_stopped(noisy_data, tmp_path, work
 
 
 def _rank(argv: list[str], rank: int, port: int) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     classifier_stage.main(argv)
 
 

@@ -29,10 +29,22 @@ def _torchrun(module: str, args: list[str], expect: int = 0) -> subprocess.Compl
 def test_torchrun_two_process_autoencoder(data, tmp_path, capsys, monkeypatch):
     run = tmp_path / "ddp_ae"
     # With the PatchGAN on from the first step and a time budget: its collectives run on every rank.
-    gan = ["--set", "loss.disc_weight=0.5", "--set", "loss.disc_start=0", "--set", "loss.disc_channels=8",
-           "--set", "loss.disc_layers=2", "--max-minutes", "30"]
-    _torchrun("latentdiff.autoencoder.stage",
-              ["--data", str(data), "--out", str(run), "--steps", "3", *AE_ARGS, "--set", "eval_images=4", *gan])
+    gan = [
+        "--set",
+        "loss.disc_weight=0.5",
+        "--set",
+        "loss.disc_start=0",
+        "--set",
+        "loss.disc_channels=8",
+        "--set",
+        "loss.disc_layers=2",
+        "--max-minutes",
+        "30",
+    ]
+    _torchrun(
+        "latentdiff.autoencoder.stage",
+        ["--data", str(data), "--out", str(run), "--steps", "3", *AE_ARGS, "--set", "eval_images=4", *gan],
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["val_psnr"])
     meta = ckpt.read_meta(run, "autoencoder")
@@ -42,7 +54,8 @@ def test_torchrun_two_process_autoencoder(data, tmp_path, capsys, monkeypatch):
     # Resuming a 2-process run with one process is refused, as 1 -> 2 is (below).
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     assert "trained by 2 process(es) and this resume has 1" in cli_exit_2(
-        capsys, ["train", "autoencoder", "--resume", str(run), "--steps", "4"])
+        capsys, ["train", "autoencoder", "--resume", str(run), "--steps", "4"]
+    )
 
 
 def test_torchrun_resume_of_a_one_process_run_is_refused(ae_run, tmp_path):
@@ -56,9 +69,22 @@ def test_torchrun_resume_of_a_one_process_run_is_refused(ae_run, tmp_path):
 
 def test_torchrun_two_process_prior(data, ae_run, text_run, tmp_path):
     run = tmp_path / "ddp_prior"
-    _torchrun("latentdiff.prior.stage",
-              ["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), "--out", str(run),
-               "--steps", "3", *PRIOR_ARGS])
+    _torchrun(
+        "latentdiff.prior.stage",
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(ae_run[0]),
+            "--text",
+            str(text_run[0]),
+            "--out",
+            str(run),
+            "--steps",
+            "3",
+            *PRIOR_ARGS,
+        ],
+    )
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert ckpt.read_meta(run, "prior")["step"] == 3
     assert ckpt.committed_file(run, ckpt.EMA).is_file() and (run / "samples.png").is_file()

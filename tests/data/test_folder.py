@@ -8,13 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from latentdiff.data import folder
 from latentdiff.data.reader import make_loader, read_info
 from latentdiff.scripts.data import main as data_main
-
 from tests.image_files import bad_exif_jpeg, png_header_only  # noqa: E402
 
 CATEGORIES = ["animals", "buildings", "plants", "stars"]
@@ -70,8 +68,10 @@ def test_a_folder_too_small_for_a_val_split_is_refused(tmp_path: Path, capsys):
         if i == 0:
             assert data_main(["folder", str(src), "--out", str(tmp_path / "out"), "--resolution", "4"]) == 2
             err = capsys.readouterr().err.strip()
-            assert err == (f"latentdiff data folder: error: {src} has 1 captioned images; a dataset needs at least 3 "
-                           "(one each for train, val, test), so that training can be evaluated: add images")
+            assert err == (
+                f"latentdiff data folder: error: {src} has 1 captioned images; a dataset needs at least 3 "
+                "(one each for train, val, test), so that training can be evaluated: add images"
+            )
     # Three images: one each, whatever the hash says.
     assert data_main(["folder", str(src), "--out", str(tmp_path / "out"), "--resolution", "4", "--quiet"]) == 0
     assert read_info(str(tmp_path / "out"))["splits"] == {"train": 1, "val": 1, "test": 1}

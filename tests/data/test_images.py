@@ -15,7 +15,6 @@ from PIL import Image
 
 from latentdiff.data import images
 from latentdiff.data.images import BACKGROUND, BadImage, fit_square, load_rgb, to_rgb
-
 from tests.image_files import bad_exif_jpeg, encoded, exif_jpeg, pgm16, png_header_only  # noqa: E402
 
 

@@ -220,7 +220,9 @@ def test_fashion_mnist_conversion(tmp_path: Path, capsys):
     (test,) = list(make_loader(str(out), "test", 10, shuffle=False, repeat=False))
     assert [m["label"] for m in test["meta"]] == test_y.tolist()
     # A missing source is one line on stderr and exit code 2, naming the package to install.
-    assert data_main(["fashion-mnist", "--out", str(tmp_path / "fm2"), "--source", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert (
+        data_main(["fashion-mnist", "--out", str(tmp_path / "fm2"), "--source", str(tmp_path / "nope"), "--quiet"]) == 2
+    )
     err = capsys.readouterr().err
     assert "apt-get install -y dataset-fashion-mnist" in err and "Traceback" not in err
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from latentdiff.data import shapes
 from latentdiff.decoder.load import load_decoder
 from latentdiff.decoder.stage import main as decoder_main
 from latentdiff.prior.pipeline import TextToImage
-
 from tests.helpers import RESUME_LR  # noqa: E402
 
 DEC_ARGS = ["--batch-size", "4", "--set", "eval_images=8"]
@@ -26,8 +24,23 @@ DEC_ARGS = ["--batch-size", "4", "--set", "eval_images=8"]
 @pytest.fixture(scope="module")
 def decoder_run(root, data, ae_run) -> tuple[Path, dict]:
     out = root / "decoder"
-    summary = decoder_main(["--autoencoder", str(ae_run[0]), "--data", str(data), "--out", str(out),
-                            "--steps", "3", *DEC_ARGS, "--set", "train.warmup_steps=0", "--set", "train.lr=1e-2"])
+    summary = decoder_main(
+        [
+            "--autoencoder",
+            str(ae_run[0]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            *DEC_ARGS,
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.lr=1e-2",
+        ]
+    )
     return out, summary
 
 
@@ -66,14 +79,33 @@ def test_generate_records_the_decoder_in_settings(prior_run, decoder_run, tmp_pa
     from latentdiff.scripts import cli
 
     out = tmp_path / "gen"
-    assert cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--decoder", str(decoder_run[0]),
-                     "--n", "1", "--steps", "3", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--run",
+                str(prior_run[0]),
+                "--decoder",
+                str(decoder_run[0]),
+                "--n",
+                "1",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "settings.json").read_text())["decoder"] == str(Path(decoder_run[0]).resolve())
 
 
 def test_decoder_of_another_autoencoder_is_refused(root, data, other_ae_run, prior_run):
     out = root / "decoder_other"
-    decoder_main(["--autoencoder", str(other_ae_run), "--data", str(data), "--out", str(out), "--steps", "1", *DEC_ARGS])
+    decoder_main(
+        ["--autoencoder", str(other_ae_run), "--data", str(data), "--out", str(out), "--steps", "1", *DEC_ARGS]
+    )
     with pytest.raises(CheckpointError, match="encoder hash"):
         TextToImage.from_run(prior_run[0], decoder=out)
 
@@ -93,8 +125,21 @@ def test_upscaling_decoder_outputs_twice_the_resolution(root, ae_run):
     hires = root / "shapes64"
     shapes.build(hires, 16, val_n=4, test_n=2, seed=3, resolution=64, maxcount=16)
     out = root / "decoder_x2"
-    summary = decoder_main(["--autoencoder", str(ae_run[0]), "--data", str(hires), "--out", str(out),
-                            "--upscale", "2", "--steps", "2", *DEC_ARGS])
+    summary = decoder_main(
+        [
+            "--autoencoder",
+            str(ae_run[0]),
+            "--data",
+            str(hires),
+            "--out",
+            str(out),
+            "--upscale",
+            "2",
+            "--steps",
+            "2",
+            *DEC_ARGS,
+        ]
+    )
     assert "val_psnr_bicubic_original_decoder" in summary
     decoder, meta = load_decoder(out)
     assert meta["upscale"] == 2

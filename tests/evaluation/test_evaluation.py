@@ -19,19 +19,50 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.image_metrics import ssim
 from latentdiff.data import shapes
 from latentdiff.evaluation import classifier_stage, fid_command
-from latentdiff.evaluation.classifier import (Classifier, ClassifierModelConfig, heads_from_info, load_classifier,
-                                              targets_from_meta)
-from latentdiff.evaluation.features import (CLASSIFIER_EXTRACTOR, INCEPTION_FILE, ClassifierFeatures, FeatureSpace,
-                                            load_feature_space)
+from latentdiff.evaluation.classifier import (
+    Classifier,
+    ClassifierModelConfig,
+    heads_from_info,
+    load_classifier,
+    targets_from_meta,
+)
 from latentdiff.evaluation.evaluate import markdown_table
-from latentdiff.evaluation.fid import (FewImagesWarning, StatisticsCache, describe, extract_features, format_kid,
-                                       frechet_distance, real_reference, split_real, statistics)
+from latentdiff.evaluation.features import (
+    CLASSIFIER_EXTRACTOR,
+    INCEPTION_FILE,
+    ClassifierFeatures,
+    FeatureSpace,
+    load_feature_space,
+)
+from latentdiff.evaluation.fid import (
+    FewImagesWarning,
+    StatisticsCache,
+    describe,
+    extract_features,
+    format_kid,
+    frechet_distance,
+    real_reference,
+    split_real,
+    statistics,
+)
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
 
-TINY = ["--set", "model.channels=[8, 16]", "--set", "model.convs_per_level=[1, 1]", "--set", "model.feature_dim=16",
-        "--set", "eval_images=40", "--set", "train.log_every=1", "--set", "train.warmup_steps=0"]
+TINY = [
+    "--set",
+    "model.channels=[8, 16]",
+    "--set",
+    "model.convs_per_level=[1, 1]",
+    "--set",
+    "model.feature_dim=16",
+    "--set",
+    "eval_images=40",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.warmup_steps=0",
+]
 
 
 def _reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -45,10 +76,17 @@ def _reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def _tiny_space(seed: int = 0, resolution: int = 16) -> FeatureSpace:
     torch.manual_seed(seed)
-    model = Classifier(ClassifierModelConfig(channels=(8, 16), convs_per_level=(1, 1), feature_dim=12),
-                       {"class": list("abc")}, resolution).eval()
-    return FeatureSpace(ClassifierFeatures(CLASSIFIER_EXTRACTOR, ["features"], classifier=model), "features",
-                        f"tiny{seed}", ckpt.tensors_hash(model.state_dict()))
+    model = Classifier(
+        ClassifierModelConfig(channels=(8, 16), convs_per_level=(1, 1), feature_dim=12),
+        {"class": list("abc")},
+        resolution,
+    ).eval()
+    return FeatureSpace(
+        ClassifierFeatures(CLASSIFIER_EXTRACTOR, ["features"], classifier=model),
+        "features",
+        f"tiny{seed}",
+        ckpt.tensors_hash(model.state_dict()),
+    )
 
 
 def _images(n: int, seed: int, size: int = 16, bright: int = 0) -> torch.Tensor:
@@ -66,8 +104,21 @@ def shapes_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def classifier_run(shapes_data: Path, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("runs") / "clf"
-    summary = classifier_stage.main(["--data", str(shapes_data), "--out", str(run), "--steps", "4",
-                                     "--batch-size", "16", "--set", "resolution=16", *TINY])
+    summary = classifier_stage.main(
+        [
+            "--data",
+            str(shapes_data),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--set",
+            "resolution=16",
+            *TINY,
+        ]
+    )
     return run, summary
 
 
@@ -95,8 +146,16 @@ def test_registered_extractor_computes_fid_through_torch_fidelity(classifier_run
     run, _ = classifier_run
     a, b = _images(40, 2), _images(40, 3, bright=100)
     metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(a), input2=UInt8Images(b), fid=True, feature_extractor=CLASSIFIER_EXTRACTOR,
-        feature_extractor_weights_path=str(run), cuda=False, cache=False, verbose=False, save_cpu_ram=True)
+        input1=UInt8Images(a),
+        input2=UInt8Images(b),
+        fid=True,
+        feature_extractor=CLASSIFIER_EXTRACTOR,
+        feature_extractor_weights_path=str(run),
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
     theirs = metrics["frechet_inception_distance"]
     space = load_feature_space(f"classifier:{run}")
     ours = frechet_distance(statistics(extract_features(space, a)), statistics(extract_features(space, b)))
@@ -113,8 +172,9 @@ def test_floor_is_measured_on_a_disjoint_holdout(tmp_path: Path):
     held = ref.holdout.tolist()
     assert len(held) == 30 and held != list(range(30))  # a seeded permutation, not file order
     kept = sorted(set(range(100)) - set(held))
-    expected = frechet_distance(statistics(extract_features(space, real[held])),
-                                statistics(extract_features(space, real[kept])))
+    expected = frechet_distance(
+        statistics(extract_features(space, real[held])), statistics(extract_features(space, real[kept]))
+    )
     assert ref.floor_fid == pytest.approx(expected, rel=1e-9)
     assert torch.equal(real_reference(real, 30, space, StatisticsCache(None)).holdout, ref.holdout)  # seeded
     assert real_reference(real, 80, space, StatisticsCache(None)).floor_n == 50  # at most half the real set
@@ -134,8 +194,16 @@ def test_fid_from_fewer_images_than_feature_dimensions_warns():
 
 def test_kid_is_printed_with_its_scale():
     assert format_kid(0.0030149, 0.00012) == "KID x1e3 3.01 +- 0.12"
-    result = {"fid": 26.73, "fid_floor": 0.39, "n_floor": 2000, "n_reference": 8000, "features": "classifier:r",
-              "n_fake": 2000, "kid": 0.0030149, "kid_std": 0.00012}
+    result = {
+        "fid": 26.73,
+        "fid_floor": 0.39,
+        "n_floor": 2000,
+        "n_reference": 8000,
+        "features": "classifier:r",
+        "n_fake": 2000,
+        "kid": 0.0030149,
+        "kid_std": 0.00012,
+    }
     assert describe(result).endswith("; KID x1e3 3.01 +- 0.12")
     table = markdown_table({"results": [{"guidance": 1.0, **result}], "sampler": "ddim", "steps": 2, "data": "d"})
     assert "| guidance | FID | KID x1e3 |" in table and "| 1 | 26.73 | 3.01 |" in table
@@ -212,8 +280,9 @@ def test_images_are_converted_or_refused_clearly(tmp_path: Path):
     # An extractor given another size resizes to its own; the result equals resizing first.
     space = _tiny_space(resolution=16)
     big = _images(4, 6, size=32)
-    small = torch.nn.functional.interpolate(big.float().div(127.5).sub(1), size=(16, 16), mode="bilinear",
-                                            antialias=True).clamp(-1, 1)
+    small = torch.nn.functional.interpolate(
+        big.float().div(127.5).sub(1), size=(16, 16), mode="bilinear", antialias=True
+    ).clamp(-1, 1)
     with torch.no_grad():
         direct = space.extractor.classifier.features(small)
     torch.testing.assert_close(extract_features(space, big).float(), direct, rtol=1e-4, atol=1e-5)
@@ -252,8 +321,17 @@ def test_classifier_trains_saves_and_reloads(classifier_run, shapes_data: Path):
 
 def test_classifier_resume_continues_exactly(shapes_data: Path, tmp_path: Path):
     # Constant lr: a cosine schedule depends on train.steps, which differs between the two runs.
-    args = ["--data", str(shapes_data), "--batch-size", "8", "--set", "resolution=16", *TINY,
-            "--set", 'train.lr_decay="constant"']
+    args = [
+        "--data",
+        str(shapes_data),
+        "--batch-size",
+        "8",
+        "--set",
+        "resolution=16",
+        *TINY,
+        "--set",
+        'train.lr_decay="constant"',
+    ]
     classifier_stage.main([*args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     classifier_stage.main([*args, "--out", str(tmp_path / "split"), "--steps", "2"])
     classifier_stage.main(["--resume", str(tmp_path / "split"), "--steps", "4"])
@@ -269,11 +347,19 @@ def test_targets_and_prompts():
     with pytest.raises(ValueError, match="nothing to classify"):
         heads_from_info({})
     attrs = heads_from_info({"classes": ["circle"], "attributes": shapes.vocabularies()})
-    meta = {"shapes": [{"shape": "square", "color": "blue", "size": "large", "position": "left"},
-                       {"shape": "circle", "color": "red", "size": "small", "position": "right"}]}
+    meta = {
+        "shapes": [
+            {"shape": "square", "color": "blue", "size": "large", "position": "left"},
+            {"shape": "circle", "color": "red", "size": "small", "position": "right"},
+        ]
+    }
     t = targets_from_meta(attrs, [meta])  # the first shape's attributes
     assert [t[k].item() for k in ("shape", "color", "size", "position")] == [
-        shapes.SHAPES.index("square"), list(shapes.COLORS).index("blue"), 1, 0]
+        shapes.SHAPES.index("square"),
+        list(shapes.COLORS).index("blue"),
+        1,
+        0,
+    ]
     p = evaluation_prompts({"class": ["t-shirt", "bag"]}, {"classes": ["t-shirt", "bag"]}, None, 5)
     assert p.mode == "classes" and p.prompts == ["a photo of a t-shirt"] * 2 + ["a photo of a bag"] * 2
     assert p.targets["class"].tolist() == [0, 0, 1, 1]
@@ -281,8 +367,9 @@ def test_targets_and_prompts():
 
 def test_prompt_accuracy_counts_hits():
     torch.manual_seed(0)
-    model = Classifier(ClassifierModelConfig(channels=(8,), convs_per_level=(1,), feature_dim=8),
-                       {"class": list("abcd")}, 8).eval()
+    model = Classifier(
+        ClassifierModelConfig(channels=(8,), convs_per_level=(1,), feature_dim=8), {"class": list("abcd")}, 8
+    ).eval()
     images = _images(64, 7, size=8)
     predicted = model.predict(images.float().div(127.5).sub(1))["class"]
     assert prompt_accuracy(model, images, predicted) == 1.0
@@ -301,8 +388,16 @@ def test_fid_command_on_shards_and_folder_with_cache(classifier_run, shapes_data
     fake.mkdir()
     for i, image in enumerate(load_image_set(shapes_data, split="val", limit=20).images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(fake / f"{i:03d}.png")
-    args = ["--real", str(shapes_data), "--fake", str(fake), "--features", f"classifier:{run}",
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--real",
+        str(shapes_data),
+        "--fake",
+        str(fake),
+        "--features",
+        f"classifier:{run}",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     first = fid_command.main(args)
     assert first["n_fake"] == 20 and first["n_floor"] == 20 and first["n_reference"] == 40
     assert first["fid"] > 0 and first["features"] == f"classifier:{run}"
@@ -321,9 +416,19 @@ def test_ssim():
 
 
 def test_tradeoff_plot(tmp_path: Path):
-    rows = [{"guidance": w, "fid": f, "fid_floor": 8.0, "n_floor": 1000, "n_fake": 1000, "n_reference": 9000,
-             "features": "classifier:x",
-             "prompt_accuracy": a} for w, f, a in ((1, 93, 0.61), (3, 48, 0.9), (5, 67, 0.95))]
+    rows = [
+        {
+            "guidance": w,
+            "fid": f,
+            "fid_floor": 8.0,
+            "n_floor": 1000,
+            "n_fake": 1000,
+            "n_reference": 9000,
+            "features": "classifier:x",
+            "prompt_accuracy": a,
+        }
+        for w, f, a in ((1, 93, 0.61), (3, 48, 0.9), (5, 67, 0.95))
+    ]
     path = tradeoff_plot(rows, tmp_path / "plot.png", "demo")
     with Image.open(path) as image:
         assert image.size[0] > 300 and image.size[1] > 200
@@ -382,19 +487,39 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
 
     class StandIn:
         def settings(self, prompts, **kw):
-            return SimpleNamespace(steps=kw["steps"] or 7, sampler=kw["sampler"] or "ddim",
-                                   precision="fp32", sampler_options={}, guidance_rescale=0.0)
+            return SimpleNamespace(
+                steps=kw["steps"] or 7,
+                sampler=kw["sampler"] or "ddim",
+                precision="fp32",
+                sampler_options={},
+                guidance_rescale=0.0,
+            )
 
         def __call__(self, prompts, *, guidance, **kw):
-            assert list(prompts) == test.captions[:len(prompts)]  # captions mode: the first n, in order
-            x = test.images[:len(prompts)].float().div(127.5).sub(1)
+            assert list(prompts) == test.captions[: len(prompts)]  # captions mode: the first n, in order
+            x = test.images[: len(prompts)].float().div(127.5).sub(1)
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
             return (x + 0.5 * (guidance > 1) * noise).clamp(-1, 1)
 
     monkeypatch.setattr(pipeline.TextToImage, "from_run", staticmethod(lambda *a, **k: StandIn()))
-    report = evaluate.main(["--run", str(tmp_path / "prior"), "--data", str(shapes_data), "--n", "20",
-                            "--features", f"classifier:{run}", "--guidance", "1,5", "--out", str(tmp_path / "eval"),
-                            "--cache-dir", str(tmp_path / "cache")])
+    report = evaluate.main(
+        [
+            "--run",
+            str(tmp_path / "prior"),
+            "--data",
+            str(shapes_data),
+            "--n",
+            "20",
+            "--features",
+            f"classifier:{run}",
+            "--guidance",
+            "1,5",
+            "--out",
+            str(tmp_path / "eval"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert report["prompts"] == "captions" and report["n_generated"] == 20
     w1, w5 = report["results"]
     classifier = load_classifier(run)
@@ -416,9 +541,25 @@ def test_evaluate_autoencoder_matches_the_stage_psnr(ae_run, data: Path, classif
     from latentdiff.evaluation import reconstruction
 
     run, summary = ae_run
-    report = reconstruction.main(["--run", str(run), "--data", str(data), "--split", "val", "--n", "8",
-                                  "--lpips", "off", "--features", f"classifier:{classifier_run[0]}",
-                                  "--out", str(tmp_path / "eval"), "--no-cache"])
+    report = reconstruction.main(
+        [
+            "--run",
+            str(run),
+            "--data",
+            str(data),
+            "--split",
+            "val",
+            "--n",
+            "8",
+            "--lpips",
+            "off",
+            "--features",
+            f"classifier:{classifier_run[0]}",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-cache",
+        ]
+    )
     # The same val images, the same posterior-mode reconstructions as the stage's own evaluation.
     assert report["images"] == summary["val_images"] == 8
     assert report["psnr"] == pytest.approx(summary["val_psnr"], rel=1e-5)

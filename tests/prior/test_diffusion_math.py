@@ -75,8 +75,18 @@ N = 20_000
 # first-order samplers 0.02-0.08, second-order < 0.016; sampling noise ~1e-3; broken samplers >= 0.4.
 KL_TOL = {1: 0.12, 2: 0.03}
 ORDER = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp-2m": 2, "heun": 2, "euler-a": 1, "dpmpp-2m-sde": 1, "unipc": 2}
-SAMPLER_CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 1.0}), ("dpmpp-2m", {}), ("euler", {}), ("heun", {}),
-                 ("euler-a", {}), ("dpmpp-2m-sde", {}), ("unipc", {}), ("heun", {"s_churn": 10.0})]
+SAMPLER_CASES = [
+    ("ddpm", {}),
+    ("ddim", {}),
+    ("ddim", {"eta": 1.0}),
+    ("dpmpp-2m", {}),
+    ("euler", {}),
+    ("heun", {}),
+    ("euler-a", {}),
+    ("dpmpp-2m-sde", {}),
+    ("unipc", {}),
+    ("heun", {"s_churn": 10.0}),
+]
 
 
 def _z_T(n: int = N, dtype=F64, seed: int = 2):
@@ -85,8 +95,15 @@ def _z_T(n: int = N, dtype=F64, seed: int = 2):
 
 def _run(name, schedule, prediction, steps=50, dtype=F64, data=DATA, sampler_schedule=None, **kw):
     den = make_denoiser(data.model_fn(schedule, prediction), schedule, prediction)
-    return sample(name, den, _z_T(dtype=dtype), sampler_schedule or schedule, steps,
-                  generator=torch.Generator().manual_seed(3), **kw)
+    return sample(
+        name,
+        den,
+        _z_T(dtype=dtype),
+        sampler_schedule or schedule,
+        steps,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
 
 
 # ---- samplers recover Gaussian data ----------------------------------------------------------
@@ -97,9 +114,11 @@ MC_CASES += [(("scaled_linear", True), "v", *c) for c in SAMPLER_CASES]  # zero 
 MC_CASES += [(("cosine", True), "x0", *c) for c in SAMPLER_CASES if c[0] in ("ddpm", "dpmpp-2m", "unipc")]
 
 
-@pytest.mark.parametrize("sched, prediction, name, kw", MC_CASES,
-                         ids=[f"{s[0]}{'-ztsnr' if s[1] else ''}-{p}-{n}{''.join(map(str, kw.values()))}"
-                              for s, p, n, kw in MC_CASES])
+@pytest.mark.parametrize(
+    "sched, prediction, name, kw",
+    MC_CASES,
+    ids=[f"{s[0]}{'-ztsnr' if s[1] else ''}-{p}-{n}{''.join(map(str, kw.values()))}" for s, p, n, kw in MC_CASES],
+)
 def test_sampler_recovers_gaussian_mean_and_covariance(sched, prediction, name, kw):
     schedule = NoiseSchedule.make(sched[0], zero_terminal_snr=sched[1])
     z = _run(name, schedule, prediction, **kw)
@@ -177,8 +196,10 @@ def test_karras_samplers_start_at_sigma_80_at_most(kind):
 def test_ddpm_equals_ddim_with_eta_1():
     schedule = NoiseSchedule.make("linear")
     den = make_denoiser(DATA.model_fn(schedule, "eps"), schedule, "eps")
-    runs = [sample(name, den, _z_T(64), schedule, 20, generator=torch.Generator().manual_seed(5), **kw)
-            for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0}))]
+    runs = [
+        sample(name, den, _z_T(64), schedule, 20, generator=torch.Generator().manual_seed(5), **kw)
+        for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0}))
+    ]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-10)
 
 
@@ -189,8 +210,15 @@ def test_seed_determinism_callback_and_evaluation_count(name):
     den = make_denoiser(DATA.model_fn(schedule, "eps", calls), schedule, "eps")
 
     def run(seed):
-        return sample(name, den, _z_T(32), schedule, 7, generator=torch.Generator().manual_seed(seed),
-                      callback=lambda i, total, z, x0: seen.append((i, total, z.shape, x0.shape)))
+        return sample(
+            name,
+            den,
+            _z_T(32),
+            schedule,
+            7,
+            generator=torch.Generator().manual_seed(seed),
+            callback=lambda i, total, z, x0: seen.append((i, total, z.shape, x0.shape)),
+        )
 
     a = run(0)
     assert len(calls) == number_of_evaluations(name, 7)
@@ -239,6 +267,7 @@ def test_clip_x0_bounds_x0_and_keeps_the_pair_consistent():
 
 
 # ---- schedule ----------------------------------------------------------------------------------
+
 
 def test_schedules_match_their_papers():
     lin, sd, cos = (NoiseSchedule.make(k) for k in ("linear", "scaled_linear", "cosine"))
@@ -344,6 +373,7 @@ def test_posterior_is_gaussian_conditioning():
 
 # ---- losses -------------------------------------------------------------------------------------
 
+
 def test_min_snr_weights():
     s = NoiseSchedule.make("linear", zero_terminal_snr=True)
     t = torch.tensor([0, 100, 300, 600, 999])
@@ -379,6 +409,7 @@ def test_loss_is_per_sample_and_min_snr_agrees_across_parameterisations():
 
 
 # ---- guidance -----------------------------------------------------------------------------------
+
 
 def _toy_model(calls):
     def model(z, t, c):  # linear in the conditioning

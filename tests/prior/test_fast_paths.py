@@ -48,8 +48,10 @@ def test_bf16_sampling_stays_close_to_fp32(pipe):
     pipe.precision = "bf16"
     try:
         fast = pipe(["a red circle", "a blue square"], **kw)
-        assert pipe.settings(["x"], n=1, steps=None, sampler=None, guidance=None, negative_prompt="",
-                             seed=0).precision == "bf16"
+        assert (
+            pipe.settings(["x"], n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0).precision
+            == "bf16"
+        )
     finally:
         pipe.precision = "auto"
     assert fast.dtype == torch.float32 and fast.shape == ref.shape

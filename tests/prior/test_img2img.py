@@ -49,8 +49,9 @@ def test_every_sampler_started_part_way_from_the_exact_marginal_recovers_the_dat
     lv = levels(name, SD, steps, t_start, spacing=spacing)
     a0 = lv.abars[0]
     g = torch.Generator().manual_seed(0)
-    z = noised(MU + STD * torch.randn(20_000, 1, generator=g, dtype=F64), torch.randn(20_000, 1, generator=g,
-                                                                                      dtype=F64), a0)
+    z = noised(
+        MU + STD * torch.randn(20_000, 1, generator=g, dtype=F64), torch.randn(20_000, 1, generator=g, dtype=F64), a0
+    )
     seen, den = [], gaussian_denoiser(SD)
 
     def recording(z_t, t):
@@ -87,7 +88,7 @@ def test_stochastic_samplers_draw_each_rows_noise_from_its_own_generator(name):
     for k in range(3):
         alone = [torch.Generator().manual_seed(10 + k)]
         row = sample(name, den, noise(z[:1], alone), SD, 8, generator=alone)
-        torch.testing.assert_close(together[k:k + 1], row, rtol=0, atol=1e-12)
+        torch.testing.assert_close(together[k : k + 1], row, rtol=0, atol=1e-12)
     assert not torch.equal(together[0], together[1])
     with pytest.raises(ValueError, match="2 generators for a batch of 3 rows"):
         noise(z, gens[:2])
@@ -132,8 +133,12 @@ def test_strength_zero_is_the_reconstruction_and_one_is_text_to_image(pipe, init
     assert torch.equal(one, pipe("a red circle", **kw))
     half = pipe("a red circle", init_image=init_png, strength=0.5, **kw)
     assert not torch.allclose(half, one, atol=1e-3) and not torch.allclose(half, zero, atol=1e-3)
-    assert pipe.settings("x", n=1, steps=3, sampler=None, guidance=None, negative_prompt="", seed=0,
-                         init_image=init_png).strength == 0.75  # img2img's default
+    assert (
+        pipe.settings(
+            "x", n=1, steps=3, sampler=None, guidance=None, negative_prompt="", seed=0, init_image=init_png
+        ).strength
+        == 0.75
+    )  # img2img's default
 
 
 def test_img2img_refuses_what_cannot_work(pipe, init_png, tmp_path):
@@ -153,8 +158,17 @@ def test_img2img_refuses_what_cannot_work(pipe, init_png, tmp_path):
 
 
 def test_inpainting_keeps_the_masked_out_region(pipe, init_png, mask_png):
-    settings = pipe.settings("a blue square", n=2, steps=4, sampler="dpmpp-2m", guidance=2.0, negative_prompt="",
-                             seed=3, init_image=init_png, mask=mask_png)
+    settings = pipe.settings(
+        "a blue square",
+        n=2,
+        steps=4,
+        sampler="dpmpp-2m",
+        guidance=2.0,
+        negative_prompt="",
+        seed=3,
+        init_image=init_png,
+        mask=mask_png,
+    )
     assert settings.strength == 1.0  # inpainting repaints from pure noise by default
     pixel_mask, latent_mask = load_mask(mask_png, 32, pipe.latent_space.downsampling)
     assert latent_mask.shape[-1] == 32 // pipe.latent_space.downsampling
@@ -195,9 +209,36 @@ def test_image_k_is_the_same_whatever_n_and_batch_size(pipe, sampler):
 
 def test_png_parameters_round_trip_through_from_png(prior_run, init_png, mask_png, tmp_path, capsys):
     out, again = tmp_path / "gen", tmp_path / "again"
-    assert cli.main(["generate", "a red circle", "a green triangle", "--run", str(prior_run[0]), "--n", "2",
-                     "--steps", "3", "--seed", "11", "--sampler", "euler-a", "--batch-size", "3",
-                     "--init-image", init_png, "--mask", mask_png, "--strength", "0.8", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "a green triangle",
+                "--run",
+                str(prior_run[0]),
+                "--n",
+                "2",
+                "--steps",
+                "3",
+                "--seed",
+                "11",
+                "--sampler",
+                "euler-a",
+                "--batch-size",
+                "3",
+                "--init-image",
+                init_png,
+                "--mask",
+                mask_png,
+                "--strength",
+                "0.8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     name = settings["files"][3]  # prompt 1, image 1: index 3, seed 14, the second batch
     with Image.open(out / name) as png:

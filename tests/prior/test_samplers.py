@@ -17,8 +17,18 @@ import torch
 from bench.sampler_accuracy import MU, STD, gaussian_denoiser, output_moments
 from latentdiff.prior.config import SamplingConfig
 from latentdiff.prior.guidance import cfg_model_fn, rescale_guidance
-from latentdiff.prior.samplers import (ALIASES, KNOWN_AS, OPTIONS, SAMPLERS, check_options, normalise,
-                                       number_of_evaluations, resolve, resolve_options, sample)
+from latentdiff.prior.samplers import (
+    ALIASES,
+    KNOWN_AS,
+    OPTIONS,
+    SAMPLERS,
+    check_options,
+    normalise,
+    number_of_evaluations,
+    resolve,
+    resolve_options,
+    sample,
+)
 from latentdiff.prior.schedule import NoiseSchedule
 from latentdiff.prior.spacing import SPACINGS, noise_levels
 from latentdiff.scripts import cli
@@ -54,12 +64,18 @@ def test_names_users_know_resolve_with_their_presets():
         canonical, expected = ALIASES.get(name, (name, {}))
         assert spec.name == canonical and preset == expected, known
     assert resolve("DPM++ 2M Karras")[1] == {"spacing": "karras"} and normalise("Euler a") == "euler-a"
-    assert resolve_options("dpm++ 2m karras", {"rho": 5.0}) == ("dpmpp-2m", {**SAMPLERS["dpmpp-2m"].options,
-                                                                             "spacing": "karras", "rho": 5.0})
+    assert resolve_options("dpm++ 2m karras", {"rho": 5.0}) == (
+        "dpmpp-2m",
+        {**SAMPLERS["dpmpp-2m"].options, "spacing": "karras", "rho": 5.0},
+    )
     schedule = NoiseSchedule.make("scaled_linear")
     den, z = gaussian_denoiser(schedule), torch.linspace(-2, 2, 5, dtype=F64)[:, None]
-    torch.testing.assert_close(sample("DPM++ 2M Karras", den, z, schedule, 10),
-                               sample("dpmpp-2m", den, z, schedule, 10, spacing="karras"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sample("DPM++ 2M Karras", den, z, schedule, 10),
+        sample("dpmpp-2m", den, z, schedule, 10, spacing="karras"),
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="known samplers: .*'DPM\\+\\+ 2M Karras'"):
         resolve("DPM++ 3M Karras")
 
@@ -69,11 +85,17 @@ def test_euler_is_ddim_and_euler_ancestral_is_ddim_with_eta(spacing):
     """Karras et al.'s Euler step in x = z / alpha is DDIM's eq. 12 in z; the ancestral split is DDIM with eta."""
     schedule = NoiseSchedule.make("linear")
     den, z = gaussian_denoiser(schedule), torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
-    torch.testing.assert_close(sample("euler", den, z, schedule, 12, spacing=spacing),
-                               sample("ddim", den, z, schedule, 12, spacing=spacing), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        sample("euler", den, z, schedule, 12, spacing=spacing),
+        sample("ddim", den, z, schedule, 12, spacing=spacing),
+        rtol=0,
+        atol=1e-10,
+    )
     for eta in (1.0, 0.5):
-        runs = [sample(name, den, z, schedule, 12, spacing=spacing, eta=eta, generator=torch.Generator().manual_seed(1))
-                for name in ("Euler a", "ddim")]
+        runs = [
+            sample(name, den, z, schedule, 12, spacing=spacing, eta=eta, generator=torch.Generator().manual_seed(1))
+            for name in ("Euler a", "ddim")
+        ]
         torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-10)
 
 
@@ -151,8 +173,9 @@ def _two_outputs(B=6):
     uncond_out = 0.3 * torch.randn(B, 4, 3, 3, generator=g, dtype=F64)
 
     def model(z, t, c):  # c selects the half: 1 conditional, 0 unconditional
-        return torch.where(c[:, None, None, None] > 0, cond_out.repeat(2, 1, 1, 1)[: len(c)],
-                           uncond_out.repeat(2, 1, 1, 1)[: len(c)])
+        return torch.where(
+            c[:, None, None, None] > 0, cond_out.repeat(2, 1, 1, 1)[: len(c)], uncond_out.repeat(2, 1, 1, 1)[: len(c)]
+        )
 
     return model, cond_out, uncond_out, torch.ones(B), torch.zeros(B)
 
@@ -178,20 +201,23 @@ def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional
 # ---- latentdiff generate's numeric options ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], r"steps must be an integer in 1\.\.1000"),
-    (["--steps", "5", "--sampler", "heun"], "heun needs at least 6 steps"),
-    (["--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
-    (["--guidance", "-2"], "guidance must be a finite number >= 0"),
-    (["--guidance-rescale", "2"], r"guidance_rescale must be a finite number in \[0, 1\]"),
-    (["--eta", "-1", "--sampler", "ddim"], r"eta must be a finite number in \[0, 1\], got -1"),
-    (["--eta", "0.5", "--sampler", "dpmpp-2m"], "takes no option 'eta'"),
-    (["--n", "0"], r"n \(images per prompt\) must be an integer >= 1, got 0"),
-    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
-    (["--seed", "-1"], "seed must be an integer in"),
-    (["--rho", "0", "--sampler", "DPM++ 2M Karras"], "rho must be a finite number > 0"),
-    (["--sampler", "plms"], "unknown sampler 'plms'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], r"steps must be an integer in 1\.\.1000"),
+        (["--steps", "5", "--sampler", "heun"], "heun needs at least 6 steps"),
+        (["--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
+        (["--guidance", "-2"], "guidance must be a finite number >= 0"),
+        (["--guidance-rescale", "2"], r"guidance_rescale must be a finite number in \[0, 1\]"),
+        (["--eta", "-1", "--sampler", "ddim"], r"eta must be a finite number in \[0, 1\], got -1"),
+        (["--eta", "0.5", "--sampler", "dpmpp-2m"], "takes no option 'eta'"),
+        (["--n", "0"], r"n \(images per prompt\) must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+        (["--seed", "-1"], "seed must be an integer in"),
+        (["--rho", "0", "--sampler", "DPM++ 2M Karras"], "rho must be a finite number > 0"),
+        (["--sampler", "plms"], "unknown sampler 'plms'"),
+    ],
+)
 def test_generate_refuses_bad_numbers_with_the_range(prior_run, tmp_path, capsys, flags, message):
     out = tmp_path / "gen"
     with pytest.raises(SystemExit) as exc:
@@ -204,24 +230,56 @@ def test_generate_refuses_bad_numbers_with_the_range(prior_run, tmp_path, capsys
 
 def test_generate_takes_names_users_know_and_records_every_option(prior_run, tmp_path):
     out = tmp_path / "gen"
-    assert cli.main(["generate", "a red circle", "--run", str(prior_run[0]), "--n", "1", "--steps", "3",
-                     "--sampler", "DPM++ 2M Karras", "--guidance-rescale", "0.7", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--run",
+                str(prior_run[0]),
+                "--n",
+                "1",
+                "--steps",
+                "3",
+                "--sampler",
+                "DPM++ 2M Karras",
+                "--guidance-rescale",
+                "0.7",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["sampler"] == "dpmpp-2m" and settings["sampler_options"]["spacing"] == "karras"
     assert settings["guidance_rescale"] == 0.7 and set(settings["sampler_options"]) == set(SAMPLERS["dpmpp-2m"].options)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], r"steps must be an integer in 1\.\.1000"),
-    (["--guidance", "1,nan"], "--guidance must be a finite number >= 0, got nan"),
-    (["--eta", "2", "--sampler", "euler-a"], r"eta must be a finite number in \[0, 1\], got 2"),
-    (["--guidance-rescale", "-1"], r"guidance_rescale must be a finite number in \[0, 1\]"),
-    (["--order", "5", "--sampler", "unipc"], "order must be one of 1, 2, 3"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], r"steps must be an integer in 1\.\.1000"),
+        (["--guidance", "1,nan"], "--guidance must be a finite number >= 0, got nan"),
+        (["--eta", "2", "--sampler", "euler-a"], r"eta must be a finite number in \[0, 1\], got 2"),
+        (["--guidance-rescale", "-1"], r"guidance_rescale must be a finite number in \[0, 1\]"),
+        (["--order", "5", "--sampler", "unipc"], "order must be one of 1, 2, 3"),
+    ],
+)
 def test_evaluate_refuses_bad_sampler_flags_before_loading_anything_else(prior_run, tmp_path, capsys, flags, message):
     # --classifier names no run: the sampler flags must be refused before it is read.
     with pytest.raises(SystemExit) as exc:
-        cli.main(["evaluate", "--run", str(prior_run[0]), "--data", str(tmp_path / "no-data"),
-                  "--classifier", str(tmp_path / "no-classifier"), *flags])
+        cli.main(
+            [
+                "evaluate",
+                "--run",
+                str(prior_run[0]),
+                "--data",
+                str(tmp_path / "no-data"),
+                "--classifier",
+                str(tmp_path / "no-classifier"),
+                *flags,
+            ]
+        )
     assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)

@@ -40,8 +40,18 @@ def test_prior_run_records_its_stages(prior_run, ae_run, text_run):
 
 @pytest.mark.parametrize("cache_latents", [False, True], ids=["encode", "cache"])
 def test_prior_resume_equals_straight_run(cache_latents, data, ae_run, text_run, tmp_path):
-    common = ["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), *PRIOR_ARGS,
-              *RESUME_LR, "--set", "train.ema_decay=0.9"] + (["--cache-latents"] if cache_latents else [])
+    common = [
+        "--data",
+        str(data),
+        "--autoencoder",
+        str(ae_run[0]),
+        "--text",
+        str(text_run[0]),
+        *PRIOR_ARGS,
+        *RESUME_LR,
+        "--set",
+        "train.ema_decay=0.9",
+    ] + (["--cache-latents"] if cache_latents else [])
     straight, split = tmp_path / "straight", tmp_path / "split"
     prior_main(["--out", str(straight), "--steps", "4", *common])
     prior_main(["--out", str(split), "--steps", "2", *common])
@@ -56,8 +66,22 @@ def test_prior_resume_equals_straight_run(cache_latents, data, ae_run, text_run,
 
 def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     run = tmp_path / "cached"
-    summary = prior_main(["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]),
-                          "--out", str(run), "--steps", "2", "--cache-latents", *PRIOR_ARGS])
+    summary = prior_main(
+        [
+            "--data",
+            str(data),
+            "--autoencoder",
+            str(ae_run[0]),
+            "--text",
+            str(text_run[0]),
+            "--out",
+            str(run),
+            "--steps",
+            "2",
+            "--cache-latents",
+            *PRIOR_ARGS,
+        ]
+    )
     assert summary["steps"] == 2
     cache_dir = run / "latent_cache"
     info = json.loads((cache_dir / "cache.json").read_text())
@@ -67,8 +91,9 @@ def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     # What the cache holds is the posterior of each training image, in shard order.
     latents = load_file(str(cache_dir / "latents.safetensors"))
     captions = json.loads((cache_dir / "captions.json").read_text())["captions"]
-    loader = make_loader(str(data), "train", 16, shuffle=False, repeat=False, drop_last=False, resolution=32,
-                         rank=0, world_size=1)
+    loader = make_loader(
+        str(data), "train", 16, shuffle=False, repeat=False, drop_last=False, resolution=32, rank=0, world_size=1
+    )
     batches = list(loader)
     with torch.no_grad():
         post = [ae.encode(b["image"]) for b in batches]
@@ -115,8 +140,9 @@ def test_guidance_scale_one_is_the_conditional_model(pipe):
     assert torch.equal(pipe("a red circle", n=2, steps=2, guidance=1.0, seed=0, negative_prompt="a blue cross"), plain)
     # ...while at w = 3 it does.
     guided = pipe("a red circle", n=2, steps=2, guidance=3.0, seed=0)
-    assert not torch.equal(pipe("a red circle", n=2, steps=2, guidance=3.0, seed=0, negative_prompt="a blue cross"),
-                           guided)
+    assert not torch.equal(
+        pipe("a red circle", n=2, steps=2, guidance=3.0, seed=0, negative_prompt="a blue cross"), guided
+    )
 
 
 def test_empty_and_very_long_prompts_generate(pipe):
@@ -132,8 +158,31 @@ def test_empty_and_very_long_prompts_generate(pipe):
 def test_generate_cli_writes_images_grid_and_settings(prior_run, ae_run, pipe, tmp_path):
     out = tmp_path / "gen"
     prompts = ["a red circle", "a green triangle"]
-    assert cli.main(["generate", *prompts, "--run", str(prior_run[0]), "--n", "2", "--steps", "3", "--seed", "7",
-                     "--guidance", "2.5", "--sampler", "euler", "--negative", "blurry", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                *prompts,
+                "--run",
+                str(prior_run[0]),
+                "--n",
+                "2",
+                "--steps",
+                "3",
+                "--seed",
+                "7",
+                "--guidance",
+                "2.5",
+                "--sampler",
+                "euler",
+                "--negative",
+                "blurry",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     fields = {f for f in GenerationSettings.__dataclass_fields__}
     assert fields | {"files", "seeds", "command"} == set(settings)

@@ -8,16 +8,18 @@ from tests.helpers import AE_ARGS, PRIOR_ARGS, cli_exit_2
 
 def test_unknown_config_key_names_the_key(capsys, monkeypatch, data, tmp_path):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
-    err = cli_exit_2(capsys, ["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "a"),
-                           "--set", "model.widht=3"])
+    err = cli_exit_2(
+        capsys, ["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "a"), "--set", "model.widht=3"]
+    )
     assert "widht" in err and "channels" in err  # the misspelt key and the keys it could have been
 
 
 def test_missing_data_directory(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     missing = tmp_path / "no_such_data"
-    err = cli_exit_2(capsys, ["train", "autoencoder", "--data", str(missing), "--out", str(tmp_path / "a"),
-                           "--steps", "1", *AE_ARGS])
+    err = cli_exit_2(
+        capsys, ["train", "autoencoder", "--data", str(missing), "--out", str(tmp_path / "a"), "--steps", "1", *AE_ARGS]
+    )
     assert str(missing) in err and "latentdiff data" in err
     assert not (tmp_path / "a" / ckpt.META).exists()  # no half-made run that looks finished
     err = cli_exit_2(capsys, ["train", "autoencoder", "--out", str(tmp_path / "b")])
@@ -44,11 +46,43 @@ def test_out_pointing_at_an_existing_run(capsys, monkeypatch, ae_run, data):
 def test_prior_with_the_wrong_kind_of_run(capsys, monkeypatch, data, ae_run, text_run, tmp_path):
     monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
     ae, text = str(ae_run[0]), str(text_run[0])
-    err = cli_exit_2(capsys, ["train", "prior", "--data", str(data), "--autoencoder", text, "--text", text,
-                           "--out", str(tmp_path / "p1"), "--steps", "1", *PRIOR_ARGS])
+    err = cli_exit_2(
+        capsys,
+        [
+            "train",
+            "prior",
+            "--data",
+            str(data),
+            "--autoencoder",
+            text,
+            "--text",
+            text,
+            "--out",
+            str(tmp_path / "p1"),
+            "--steps",
+            "1",
+            *PRIOR_ARGS,
+        ],
+    )
     assert text in err and "'text' run" in err and "train autoencoder" in err
-    err = cli_exit_2(capsys, ["train", "prior", "--data", str(data), "--autoencoder", ae, "--text", ae,
-                           "--out", str(tmp_path / "p2"), "--steps", "1", *PRIOR_ARGS])
+    err = cli_exit_2(
+        capsys,
+        [
+            "train",
+            "prior",
+            "--data",
+            str(data),
+            "--autoencoder",
+            ae,
+            "--text",
+            ae,
+            "--out",
+            str(tmp_path / "p2"),
+            "--steps",
+            "1",
+            *PRIOR_ARGS,
+        ],
+    )
     assert ae in err and "'autoencoder' run" in err and "train text" in err and "openclip:" in err
     err = cli_exit_2(capsys, ["train", "prior", "--data", str(data), "--text", text, "--out", str(tmp_path / "p3")])
     assert "--autoencoder" in err

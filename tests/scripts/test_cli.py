@@ -158,14 +158,23 @@ def test_train_help_is_true_for_every_stage(stage, capsys):
 def _config_class(module):
     import dataclasses
 
-    classes = [v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-               and {"train"} <= {f.name for f in dataclasses.fields(v)}]
+    classes = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and dataclasses.is_dataclass(v) and {"train"} <= {f.name for f in dataclasses.fields(v)}
+    ]
     assert len(classes) == 1, classes
     return classes[0]
 
 
-@pytest.mark.parametrize("name", [p.stem for p in (Path(__file__).resolve().parents[2] / "bench").glob("*.py")
-                                  if p.stem not in ("__init__", "__main__", "common")])
+@pytest.mark.parametrize(
+    "name",
+    [
+        p.stem
+        for p in (Path(__file__).resolve().parents[2] / "bench").glob("*.py")
+        if p.stem not in ("__init__", "__main__", "common")
+    ],
+)
 def test_bench_help_speaks_to_a_user(name, capsys):
     """--help of each benchmark: no reference to the project's issues or "see the Makefile"."""
     import importlib

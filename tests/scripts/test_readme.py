@@ -44,11 +44,29 @@ PRETRAINED = {"/models/sd-vae-ft-mse": "folder", "/models/v1-5-pruned-emaonly.sa
 
 # Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
 TINY_TRAIN = {
-    "autoencoder": ["--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
-                    "--set", "model.channels=[8, 16, 16]"],
+    "autoencoder": [
+        "--batch-size",
+        "4",
+        "--set",
+        "eval_images=8",
+        "--set",
+        "scale_batches=2",
+        "--set",
+        "model.channels=[8, 16, 16]",
+    ],
     "text": ["--batch-size", "8", "--set", "eval_images=8"],
-    "prior": ["--batch-size", "4", "--set", "model.channels=[16, 32]", "--set", "model.num_res_blocks=1",
-              "--set", "sampling.steps=2", "--set", "sampling.per_prompt=1"],
+    "prior": [
+        "--batch-size",
+        "4",
+        "--set",
+        "model.channels=[16, 32]",
+        "--set",
+        "model.num_res_blocks=1",
+        "--set",
+        "sampling.steps=2",
+        "--set",
+        "sampling.per_prompt=1",
+    ],
     "decoder": ["--batch-size", "4", "--set", "eval_images=8"],
     "classifier": ["--batch-size", "8", "--set", "eval_images=16", "--set", "model.channels=[8, 8, 8, 8]"],
 }
@@ -91,7 +109,8 @@ def _fashion_mnist_source(root: Path) -> Path:
     src.mkdir()
     for prefix, n in (("train", 60), ("t10k", 40)):
         (src / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))))
+            gzip.compress(_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)))
+        )
         (src / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx((np.arange(n) % 10).astype(np.uint8)))
     return src
 
@@ -175,7 +194,8 @@ def test_readme_commands_are_run_or_skipped_with_a_reason():
     assert not unused, f"SKIPPED entries that match no README command any more: {unused}"
     for command in commands:
         assert command.startswith(("latentdiff ", "python -m ")) or skip_reason(command), (
-            f"README command neither run by this test nor skipped with a reason: {command}")
+            f"README command neither run by this test nor skipped with a reason: {command}"
+        )
 
 
 def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
@@ -205,7 +225,8 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
             for folder in [_out(argv, work)] if _out(argv, work) else []:
                 for other, by in outputs.items():
                     assert not (_inside(folder, other) or _inside(other, folder)), (
-                        f"`{command}` writes into {folder}, the output of `{by}`")
+                        f"`{command}` writes into {folder}, the output of `{by}`"
+                    )
             try:
                 code = cli_main(argv)
             except SystemExit as e:
@@ -213,8 +234,9 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
             assert code in (0, None), f"`{command}` (run as {argv}) failed: {capsys.readouterr().err[-2000:]}"
         else:  # python -m ...: a subprocess from the repository, as a clone's shell would run it
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-            done = subprocess.run([sys.executable, *words[1:]], cwd=work, env=env, capture_output=True, text=True,
-                                  timeout=300)
+            done = subprocess.run(
+                [sys.executable, *words[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=300
+            )
             assert done.returncode == 0, f"`{command}` failed: {done.stderr[-2000:]}"
             owned = []
         after = _files(work)

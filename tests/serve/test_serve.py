@@ -36,20 +36,23 @@ def generator(pipe, tmp_path):
     g.close()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, "steps must be in 1.."),
-    ("steps", -3, "steps must be in 1.."),
-    ("steps", 2.5, "steps must be a whole number"),
-    ("steps", None, "steps must be a whole number"),
-    ("steps", 10**6, "steps must be in 1.."),
-    ("guidance", float("nan"), "guidance must be a finite number"),
-    ("guidance", float("inf"), "guidance must be a finite number"),
-    ("guidance", "lots", "guidance must be a number"),
-    ("seed", -1, "seed must be in 0.."),
-    ("n", 0, "number of images must be in 1..16"),
-    ("n", 17, "number of images must be in 1..16"),
-    ("sampler", "dpm-fast", "unknown sampler 'dpm-fast'; choose one of ddpm"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "steps must be in 1.."),
+        ("steps", -3, "steps must be in 1.."),
+        ("steps", 2.5, "steps must be a whole number"),
+        ("steps", None, "steps must be a whole number"),
+        ("steps", 10**6, "steps must be in 1.."),
+        ("guidance", float("nan"), "guidance must be a finite number"),
+        ("guidance", float("inf"), "guidance must be a finite number"),
+        ("guidance", "lots", "guidance must be a number"),
+        ("seed", -1, "seed must be in 0.."),
+        ("n", 0, "number of images must be in 1..16"),
+        ("n", 17, "number of images must be in 1..16"),
+        ("sampler", "dpm-fast", "unknown sampler 'dpm-fast'; choose one of ddpm"),
+    ],
+)
 def test_bad_form_values_are_one_line_messages(generator, field, value, message):
     with pytest.raises(UserError, match="^" + re.escape(message)) as e:
         generator.generate(**{**FORM, field: value})
@@ -59,8 +62,11 @@ def test_bad_form_values_are_one_line_messages(generator, field, value, message)
 
 def test_form_defaults_are_the_runs_and_every_sampler_is_offered(generator, pipe):
     defaults = generator.defaults()
-    assert (defaults.sampler, defaults.steps, defaults.guidance) == (pipe.cfg.sampling.sampler, pipe.cfg.sampling.steps,
-                                                                     pipe.cfg.sampling.guidance)
+    assert (defaults.sampler, defaults.steps, defaults.guidance) == (
+        pipe.cfg.sampling.sampler,
+        pipe.cfg.sampling.steps,
+        pipe.cfg.sampling.guidance,
+    )
     assert defaults.sampler in sampler_names() and {"ddpm", "ddim", "dpmpp-2m"} <= set(sampler_names())
     # An empty prompt is fine (unconditional), a None from the page too.
     assert generator.check(None, None, "ddim", 2, 1.0, 0, 1).prompts == ("",)
@@ -94,12 +100,28 @@ def test_img2img_from_the_page_is_the_pipelines_and_its_command_remakes_it(gener
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.fromarray(np.full((32, 32, 3), (200, 40, 40), np.uint8)).save(init)
     Image.fromarray(np.repeat(np.array([0, 255], np.uint8), 16)[None].repeat(32, 0)).save(mask)  # right half white
-    result = generator.generate("a green triangle", "", "ddim", 3, 2.0, 4, 2, init_image=str(init), mask=str(mask),
-                                strength="0.8")  # the slider's value may arrive as text
+    result = generator.generate(
+        "a green triangle", "", "ddim", 3, 2.0, 4, 2, init_image=str(init), mask=str(mask), strength="0.8"
+    )  # the slider's value may arrive as text
     assert (result.settings.strength, result.settings.mask) == (0.8, str(mask.resolve()))
     assert [p.name for p in result.files] == ["image_00_seed4.png", "image_01_seed5.png"]  # seed + k
-    expected = to_uint8(pipe("a green triangle", n=2, steps=3, sampler="ddim", guidance=2.0, seed=4,
-                             init_image=init, mask=mask, strength=0.8)).permute(0, 2, 3, 1).numpy()
+    expected = (
+        to_uint8(
+            pipe(
+                "a green triangle",
+                n=2,
+                steps=3,
+                sampler="ddim",
+                guidance=2.0,
+                seed=4,
+                init_image=init,
+                mask=mask,
+                strength=0.8,
+            )
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     for i, path in enumerate(result.files):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected[i])
     words = shlex.split(result.command)
@@ -162,8 +184,11 @@ def test_requests_run_one_at_a_time_and_can_be_cancelled(generator, pipe):
 
 def test_runs_tab_shows_the_prior_and_its_stages(prior_run, ae_run, text_run):
     stages = runs.trained_stages(prior_run[0])
-    assert [(s.name, s.path) for s in stages] == [("prior", prior_run[0]), ("autoencoder", ae_run[0]),
-                                                  ("text", text_run[0])]
+    assert [(s.name, s.path) for s in stages] == [
+        ("prior", prior_run[0]),
+        ("autoencoder", ae_run[0]),
+        ("text", text_run[0]),
+    ]
     ae = runs.view(stages[1])
     assert ae.curves is not None and ae.summary["steps"] == 3
     titles = {ax.get_title() for ax in ae.curves.axes}
@@ -177,8 +202,11 @@ def test_runs_tab_shows_the_prior_and_its_stages(prior_run, ae_run, text_run):
 def test_runs_tab_reads_a_run_that_is_still_training(tmp_path):
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
-    lines = [{"step": 10, "time": 1.0, "loss": 2.0, "lr": 1e-4}, {"step": 20, "time": 2.0, "loss": float("nan")},
-             {"step": 30, "time": 3.0, "loss": 1.5, "val_psnr": 20.5}]
+    lines = [
+        {"step": 10, "time": 1.0, "loss": 2.0, "lr": 1e-4},
+        {"step": 20, "time": 2.0, "loss": float("nan")},
+        {"step": 30, "time": 3.0, "loss": 1.5, "val_psnr": 20.5},
+    ]
     text = "\n".join(json.dumps(row) for row in lines) + '\n{"step": 40, "loss": 1.'  # the line being written
     (run / "metrics.jsonl").write_text(text)
     for step in (200, 100):

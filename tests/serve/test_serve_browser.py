@@ -38,7 +38,8 @@ def _browser_paths() -> tuple[str, str]:
     if not (chromium and driver):
         # .ci/run sets LATENTDIFF_REQUIRE_BROWSER: there the test must run, not skip.
         (pytest.fail if os.environ.get("LATENTDIFF_REQUIRE_BROWSER") else pytest.skip)(
-            f"headless Chromium is not installed: {INSTALL}")
+            f"headless Chromium is not installed: {INSTALL}"
+        )
     return chromium, driver
 
 
@@ -55,11 +56,18 @@ def browser(tmp_path):
     downloads.mkdir()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                 "--disable-gpu", "--no-first-run"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--disable-gpu",
+        "--no-first-run",
+    ):
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to list every request the page makes
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.downloads = downloads
@@ -85,8 +93,9 @@ def _screenshot(driver, path: Path) -> Path:
     height = driver.execute_script("return document.querySelector('.gradio-container').scrollHeight")
     driver.set_window_size(1400, min(height + 160, 2400))  # + the window's own chrome
     driver.execute_script("window.scrollTo(0, 0)")
-    WebDriverWait(driver, WAIT).until(lambda d: d.execute_script(
-        "return Array.from(document.images).every(i => i.complete)"))
+    WebDriverWait(driver, WAIT).until(
+        lambda d: d.execute_script("return Array.from(document.images).every(i => i.complete)")
+    )
     driver.save_screenshot(str(path))
     return path
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.text import tokens as tokens_module
 from latentdiff.text.encoder import TextEncoder, TextOutput
 from latentdiff.text.evaluate import retrieval_metrics, zero_shot_accuracy
 from latentdiff.text.model import build_clip, load_model_config, preprocess_images
@@ -27,9 +28,7 @@ from latentdiff.text.sources import (
     load_text_encoder,
     parse_spec,
 )
-from latentdiff.text import tokens as tokens_module
 from latentdiff.text.tokens import PromptTruncatedWarning, build_tokenizer, tokenize
-
 from tests.helpers import write_text_run
 
 EDGE_PROMPTS = [
@@ -145,7 +144,7 @@ def test_special_token_text_in_a_prompt_is_plain_text(encoder, special):
     assert tokens.count(tok.eot_token_id) == 1 and tokens.count(tok.sot_token_id) == 1  # no early end, no restart
     eot = tokens.index(tok.eot_token_id)
     # The rest of the prompt survives: the ids end with those of "circle on the left".
-    assert tokens[eot - 4:eot] == tok.encode("circle on the left")
+    assert tokens[eot - 4 : eot] == tok.encode("circle on the left")
     # The literal is read as the characters it is made of: "<", "end", "_", "of", "_", "text", ">".
     name = special.lower().replace("&lt;", "<").replace("&gt;", ">")
     assert tok.decode(tokens[1:eot]).replace(" ", "") == f"ared{name}circleontheleft"
@@ -330,7 +329,9 @@ def test_run_directory_round_trip(encoder, tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     assert loaded.model_config == encoder.model_config
     prompts = ["a photo of a dog", "Größe"]
-    assert all(torch.equal(a, b) for a, b in zip(encoder.model.state_dict().values(), loaded.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(encoder.model.state_dict().values(), loaded.model.state_dict().values())
+    )
     # compare in the same mode: frozen + eval takes nn.MultiheadAttention's fused fast path,
     # which rounds differently (~1e-6) from the training path
     try:
@@ -360,9 +361,11 @@ def test_run_directory_errors(tmp_path):
     (run / "meta.json").write_text(json.dumps({"stage": "autoencoder", "format_version": 1}))
     with pytest.raises(CheckpointError) as info:
         load_text_encoder(run)
-    assert str(info.value) == (f"{run} is a 'autoencoder' run, not a 'text' run; "
-                               "pass the output directory of `latentdiff train text` "
-                               "(or a pretrained open_clip model: openclip:MODEL:PRETRAINED)")
+    assert str(info.value) == (
+        f"{run} is a 'autoencoder' run, not a 'text' run; "
+        "pass the output directory of `latentdiff train text` "
+        "(or a pretrained open_clip model: openclip:MODEL:PRETRAINED)"
+    )
 
 
 def test_shipped_configs_are_valid_and_registered_with_open_clip():
@@ -420,7 +423,11 @@ def test_zero_shot_accuracy_on_known_embeddings():
 
 
 def test_zero_shot_accuracy_runs_on_the_real_encoder(encoder):
-    batch = {"image": torch.rand(3, 3, 32, 32) * 2 - 1, "caption": ["", "", ""], "meta": [{"label": i} for i in range(3)]}
+    batch = {
+        "image": torch.rand(3, 3, 32, 32) * 2 - 1,
+        "caption": ["", "", ""],
+        "meta": [{"label": i} for i in range(3)],
+    }
     acc = zero_shot_accuracy(encoder, [batch], ["circle", "square", "star"], lambda c: [f"a {c}", f"a photo of a {c}"])
     assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
 
