@@ -224,7 +224,8 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
-    summary = {"steps": run.done}
+    # Captions longer than the text context were warned about once; the count is a figure of the run.
+    summary = {"steps": run.done, "truncated_captions": encoder.truncated}
     if rt.is_main:
         final = ema.final(unet)
         grid = sample_grid(

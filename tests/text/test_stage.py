@@ -39,3 +39,34 @@ def test_text_run_loads_and_matches_the_trained_model(text_run, data):
     # The summary was measured on the in-memory EMA model; the loaded one gives the same figures.
     again = evaluate(encoder, str(data), TextStageConfig(eval_images=8))
     assert again == pytest.approx({k: summary[k] for k in again})
+
+
+def test_truncated_captions_are_a_figure_of_the_run(tmp_path):
+    from PIL import Image
+
+    from latentdiff.scripts.data import main as data_main
+    from latentdiff.text.stage import main as text_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        Image.new("RGB", (32, 32), (10 * i, 100, 200)).save(src / f"{i:02d}.png")
+        words = "very " * (60 if i % 2 else 1)  # every other caption is far past the 77-token context
+        (src / f"{i:02d}.txt").write_text(f"a {words}blue square number {i}")
+    assert data_main(["folder", str(src), "--out", str(tmp_path / "ds"), "--resolution", "32", "--quiet"]) == 0
+    with pytest.warns(Warning, match="Warned once"):
+        summary = text_main(
+            [
+                "--data",
+                str(tmp_path / "ds"),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--set",
+                "eval_images=8",
+            ]
+        )
+    assert summary["truncated_captions"] > 0
