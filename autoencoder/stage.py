@@ -24,7 +24,7 @@ from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info
-from latentdiff.decoder.losses import discriminator_step
+from latentdiff.decoder.losses import discriminator_step, reconstruction_metrics, save_reconstructions
 from latentdiff.decoder.perceptual import lpips_distance
 
 from .load import encoder_hash
@@ -158,23 +158,10 @@ def train(args: argparse.Namespace) -> dict:
         run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
-            run.log(
-                step,
-                {
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "psnr": psnr(x_hat.detach(), x).mean().item(),
-                    **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()},
-                },
-            )
+            run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
         if run.every(tcfg.sample_every, step):
-            run.sample(
-                step,
-                lambda: save_grid(
-                    torch.cat([x[:16], x_hat[:16].detach()]), run.path / "samples" / f"recon_{step + 1:07d}.png", 16
-                ),
-                tag="reconstructions",
-            )
+            grid = run.path / "samples" / f"recon_{step + 1:07d}.png"
+            run.sample(step, lambda: save_reconstructions(x, x_hat, grid), tag="reconstructions")
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from latentdiff.core.blocks import group_norm
 from latentdiff.core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from latentdiff.core.image_metrics import psnr
+from latentdiff.core.logger import save_grid
 
 from .perceptual import load_lpips, lpips_distance
 
@@ -164,3 +166,23 @@ def discriminator_step(
     if run.finite(step, d_loss, d_norm, part="discriminator"):
         opt_d.step()
     return d_loss.detach()
+
+
+# ---- what both loops that train a decoder (autoencoder and decoder stages) log and show --------
+
+
+def reconstruction_metrics(
+    terms: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, lr: float, grad_norm: torch.Tensor
+) -> dict[str, float]:
+    """The scalars a reconstruction step logs: lr, gradient norm, batch PSNR (dB) and each loss term's mean."""
+    return {
+        "lr": lr,
+        "grad_norm": grad_norm.item(),
+        "psnr": psnr(x_hat.detach(), x).mean().item(),
+        **{f"loss_{k}" if k != "loss" else k: v.detach().mean().item() for k, v in terms.items()},
+    }
+
+
+def save_reconstructions(x: torch.Tensor, x_hat: torch.Tensor, path):
+    """A grid of up to 16 inputs (first row) above their reconstructions (second row); returns its path."""
+    return save_grid(torch.cat([x[:16], x_hat[:16].detach()]), path, 16)

@@ -27,6 +27,17 @@ AE_ARGS = [
     "--set",
     "model.channels=[8, 16, 16]",
 ]
+# A tiny PatchGAN, on from the first step (its optimizer, adaptive weight and collectives run at once).
+GAN_ARGS = [
+    "--set",
+    "loss.disc_weight=0.5",
+    "--set",
+    "loss.disc_start=0",
+    "--set",
+    "loss.disc_channels=8",
+    "--set",
+    "loss.disc_layers=2",
+]
 PRIOR_ARGS = [
     "--batch-size",
     "4",

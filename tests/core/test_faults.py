@@ -27,7 +27,7 @@ from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import Run, TrainConfig, lr_factor
 from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.evaluation.classifier_stage import main as classifier_main
-from tests.helpers import AE_ARGS, RESUME_LR  # noqa: E402
+from tests.helpers import AE_ARGS, GAN_ARGS, RESUME_LR  # noqa: E402
 
 SMALL = [*AE_ARGS, "--set", "eval_images=4", "--set", "scale_batches=1"]
 
@@ -172,14 +172,16 @@ def test_ctrl_c_in_the_loop_saves_and_exits_130(data, tmp_path, monkeypatch, cap
 
 
 def test_a_failing_sample_grid_does_not_end_the_run(data, tmp_path, monkeypatch):
-    save_grid = ae_stage.save_grid
+    from latentdiff.decoder import losses as recon  # where the loops' periodic grids are saved
+
+    save_grid = recon.save_grid
 
     def broken(images, path, nrow=None):
         if "recon_" in str(path):
             raise OSError("disk full")
         return save_grid(images, path, nrow)
 
-    monkeypatch.setattr(ae_stage, "save_grid", broken)
+    monkeypatch.setattr(recon, "save_grid", broken)
     summary = _ae(
         ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "3", *SMALL, "--set", "train.sample_every=1"]
     )
@@ -229,16 +231,7 @@ def test_resume_with_another_model_shape_is_refused_and_writes_nothing(short_run
 
 def test_optimizer_hyper_parameters_follow_the_config_on_resume(data, tmp_path):
     run = tmp_path / "run"
-    gan = [
-        "--set",
-        "loss.disc_weight=0.5",
-        "--set",
-        "loss.disc_start=0",
-        "--set",
-        "loss.disc_channels=8",
-        "--set",
-        "loss.disc_layers=2",
-    ]
+    gan = list(GAN_ARGS)
     _ae(["--data", str(data), "--out", str(run), "--steps", "2", *SMALL, *gan])
     _ae(
         [
@@ -270,16 +263,7 @@ def test_switching_ema_on_at_resume_starts_it_from_the_current_weights(short_run
 
 
 def test_switching_the_discriminator_on_at_resume_starts_it_fresh(short_run, capsys):
-    gan = [
-        "--set",
-        "loss.disc_weight=0.5",
-        "--set",
-        "loss.disc_start=0",
-        "--set",
-        "loss.disc_channels=8",
-        "--set",
-        "loss.disc_layers=2",
-    ]
+    gan = list(GAN_ARGS)
     assert _ae(["--resume", str(short_run), "--steps", "4", *gan])["steps"] == 4
     assert "discriminator starts from its initial weights" in capsys.readouterr().out
     assert ckpt.committed_file(short_run, "discriminator.safetensors").is_file()

@@ -14,7 +14,7 @@ import torch
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.prior.pipeline import TextToImage
-from tests.helpers import AE_ARGS, PRIOR_ARGS, SUBPROCESS_TIMEOUT, cli_exit_2
+from tests.helpers import AE_ARGS, GAN_ARGS, PRIOR_ARGS, SUBPROCESS_TIMEOUT, cli_exit_2
 
 
 def _torchrun(module: str, args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
@@ -29,18 +29,7 @@ def _torchrun(module: str, args: list[str], expect: int = 0) -> subprocess.Compl
 def test_torchrun_two_process_autoencoder(data, tmp_path, capsys, monkeypatch):
     run = tmp_path / "ddp_ae"
     # With the PatchGAN on from the first step and a time budget: its collectives run on every rank.
-    gan = [
-        "--set",
-        "loss.disc_weight=0.5",
-        "--set",
-        "loss.disc_start=0",
-        "--set",
-        "loss.disc_channels=8",
-        "--set",
-        "loss.disc_layers=2",
-        "--max-minutes",
-        "30",
-    ]
+    gan = [*GAN_ARGS, "--max-minutes", "30"]
     _torchrun(
         "latentdiff.autoencoder.stage",
         ["--data", str(data), "--out", str(run), "--steps", "3", *AE_ARGS, "--set", "eval_images=4", *gan],

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from latentdiff.scripts.cli import main as cli_main
+from tests.helpers import AE_ARGS, PRIOR_ARGS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,29 +45,9 @@ PRETRAINED = {"/models/sd-vae-ft-mse": "folder", "/models/v1-5-pruned-emaonly.sa
 
 # Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
 TINY_TRAIN = {
-    "autoencoder": [
-        "--batch-size",
-        "4",
-        "--set",
-        "eval_images=8",
-        "--set",
-        "scale_batches=2",
-        "--set",
-        "model.channels=[8, 16, 16]",
-    ],
+    "autoencoder": AE_ARGS,
     "text": ["--batch-size", "8", "--set", "eval_images=8"],
-    "prior": [
-        "--batch-size",
-        "4",
-        "--set",
-        "model.channels=[16, 32]",
-        "--set",
-        "model.num_res_blocks=1",
-        "--set",
-        "sampling.steps=2",
-        "--set",
-        "sampling.per_prompt=1",
-    ],
+    "prior": PRIOR_ARGS,
     "decoder": ["--batch-size", "4", "--set", "eval_images=8"],
     "classifier": ["--batch-size", "8", "--set", "eval_images=16", "--set", "model.channels=[8, 8, 8, 8]"],
 }
