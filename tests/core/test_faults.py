@@ -137,19 +137,19 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
     common = ["--data", str(data), *SMALL, *RESUME_LR]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _ae(["--out", str(straight), "--steps", "5", *common])
-    count = Run.count_images
+    count = Run.advance
 
     def count_and_signal(self, n, skipped=0):  # a preemption arriving in the middle of step 2 (0-based 1)
         count(self, n, skipped)
         if self.done == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(Run, "count_images", count_and_signal)
+    monkeypatch.setattr(Run, "advance", count_and_signal)
     assert _exit_code(["--out", str(stopped), "--steps", "5", *common]) == 128 + signal.SIGTERM
     assert f"stopped at step 2; resume with --resume {stopped}" in capsys.readouterr().err
     assert ckpt.read_meta(stopped)["step"] == 2
     assert ckpt.load_state(ckpt.committed_file(stopped, ckpt.STATE))["step"] == 2
-    monkeypatch.setattr(Run, "count_images", count)
+    monkeypatch.setattr(Run, "advance", count)
     assert _ae(["--resume", str(stopped), "--steps", "5"])["steps"] == 5
     a, b = (load_file(str(ckpt.committed_file(r, ckpt.MODEL))) for r in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -157,14 +157,14 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
 
 
 def test_ctrl_c_in_the_loop_saves_and_exits_130(data, tmp_path, monkeypatch, capsys):
-    count = Run.count_images
+    count = Run.advance
 
     def count_and_interrupt(self, n, skipped=0):
         count(self, n, skipped)
         if self.done == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(Run, "count_images", count_and_interrupt)
+    monkeypatch.setattr(Run, "advance", count_and_interrupt)
     run = tmp_path / "run"
     assert _exit_code(["--data", str(data), "--out", str(run), "--steps", "5", *SMALL]) == 130
     assert "stopped at step 1; resume with --resume" in capsys.readouterr().err
