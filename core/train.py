@@ -128,12 +128,12 @@ class Run(RunDirectory):
 
     # ---- the loop -------------------------------------------------------------------------
     def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
-        """torch's LambdaLR over `lr_factor`, positioned at the run's step; call `.step()` after each step.
+        """torch's LambdaLR over `lr_factor`, positioned at the run's step; `advance` moves it on after each step.
 
         With --max-minutes the cosine decay follows the clock too, continuing from the progress
         an earlier invocation reached (recorded in the checkpoint). Time-based progress depends
         on the machine, so only budgeted runs use it: a run with no budget stays exactly
-        reproducible and exactly resumable. `advance` steps the schedule returned last.
+        reproducible and exactly resumable. `begin` calls it for the model's optimizer.
         """
         cfg = self.config.train
         for group in optimizer.param_groups:

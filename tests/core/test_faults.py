@@ -121,6 +121,21 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     run.close()
 
 
+def test_begin_returns_the_schedule_and_advance_moves_it_on_for_a_skipped_step_too(tmp_path):
+    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=4)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    run = Run(tmp_path, "test", types.SimpleNamespace(train=cfg), Runtime(torch.device("cpu")), resuming=False)
+    scheduler = run.begin({"model": model}, {"model": opt})
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_factor(0, cfg)) == pytest.approx(0.25)
+    loss = torch.tensor(float("nan"))
+    assert not run.finite(0, loss, torch.tensor(1.0))  # skipped: no optimizer step, but the schedule moves on
+    run.advance(images=3, skipped=2)
+    assert scheduler.get_last_lr()[0] == opt.param_groups[0]["lr"] == pytest.approx(lr_factor(1, cfg))
+    assert run.skipped == 2 and run._images == 3
+    run.close()
+
+
 def test_a_non_finite_latent_scale_is_an_error():
     model = Autoencoder(AutoencoderModelConfig(channels=(8, 16, 16)))
     with torch.no_grad():
