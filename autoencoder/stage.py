@@ -24,7 +24,7 @@ from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info
-from latentdiff.decoder.losses import discriminator_step, reconstruction_metrics, save_reconstructions
+from latentdiff.decoder.losses import begin_with_gan, discriminator_step, reconstruction_metrics, save_reconstructions
 from latentdiff.decoder.perceptual import lpips_distance
 
 from .load import encoder_hash
@@ -107,30 +107,19 @@ def train(args: argparse.Namespace) -> dict:
     if args.perceptual:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
     # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
-    run = Run.start(
-        args,
-        AutoencoderConfig,
-        PRESETS,
-        stage="autoencoder",
-        derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg),
-    )
+    derive = follow(args, "resolution", lambda: read_info(args.data).get("resolution"))
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder", derive=derive)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 
     model = Autoencoder(cfg.model).to(rt.device)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels, average=rt.all_reduce_mean).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
-    modules, optimizers = {"model": model}, {"model": opt}
-    opt_d = loss_fn.discriminator_optimizer()
-    if opt_d is not None:
-        modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     # The latent space is measured after training: until then later stages cannot use the run.
-    run.begin(modules, optimizers, ema, meta={"data": record_path(args.data, run.path), "latent_space": None})
-    if opt_d is not None:
-        rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
+    meta = {"data": record_path(args.data, run.path), "latent_space": None}
+    scheduler, opt_d = begin_with_gan(run, loss_fn, model, opt, ema, meta)
     net = rt.wrap(model)
-    scheduler = run.lr_schedule(opt)
 
     # Same seed, same order: a resumed run skips the batches it has already seen.
     loader = make_loader(
@@ -151,11 +140,10 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):
             opt.step()
-        scheduler.step()
         if loss_fn.gan_active(step):
             terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
+        run.advance(x.shape[0], batch["skipped"])
         ema.update(model)
-        run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
             run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
@@ -181,7 +169,7 @@ def train(args: argparse.Namespace) -> dict:
         encoder_hash=encoder_hash(final),
     )
     run.checkpoint(run.done, meta={"latent_std": std, "latent_space": space.to_dict()})
-    summary = {"steps": run.done, "latent_std": std, "scale_factor": 1.0 / std}
+    summary = {"latent_std": std, "scale_factor": 1.0 / std}
     if rt.is_main:
         metrics, shown = evaluate_reconstruction(final, args.data, cfg, rt.device, loss_fn.lpips)
         grid = save_grid(shown, run.path / "reconstructions.png", 16)

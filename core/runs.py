@@ -152,7 +152,16 @@ def recorded_data(run_dir: str | Path, stage: str) -> str | None:
 def follow(args: argparse.Namespace, key: str, value: Any) -> Callable[[Any], Any]:
     """A `Run.start(derive=...)` step: a new run takes top-level field `key` = `value` from what it reads
     (the dataset's resolution, the autoencoder's), unless the command line set it with `--set key=...`
-    (then the stage checks the two agree, or resizes on purpose) or `value` is None (unknown)."""
-    if value is None or any(item.partition("=")[0].strip() == key for item in getattr(args, "set", [])):
-        return lambda cfg: cfg
-    return lambda cfg: dataclasses.replace(cfg, **{key: value})
+    (then the stage checks the two agree, or resizes on purpose) or `value` is None (unknown).
+
+    value: the value, or a function of no arguments that reads it when the run is derived (after
+    `Run.start` has checked the flags, so `lambda: read_info(args.data)["resolution"]` is safe).
+    """
+
+    def derive(cfg: Any) -> Any:
+        found = value() if callable(value) else value
+        if found is None or any(item.partition("=")[0].strip() == key for item in getattr(args, "set", [])):
+            return cfg
+        return dataclasses.replace(cfg, **{key: found})
+
+    return derive

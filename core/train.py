@@ -5,25 +5,25 @@ model); this module supplies the parts around it, written once:
 
     run = Run.start(args, StageConfig, PRESETS, stage="prior", from_run=FROM_RUN)
     ...build model, optimizer, EMA...
-    run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # checks and restores when resuming
-    scheduler = run.lr_schedule(opt)
+    scheduler = run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # restores when resuming
+    net = run.runtime.wrap(model)
     batches = run.batches(loader)
     for step in run.steps():  # stops at train.steps, the time budget or a signal; saves at the end
         batch = next(batches)
         lr = scheduler.get_last_lr()[0]
-        loss = ...forward and loss...
+        loss = ...forward through net, and the loss...
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):  # a non-finite step is skipped and counted
             opt.step()
-        scheduler.step()
+        run.advance(images=B, skipped=batch["skipped"])  # the lr schedule moves on; images counted
         ema.update(model)
         if run.every(tcfg.log_every, step): run.log(step, {...})
         if run.every(tcfg.sample_every, step): run.sample(step, lambda: ...)
         if run.every(tcfg.ckpt_every, step): run.checkpoint(step + 1)
-    summary = {"steps": run.done, ...evaluation of ema.final(model)...}
-    return run.finish(summary)  # summary.json; releases the run directory's lock
+    summary = {...evaluation of ema.final(model)...}
+    return run.finish(summary)  # adds "steps"; writes summary.json; releases the run directory's lock
 
 The run directory (config, lock, checkpoints, resume) is core/run_directory.py; the flags
 (`add_train_args`) live in core/flags.py; what happens on each fault in core/faults.py.
@@ -44,6 +44,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint as ckpt
 from .config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from .ema import EMA
 from .errors import Stopped, cli_errors
 from .faults import NonFiniteError, StopSignals, nonfinite_weights
 from .logger import progress
@@ -114,21 +115,33 @@ def steps_within_budget(start: int, step: int, elapsed_s: float, max_minutes: fl
 class Run(RunDirectory):
     """A stage's run directory (core/run_directory.py) and everything its loop needs around it."""
 
+    _schedule: LambdaLR | None = None  # the lr schedule `advance` moves on after each step
+
+    def begin(self, modules: dict, optimizers: dict, ema: EMA | None = None, meta: dict | None = None) -> LambdaLR:
+        """RunDirectory.begin (name what is checkpointed; check and restore when resuming), then the lr schedule.
+
+        Returns `lr_schedule(optimizers["model"])`: positioned at the step the run starts from,
+        moved on by `advance` after each step.
+        """
+        super().begin(modules, optimizers, ema, meta)
+        return self.lr_schedule(optimizers["model"])
+
     # ---- the loop -------------------------------------------------------------------------
     def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
-        """torch's LambdaLR over `lr_factor`, positioned at the run's step; call `.step()` after each step.
+        """torch's LambdaLR over `lr_factor`, positioned at the run's step; `advance` moves it on after each step.
 
         With --max-minutes the cosine decay follows the clock too, continuing from the progress
         an earlier invocation reached (recorded in the checkpoint). Time-based progress depends
         on the machine, so only budgeted runs use it: a run with no budget stays exactly
-        reproducible and exactly resumable.
+        reproducible and exactly resumable. `begin` calls it for the model's optimizer.
         """
         cfg = self.config.train
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr
-        return LambdaLR(
+        self._schedule = LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg, self._progress(step)), last_epoch=self.start_step - 1
         )
+        return self._schedule
 
     def _progress(self, step: int) -> float | None:
         cfg = self.config.train
@@ -292,8 +305,15 @@ class Run(RunDirectory):
         if self.logger is not None:
             self.logger.image(tag, step, picture)
 
-    def count_images(self, n: int, skipped: int = 0) -> None:
-        self._images += n
+    def advance(self, images: int, skipped: int = 0) -> None:
+        """After the optimizer step (taken or skipped): move the lr schedule on and count the batch.
+
+        images: the batch's size on this rank (images_per_s); skipped: the samples the reader
+        skipped to make it (batch["skipped"]).
+        """
+        if self._schedule is not None:
+            self._schedule.step()
+        self._images += images
         self.skipped += skipped
 
     def every(self, interval: int, step: int) -> bool:
@@ -319,8 +339,12 @@ class Run(RunDirectory):
             self._bar.set_postfix(shown, refresh=False)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write summary.json (flat keys) and print it: how scripts and people read results."""
+        """Write summary.json (flat keys: "steps" done, then the stage's figures) and print it.
+
+        summary.json is how scripts and people read results.
+        """
         summary = {
+            "steps": self.done,
             **summary,
             "skipped_samples": self.skipped,
             "nonfinite_steps": self.nonfinite_steps,

@@ -148,6 +148,26 @@ class DecoderLoss(nn.Module):
         return torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
 
 
+def begin_with_gan(
+    run, loss_fn: DecoderLoss, model: nn.Module, opt: torch.optim.Optimizer, ema, meta: dict
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, torch.optim.Optimizer | None]:
+    """`run.begin` (core.train.Run) for a loop that trains a decoder, with the PatchGAN when it is on.
+
+    The discriminator and its optimizer are checkpointed (and restored) beside the model, and
+    every rank then starts from rank 0's discriminator: each rank drew its initial weights
+    from its own seed, and DDP does not wrap it. Returns (the model's lr schedule, the
+    discriminator's optimizer or None).
+    """
+    modules, optimizers = {"model": model}, {"model": opt}
+    opt_d = loss_fn.discriminator_optimizer()
+    if opt_d is not None:
+        modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
+    scheduler = run.begin(modules, optimizers, ema, meta=meta)
+    if opt_d is not None:
+        run.runtime.broadcast_module(loss_fn.discriminator)
+    return scheduler, opt_d
+
+
 def discriminator_step(
     loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor, step: int, run
 ) -> torch.Tensor:

@@ -31,6 +31,7 @@ from latentdiff.data.reader import make_loader
 from .losses import (
     DecoderLoss,
     DecoderLossConfig,
+    begin_with_gan,
     discriminator_step,
     reconstruction_metrics,
     save_reconstructions,
@@ -135,10 +136,6 @@ def train(args: argparse.Namespace) -> dict:
             torch.nn.init.zeros_(upsample.conv.bias)
     loss_fn = DecoderLoss(cfg.loss, dec_cfg.out_channels, average=rt.all_reduce_mean).to(rt.device)
     opt = make_optimizer(decoder.parameters(), tcfg)
-    modules, optimizers = {"model": decoder}, {"model": opt}
-    opt_d = loss_fn.discriminator_optimizer()
-    if opt_d is not None:
-        modules["discriminator"], optimizers["discriminator"] = loss_fn.discriminator, opt_d
     ema = EMA(decoder, tcfg.ema_decay, tcfg.ema_warmup)
     meta = {
         "autoencoder": record_path(args.autoencoder, run.path),
@@ -147,11 +144,8 @@ def train(args: argparse.Namespace) -> dict:
         "resolution": res * cfg.upscale,
         "data": record_path(args.data, run.path),
     }
-    run.begin(modules, optimizers, ema, meta=meta)
-    if opt_d is not None:
-        rt.broadcast_module(loss_fn.discriminator)  # one discriminator on every rank (seeds differ per rank)
+    scheduler, opt_d = begin_with_gan(run, loss_fn, decoder, opt, ema, meta)
     net = rt.wrap(decoder)
-    scheduler = run.lr_schedule(opt)
 
     loader = make_loader(
         args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=res * cfg.upscale
@@ -172,11 +166,10 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):
             opt.step()
-        scheduler.step()
         if loss_fn.gan_active(step):
             terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
+        run.advance(x.shape[0], batch["skipped"])
         ema.update(decoder)
-        run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
             run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
@@ -186,7 +179,7 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
-    summary = {"steps": run.done}
+    summary = {}
     if rt.is_main:
         final = ema.final(decoder)
         metrics, shown = evaluate(ae, final, args.data, res, cfg.upscale, cfg.eval_images, rt.device)

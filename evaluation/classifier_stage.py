@@ -88,13 +88,8 @@ def _has_split(data: str, split: str) -> bool:
 
 def train(args: argparse.Namespace) -> dict:
     # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise.
-    run = Run.start(
-        args,
-        ClassifierStageConfig,
-        PRESETS,
-        stage="classifier",
-        derive=lambda cfg: follow(args, "resolution", read_info(args.data).get("resolution"))(cfg),
-    )
+    derive = follow(args, "resolution", lambda: read_info(args.data).get("resolution"))
+    run = Run.start(args, ClassifierStageConfig, PRESETS, stage="classifier", derive=derive)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     heads = heads_from_info(read_info(args.data), where=str(args.data))
@@ -108,7 +103,7 @@ def train(args: argparse.Namespace) -> dict:
     model = Classifier(cfg.model, heads, cfg.resolution).to(rt.device)
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin(
+    scheduler = run.begin(
         {"model": model},
         {"model": opt},
         ema,
@@ -120,7 +115,6 @@ def train(args: argparse.Namespace) -> dict:
         },
     )
     net = rt.wrap(model)
-    scheduler = run.lr_schedule(opt)
     loader = make_loader(
         args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
     )
@@ -139,9 +133,8 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):
             opt.step()
-        scheduler.step()
+        run.advance(x.shape[0], batch["skipped"])
         ema.update(model)
-        run.count_images(x.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
             hits = correct({k: v.detach().argmax(-1) for k, v in logits.items()}, targets)
@@ -157,7 +150,7 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
-    summary = {"steps": run.done, "parameters": sum(p.numel() for p in model.parameters())}
+    summary = {"parameters": sum(p.numel() for p in model.parameters())}
     if rt.is_main:
         final = ema.final(model)
         for split in ("val", "test"):

@@ -168,9 +168,8 @@ def train(args: argparse.Namespace) -> dict:
     unet = UNet(cfg.model).to(rt.device)
     opt = make_optimizer(unet.parameters(), tcfg)
     ema = EMA(unet, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin({"model": unet}, {"model": opt}, ema, meta=meta)
+    scheduler = run.begin({"model": unet}, {"model": opt}, ema, meta=meta)
     net = rt.wrap(unet)
-    scheduler = run.lr_schedule(opt)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     if args.cache_latents:
@@ -198,9 +197,8 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):
             opt.step()
-        scheduler.step()
+        run.advance(z0.shape[0], batch.get("skipped", 0))
         ema.update(unet)
-        run.count_images(z0.shape[0], batch.get("skipped", 0))
 
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
@@ -225,7 +223,7 @@ def train(args: argparse.Namespace) -> dict:
             run.checkpoint(step + 1)
 
     # Captions longer than the text context were warned about once; the count is a figure of the run.
-    summary = {"steps": run.done, "truncated_captions": encoder.truncated}
+    summary = {"truncated_captions": encoder.truncated}
     if rt.is_main:
         final = ema.final(unet)
         grid = sample_grid(

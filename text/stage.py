@@ -92,7 +92,7 @@ def train(args: argparse.Namespace) -> dict:
     # A new run reads images at the dataset's resolution unless --set resolution=N says otherwise, and
     # records a model config given as a .json path resolved, so the run rebuilds from any directory.
     def derive(cfg: TextStageConfig) -> TextStageConfig:
-        cfg = follow(args, "resolution", read_info(args.data).get("resolution"))(cfg)
+        cfg = follow(args, "resolution", lambda: read_info(args.data).get("resolution"))(cfg)
         return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
 
     run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
@@ -103,9 +103,8 @@ def train(args: argparse.Namespace) -> dict:
     encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
-    run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
+    scheduler = run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
     net = rt.wrap(model)
-    scheduler = run.lr_schedule(opt)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
 
@@ -126,10 +125,9 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         if run.finite(step, loss, grad_norm):
             opt.step()
-        scheduler.step()
         clamp_logit_scale(model)
+        run.advance(images.shape[0], batch["skipped"])
         ema.update(model)
-        run.count_images(images.shape[0], batch["skipped"])
 
         if run.every(tcfg.log_every, step):
             run.log(
@@ -145,7 +143,7 @@ def train(args: argparse.Namespace) -> dict:
             run.checkpoint(step + 1)
 
     # Captions longer than the text context were warned about once; the count is a figure of the run.
-    summary = {"steps": run.done, "truncated_captions": encoder.truncated}
+    summary = {"truncated_captions": encoder.truncated}
     if rt.is_main:
         final = ema.final(model)
         summary.update(

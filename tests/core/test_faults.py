@@ -121,6 +121,21 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     run.close()
 
 
+def test_begin_returns_the_schedule_and_advance_moves_it_on_for_a_skipped_step_too(tmp_path):
+    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=4)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    run = Run(tmp_path, "test", types.SimpleNamespace(train=cfg), Runtime(torch.device("cpu")), resuming=False)
+    scheduler = run.begin({"model": model}, {"model": opt})
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_factor(0, cfg)) == pytest.approx(0.25)
+    loss = torch.tensor(float("nan"))
+    assert not run.finite(0, loss, torch.tensor(1.0))  # skipped: no optimizer step, but the schedule moves on
+    run.advance(images=3, skipped=2)
+    assert scheduler.get_last_lr()[0] == opt.param_groups[0]["lr"] == pytest.approx(lr_factor(1, cfg))
+    assert run.skipped == 2 and run._images == 3
+    run.close()
+
+
 def test_a_non_finite_latent_scale_is_an_error():
     model = Autoencoder(AutoencoderModelConfig(channels=(8, 16, 16)))
     with torch.no_grad():
@@ -137,19 +152,19 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
     common = ["--data", str(data), *SMALL, *RESUME_LR]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _ae(["--out", str(straight), "--steps", "5", *common])
-    count = Run.count_images
+    count = Run.advance
 
     def count_and_signal(self, n, skipped=0):  # a preemption arriving in the middle of step 2 (0-based 1)
         count(self, n, skipped)
         if self.done == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(Run, "count_images", count_and_signal)
+    monkeypatch.setattr(Run, "advance", count_and_signal)
     assert _exit_code(["--out", str(stopped), "--steps", "5", *common]) == 128 + signal.SIGTERM
     assert f"stopped at step 2; resume with --resume {stopped}" in capsys.readouterr().err
     assert ckpt.read_meta(stopped)["step"] == 2
     assert ckpt.load_state(ckpt.committed_file(stopped, ckpt.STATE))["step"] == 2
-    monkeypatch.setattr(Run, "count_images", count)
+    monkeypatch.setattr(Run, "advance", count)
     assert _ae(["--resume", str(stopped), "--steps", "5"])["steps"] == 5
     a, b = (load_file(str(ckpt.committed_file(r, ckpt.MODEL))) for r in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -157,14 +172,14 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(data, tmp_path,
 
 
 def test_ctrl_c_in_the_loop_saves_and_exits_130(data, tmp_path, monkeypatch, capsys):
-    count = Run.count_images
+    count = Run.advance
 
     def count_and_interrupt(self, n, skipped=0):
         count(self, n, skipped)
         if self.done == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(Run, "count_images", count_and_interrupt)
+    monkeypatch.setattr(Run, "advance", count_and_interrupt)
     run = tmp_path / "run"
     assert _exit_code(["--data", str(data), "--out", str(run), "--steps", "5", *SMALL]) == 130
     assert "stopped at step 1; resume with --resume" in capsys.readouterr().err
