@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 
-.PHONY: setup test lint format browser demo bench clean
+.PHONY: setup setup-base test lint format browser demo bench clean
 
 setup: $(STAMP)
+
+# What `make demo` needs: the package and its runtime dependencies, without the test and web-page
+# extras (gradio, selenium, diffusers, ruff), which take a fifth of a fresh set-up's time.
+setup-base: $(BASE_STAMP)
 
 # torch and torchvision are pinned through constraints.txt so every machine resolves the
 # same build; pyproject.toml itself only gives ranges, as a library should.
@@ -14,7 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --constraint constraints.txt -e '.[dev,serve]'
-	touch $(STAMP)
+	touch $(STAMP) $(BASE_STAMP)
+
+$(BASE_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --constraint constraints.txt -e .
+	touch $(BASE_STAMP)
 
 test: setup browser lint
 	$(PY) -m pytest -q tests
@@ -38,7 +49,7 @@ browser:
 			>/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will be skipped"; \
 	fi
 
-demo: setup
+demo: setup-base
 	$(VENV)/bin/python -m latentdiff.scripts.demo
 
 # The seven benchmarks of bench/ (speed and quality tables, JSON under runs/bench); under 20 min

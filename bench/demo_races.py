@@ -1,4 +1,4 @@
-"""Demo presets raced: train the demo's prior under each set of overrides, score it as the demo's issue does.
+"""Demo presets raced: train the demo's prior under each set of overrides and score it the way the demo is judged.
 
 Each trial is `latentdiff train prior` on the demo's data, autoencoder and text runs with the tiny
 preset plus the trial's own flags (its steps included), then `latentdiff evaluate`: n images per
@@ -28,7 +28,7 @@ from latentdiff.scripts import cli
 
 from .common import DEMO, OUT, parser, report, table
 
-GOAL_ACCURACY = 0.90  # the demo's issue: >= 90% prompt accuracy at FID <= 4.0
+GOAL_ACCURACY = 0.90  # the demo's goal: >= 90% prompt accuracy at FID <= 4.0 (README, The demo)
 
 
 def parse_trial(text: str) -> tuple[str, list[str]]:

@@ -6,19 +6,25 @@ sqrt(1 - abar_t) eps_hat; `make_denoiser` builds one from a raw network `model_f
 `callback(i, total, z_t, x0_hat)` runs after the i-th step's first network evaluation (0-based)
 with the state that evaluation saw.
 
-`generator` (every sampler's keyword) is one torch.Generator for the whole batch, or one per row
-of z_T (`Generators`): then row k's noise comes from generator k alone, so an image's noise does
-not depend on the other rows of its batch (pipeline: one generator per image, seeded seed + k).
+`generator` is one torch.Generator for the whole batch, or one per row of z_T (`Generators`):
+then row k's noise comes from generator k alone, so an image's noise does not depend on the other
+rows of its batch (pipeline: one generator per image, seeded seed + k).
+
+A sampler is `sample_xxx(denoiser, z_T, walk, **options) -> z_0`: `Walk` holds what every sampler
+is handed besides its own options (the levels, the generator, the callback), so a sampler's body is
+its update rule alone; samplers.sample builds the walk from the spacing options and the steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .schedule import NoiseSchedule, check_prediction
+from .spacing import NoiseLevels
 
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -71,3 +77,22 @@ def noise(z: Tensor, generator: Generators) -> Tensor:
     if len(generator) != z.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {z.shape[0]} rows: give one per row")
     return torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype) for g in generator])
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What every sampler is handed besides the denoiser, z_T (B, ...) and its own options."""
+
+    schedule: NoiseSchedule  # the levels' schedule (Karras churn places its raised levels on it)
+    levels: NoiseLevels  # the `steps` levels visited, then the data (spacing.Spacing.levels)
+    generator: Generators = None  # every noise draw comes from it (`noise`)
+    callback: Callback | None = None  # callback(i, steps, z_t, x0_hat) after step i's first evaluation
+
+    @property
+    def steps(self) -> int:
+        return len(self.levels.ts)
+
+    def report(self, i: int, z_t: Tensor, x0: Tensor) -> None:
+        """Run the callback, if any, for step i with the state z_t its first evaluation saw and x0_hat."""
+        if self.callback is not None:
+            self.callback(i, self.steps, z_t, x0)

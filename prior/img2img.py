@@ -2,7 +2,7 @@
 
 SDEdit (Meng et al. 2022, §3.2): encode the image, noise its latent z_init to an intermediate
 level, z = sqrt(abar) z_init + sqrt(1 - abar) eps, and run the sampler from there. The strength S
-in [0, 1] sets the level: the sampler's levels start at timestep S T - 1 (spacing.noise_levels'
+in [0, 1] sets the level: the sampler's levels start at timestep S T - 1 (spacing.Spacing.levels'
 t_start, the same for every sampler and spacing) and z is noised to the first of them, abars[0].
 S = 1 is text-to-image (z is the pure noise eps, the image unused); S = 0 runs no step and returns
 the image's reconstruction, decode(encode(x)).

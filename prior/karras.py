@@ -14,28 +14,18 @@ import math
 import torch
 from torch import Tensor
 
-from .denoiser import Callback, Denoiser, Generators, noise, t_like
+from .denoiser import Denoiser, Walk, noise, t_like
 from .schedule import NoiseSchedule
-from .spacing import NoiseLevels, noise_levels
 
 
-def _finite_levels(
-    name: str,
-    schedule: NoiseSchedule,
-    steps: int,
-    spacing: str,
-    rho: float,
-    sigma_min: float | None,
-    sigma_max: float | None,
-    t_start: float | None,
-) -> NoiseLevels:
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
-    if lv.abars[0] == 0.0:
+def _sigmas(name: str, walk: Walk) -> list[float]:
+    """The walk's sigma_i, refusing a first level at abar = 0, where a step in sigma cannot start."""
+    if walk.levels.abars[0] == 0.0:
         raise ValueError(
-            f"{name} steps in sigma and cannot start at abar = 0 (sigma = inf, spacing {spacing!r} on a "
+            f"{name} steps in sigma and cannot start at abar = 0 (sigma = inf, spacing {walk.levels.spacing!r} on a "
             "zero-terminal-SNR schedule); use spacing 'karras' or 'logsnr', or the ddim sampler"
         )
-    return lv
+    return walk.levels.sigmas
 
 
 def _denoise_ve(denoiser: Denoiser, x: Tensor, sigma: float, t: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,97 +48,42 @@ def _churn(schedule: NoiseSchedule, sigmas: list[float], s_churn: float) -> tupl
     return hats, schedule.t_from_sigma(torch.tensor(hats, dtype=torch.float64)).tolist()
 
 
-def _karras_ode(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    generator,
-    callback,
-    second_order: bool,
-    s_churn: float,
-    lv: NoiseLevels,
-) -> Tensor:
-    """Karras et al. 2022 Alg. 2 (Alg. 1 at s_churn = 0); Euler when second_order is False."""
-    sigmas = lv.sigmas
-    hats, t_hats = _churn(schedule, sigmas, s_churn) if s_churn > 0 else (sigmas[:-1], lv.ts)
+def _karras_ode(name: str, denoiser: Denoiser, z_T: Tensor, walk: Walk, s_churn: float, heun: bool) -> Tensor:
+    """Karras et al. 2022 Alg. 2 (Alg. 1 at s_churn = 0); Euler when heun is False. name: the sampler's, for errors."""
+    sigmas, ts = _sigmas(name, walk), walk.levels.ts
+    hats, t_hats = _churn(walk.schedule, sigmas, s_churn) if s_churn > 0 else (sigmas[:-1], ts)
     x = z_T * math.sqrt(1 + sigmas[0] ** 2)  # x = z / sqrt(abar)
-    for i in range(steps):
+    for i in range(walk.steps):
         s, s_hat, s_next = sigmas[i], hats[i], sigmas[i + 1]
         if s_hat > s:  # 1. raise the noise to sigma_hat: x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps
-            x = x + math.sqrt(s_hat**2 - s**2) * noise(x, generator)
+            x = x + math.sqrt(s_hat**2 - s**2) * noise(x, walk.generator)
         z, x0, d = _denoise_ve(denoiser, x, s_hat, t_hats[i])  # d_i = (x_hat - D(x_hat; sigma_hat)) / sigma_hat
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         x_next = x + (s_next - s_hat) * d  # 2. Euler step
-        if second_order and s_next > 0:  # 3. Heun's correction with the slope at x_{i+1}
-            _, _, d_next = _denoise_ve(denoiser, x_next, s_next, lv.ts[i + 1])
+        if heun and s_next > 0:  # 3. Heun's correction with the slope at x_{i+1}
+            _, _, d_next = _denoise_ve(denoiser, x_next, s_next, ts[i + 1])
             x_next = x + (s_next - s_hat) * (d + d_next) / 2
         x = x_next
     return x  # sigma_N = 0: x is the data, where z = x
 
 
-def sample_euler(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    s_churn: float = 0.0,
-    spacing: str = "karras",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_euler(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, s_churn: float = 0.0) -> Tensor:
     """Euler steps on the probability-flow ODE, Karras et al. 2022 Alg. 2 without the Heun correction.
 
-    s_churn > 0 adds Alg. 2's noise (stochastic, from `generator`); 0 is deterministic.
+    s_churn > 0 adds Alg. 2's noise (stochastic, from the walk's generator); 0 is deterministic.
     """
-    lv = _finite_levels("euler", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
-    return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, False, s_churn, lv)
+    return _karras_ode("euler", denoiser, z_T, walk, s_churn, heun=False)
 
 
-def sample_heun(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    s_churn: float = 0.0,
-    spacing: str = "karras",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_heun(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, s_churn: float = 0.0) -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022 Alg. 1 (Alg. 2 with s_churn > 0); Euler on the last step.
 
     2 steps - 1 network evaluations.
     """
-    lv = _finite_levels("heun", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
-    return _karras_ode(denoiser, z_T, schedule, steps, generator, callback, True, s_churn, lv)
+    return _karras_ode("heun", denoiser, z_T, walk, s_churn, heun=True)
 
 
-def sample_euler_ancestral(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-    spacing: str = "karras",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_euler_ancestral(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, eta: float = 1.0) -> Tensor:
     """Euler ancestral ("Euler a"): DDPM's ancestral step (Ho et al. 2020 Alg. 2) split in the VE variable.
 
     From sigma to sigma', the posterior q(x' | x, x0_hat) has variance
@@ -158,17 +93,15 @@ def sample_euler_ancestral(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    lv = _finite_levels("euler-a", schedule, steps, spacing, rho, sigma_min, sigma_max, t_start)
-    sigmas = lv.sigmas
+    sigmas = _sigmas("euler-a", walk)
     x = z_T * math.sqrt(1 + sigmas[0] ** 2)
-    for i in range(steps):
+    for i, t in enumerate(walk.levels.ts):
         s, s_next = sigmas[i], sigmas[i + 1]
-        z, x0, d = _denoise_ve(denoiser, x, s, lv.ts[i])
-        if callback is not None:
-            callback(i, steps, z, x0)
+        z, x0, d = _denoise_ve(denoiser, x, s, t)
+        walk.report(i, z, x0)
         s_up = min(s_next, eta * s_next * math.sqrt(s**2 - s_next**2) / s)
         s_down = math.sqrt(s_next**2 - s_up**2)
         x = x + (s_down - s) * d
         if s_up > 0:
-            x = x + s_up * noise(x, generator)
+            x = x + s_up * noise(x, walk.generator)
     return x

@@ -1,15 +1,19 @@
 """The sampler registry: the one place that says which samplers exist, what they cost, what they take.
 
-Samplers are plain functions with one signature (solvers.py, karras.py):
+Every sampler runs through one call (`sample`):
 
-    sample_xxx(denoiser, z_T, schedule, steps, *, generator=None, callback=None, t_start=None, **options) -> z_0
+    sample(name, denoiser, z_T, schedule, steps, *, generator=None, callback=None, t_start=None, **options) -> z_0
 
 generator: one torch.Generator, or one per row of z_T (denoiser.Generators). t_start: start at
 that timestep instead of T-1 (img2img, SDEdit), z_T then being the state at the first of the
-levels `levels(...)` gives (spacing.py); every sampler and spacing takes it.
+levels `levels(...)` gives (spacing.py); every sampler and spacing takes it. The samplers
+themselves (solvers.py, karras.py) are plain functions, `sample_xxx(denoiser, z_T, walk, **own)
+-> z_0`, their update rule alone: `sample` places the levels from the spacing options
+(spacing.Spacing) and hands them over in a denoiser.Walk with the generator and the callback.
 
 `SAMPLERS` maps each name to a `SamplerSpec` (function, title, network evaluations per step,
-order, fewest steps); a sampler's options and their defaults are its keyword parameters,
+order, default spacing, fewest steps); a sampler's options and their defaults are its function's
+keyword parameters followed by the fields of spacing.Spacing (with the spec's default spacing),
 and `OPTIONS` gives each option's type and allowed range, so the command line, the pipeline and
 the benchmarks derive their choices, help and checks from here. `ALIASES` holds the names users
 know from Stable Diffusion front-ends ("DPM++ 2M Karras", "Euler a", ...): a sampler plus preset
@@ -22,16 +26,16 @@ import inspect
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from torch import Tensor
 
-from .denoiser import Callback, Denoiser, Generators, make_denoiser  # noqa: F401  (re-exported: public face)
+from .denoiser import Callback, Denoiser, Generators, Walk, make_denoiser  # noqa: F401  (re-exported: public face)
 from .karras import sample_euler, sample_euler_ancestral, sample_heun
 from .schedule import NoiseSchedule
 from .solvers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
-from .spacing import SPACINGS, NoiseLevels, check_steps, noise_levels, timesteps  # noqa: F401  (re-exported)
+from .spacing import SPACINGS, NoiseLevels, Spacing, check_steps, timesteps  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,15 @@ class SamplerSpec:
     title: str  # as tables print it
     evaluations_per_step: int  # network evaluations per step (Heun: 2, its last step 1)
     order: int  # convergence order of the deterministic solver (in steps); 0: stochastic by default
+    spacing: str = "trailing"  # the default spacing (spacing.SPACINGS)
     min_steps: int = 1  # fewer steps are refused (see `refusal`)
     refusal: str = ""  # what to use instead, in the error for steps < min_steps
 
     @property
     def options(self) -> dict[str, Any]:
-        """The options this sampler takes, with their defaults: its keyword parameters."""
+        """The options this sampler takes, with their defaults: its function's keyword parameters, then Spacing's."""
         params = inspect.signature(self.fn).parameters.values()
-        skip = ("generator", "callback", "t_start")
-        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY} | asdict(Spacing(self.spacing))
 
     def evaluations(self, steps: int) -> int:
         return self.evaluations_per_step * steps - (self.evaluations_per_step - 1)
@@ -115,20 +119,21 @@ _SPECS = [
     SamplerSpec("ddpm", sample_ddpm, "DDPM", 1, 0),
     SamplerSpec("ddim", sample_ddim, "DDIM", 1, 1),
     SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M)", 1, 2),
-    SamplerSpec("euler", sample_euler, "Euler", 1, 1),
+    SamplerSpec("euler", sample_euler, "Euler", 1, 1, spacing="karras"),
     SamplerSpec(
         "heun",
         sample_heun,
         "Heun",
         2,
         2,
+        spacing="karras",
         min_steps=6,
         refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
         "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step",
     ),
-    SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0),
-    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0),
-    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),
+    SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0, spacing="karras"),
+    SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0, spacing="logsnr"),
+    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3, spacing="logsnr"),
 ]
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
 
@@ -229,18 +234,22 @@ def sample(
 
     t_start: the first level's timestep (None: T-1); z_T is the state at `levels(...).abars[0]`.
     """
-    spec, _ = resolve(name)
-    options = check_options(name, options)
+    spec, spacing, own = _split(name, options)
     check_sampler_steps(name, steps, schedule)
-    return spec.fn(denoiser, z_T, schedule, steps, generator=generator, callback=callback, t_start=t_start, **options)
+    walk = Walk(schedule, spacing.levels(schedule, steps, t_start), generator, callback)
+    return spec.fn(denoiser, z_T, walk, **own)
 
 
 def levels(name: str, schedule: NoiseSchedule, steps: int, t_start: float | None = None, **options) -> NoiseLevels:
-    """The noise levels sampler `name` visits with these options (its spacing's, spacing.noise_levels)."""
-    spec, _ = resolve(name)
-    merged = {**spec.options, **check_options(name, options)}
-    shape = {k: merged[k] for k in ("spacing", "rho", "sigma_min", "sigma_max") if k in merged}
-    return noise_levels(schedule, steps, t_start=t_start, **shape)
+    """The noise levels sampler `name` visits with these options (spacing.Spacing.levels)."""
+    return _split(name, options)[1].levels(schedule, steps, t_start)
+
+
+def _split(name: str, options: dict[str, Any]) -> tuple[SamplerSpec, Spacing, dict[str, Any]]:
+    """(spec, the Spacing, the sampler's own options) that `name` runs with: defaults, then checked `options`."""
+    canonical, merged = resolve_options(name, options)
+    spacing = Spacing(**{f.name: merged.pop(f.name) for f in fields(Spacing)})
+    return SAMPLERS[canonical], spacing, merged
 
 
 def number_of_evaluations(name: str, steps: int) -> int:

@@ -1,11 +1,12 @@
 """Samplers in the VP variable z_t: ancestral DDPM, DDIM, DPM-Solver++ (ODE and SDE) and UniPC.
 
-Each walks the `NoiseLevels` of its `spacing` (spacing.py) and lands on the data after the last
-level. Step coefficients are Python floats computed from the schedule's CPU float64 tables before
-the loop, so the loop never waits on the device. The first-order jump from the last level to the
-data returns that level's x0_hat, a posterior mean without the posterior variance: with few
-trailing steps that level is far from the data and the jump dominates the error. The multistep
-ODE solvers replace it by a second-order step in sigma (`_second_order_to_data`).
+Each walks the levels of its `Walk` (denoiser.py; placed by the spacing options, spacing.py) and
+lands on the data after the last level. Step coefficients are Python floats computed from the
+schedule's CPU float64 tables before the loop, so the loop never waits on the device. The
+first-order jump from the last level to the data returns that level's x0_hat, a posterior mean
+without the posterior variance: with few trailing steps that level is far from the data and the
+jump dominates the error. The multistep ODE solvers replace it by a second-order step in sigma
+(`_second_order_to_data`).
 """
 
 from __future__ import annotations
@@ -15,70 +16,38 @@ import math
 import torch
 from torch import Tensor
 
-from .denoiser import Callback, Denoiser, Generators, noise, t_like
-from .schedule import NoiseSchedule, posterior_coefficients
-from .spacing import noise_levels
+from .denoiser import Denoiser, Walk, noise, t_like
+from .schedule import posterior_coefficients
 
 
-def sample_ddpm(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_ddpm(denoiser: Denoiser, z_T: Tensor, walk: Walk) -> Tensor:
     """Ancestral sampling, DDPM Alg. 2: z_s ~ q(z_s | z_t, x0_hat) (eq. 6-7; eq. 11 when x0_hat comes from eps).
 
     Between visited levels the betas are recomputed, beta' = 1 - abar_t / abar_s (Improved DDPM §4).
     """
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
-    z = z_T
+    lv, z = walk.levels, z_T
     for i, t in enumerate(lv.ts):
         x0, _ = denoiser(z, t_like(z, t))
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         c_x0, c_zt, var = posterior_coefficients(lv.abars[i], lv.abars[i + 1])
         z = c_x0 * x0 + c_zt * z
         if var > 0:  # 0 at the jump to the data
-            z = z + math.sqrt(var) * noise(z, generator)
+            z = z + math.sqrt(var) * noise(z, walk.generator)
     return z
 
 
-def sample_ddim(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    eta: float = 0.0,
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_ddim(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, eta: float = 0.0) -> Tensor:
     """DDIM, Song et al. 2021 eq. 12 (sigma_t of eq. 16 scaled by eta; eta = 1 is ancestral DDPM)."""
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
-    z = z_T
+    lv, z = walk.levels, z_T
     for i, t in enumerate(lv.ts):
         x0, eps = denoiser(z, t_like(z, t))  # x0 = "predicted x_0", eps = eps_theta(x_t, t)
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         a_t, a_s = lv.abars[i], lv.abars[i + 1]  # alpha_t and alpha_{t-1} in the DDIM paper's notation
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         # 1. predicted x_0; 2. "direction pointing to x_t"; 3. random noise.
         z = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
         if sigma > 0:
-            z = z + sigma * noise(z, generator)
+            z = z + sigma * noise(z, walk.generator)
     return z
 
 
@@ -95,33 +64,18 @@ def _second_order_to_data(x0: Tensor, eps: Tensor, eps_prev: Tensor, sigma: floa
     return x0 + sigma**2 / (2 * (sigma_prev - sigma)) * (eps_prev - eps)
 
 
-def sample_dpmpp_2m(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, walk: Walk) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022b Alg. 2: multistep data prediction in lambda = log(alpha/sigma).
 
     The first step is first order (no earlier x0_hat); the last, to the data, is second order in
-    sigma (`_second_order_to_data`). Deterministic; `generator` is unused.
+    sigma (`_second_order_to_data`). Deterministic; the walk's generator is unused.
     """
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
+    lv, z = walk.levels, z_T
     lam, sig = lv.lambdas, lv.sigmas
-    z = z_T
     x0_prev = eps_prev = None
     for i, t in enumerate(lv.ts):
         x0, eps = denoiser(z, t_like(z, t))
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         a_t, a_s = lv.abars[i], lv.abars[i + 1]
         if a_s == 1.0:
             return x0 if eps_prev is None else _second_order_to_data(x0, eps, eps_prev, sig[i], sig[i - 1])
@@ -137,21 +91,7 @@ def sample_dpmpp_2m(
     raise AssertionError("unreachable: the last level jumps to the data")
 
 
-def sample_dpmpp_2m_sde(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-    spacing: str = "logsnr",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_dpmpp_2m_sde(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, eta: float = 1.0) -> Tensor:
     """SDE-DPM-Solver++(2M) of Lu et al. 2022b (DPM-Solver++), eta scaling the injected noise.
 
     One step of h in lambda, c = 1 + eta: the exact solution of the linear part of the
@@ -164,14 +104,12 @@ def sample_dpmpp_2m_sde(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
+    lv, z = walk.levels, z_T
     lam = lv.lambdas
-    z = z_T
     x0_prev = None
     for i, t in enumerate(lv.ts):
         x0, _ = denoiser(z, t_like(z, t))
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         a_t, a_s = lv.abars[i], lv.abars[i + 1]
         if a_s == 1.0:
             return x0
@@ -183,7 +121,7 @@ def sample_dpmpp_2m_sde(
             r = (lam[i] - lam[i - 1]) / h
             z = z + math.sqrt(a_s) * one_minus_e / (2 * r) * (x0 - x0_prev)
         if eta > 0:
-            z = z + math.sqrt((1 - a_s) * -math.expm1(-2 * eta * h)) * noise(z, generator)
+            z = z + math.sqrt((1 - a_s) * -math.expm1(-2 * eta * h)) * noise(z, walk.generator)
         x0_prev = x0
     raise AssertionError("unreachable: the last level jumps to the data")
 
@@ -208,22 +146,7 @@ def _unipc_weights(rks: list[float], h: float, variant: str) -> tuple[float, lis
     return B, a.tolist()
 
 
-def sample_unipc(
-    denoiser: Denoiser,
-    z_T: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    order: int = 3,
-    variant: str = "bh2",
-    spacing: str = "logsnr",
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> Tensor:
+def sample_unipc(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, order: int = 3, variant: str = "bh2") -> Tensor:
     """UniPC, Zhao et al. 2023: the UniP-p predictor and UniC corrector, multistep, on data prediction.
 
     At level s with the last p-1 levels s-k, h = lambda_t - lambda_s, r_k = (lambda_{s-k} - lambda_s) / h,
@@ -233,15 +156,14 @@ def sample_unipc(
                    x0~_t = x0_hat(z~_t) is the evaluation the next step makes anyway (no extra one).
     The corrector raises the order by one (UniC-p is order p + 1). The order ramps up over the first
     steps as earlier levels become available; the last step, to the data, is second order in sigma
-    (`_second_order_to_data`) from the corrected state. Deterministic; `generator` is unused.
+    (`_second_order_to_data`) from the corrected state. Deterministic; the walk's generator is unused.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    lv = noise_levels(schedule, steps, spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start)
+    lv, z = walk.levels, z_T
     lam, sig = lv.lambdas, lv.sigmas
-    z = z_T
     x0s: list[Tensor] = []  # x0_hat at each level visited, evaluated at the predicted state
     z_prev = eps_prev = None  # the corrected state at the previous level and its eps_hat
 
@@ -266,8 +188,7 @@ def sample_unipc(
         x0, _ = denoiser(z, t_like(z, t))
         if i > 0:  # UniC: redo the step into this level with its own x0_hat, keep x0 (no new evaluation)
             z = step(z_prev, i - 1, min(order, i), x0)
-        if callback is not None:
-            callback(i, steps, z, x0)
+        walk.report(i, z, x0)
         x0s.append(x0)
         a = lv.abars[i]
         eps = (z - math.sqrt(a) * x0) / math.sqrt(1 - a)  # eps_hat of the corrected state

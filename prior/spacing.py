@@ -1,8 +1,9 @@
 """The noise levels a sampler visits: `steps` points from pure noise down to the data.
 
-Every sampler takes a `spacing` (and, for "karras", `rho`) and walks the same `NoiseLevels`:
-the float timesteps t_0 > t_1 > ... > t_{N-1} it evaluates the network at, and abar at each,
-followed by abar = 1 (the data), where it lands with a final step that needs no evaluation.
+Every sampler takes the options of `Spacing` (the spacing's name and, for "karras" and "logsnr",
+rho and the sigma range) and walks the `NoiseLevels` they place: the float timesteps
+t_0 > t_1 > ... > t_{N-1} it evaluates the network at, and abar at each, followed by abar = 1
+(the data), where it lands with a final step that needs no evaluation.
 
   "trailing": T-1, T-1-T/N, ..., T/N - 1 (Lin et al. 2024, §3.3). Starts at t = T-1, the noise
       level z_T ~ N(0, I) is at, and the step a zero-terminal-SNR schedule needs; its last level
@@ -48,6 +49,7 @@ class NoiseLevels:
 
     ts: list[float]  # N timesteps, decreasing, in the schedule's units 0..T-1
     abars: list[float]  # N + 1 values: abar_{t_i}, then 1.0 (the data)
+    spacing: str  # the spacing that placed them (one of SPACINGS), for the errors that name it
 
     @property
     def sigmas(self) -> list[float]:
@@ -109,58 +111,60 @@ def check_start(schedule: NoiseSchedule, steps: int, t_start: float) -> None:
         )
 
 
-def noise_levels(
-    schedule: NoiseSchedule,
-    steps: int,
-    spacing: str = "trailing",
-    *,
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    t_start: float | None = None,
-) -> NoiseLevels:
-    """The levels of `spacing` (SPACINGS) for `steps` network evaluations on `schedule`.
+@dataclass(frozen=True)
+class Spacing:
+    """Where a sampler's levels go: the options every sampler takes besides its own (samplers.OPTIONS)."""
 
-    rho, sigma_min and sigma_max shape the continuous spacings ("karras", "logsnr"): by default
-    from the schedule's sigma(0) up to min(its largest finite sigma, 80). t_start: the top level's
-    timestep (float, in (0, T-1]; None: T-1, the full range), see the module docstring; a sigma_max
-    above sigma(t_start) is lowered to it. Raises ValueError for an unknown spacing, bounds outside
-    the schedule's range, or a t_start that leaves fewer than `steps` timesteps.
-    """
-    check_steps(schedule, steps)
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
-    if t_start is not None:
-        check_start(schedule, steps, t_start)
-    top = schedule.T if t_start is None else t_start + 1  # as many timesteps as 0..t_start holds
-    if spacing in ("trailing", "leading", "linspace"):
-        if (sigma_min, sigma_max) != (None, None):
-            raise ValueError(f"sigma_min and sigma_max apply to the karras and logsnr spacings, not {spacing!r}")
-        ts = timesteps(top, steps, spacing)
-        return NoiseLevels([float(t) for t in ts], schedule.alphas_cumprod[ts].tolist() + [1.0])
-    if not rho > 0:
-        raise ValueError(f"rho must be positive, got {rho!r}")
-    # sigma at the top level: the schedule's sigma(T-1) (inf with a zero terminal SNR), or sigma(t_start)
-    top_sigma = schedule.sigma_max if t_start is None else schedule.sigma(torch.tensor(float(t_start))).item()
-    sigma_max = min(schedule.sigma_max_finite, KARRAS_SIGMA_MAX) if sigma_max is None else sigma_max
-    if t_start is not None:
-        sigma_max = min(sigma_max, top_sigma)
-    sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
-    lo, hi = schedule.sigma_min, schedule.sigma_max_finite
-    if not lo * (1 - 1e-12) <= sigma_min < sigma_max <= hi * (1 + 1e-12):
-        raise ValueError(
-            f"need {lo:.4g} <= sigma_min < sigma_max <= {hi:.4g} (the schedule's range of finite sigma), "
-            f"got sigma_min={sigma_min}, sigma_max={sigma_max}"
-        )
-    # Where the spacing starts below sigma(T-1), z_T ~ N(0, I) is not yet at its first level: the first
-    # evaluation is at T-1 itself, and one DDIM-like step brings z_T to the spacing's start exactly enough
-    # (x0_hat barely changes above sigma ~ 80). Treating z_T as the state at sigma_max instead costs a mean
-    # error of mu * s_data / sigma_max (0.9% on cosine with Gaussian data, see bench.sampler_accuracy).
-    start = [top_sigma] if spacing == "logsnr" and steps > 1 and sigma_max < top_sigma else []
-    n = steps - len(start)
-    if spacing == "karras":
-        sigmas = karras_sigmas(sigma_min, sigma_max, n, rho)
-    else:  # lambda = -log(sigma): uniform in log sigma
-        sigmas = start + torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n, dtype=torch.float64).tolist()
-    s = torch.tensor(sigmas, dtype=torch.float64)
-    return NoiseLevels(schedule.t_from_sigma(s).tolist(), (1 / (1 + s**2)).tolist() + [1.0])
+    spacing: str = "trailing"  # one of SPACINGS (module docstring)
+    rho: float = 7.0  # karras: eq. 5's rho
+    sigma_min: float | None = None  # karras, logsnr: the lowest sigma (None: the schedule's sigma(0))
+    sigma_max: float | None = None  # karras, logsnr: the highest (None: min(the largest finite sigma, 80))
+
+    def levels(self, schedule: NoiseSchedule, steps: int, t_start: float | None = None) -> NoiseLevels:
+        """The levels of this spacing for `steps` network evaluations on `schedule`.
+
+        rho, sigma_min and sigma_max shape the continuous spacings ("karras", "logsnr"). t_start: the
+        top level's timestep (float, in (0, T-1]; None: T-1, the full range), see the module docstring;
+        a sigma_max above sigma(t_start) is lowered to it. Raises ValueError for an unknown spacing,
+        bounds outside the schedule's range, or a t_start that leaves fewer than `steps` timesteps.
+        """
+        spacing, rho, sigma_min, sigma_max = self.spacing, self.rho, self.sigma_min, self.sigma_max
+        check_steps(schedule, steps)
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+        if t_start is not None:
+            check_start(schedule, steps, t_start)
+        top = schedule.T if t_start is None else t_start + 1  # as many timesteps as 0..t_start holds
+        if spacing in ("trailing", "leading", "linspace"):
+            if (sigma_min, sigma_max) != (None, None):
+                raise ValueError(f"sigma_min and sigma_max apply to the karras and logsnr spacings, not {spacing!r}")
+            ts = timesteps(top, steps, spacing)
+            return NoiseLevels([float(t) for t in ts], schedule.alphas_cumprod[ts].tolist() + [1.0], spacing)
+        if not rho > 0:
+            raise ValueError(f"rho must be positive, got {rho!r}")
+        # sigma at the top level: the schedule's sigma(T-1) (inf with a zero terminal SNR), or sigma(t_start)
+        top_sigma = schedule.sigma_max if t_start is None else schedule.sigma(torch.tensor(float(t_start))).item()
+        sigma_max = min(schedule.sigma_max_finite, KARRAS_SIGMA_MAX) if sigma_max is None else sigma_max
+        if t_start is not None:
+            sigma_max = min(sigma_max, top_sigma)
+        sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
+        lo, hi = schedule.sigma_min, schedule.sigma_max_finite
+        if not lo * (1 - 1e-12) <= sigma_min < sigma_max <= hi * (1 + 1e-12):
+            raise ValueError(
+                f"need {lo:.4g} <= sigma_min < sigma_max <= {hi:.4g} (the schedule's range of finite sigma), "
+                f"got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            )
+        # Where the spacing starts below sigma(T-1), z_T ~ N(0, I) is not yet at its first level: the first
+        # evaluation is at T-1 itself, and one DDIM-like step brings z_T to the spacing's start exactly enough
+        # (x0_hat barely changes above sigma ~ 80). Treating z_T as the state at sigma_max instead costs a mean
+        # error of mu * s_data / sigma_max (0.9% on cosine with Gaussian data, see bench.sampler_accuracy).
+        start = [top_sigma] if spacing == "logsnr" and steps > 1 and sigma_max < top_sigma else []
+        n = steps - len(start)
+        if spacing == "karras":
+            sigmas = karras_sigmas(sigma_min, sigma_max, n, rho)
+        else:  # lambda = -log(sigma): uniform in log sigma
+            sigmas = (
+                start + torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n, dtype=torch.float64).tolist()
+            )
+        s = torch.tensor(sigmas, dtype=torch.float64)
+        return NoiseLevels(schedule.t_from_sigma(s).tolist(), (1 / (1 + s**2)).tolist() + [1.0], spacing)

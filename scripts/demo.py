@@ -14,15 +14,43 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from latentdiff.scripts import cli
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+START = time.monotonic()
+
+
+def clock() -> str:
+    """Minutes:seconds since the demo started, as every step's header shows it."""
+    seconds = int(time.monotonic() - START)
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def say(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
+    print(f"\n==> [{clock()}] {text}", flush=True)
+
+
+class Timings:
+    """Wall-clock seconds of each step of this invocation, printed at the end and kept in OUT/timings.json."""
+
+    def __init__(self, out: Path):
+        self.path = out / "timings.json"
+        self.steps: dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.steps[step] = round(now - self.last, 1)
+        self.last = now
+
+    def write(self) -> None:
+        total = round(time.monotonic() - START, 1)
+        self.path.write_text(json.dumps({"steps": self.steps, "total": total}, indent=2) + "\n")
+        parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.steps.items())
+        print(f"time: {parts}; {total / 60:.1f} min in all (set-up not included; {self.path})")
 
 
 def run(words: list[str]) -> None:
@@ -106,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out)
     data = prepare_data(out)
+    timings.done("data")
     ae_min, text_min, prior_min = args.minutes
     train("autoencoder", out / "autoencoder", ae_min, ["--data", str(data)])
+    timings.done("autoencoder")
     train("text", out / "text", text_min, ["--data", str(data)])
+    timings.done("text")
     train(
         "prior",
         out / "prior",
@@ -121,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "autoencoder"),
             "--text",
             str(out / "text"),
-            "--cache-latents",
         ],
     )
+    timings.done("prior")
     say("generating 8 images for every prompt (DDIM, 50 steps, guidance 3)")
     prompts = class_prompts(data)
     run(
@@ -146,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "samples"),
         ]
     )
+    timings.done("generate")
     say(f"done. One row per prompt: {out / 'samples' / 'grid.png'}")
+    timings.write()
     print(
         "Make more with, for example:\n"
         f'  .venv/bin/latentdiff generate "{prompts[0]}" --run {out / "prior"} --n 16 '

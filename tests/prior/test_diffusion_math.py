@@ -18,7 +18,7 @@ from latentdiff.prior.guidance import cfg_model_fn, concat_conditioning
 from latentdiff.prior.losses import diffusion_loss, min_snr_weight
 from latentdiff.prior.samplers import SAMPLERS, make_denoiser, number_of_evaluations, sample, timesteps
 from latentdiff.prior.schedule import NoiseSchedule
-from latentdiff.prior.spacing import noise_levels
+from latentdiff.prior.spacing import Spacing
 
 F64 = torch.float64
 
@@ -188,7 +188,7 @@ def test_deterministic_samplers_converge_at_their_order(kind, name):
 def test_karras_samplers_start_at_sigma_80_at_most(kind):
     """The cap costs little: abar at sigma 80 is 1.6e-4, so the output law stays close to the data."""
     schedule = NoiseSchedule.make(kind)
-    sigmas = noise_levels(schedule, 10, "karras").sigmas
+    sigmas = Spacing("karras").levels(schedule, 10).sigmas
     assert sigmas[0] == pytest.approx(min(80.0, schedule.sigma_max_finite)) and sigmas[-1] == 0.0
     assert _exact_output_kl("heun", schedule, 50) < 1e-3
 

@@ -19,7 +19,7 @@ from latentdiff.prior.img2img import keep_known, load_image, load_mask, noised
 from latentdiff.prior.parameters import PNG_KEY
 from latentdiff.prior.samplers import SAMPLERS, levels, sample
 from latentdiff.prior.schedule import NoiseSchedule
-from latentdiff.prior.spacing import SPACINGS, noise_levels
+from latentdiff.prior.spacing import SPACINGS, Spacing
 from latentdiff.scripts import cli
 
 F64 = torch.float64
@@ -31,14 +31,14 @@ SD = NoiseSchedule.make("scaled_linear")
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_start_at_the_last_timestep_is_the_full_range_and_part_way_starts_there(spacing):
-    full, top = noise_levels(SD, 10, spacing), noise_levels(SD, 10, spacing, t_start=SD.T - 1)
+    full, top = Spacing(spacing).levels(SD, 10), Spacing(spacing).levels(SD, 10, t_start=SD.T - 1)
     assert top.ts == pytest.approx(full.ts) and top.abars == pytest.approx(full.abars)
-    part = noise_levels(SD, 10, spacing, t_start=499.0)
+    part = Spacing(spacing).levels(SD, 10, t_start=499.0)
     first = 450.0 if spacing == "leading" else 499.0  # leading: (N-1) floor(500 / N), as 900 of 1000 in full
     assert part.ts[0] == pytest.approx(first, abs=1e-6) and part.abars[-1] == 1.0
     assert all(a > b for a, b in zip(part.ts, part.ts[1:])) and part.ts[-1] >= 0
     with pytest.raises(ValueError, match="leaves 10 timesteps, fewer than the 20 steps"):
-        noise_levels(SD, 20, spacing, t_start=9.0)
+        Spacing(spacing).levels(SD, 20, t_start=9.0)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

@@ -30,7 +30,7 @@ from latentdiff.prior.samplers import (
     sample,
 )
 from latentdiff.prior.schedule import NoiseSchedule
-from latentdiff.prior.spacing import SPACINGS, noise_levels
+from latentdiff.prior.spacing import SPACINGS, Spacing
 from latentdiff.scripts import cli
 
 F64 = torch.float64
@@ -123,20 +123,20 @@ def test_every_sampler_takes_every_spacing(name, spacing):
 
 def test_spacings_place_their_levels():
     cosine, linear, sd = (NoiseSchedule.make(k) for k in ("cosine", "linear", "scaled_linear"))
-    lv = noise_levels(sd, 10, "logsnr")  # sigma(T-1) = 14.6: uniform log-SNR from there
+    lv = Spacing("logsnr").levels(sd, 10)  # sigma(T-1) = 14.6: uniform log-SNR from there
     lam = torch.tensor(lv.lambdas[:-1], dtype=F64)
     assert lv.ts[0] == pytest.approx(999) and lv.ts[-1] == pytest.approx(0, abs=1e-6)
     torch.testing.assert_close(lam.diff(), torch.full((9,), float(lam.diff().mean()), dtype=F64))  # uniform
     # cosine's sigma(T-1) ~ 2e4: z_T is evaluated where it is, then uniform log-SNR from sigma = 80
-    lv = noise_levels(cosine, 10, "logsnr")
+    lv = Spacing("logsnr").levels(cosine, 10)
     assert lv.ts[0] == pytest.approx(999) and lv.sigmas[1] == pytest.approx(80.0)
-    kr = noise_levels(cosine, 10, "karras", rho=7.0)
+    kr = Spacing("karras", rho=7.0).levels(cosine, 10)
     assert kr.sigmas[0] == pytest.approx(80.0) and kr.sigmas[-2] == pytest.approx(cosine.sigma_min)
     assert all(a > b for a, b in zip(kr.sigmas, kr.sigmas[1:])) and kr.abars[-1] == 1.0
     with pytest.raises(ValueError, match="the schedule's range of finite sigma"):
-        noise_levels(linear, 10, "karras", sigma_max=500.0)
+        Spacing("karras", sigma_max=500.0).levels(linear, 10)
     with pytest.raises(ValueError, match="sigma_min and sigma_max apply to the karras and logsnr"):
-        noise_levels(linear, 10, "trailing", sigma_max=5.0)
+        Spacing("trailing", sigma_max=5.0).levels(linear, 10)
 
 
 def test_heun_below_eleven_evaluations_is_refused_with_what_works():
