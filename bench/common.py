@@ -131,11 +131,14 @@ def report(name: str, title: str, text: str, figures: dict[str, Any], out: str |
     return path
 
 
-def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+def parser(name: str, doc: str | None, data: bool = False) -> argparse.ArgumentParser:
+    """The flags every benchmark takes (--out); data: also --data, the shards `bench_data` falls back from."""
     p = argparse.ArgumentParser(
         prog=f"python -m bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", help=f"JSON file for the figures (default: runs/bench/{name}.json)")
+    if data:
+        p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
     return p
 
 

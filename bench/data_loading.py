@@ -32,8 +32,7 @@ def loader_rate(data: str, workers: int, batch_size: int, batches: int, resoluti
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser("data_loading", __doc__)
-    p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
+    p = parser("data_loading", __doc__, data=True)
     p.add_argument("--batches", type=int, default=40, help="timed batches of 128 per loader (default: %(default)s)")
     args = p.parse_args(argv)
     data = bench_data(args.data)

@@ -51,8 +51,7 @@ def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser("latent_cache", __doc__)
-    p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
+    p = parser("latent_cache", __doc__, data=True)
     p.add_argument("--steps", type=int, default=20, help="timed training steps per row (default: %(default)s)")
     args = p.parse_args(argv)
     data = bench_data(args.data)

@@ -63,8 +63,7 @@ class Inputs:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser("latent_vs_pixel", __doc__)
-    p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
+    p = parser("latent_vs_pixel", __doc__, data=True)
     p.add_argument("--batch-size", type=int, default=128, help="images per step, both rows (default: %(default)s)")
     p.add_argument(
         "--repeats", type=int, default=10, help="timed latent steps after one warm-up (default: %(default)s)"

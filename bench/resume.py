@@ -35,8 +35,7 @@ def first_batch_after(run: Run, loader, step: int) -> tuple[float, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser("resume", __doc__)
-    p.add_argument("--data", help="shards (default: the demo's, else generated shapes)")
+    p = parser("resume", __doc__, data=True)
     p.add_argument("--step", type=int, default=400, help="the saved step to resume at (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="per step (default: %(default)s, the tiny presets')")
     args = p.parse_args(argv)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from latentdiff.data.images import to_uint8
+
 
 def save_grid(
     images: torch.Tensor,
@@ -81,18 +83,6 @@ def save_png(image: torch.Tensor, path: str | Path, text: dict[str, str] | None 
         info.add_text(key, value)
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)
     return path
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> uint8 in [0, 255], rounding the way PNG writers do."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] (any shape) -> float32 in [-1, 1], x / 127.5 - 1; to_uint8 inverts it exactly."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"from_uint8 expects uint8 pixels, got {images.dtype}")
-    return images.float().div_(127.5).sub_(1.0)  # .float() copies, so the in-place ops never touch the input
 
 
 class MetricLogger:

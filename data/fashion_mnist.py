@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from latentdiff.data.captions import class_prompt, with_article
 from latentdiff.data.images import RESAMPLE, gray_to_rgb
@@ -171,8 +170,8 @@ def convert(
     counts = {}
     for split, (images, labels) in arrays.items():
         samples = iter_samples(split, images, labels, resolution, seed)
-        samples = tqdm(samples, total=len(labels), desc=f"fashion-mnist {split}", disable=not progress)
-        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount)
+        label = "fashion-mnist" if progress else ""
+        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount, progress=label, total=len(labels))
     return write_info(
         out_dir,
         source="fashion-mnist",

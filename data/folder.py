@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from latentdiff.data.captions import decode_caption
 from latentdiff.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_rgb
@@ -259,9 +258,9 @@ def convert(
     _refuse_empty([s for s in needed if s != "train" and not splits[s]], src, report)  # before writing anything
     counts = {}
     for split, pairs in splits.items():
-        samples = tqdm(iter_samples(split, pairs, resolution, report, max_pixels), total=len(pairs),
-                       desc=f"folder {split}", disable=not progress)  # fmt: skip
-        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount)
+        samples = iter_samples(split, pairs, resolution, report, max_pixels)
+        label = "folder" if progress else ""
+        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount, progress=label, total=len(pairs))
     _refuse_empty([s for s in needed if counts[s] == 0], src, report)  # train, whose files are read only now
     _log_report(report)
     return write_info(

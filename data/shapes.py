@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from latentdiff.data.captions import with_article
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS, Sample, write_info, write_split
@@ -238,8 +237,8 @@ def build(
     }
     for split, count in counts.items():
         samples = generate_shapes(count, seed, resolution, holdout, split)
-        samples = tqdm(samples, total=count, desc=f"shapes {split}", disable=not progress)
-        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount)
+        label = "shapes" if progress else ""
+        counts[split] = write_split(out_dir, split, samples, maxcount=maxcount, progress=label, total=count)
     return write_info(
         out_dir,
         source="shapes",

@@ -21,6 +21,7 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
+from tqdm import tqdm
 
 from latentdiff.data.images import png_bytes
 
@@ -69,11 +70,15 @@ def write_split(
     split: str,
     samples: Iterable[Sample],
     maxcount: int = DEFAULT_MAXCOUNT,
+    *,
+    progress: str = "",
+    total: int | None = None,
 ) -> int:
     """Write `samples` as DIR/{split}-000000.tar, ... with at most `maxcount` per shard; return the count.
 
     Earlier shards of the same split are removed first, so re-running with another `maxcount`
-    never leaves stale shards behind that a reader would pick up twice.
+    never leaves stale shards behind that a reader would pick up twice. progress: a label, e.g. the
+    source's name; when given, a progress bar "{progress} {split}" counts the samples up to `total`.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be at least 1, got {maxcount}")
@@ -84,7 +89,7 @@ def write_split(
     writer = None
     count = 0
     try:
-        for sample in samples:
+        for sample in tqdm(samples, total=total, desc=f"{progress} {split}", disable=not progress):
             if writer is None:  # opened lazily: an empty split writes no shard at all
                 # mtime fixed so the same samples give byte-identical shards; an int avoids a pax header per member.
                 writer = wds.ShardWriter(

@@ -27,6 +27,12 @@ from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import Runtime
 from latentdiff.data.reader import read_info
+from latentdiff.prior.pipeline import (
+    add_guidance_rescale_argument,
+    add_precision_argument,
+    add_stage_arguments,
+    pipeline_from_arguments,
+)
 from latentdiff.prior.samplers import add_sampler_arguments, check_number, sampler_arguments
 
 from .classifier import load_classifier
@@ -54,18 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="prior run directory (`latentdiff train prior --out RUN`)")
     p.add_argument("--decoder", metavar="RUN", help="decode with this `latentdiff train decoder` run (same encoder)")
-    p.add_argument(
-        "--autoencoder",
-        metavar="RUN",
-        help="the prior's autoencoder run, if not where the run recorded it "
-        "(its latent space must be the one the prior trained on)",
-    )
-    p.add_argument(
-        "--text",
-        metavar="RUN",
-        help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
-        "not where the run recorded it (same weights, checked by hash)",
-    )
+    add_stage_arguments(p)
     p.add_argument("--data", required=True, help="dataset with the real test images (and captions, labels)")
     p.add_argument("--split", default="test", help="split of --data to compare with (default: %(default)s)")
     p.add_argument("--n", type=int, default=1000, help="images generated per guidance value (default: %(default)s)")
@@ -85,19 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampler_arguments(p)
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
-    p.add_argument(
-        "--guidance-rescale",
-        type=float,
-        default=0.0,
-        help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; default: 0, off)",
-    )
+    add_guidance_rescale_argument(p)
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
-    )
+    add_precision_argument(p)
     p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
     p.add_argument("--out", help="report directory (default: RUN/eval)")
     return p
@@ -119,8 +104,6 @@ def _grid_indices(prompts: PromptSet, per_prompt: int = 8, max_rows: int = 10) -
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from latentdiff.prior.pipeline import TextToImage
-
     guidances = parse_guidance(args.guidance)
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
@@ -133,14 +116,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out or Path(args.run) / "eval")
 
     # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
-    pipe = TextToImage.from_run(
-        args.run,
-        device=device,
-        decoder=args.decoder,
-        precision=args.precision,
-        autoencoder=args.autoencoder,
-        text=args.text,
-    )
+    pipe = pipeline_from_arguments(args, device)
     sampling = dict(
         steps=args.steps,
         sampler=args.sampler,

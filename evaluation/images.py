@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from latentdiff.core.logger import to_uint8
-from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
+from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb, to_uint8
 from latentdiff.data.reader import make_loader
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS

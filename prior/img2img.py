@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from latentdiff.core.logger import from_uint8
-from latentdiff.data.images import BadImage, load_rgb
+from latentdiff.data.images import BadImage, from_uint8, load_rgb
 
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule

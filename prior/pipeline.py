@@ -17,6 +17,7 @@ the autoencoder's LatentSpace must equal the one the prior recorded, the text en
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import progress
 from latentdiff.core.runs import load_run
-from latentdiff.core.runtime import pick_device, sampling_dtype
+from latentdiff.core.runtime import SAMPLING_PRECISIONS, pick_device, sampling_dtype
 from latentdiff.decoder.load import load_decoder
 
 from .config import PriorConfig, make_schedule
@@ -138,48 +139,16 @@ class TextToImage:
 
     @torch.inference_mode()
     def __call__(
-        self,
-        prompts: list[str] | str,
-        *,
-        n: int = 1,
-        steps: int | None = None,
-        sampler: str | None = None,
-        guidance: float | None = None,
-        negative_prompt: str = "",
-        seed: int = 0,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
-        sampler_options: dict | None = None,
-        init_image: str | Path | None = None,
-        mask: str | Path | None = None,
-        strength: float | None = None,
-        batch_size: int = 64,
-        only: list[int] | None = None,
-        show_progress: bool = False,
+        self, prompts: list[str] | str, *, only: list[int] | None = None, show_progress: bool = False, **options
     ) -> torch.Tensor:
         """(len(prompts) * n, 3, H, W) images in [-1, 1], prompt-major (all images of prompt 0 first).
 
-        init_image, mask, strength: img2img and inpainting (module docstring; `settings` for the defaults).
-        only: the indices of the images to make and return (in that order); their batches are run whole,
-        so each comes out exactly as in the full call.
+        options: the keywords of `settings` (n, steps, sampler, guidance, negative_prompt, seed, eta,
+        batch_size, guidance_rescale, sampler_options, and init_image, mask, strength for img2img and
+        inpainting: module docstring), checked there. only: the indices of the images to make and return
+        (in that order); their batches are run whole, so each comes out exactly as in the full call.
         """
-        settings = self.settings(
-            prompts,
-            n=n,
-            steps=steps,
-            sampler=sampler,
-            guidance=guidance,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            eta=eta,
-            batch_size=batch_size,
-            guidance_rescale=guidance_rescale,
-            sampler_options=sampler_options,
-            init_image=init_image,
-            mask=mask,
-            strength=strength,
-        )
-        return self.generate(settings, only=only, show_progress=show_progress)
+        return self.generate(self.settings(prompts, **options), only=only, show_progress=show_progress)
 
     @torch.inference_mode()
     def generate(
@@ -267,15 +236,15 @@ class TextToImage:
 
     def settings(
         self,
-        prompts,
+        prompts: list[str] | str,
         *,
-        n,
-        steps,
-        sampler,
-        guidance,
-        negative_prompt,
-        seed,
-        eta=None,
+        n: int = 1,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
+        negative_prompt: str = "",
+        seed: int = 0,
+        eta: float | None = None,
         batch_size: int = 64,
         guidance_rescale: float = 0.0,
         sampler_options: dict | None = None,
@@ -284,6 +253,9 @@ class TextToImage:
         strength: float | None = None,
     ) -> GenerationSettings:
         """Resolve defaults from the run's sampling config and check every value (ValueError with the range).
+
+        steps, sampler, guidance: None is the run's (its sampling config); n: images per prompt;
+        image k of the call (prompt-major) is made from seed + k.
 
         strength defaults to 0.75 for img2img and 1.0 with a mask (repaint from pure noise); it needs
         an init image, and so does a mask. The image files are read here, so a bad one fails first.
@@ -345,3 +317,57 @@ class TextToImage:
             strength,
             self.decoder_run,
         )
+
+
+# ---- the command-line flags of from_run, shared by `generate`, `evaluate` and `serve` -------------
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    """--autoencoder and --text: from_run's `autoencoder` and `text`, the prior's frozen stages moved elsewhere."""
+    p.add_argument(
+        "--autoencoder",
+        metavar="RUN",
+        help="the prior's autoencoder run, if not where the run recorded it "
+        "(its latent space must be the one the prior trained on)",
+    )
+    p.add_argument(
+        "--text",
+        metavar="RUN",
+        help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
+        "not where the run recorded it (same weights, checked by hash)",
+    )
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    """--precision: from_run's `precision` (core.runtime.sampling_dtype)."""
+    p.add_argument(
+        "--precision",
+        choices=list(SAMPLING_PRECISIONS),
+        default="auto",
+        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
+    )
+
+
+def add_guidance_rescale_argument(p: argparse.ArgumentParser) -> None:
+    """--guidance-rescale: `settings`' guidance_rescale."""
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)",
+    )
+
+
+def pipeline_from_arguments(args: argparse.Namespace, device: torch.device | str | None = None) -> TextToImage:
+    """TextToImage.from_run(--run) with --decoder, --precision and the flags of add_stage_arguments.
+
+    device: where to load it (default: --device). Raises CheckpointError for a run that does not fit.
+    """
+    return TextToImage.from_run(
+        args.run,
+        device=args.device if device is None else device,
+        decoder=args.decoder,
+        precision=args.precision,
+        autoencoder=args.autoencoder,
+        text=args.text,
+    )

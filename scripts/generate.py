@@ -16,6 +16,12 @@ from pathlib import Path
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid, save_png
 from latentdiff.core.outputs import fresh_output_dir
+from latentdiff.prior.pipeline import (
+    add_guidance_rescale_argument,
+    add_precision_argument,
+    add_stage_arguments,
+    pipeline_from_arguments,
+)
 from latentdiff.prior.samplers import add_sampler_arguments, sampler_arguments
 
 # What --from-png may be combined with: where and how to run, not what to make.
@@ -31,18 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prior run directory (it records its autoencoder and text encoder); required unless --from-png names it",
     )
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
-    p.add_argument(
-        "--autoencoder",
-        metavar="RUN",
-        help="the prior's autoencoder run, if not where the run recorded it "
-        "(its latent space must be the one the prior trained on)",
-    )
-    p.add_argument(
-        "--text",
-        metavar="RUN",
-        help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
-        "not where the run recorded it (same weights, checked by hash)",
-    )
+    add_stage_arguments(p)
     p.add_argument("--out", default="outputs", help="output directory, new or empty (default: %(default)s)")
     p.add_argument(
         "--overwrite",
@@ -52,12 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     add_sampler_arguments(p)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the run's)")
-    p.add_argument(
-        "--guidance-rescale",
-        type=float,
-        default=0.0,
-        help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)",
-    )
+    add_guidance_rescale_argument(p)
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
     p.add_argument(
         "--seed",
@@ -90,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="make again the image a PNG of generate or serve describes (its 'parameters' text chunk)",
     )
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
-    )
+    add_precision_argument(p)
     return p
 
 
@@ -147,7 +132,6 @@ def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Path:
     from latentdiff.prior.parameters import generate_command, png_parameters
-    from latentdiff.prior.pipeline import TextToImage
 
     only = None
     if args.from_png:
@@ -177,14 +161,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         )
     out = Path(args.out)
     fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
-    pipe = TextToImage.from_run(
-        args.run,
-        device=args.device,
-        decoder=args.decoder,
-        precision=args.precision,
-        autoencoder=args.autoencoder,
-        text=args.text,
-    )
+    pipe = pipeline_from_arguments(args)
     settings = pipe.settings(prompts, **kwargs)
     images = pipe.generate(settings, only=only, show_progress=True)
     command = generate_command(settings, device=args.device, decoder=args.decoder, precision=args.precision)

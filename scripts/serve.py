@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from latentdiff.core.errors import UserError, cli_errors
+from latentdiff.prior.pipeline import add_precision_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="the UNet's while sampling: auto is bf16 on CUDA and on CPUs with AMX, else fp32",
-    )
+    add_precision_argument(p)
     return p
 
 

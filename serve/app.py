@@ -84,35 +84,11 @@ def _generate_tab(generator: Generator) -> None:
                 elem_id="files",
             )
 
-    def run(
-        prompt,
-        negative,
-        sampler,
-        steps,
-        guidance,
-        seed,
-        n,
-        init_image,
-        mask,
-        strength,
-        request: gr.Request,
-        progress=gr.Progress(track_tqdm=True),
-    ):  # the pipeline's own tqdm bar, one tick per network pass
+    # Gradio passes the request and the progress tracker (found by annotation and default), then the
+    # inputs below in their order: the fields of Generator.check.
+    def run(request: gr.Request, progress=gr.Progress(track_tqdm=True), *form):  # track_tqdm: the pipeline's bar
         try:
-            result = generator.generate(
-                prompt,
-                negative,
-                sampler,
-                steps,
-                guidance,
-                seed,
-                n,
-                init_image=init_image,
-                mask=mask,
-                strength=strength,
-                session=request.session_hash or "",
-                show_progress=True,
-            )
+            result = generator.generate(*form, session=request.session_hash or "", show_progress=True)
         except (UserError, Cancelled) as e:
             raise _message(e) from None
         images = [(str(f), f"image {i}, seed {result.settings.seed + i}") for i, f in enumerate(result.files)]

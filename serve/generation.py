@@ -93,13 +93,14 @@ class Generator:
 
     def defaults(self) -> GenerationSettings:
         """The run's own sampling settings: the form's initial values."""
-        return self.pipe.settings("", n=1, steps=None, sampler=None, guidance=None, negative_prompt="", seed=0)
+        return self.pipe.settings("")
 
     def check(
-        self, prompt, negative_prompt, sampler, steps, guidance, seed, n, *, init_image=None, mask=None, strength=None
+        self, prompt, negative_prompt, sampler, steps, guidance, seed, n, init_image=None, mask=None, strength=None
     ) -> GenerationSettings:
         """Form values -> resolved settings; any bad value is a UserError that says which and why.
 
+        The arguments are the Generate tab's fields in the page's order (app.py passes them so).
         init_image, mask: image files (img2img, inpainting; prior/img2img.py), None for text-to-image;
         strength: img2img's, in [0, 1] (None: the pipeline's default).
         """
@@ -141,38 +142,12 @@ class Generator:
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
 
-    def generate(
-        self,
-        prompt,
-        negative_prompt,
-        sampler,
-        steps,
-        guidance,
-        seed,
-        n,
-        *,
-        init_image=None,
-        mask=None,
-        strength=None,
-        session: str = "",
-        show_progress: bool = False,
-    ) -> Result:
+    def generate(self, *form, session: str = "", show_progress: bool = False, **named) -> Result:
         """Sample n images for one prompt (img2img / inpainting with an init image) and write them as PNGs.
 
-        Raises UserError or Cancelled.
+        form, named: the form's fields, as `check` takes them. Raises UserError or Cancelled.
         """
-        settings = self.check(
-            prompt,
-            negative_prompt,
-            sampler,
-            steps,
-            guidance,
-            seed,
-            n,
-            init_image=init_image,
-            mask=mask,
-            strength=strength,
-        )
+        settings = self.check(*form, **named)
         command = generate_command(settings, **self.command_flags)
         # Registered before waiting for the lock, so a request still waiting can be cancelled too.
         flag = self._flags[session] = threading.Event()

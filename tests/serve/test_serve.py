@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from latentdiff.core.errors import UserError
-from latentdiff.core.logger import to_uint8
+from latentdiff.data.images import to_uint8
 from latentdiff.scripts import cli
 
 pytest.importorskip("gradio", reason="latentdiff serve needs gradio: pip install -e '.[serve]' (make setup does)")
