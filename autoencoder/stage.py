@@ -23,7 +23,7 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
-from latentdiff.data.reader import make_loader, read_info
+from latentdiff.data.reader import make_loader, read_info, read_once
 from latentdiff.decoder.losses import begin_with_gan, discriminator_step, reconstruction_metrics, save_reconstructions
 from latentdiff.decoder.perceptual import lpips_distance
 
@@ -73,17 +73,7 @@ def evaluate_reconstruction(
     model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device, lpips_model=None
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Mean PSNR (and LPIPS) of posterior-mode reconstructions over up to cfg.eval_images val images."""
-    loader = make_loader(
-        data,
-        "val",
-        cfg.train.batch_size,
-        shuffle=False,
-        repeat=False,
-        drop_last=False,
-        resolution=cfg.resolution,
-        rank=0,
-        world_size=1,
-    )
+    loader = read_once(data, "val", cfg.train.batch_size, cfg.resolution)
     psnrs, lpipss, shown = [], [], None
     for batch in loader:
         x = batch["image"].to(device)

@@ -515,3 +515,18 @@ def make_loader(
         shuffle_buffer=shuffle_buffer,
     )
     return Loader(dataset, num_workers, name=f"{data} ({split})")
+
+
+def read_once(data: str, split: str, batch_size: int, resolution: int | None = None) -> Loader:
+    """One in-order pass over `split` on this process alone (evaluation, caching): no shuffle, the last batch kept."""
+    return make_loader(
+        data,
+        split,
+        batch_size,
+        shuffle=False,
+        repeat=False,
+        drop_last=False,
+        resolution=resolution,
+        rank=0,
+        world_size=1,
+    )

@@ -26,7 +26,7 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runs import find_recorded, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import make_loader, read_once
 
 from .losses import (
     DecoderLoss,
@@ -71,9 +71,7 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_images: int, device) -> dict:
     """Val PSNR of this decoder against the autoencoder's own decoder (bicubically upsampled when upscale > 1)."""
-    loader = make_loader(
-        data, "val", 100, shuffle=False, repeat=False, drop_last=False, resolution=res * upscale, rank=0, world_size=1
-    )
+    loader = read_once(data, "val", 100, res * upscale)
     ours, base, n, shown = [], [], 0, None
     for batch in loader:
         x = batch["image"].to(device)

@@ -18,7 +18,7 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, make_optimizer, stage_main
-from latentdiff.data.reader import make_loader, read_info, resolve_shards
+from latentdiff.data.reader import make_loader, read_info, read_once, resolve_shards
 
 from .classifier import (
     Classifier,
@@ -48,17 +48,7 @@ def evaluate_accuracy(
     model: Classifier, data: str, split: str, heads: Heads, resolution: int, max_images: int, batch_size: int = 250
 ) -> dict[str, float]:
     """Fraction of up to `max_images` images of `split` with every head right ("accuracy") and per head."""
-    loader = make_loader(
-        data,
-        split,
-        batch_size,
-        shuffle=False,
-        repeat=False,
-        drop_last=False,
-        resolution=resolution,
-        rank=0,
-        world_size=1,
-    )
+    loader = read_once(data, split, batch_size, resolution)
     device = next(model.parameters()).device
     hits: dict[str, list[torch.Tensor]] = {}
     seen = 0

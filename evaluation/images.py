@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb, to_uint8
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import read_once
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 
@@ -108,9 +108,7 @@ def load_image_set(
 
 
 def _from_shards(data: str, split: str, limit: int | None, resolution: int | None) -> ImageSet:
-    loader = make_loader(
-        data, split, 250, shuffle=False, repeat=False, drop_last=False, resolution=resolution, rank=0, world_size=1
-    )
+    loader = read_once(data, split, 250, resolution)
     chunks, captions, metas = [], [], []
     for batch in loader:
         chunks.append(to_uint8(batch["image"]))  # the reader's [-1, 1] back to the exact stored pixels

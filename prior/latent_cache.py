@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from latentdiff.autoencoder.load import encoder_hash
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.data.reader import make_loader
+from latentdiff.data.reader import read_once
 
 
 class LatentCache:
@@ -37,17 +37,7 @@ class LatentCache:
         info_path = path / "cache.json"
         if rt.is_main and _recorded_key(info_path) != key:  # missing, stale or damaged: (re)build it
             means, stds, captions = [], [], []
-            loader = make_loader(
-                data,
-                "train",
-                batch_size,
-                shuffle=False,
-                repeat=False,
-                drop_last=False,
-                resolution=resolution,
-                rank=0,
-                world_size=1,
-            )
+            loader = read_once(data, "train", batch_size, resolution)
             skipped = 0
             for batch in tqdm(loader, desc="caching latents", unit="batch"):
                 post = ae.encode(batch["image"].to(next(ae.parameters()).device))

@@ -26,7 +26,7 @@ from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
-from latentdiff.data.reader import make_loader, read_info
+from latentdiff.data.reader import make_loader, read_info, read_once
 
 from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages, stage_records
@@ -59,7 +59,7 @@ def default_prompts(data: str, n: int = 8) -> list[str]:
     info = read_info(data)
     if info.get("classes"):
         return [class_prompt(c) for c in info["classes"]]
-    loader = make_loader(data, "val", n, shuffle=False, repeat=False, drop_last=False, rank=0, world_size=1)
+    loader = read_once(data, "val", n)
     batch = next(iter(loader), None)
     return list(batch["caption"]) if batch else ["a photo"]
 

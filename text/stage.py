@@ -21,7 +21,7 @@ from latentdiff.core.flags import add_train_args
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
-from latentdiff.data.reader import make_loader, read_info
+from latentdiff.data.reader import make_loader, read_info, read_once
 
 from .encoder import TextEncoder
 from .evaluate import retrieval_metrics, zero_shot_accuracy
@@ -54,17 +54,7 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     """Zero-shot accuracy over the class prompts (labelled data) and retrieval recall@1/5 on val."""
 
     def val_batches():
-        loader = make_loader(
-            data,
-            "val",
-            250,
-            shuffle=False,
-            repeat=False,
-            drop_last=False,
-            resolution=cfg.resolution,
-            rank=0,
-            world_size=1,
-        )
+        loader = read_once(data, "val", 250, cfg.resolution)
         seen = 0
         for batch in loader:
             yield batch
