@@ -14,7 +14,8 @@ a GPU included, with `--set train.precision=fp32` to keep the CPU's arithmetic.
     python -m bench.demo_races --trial "base: --steps 480" \\
         --trial "cosine: --steps 480 --set train.lr_decay=cosine" --common "--set train.precision=fp32"
 
-Results are written after every trial (JSON under --out); --resume skips trials already scored.
+Results are written after every trial (JSON under --out); --resume skips trials already scored, and a
+trial whose run finished training (RUN/summary.json) is scored without training it again.
 """
 
 from __future__ import annotations
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         run_dir = Path(args.runs) / name
         common = shlex.split(args.common)
-        t0 = time.monotonic()
-        run(
-            ["train", "prior", "--out", str(run_dir), "--preset", "tiny", "--data", args.data]
-            + ["--autoencoder", args.autoencoder, "--text", args.text, *common, *flags]
-        )
-        train_s = time.monotonic() - t0
+        t0, trained = time.monotonic(), False
+        if not (run_dir / "summary.json").exists():  # a run that finished training but was not scored is kept
+            run(
+                ["train", "prior", "--out", str(run_dir), "--preset", "tiny", "--data", args.data]
+                + ["--autoencoder", args.autoencoder, "--text", args.text, *common, *flags]
+            )
+            trained = True
+        train_s = time.monotonic() - t0 if trained else None
         summary = json.loads((run_dir / "summary.json").read_text())
         run(
             ["evaluate", "--run", str(run_dir), "--data", args.data, "--n", str(args.n)]
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 "name": name,
                 "flags": shlex.join([*common, *flags]),
                 "steps": summary.get("steps"),
-                "train_seconds": round(train_s, 1),
+                "train_seconds": round(train_s, 1) if train_s is not None else None,  # None: trained earlier
                 "rows": rows,
             }
         )

@@ -87,3 +87,18 @@ def test_resume_benchmark_gives_the_same_batch_both_ways(tmp_path, data):
     figures = resume.main(["--data", str(data), "--step", "20", "--batch-size", "4", "--out", str(out)])
     assert figures["same_batch"] is True and figures["before_s"] > 0 and figures["after_s"] > 0
     assert json.loads(out.read_text())["figures"]["step"] == 20
+
+
+def test_demo_races_reads_trials_and_picks_the_goal_row():
+    from bench import demo_races
+
+    assert demo_races.parse_trial("lr2: --steps 450 --lr 2e-3") == ("lr2", ["--steps", "450", "--lr", "2e-3"])
+    with pytest.raises(SystemExit, match="NAME: FLAGS"):
+        demo_races.parse_trial("--steps 450")  # no name
+    rows = [
+        {"guidance": 2.0, "prompt_accuracy": 0.86, "fid": 5.1},  # lowest FID, but short of 90%
+        {"guidance": 3.0, "prompt_accuracy": 0.92, "fid": 5.6},
+        {"guidance": 5.0, "prompt_accuracy": 0.97, "fid": 11.8},
+    ]
+    assert demo_races.best(rows)["guidance"] == 3.0
+    assert demo_races.best(rows[:1]) is None
