@@ -31,28 +31,54 @@ from latentdiff.evaluation.fid import StatisticsCache, extract_features, real_re
 from latentdiff.evaluation.images import load_image_set
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_hits
 from latentdiff.prior.pipeline import TextToImage
-from latentdiff.prior.samplers import KNOWN_AS, normalise, number_of_evaluations, resolve
+from latentdiff.prior.samplers import KNOWN_AS, check_options, normalise, number_of_evaluations, resolve
 
 from .common import DEMO, OUT, ROOT, device, parser, report, table
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "heun", "unipc", "euler-a", "dpmpp-2m-sde")
+# Entries are sampler names or aliases, optionally with a step spacing after a colon (prior/spacing.py).
+SAMPLERS = (
+    "ddpm",
+    "ddim",
+    "dpmpp-2m",
+    "dpmpp-2m-karras",
+    "dpmpp-2m:logsnr",
+    "heun",
+    "unipc",
+    "unipc:trailing",
+    "euler-a",
+    "dpmpp-2m-sde",
+)
+
+
+def entry(sampler: str) -> tuple[str, dict]:
+    """'dpmpp-2m:logsnr' -> ('dpmpp-2m', {'spacing': 'logsnr'}); a plain name has no options. Checked here."""
+    name, _, spacing = sampler.partition(":")
+    options = {"spacing": spacing} if spacing else {}
+    try:
+        check_options(name, options)
+    except ValueError as e:
+        raise SystemExit(f"--samplers {sampler}: {e}") from None
+    return name, options
 
 
 def title(sampler: str) -> str:
-    """How tables name a sampler: the front-ends' name for an alias ("DPM++ 2M Karras"), else the registry's title."""
+    """How tables name a sampler: the front-ends' name for an alias ("DPM++ 2M Karras"), else the registry's
+    title; a spacing given after a colon follows in brackets."""
+    name, options = entry(sampler)
     known = {normalise(v): k for k, v in KNOWN_AS.items()}
-    spec, preset = resolve(sampler)
-    return known.get(normalise(sampler), spec.title) if preset else spec.title
+    spec, preset = resolve(name)
+    label = known.get(normalise(name), spec.title) if preset else spec.title
+    return f"{label} ({options['spacing']})" if options else label
 
 
 def steps_for(sampler: str, nfe: int) -> int:
     """The most steps whose network evaluations fit in the budget nfe."""
-    return resolve(sampler)[0].steps_for(nfe)
+    return resolve(entry(sampler)[0])[0].steps_for(nfe)
 
 
 def refused(sampler: str, nfe: int) -> bool:
     """True where the sampler refuses that few steps (Heun below 11 evaluations)."""
-    return steps_for(sampler, nfe) < resolve(sampler)[0].min_steps
+    return steps_for(sampler, nfe) < resolve(entry(sampler)[0])[0].min_steps
 
 
 def ensure_classifier(run: Path, data: str) -> Path:
@@ -172,11 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             steps = steps_for(sampler, budget)
             t0 = time.monotonic()
+            name, options = entry(sampler)
             images = pipe(
                 prompts.prompts,
                 n=1,
                 steps=steps,
-                sampler=sampler,
+                sampler=name,
+                sampler_options=options,
                 guidance=args.guidance,
                 seed=args.seed,
                 batch_size=args.batch_size,
@@ -187,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "sampler": sampler,
                 "nfe_budget": budget,
                 "steps": steps,
-                "nfe": number_of_evaluations(sampler, steps),
+                "nfe": number_of_evaluations(name, steps),
                 "generation_seconds": seconds,
                 "prompt_accuracy": prompt_hits(classifier, images, prompts.targets)["all"].float().mean().item(),
                 **score(statistics(extract_features(space, images)), ref),

@@ -17,14 +17,21 @@ from latentdiff.prior.samplers import SAMPLERS, number_of_evaluations
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 @pytest.mark.parametrize("budget", [5, 10, 20, 1000])
 def test_sampler_steps_fit_the_evaluation_budget(sampler, budget):
+    name, _, spacing = sampler.partition(":")
     steps = samplers.steps_for(sampler, budget)
-    nfe = number_of_evaluations(sampler, steps)
+    nfe = number_of_evaluations(name, steps)
     assert nfe <= budget
-    assert number_of_evaluations(sampler, steps + 1) > budget  # the most steps that fit
-    assert samplers.refused(sampler, budget) == (sampler == "heun" and budget < 11)
-    assert samplers.title(sampler) == {"dpmpp-2m-karras": "DPM++ 2M Karras"}.get(
-        sampler, SAMPLERS[sampler].title if sampler in SAMPLERS else None
-    )
+    assert number_of_evaluations(name, steps + 1) > budget  # the most steps that fit
+    assert samplers.refused(sampler, budget) == (name == "heun" and budget < 11)
+    expected = {"dpmpp-2m-karras": "DPM++ 2M Karras"}.get(name, SAMPLERS[name].title if name in SAMPLERS else None)
+    assert samplers.title(sampler) == (f"{expected} ({spacing})" if spacing else expected)
+
+
+def test_sampler_benchmark_entries_carry_a_checked_spacing():
+    assert samplers.entry("dpmpp-2m:logsnr") == ("dpmpp-2m", {"spacing": "logsnr"})
+    assert samplers.entry("unipc") == ("unipc", {})
+    with pytest.raises(SystemExit, match="dpmpp-2m:bogus"):
+        samplers.entry("dpmpp-2m:bogus")
 
 
 def test_sampler_accuracy_benchmark_prints_every_sampler(tmp_path):
