@@ -106,7 +106,7 @@ def ensure_classifier(run: Path, data: str) -> Path:
     return run
 
 
-def plot(points: list[dict], path: Path, title: str) -> Path:
+def plot(points: list[dict], path: Path, heading: str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
@@ -132,7 +132,7 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
         ax.set_xlabel("network evaluations (NFE)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(title.replace(f"{ROOT}/", ""), fontsize=10)
+    fig.suptitle(heading.replace(f"{ROOT}/", ""), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

@@ -27,6 +27,16 @@ def test_sampler_steps_fit_the_evaluation_budget(sampler, budget):
     assert samplers.title(sampler) == (f"{expected} ({spacing})" if spacing else expected)
 
 
+def test_sampler_benchmark_plot_names_each_sampler(tmp_path):
+    point = {"fid_floor": 1.0, "n_fake": 250, "n_reference": 9750}
+    points = [
+        {**point, "sampler": s, "nfe": n, "nfe_budget": n, "fid": f, "prompt_accuracy": 0.9}
+        for s, n, f in [("ddim", 5, 20.0), ("ddim", 10, 8.0), ("unipc:trailing", 5, 9.0), ("unipc:trailing", 10, 6.0)]
+    ]
+    path = samplers.plot(points, tmp_path / "plot.png", "demo prior")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
 def test_sampler_benchmark_entries_carry_a_checked_spacing():
     assert samplers.entry("dpmpp-2m:logsnr") == ("dpmpp-2m", {"spacing": "logsnr"})
     assert samplers.entry("unipc") == ("unipc", {})
