@@ -24,7 +24,7 @@ from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, read_once
-from latentdiff.decoder.losses import begin_with_gan, discriminator_step, reconstruction_metrics, save_reconstructions
+from latentdiff.decoder.losses import begin_with_gan, discriminator_step, log_reconstruction_step
 from latentdiff.decoder.perceptual import lpips_distance
 
 from .load import encoder_hash
@@ -135,11 +135,7 @@ def train(args: argparse.Namespace) -> dict:
         run.advance(x.shape[0], batch["skipped"])
         ema.update(model)
 
-        if run.every(tcfg.log_every, step):
-            run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
-        if run.every(tcfg.sample_every, step):
-            grid = run.path / "samples" / f"recon_{step + 1:07d}.png"
-            run.sample(step, lambda: save_reconstructions(x, x_hat, grid), tag="reconstructions")
+        log_reconstruction_step(run, step, tcfg.log_every, tcfg.sample_every, terms, x, x_hat, lr, grad_norm)
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 

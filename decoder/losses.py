@@ -206,3 +206,15 @@ def reconstruction_metrics(
 def save_reconstructions(x: torch.Tensor, x_hat: torch.Tensor, path):
     """A grid of up to 16 inputs (first row) above their reconstructions (second row); returns its path."""
     return save_grid(torch.cat([x[:16], x_hat[:16].detach()]), path, 16)
+
+
+def log_reconstruction_step(run, step: int, log_every: int, sample_every: int, terms, x, x_hat, lr, grad_norm) -> None:
+    """What the autoencoder and decoder loops log after a step: the metrics line and, at its interval, the grid.
+
+    run: the stage's core.train.Run; x, x_hat: (B, 3, H, W) in [-1, 1]; terms: the loss terms, (B,) each.
+    """
+    if run.every(log_every, step):
+        run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
+    if run.every(sample_every, step):
+        grid = run.path / "samples" / f"recon_{step + 1:07d}.png"
+        run.sample(step, lambda: save_reconstructions(x, x_hat, grid), tag="reconstructions")

@@ -33,8 +33,7 @@ from .losses import (
     DecoderLossConfig,
     begin_with_gan,
     discriminator_step,
-    reconstruction_metrics,
-    save_reconstructions,
+    log_reconstruction_step,
 )
 from .network import Decoder, DecoderConfig
 
@@ -169,11 +168,7 @@ def train(args: argparse.Namespace) -> dict:
         run.advance(x.shape[0], batch["skipped"])
         ema.update(decoder)
 
-        if run.every(tcfg.log_every, step):
-            run.log(step, reconstruction_metrics(terms, x, x_hat, lr, grad_norm))
-        if run.every(tcfg.sample_every, step):
-            grid = run.path / "samples" / f"recon_{step + 1:07d}.png"
-            run.sample(step, lambda: save_reconstructions(x, x_hat, grid), tag="reconstructions")
+        log_reconstruction_step(run, step, tcfg.log_every, tcfg.sample_every, terms, x, x_hat, lr, grad_norm)
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
