@@ -9,7 +9,7 @@ Prints, per schedule, the relative error of the std (and of the mean) of every s
 default spacing at each budget of evaluations, then the std error of every sampler x spacing.
 
     python -m bench.sampler_accuracy               # ~4 min on one core
-    python -m bench.sampler_accuracy --samplers unipc --budgets 6,8,10 --option order=2
+    python -m bench.sampler_accuracy --samplers unipc --budgets 6,8,10 --option order=2 --option spacing=logsnr
 """
 
 from __future__ import annotations

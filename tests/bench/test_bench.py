@@ -50,7 +50,7 @@ def test_sampler_accuracy_benchmark_prints_every_sampler(tmp_path):
         ["--samplers", "ddim,heun,unipc", "--budgets", "5,20", "--n", "2000", "--out", str(out)]
     )
     table = json.loads(out.read_text())["table"]
-    assert "| UniPC (logsnr) |" in table and "refused" in table  # Heun at 5 evaluations
+    assert "| UniPC (trailing) |" in table and "refused" in table  # Heun at 5 evaluations
     assert figures["default"]["cosine"]["heun"][0] is None
     std_err = figures["default"]["scaled_linear"]["unipc"][1][0]
     assert abs(std_err) < 0.01 and abs(figures["default"]["scaled_linear"]["ddim"][1][0]) > 0.05

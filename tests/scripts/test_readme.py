@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 # pattern (searched in the command) -> why the test does not run it
 SKIPPED = {
     r"^make (demo|bench|test)\b": "sets up .venv and trains or benchmarks for minutes (make test is this suite)",
-    r"runs/demo/": "reads `make demo`'s runs (~19 min of training), which this test does not make",
+    r"runs/demo/": "reads `make demo`'s runs (~13 min of training), which this test does not make",
     r"^latentdiff serve\b": "serves until stopped (tests/serve/ drives it)",
     r"^tensorboard\b": "serves until stopped",
     r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/bench/test_bench.py runs it on a tiny one)",
+    r"^python -m bench\.demo_races\b": "trains and scores a prior per trial (minutes each on a GPU; its parts are tested)",
     r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
 }
