@@ -37,7 +37,7 @@ SKIPPED = {
     r"^latentdiff serve\b": "serves until stopped (tests/serve/ drives it)",
     r"^tensorboard\b": "serves until stopped",
     r"^python -m bench\.samplers\b": "scores `make demo`'s prior (tests/bench/test_bench.py runs it on a tiny one)",
-    r"^python -m bench\.demo_races\b": "trains and scores a prior per trial (minutes each on a GPU; its parts are tested)",
+    r"^python -m bench\.demo_races\b": "trains and scores a prior per trial (minutes each; its parts are tested)",
     r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
 }
