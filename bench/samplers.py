@@ -44,7 +44,7 @@ SAMPLERS = (
     "dpmpp-2m:logsnr",
     "heun",
     "unipc",
-    "unipc:trailing",
+    "unipc:logsnr",
     "euler-a",
     "dpmpp-2m-sde",
 )
