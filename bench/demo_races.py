@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     p = parser("demo_races", __doc__)
     p.add_argument("--trial", action="append", required=True, metavar="'NAME: FLAGS'", help="one trial (repeatable)")
     p.add_argument("--common", default="", help="flags every trial's `train prior` gets (before its own)")
+    p.add_argument(
+        "--eval",
+        default="",
+        help="flags every trial's `evaluate` gets, e.g. '--guidance-interval 0.56,10.8' (default: none)",
+    )
     p.add_argument("--data", default=str(DEMO / "data"))
     p.add_argument("--autoencoder", default=str(DEMO / "autoencoder"))
     p.add_argument("--text", default=str(DEMO / "text"))
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             ["evaluate", "--run", str(run_dir), "--data", args.data, "--n", str(args.n)]
             + ["--features", f"classifier:{args.classifier}", "--sampler", "dpmpp-2m", "--steps", "20"]
             + ["--guidance", args.guidance, "--precision", args.eval_precision, "--out", str(run_dir / "eval")]
+            + shlex.split(args.eval)
         )
         rows = json.loads((run_dir / "eval" / "report.json").read_text())["results"]
         rows = [{k: r[k] for k in ("guidance", "prompt_accuracy", "fid", "fid_floor")} for r in rows]
@@ -123,7 +129,8 @@ def write(out: Path, args, results: list[dict]) -> None:
     floor = f"{floors[0]:.2f}" if floors else "n/a"
     flags = "\n".join(f"- {t['name']}: `{t['flags']}`" for t in results)
     text = table(columns, lines) + (
-        f"\n\n{args.n} images per guidance value, DPM-Solver++(2M) 20 steps, FID in classifier:{args.classifier}"
+        f"\n\n{args.n} images per guidance value, DPM-Solver++(2M) 20 steps{' ' + args.eval if args.eval else ''}, "
+        f"FID in classifier:{args.classifier}"
         f" features (floor {floor}: {args.n} held-out real images)."
         f"\nFlags of each trial's `latentdiff train prior` (tiny preset):\n{flags}"
     )

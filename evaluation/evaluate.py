@@ -28,6 +28,7 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import Runtime
 from latentdiff.data.reader import read_info
 from latentdiff.prior.pipeline import (
+    add_guidance_interval_argument,
     add_guidance_rescale_argument,
     add_precision_argument,
     add_stage_arguments,
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p)
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
     add_guidance_rescale_argument(p)
+    add_guidance_interval_argument(p)
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
     add_precision_argument(p)
     p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
@@ -125,6 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         seed=args.seed,
         batch_size=args.gen_batch_size,
         guidance_rescale=args.guidance_rescale,
+        guidance_interval=args.guidance_interval,
         sampler_options=sampler_arguments(args),
     )
     pipe.settings([""], n=1, **sampling)
@@ -168,6 +171,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             guidance=w,
             sampler_options=settings.sampler_options,
             guidance_rescale=settings.guidance_rescale,
+            guidance_interval=settings.guidance_interval,
             seed=args.seed,
             batch_size=args.gen_batch_size,
             show_progress=True,
@@ -198,6 +202,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "steps": settings.steps,
         "sampler_options": settings.sampler_options,
         "guidance_rescale": settings.guidance_rescale,
+        "guidance_interval": settings.guidance_interval,
         "precision": settings.precision,
         "seed": args.seed,
         "features": space.label if space else None,
@@ -242,10 +247,17 @@ def markdown_table(report: dict) -> str:
         r = rows[0]
         lines.append(
             f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
-            f"({report['sampler']}, {report['steps']} steps) vs {r['n_reference']} real {report['data']} "
+            f"({report['sampler']}, {report['steps']} steps{_interval_words(report)}) vs {r['n_reference']} real "
+            f"{report['data']} "
             f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}."
         )
     return "\n".join(lines)
+
+
+def _interval_words(report: dict) -> str:
+    """", guidance in sigma (0.56, 10.8]" when the sweep used a guidance interval, else ""."""
+    interval = report.get("guidance_interval")
+    return f", guidance in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
 
 
 def _row_line(row: dict) -> str:

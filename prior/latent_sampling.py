@@ -10,7 +10,7 @@ from latentdiff.core.latent_space import LatentSpace
 
 from .config import DiffusionConfig
 from .denoiser import Generators, noise
-from .guidance import cfg_model_fn
+from .guidance import Interval, cfg_model_fn, in_interval
 from .img2img import keep_known, noised
 from .samplers import levels, make_denoiser, sample
 from .schedule import NoiseSchedule
@@ -56,6 +56,7 @@ def sample_latents(
     steps: int,
     guidance: float,
     guidance_rescale: float = 0.0,
+    guidance_interval: Interval | None = None,
     generator: Generators,
     clip_x0: float | None,
     callback=None,
@@ -68,6 +69,8 @@ def sample_latents(
     """z_0 (B, *shape) in prior units for each row of `cond`, classifier-free guided against `uncond`.
 
     guidance_rescale: phi of Lin et al. 2024 §3.4 (prior.guidance.cfg_model_fn); 0 is plain guidance.
+    guidance_interval: (sigma_lo, sigma_hi), guide only where the VE sigma(t) lies in (sigma_lo, sigma_hi]
+    (Kynkäänniemi et al. 2024; prior.guidance.in_interval); None: at every step.
     generator: one for the batch, or one per row (row k's z_T and every noise draw of the sampler
     then come from generator k alone: the row's result does not depend on the batch).
     dtype: autocast dtype for the network (runtime.sampling_dtype), None for float32.
@@ -79,7 +82,8 @@ def sample_latents(
     z = noise(torch.empty((B, *shape), device=device), generator)  # z_T: each row's first draw
     if t_start is not None:
         z = noised(z_init, z, levels(sampler, schedule, steps, t_start, **options).abars[0])
-    model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale)
+    guided = None if guidance_interval is None else in_interval(schedule.sigma, guidance_interval)
+    model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale, guided)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     if mask is not None:
         denoiser = keep_known(denoiser, z_init, mask, schedule)

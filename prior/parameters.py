@@ -52,6 +52,8 @@ def generate_command(
         words += _option(f"--{key.replace('_', '-')}", str(value))
     if settings.guidance_rescale:
         words += ["--guidance-rescale", repr(settings.guidance_rescale)]
+    if settings.guidance_interval is not None:
+        words += ["--guidance-interval", ",".join(repr(float(x)) for x in settings.guidance_interval)]
     if settings.init_image is not None:
         words += _option("--init-image", settings.init_image) + ["--strength", repr(settings.strength)]
     if settings.mask is not None:
@@ -122,6 +124,7 @@ def call_arguments(params: dict) -> tuple[list[str], dict, int]:
         negative_prompt=params["negative_prompt"],
         seed=params["seed"],
         guidance_rescale=params["guidance_rescale"],
+        guidance_interval=params.get("guidance_interval"),  # absent in PNGs from before the option: every step
         sampler_options=dict(params["sampler_options"]),
         batch_size=params["batch_size"],
         init_image=params.get("init_image"),

@@ -34,6 +34,7 @@ from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
 from .img2img import load_image, load_mask, start_timestep
 from .latent_sampling import clip_bound, sample_latents
+from .guidance import check_interval
 from .samplers import check_number, check_sampler_steps, levels, number_of_evaluations, resolve_options
 from .text_conditioning import guided_conditioning
 from .unet import UNet
@@ -60,6 +61,7 @@ class GenerationSettings:
     mask: str | None = None  # inpainting: a mask image file, white = repaint (absolute path)
     strength: float = 1.0  # img2img: the sampler starts at timestep strength * T - 1; 1 is text-to-image
     decoder: str | None = None  # the `latentdiff train decoder` run decoding instead of the autoencoder's own
+    guidance_interval: tuple[float, float] | None = None  # guide where sigma_lo < sigma(t) <= sigma_hi; None: always
 
 
 class TextToImage:
@@ -222,6 +224,7 @@ class TextToImage:
                     steps=settings.steps,
                     guidance=settings.guidance,
                     guidance_rescale=settings.guidance_rescale,
+                    guidance_interval=settings.guidance_interval,
                     generator=generators,
                     clip_x0=self.clip_x0,
                     callback=lambda *_: bar.update(1),
@@ -247,6 +250,7 @@ class TextToImage:
         eta: float | None = None,
         batch_size: int = 64,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | str | None = None,
         sampler_options: dict | None = None,
         init_image: str | Path | None = None,
         mask: str | Path | None = None,
@@ -256,6 +260,8 @@ class TextToImage:
 
         steps, sampler, guidance: None is the run's (its sampling config); n: images per prompt;
         image k of the call (prompt-major) is made from seed + k.
+        guidance_interval: (sigma_lo, sigma_hi) in the schedule's VE sigma, or "LO,HI"; guidance only where
+        sigma_lo < sigma(t) <= sigma_hi (Kynkäänniemi et al. 2024); None or "all": at every step.
 
         strength defaults to 0.75 for img2img and 1.0 with a mask (repaint from pure noise); it needs
         an init image, and so does a mask. The image files are read here, so a bad one fails first.
@@ -272,6 +278,7 @@ class TextToImage:
         check_sampler_steps(sampler, steps, self.schedule)
         guidance = check_number("guidance", s.guidance if guidance is None else guidance, float, 0.0)
         guidance_rescale = check_number("guidance_rescale", guidance_rescale, float, 0.0, 1.0)
+        guidance_interval = check_interval(guidance_interval)
         check_number("seed", seed, int, 0, 2**63 - len(prompts) * n)  # image k's seed, seed + k, fits in int64
         check_number("batch_size", batch_size, int, 1)
         if init_image is None:
@@ -316,6 +323,7 @@ class TextToImage:
             mask,
             strength,
             self.decoder_run,
+            guidance_interval,
         )
 
 
@@ -355,6 +363,17 @@ def add_guidance_rescale_argument(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="guidance rescale phi in [0, 1] (Lin et al. 2024 §3.4; 0.7 in the paper; default: 0, off)",
+    )
+
+
+def add_guidance_interval_argument(p: argparse.ArgumentParser) -> None:
+    """--guidance-interval: `settings`' guidance_interval."""
+    p.add_argument(
+        "--guidance-interval",
+        default=None,
+        metavar="LO,HI",
+        help="guide only at noise levels sigma in (LO, HI], the conditional model alone elsewhere "
+        "(Kynkäänniemi et al. 2024; `inf` for no upper end; default: all, every step)",
     )
 
 

@@ -17,6 +17,7 @@ from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid, save_png
 from latentdiff.core.outputs import fresh_output_dir
 from latentdiff.prior.pipeline import (
+    add_guidance_interval_argument,
     add_guidance_rescale_argument,
     add_precision_argument,
     add_stage_arguments,
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the run's)")
     add_guidance_rescale_argument(p)
+    add_guidance_interval_argument(p)
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
     p.add_argument(
         "--seed",
@@ -153,6 +155,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             negative_prompt=args.negative,
             seed=args.seed,
             guidance_rescale=args.guidance_rescale,
+            guidance_interval=args.guidance_interval,
             sampler_options=sampler_arguments(args),
             batch_size=args.batch_size,
             init_image=args.init_image,

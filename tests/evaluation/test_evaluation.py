@@ -493,6 +493,7 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
                 precision="fp32",
                 sampler_options={},
                 guidance_rescale=0.0,
+                guidance_interval=None,
             )
 
         def __call__(self, prompts, *, guidance, **kw):

@@ -233,6 +233,8 @@ def test_png_parameters_round_trip_through_from_png(prior_run, init_png, mask_pn
                 mask_png,
                 "--strength",
                 "0.8",
+                "--guidance-interval",
+                "0.5,20",
                 "--out",
                 str(out),
             ]
@@ -246,6 +248,7 @@ def test_png_parameters_round_trip_through_from_png(prior_run, init_png, mask_pn
         first = np.asarray(png.convert("RGB"))
     assert (params["index"], params["image_seed"], params["prompts"]) == (3, 14, ["a red circle", "a green triangle"])
     assert (params["strength"], params["mask"], params["init_image"]) == (0.8, mask_png, init_png)
+    assert params["guidance_interval"] == [0.5, 20.0] and "--guidance-interval 0.5,20.0" in params["command"]
     assert params["command"].startswith("latentdiff generate 'a red circle' 'a green triangle' --run")
     assert cli.main(["generate", "--from-png", str(out / name), "--out", str(again)]) == 0
     remade = json.loads((again / "settings.json").read_text())

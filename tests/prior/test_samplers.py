@@ -1,4 +1,4 @@
-"""The sampler registry, spacings, the samplers users know by name, guidance rescale and the generate options.
+"""The sampler registry, spacings, the samplers users know by name, guidance rescale and interval, and the generate options.
 
 Accuracy is checked against the exact denoiser of Gaussian data (bench.sampler_accuracy), where a
 deterministic sampler's output law is known exactly; the 4-D Gaussian checks of every sampler and
@@ -16,7 +16,7 @@ import torch
 
 from bench.sampler_accuracy import MU, STD, gaussian_denoiser, output_moments
 from latentdiff.prior.config import SamplingConfig
-from latentdiff.prior.guidance import cfg_model_fn, rescale_guidance
+from latentdiff.prior.guidance import cfg_model_fn, check_interval, in_interval, rescale_guidance
 from latentdiff.prior.samplers import (
     ALIASES,
     KNOWN_AS,
@@ -198,6 +198,54 @@ def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional
             cfg_model_fn(model, cond, uncond, 7.5, rescale=bad)
 
 
+# ---- guidance interval ----------------------------------------------------------------------------
+
+
+def test_guidance_interval_guides_inside_only_and_skips_the_unconditional_pass_outside():
+    model, c_out, u_out, cond, uncond = _two_outputs()
+    passes = []
+
+    def counting(z, t, c):
+        passes.append(len(c))
+        return model(z, t, c)
+
+    z = torch.zeros(6, 4, 3, 3, dtype=F64)
+    guided = in_interval(lambda t: t / 100, (2.0, 5.0))  # sigma = t / 100: guide where 200 < t <= 500
+    fn = cfg_model_fn(counting, cond, uncond, 7.5, guided=guided)
+    plain = u_out + 7.5 * (c_out - u_out)
+    torch.testing.assert_close(fn(z, torch.full((6,), 500.0, dtype=F64)), plain)  # the closed upper end
+    assert passes == [12]
+    for outside in (200.0, 900.0):  # the open lower end, and above the interval: one pass over B
+        passes.clear()
+        torch.testing.assert_close(fn(z, torch.full((6,), outside, dtype=F64)), c_out)
+        assert passes == [6]
+    t = torch.tensor([100.0, 300.0, 400.0, 600.0, 250.0, 800.0], dtype=F64)  # rows at different levels
+    inside = torch.tensor([False, True, True, False, True, False])
+    torch.testing.assert_close(fn(z, t), torch.where(inside[:, None, None, None], plain, c_out))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [((5.0, 1.0), "0 <= sigma_lo < sigma_hi"), ((-1, 2), "0 <= sigma_lo"), ((1, float("nan")), "sigma_lo < sigma_hi"),
+     ((1,), "two numbers"), ("ab", "two numbers"), ("1,2,3", "two numbers"), ((math.inf, math.inf), "sigma_lo")],
+)
+def test_guidance_interval_refuses_what_is_not_an_interval(bad, message):
+    with pytest.raises(ValueError, match=message):
+        check_interval(bad)
+    assert check_interval("0.5, inf") == (0.5, math.inf) and check_interval("all") is check_interval(None) is None
+
+
+def test_guidance_interval_over_every_level_is_plain_guidance_and_over_none_is_the_conditional_model(pipe):
+    kw = dict(n=2, steps=4, seed=3, sampler="dpmpp-2m", guidance=4.0)
+    plain = pipe("a red circle", **kw)
+    assert torch.equal(pipe("a red circle", guidance_interval=(0.0, math.inf), **kw), plain)
+    above = pipe.schedule.sigma_max + 1  # no sampling level lies above sigma_max
+    conditional = pipe("a red circle", **{**kw, "guidance": 1.0})
+    assert torch.equal(pipe("a red circle", guidance_interval=(above, math.inf), **kw), conditional)
+    middle = pipe("a red circle", guidance_interval=(0.5, 10.0), **kw)
+    assert not torch.equal(middle, plain) and not torch.equal(middle, conditional)  # the tiny prior guides weakly
+
+
 # ---- latentdiff generate's numeric options ----------------------------------------------------------
 
 
@@ -209,6 +257,8 @@ def test_guidance_rescale_zero_is_plain_guidance_and_one_matches_the_conditional
         (["--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
         (["--guidance", "-2"], "guidance must be a finite number >= 0"),
         (["--guidance-rescale", "2"], r"guidance_rescale must be a finite number in \[0, 1\]"),
+        (["--guidance-interval", "5,1"], r"guidance interval needs 0 <= sigma_lo < sigma_hi, got \(5, 1\)"),
+        (["--guidance-interval", "0.5"], "two numbers"),
         (["--eta", "-1", "--sampler", "ddim"], r"eta must be a finite number in \[0, 1\], got -1"),
         (["--eta", "0.5", "--sampler", "dpmpp-2m"], "takes no option 'eta'"),
         (["--n", "0"], r"n \(images per prompt\) must be an integer >= 1, got 0"),
@@ -263,6 +313,7 @@ def test_generate_takes_names_users_know_and_records_every_option(prior_run, tmp
         (["--guidance", "1,nan"], "--guidance must be a finite number >= 0, got nan"),
         (["--eta", "2", "--sampler", "euler-a"], r"eta must be a finite number in \[0, 1\], got 2"),
         (["--guidance-rescale", "-1"], r"guidance_rescale must be a finite number in \[0, 1\]"),
+        (["--guidance-interval", "1,x"], "two numbers"),
         (["--order", "5", "--sampler", "unipc"], "order must be one of 1, 2, 3"),
     ],
 )
