@@ -21,6 +21,9 @@ from latentdiff.scripts import cli
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START = time.monotonic()
+# No guidance above sigma 10.8 (the first two of DPM-Solver++'s 20 steps): Kynkäänniemi et al. 2024's
+# interval; on the demo's prior it bought the same prompt accuracy at a lower FID (README, The demo).
+GUIDANCE_INTERVAL = ["--guidance-interval", "0,10.8"]
 
 
 def clock() -> str:
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     timings.done("prior")
-    say("generating 8 images for every prompt (DPM-Solver++(2M), 20 steps, guidance 3)")
+    say("generating 8 images for every prompt (DPM-Solver++(2M), 20 steps, guidance 3 below sigma 10.8)")
     prompts = class_prompts(data)
     run(
         [
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "20",
             "--guidance",
             "3",
+            *GUIDANCE_INTERVAL,
             "--seed",
             "0",
             "--out",
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "Make more with, for example:\n"
         f'  .venv/bin/latentdiff generate "{prompts[0]}" --run {out / "prior"} --n 16 '
-        "--sampler dpmpp-2m --steps 20 --guidance 3 --seed 1 --out outputs/more"
+        f"--sampler dpmpp-2m --steps 20 --guidance 3 {' '.join(GUIDANCE_INTERVAL)} --seed 1 --out outputs/more"
     )
     return 0
 
