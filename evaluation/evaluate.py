@@ -255,7 +255,7 @@ def markdown_table(report: dict) -> str:
 
 
 def _interval_words(report: dict) -> str:
-    """", guidance in sigma (0.56, 10.8]" when the sweep used a guidance interval, else ""."""
+    """ ", guidance in sigma (0.56, 10.8]" when the sweep used a guidance interval, else ""."""
     interval = report.get("guidance_interval")
     return f", guidance in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
 

@@ -88,7 +88,9 @@ def check_interval(interval) -> Interval | None:
     try:
         lo, hi = (float(x) for x in interval)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance interval must be two numbers (sigma_lo, sigma_hi) or 'all', got {interval!r}") from None
+        raise ValueError(
+            f"guidance interval must be two numbers (sigma_lo, sigma_hi) or 'all', got {interval!r}"
+        ) from None
     if not (math.isfinite(lo) and 0 <= lo < hi):
         raise ValueError(f"guidance interval needs 0 <= sigma_lo < sigma_hi, got ({lo:g}, {hi:g})")
     return lo, hi

@@ -32,9 +32,9 @@ from latentdiff.decoder.load import load_decoder
 
 from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
+from .guidance import check_interval
 from .img2img import load_image, load_mask, start_timestep
 from .latent_sampling import clip_bound, sample_latents
-from .guidance import check_interval
 from .samplers import check_number, check_sampler_steps, levels, number_of_evaluations, resolve_options
 from .text_conditioning import guided_conditioning
 from .unet import UNet

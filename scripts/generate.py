@@ -175,11 +175,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         path = out / f"{k // settings.n:03d}_{slug(prompt)}_{k % settings.n:02d}.png"
         save_png(image, path, text={"parameters": png_parameters(settings, k, command)})
         files.append(path.name)
-    title = (
-        f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}, seed {settings.seed}"
-        + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
-        + (f", img2img strength {settings.strength:g}" if settings.init_image else "")
-    )
+    title = grid_title(settings)
     labels = None if only else [p or "(unconditional)" for p in settings.prompts]
     grid = save_grid(images, out / "grid.png", nrow=1 if only else settings.n, labels=labels, title=title)
     record = {
@@ -194,6 +190,18 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         "settings.json beside them, and in each PNG's 'parameters' chunk)"
     )
     return grid
+
+
+def grid_title(settings) -> str:
+    """The line above grid.png: every setting that changes the images, beside the prompts labelling its rows."""
+    return (
+        f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}"
+        + (" for sigma in ({:g}, {:g}]".format(*settings.guidance_interval) if settings.guidance_interval else "")
+        + (f", guidance rescale {settings.guidance_rescale:g}" if settings.guidance_rescale else "")
+        + f", seed {settings.seed}"
+        + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
+        + (f", img2img strength {settings.strength:g}" if settings.init_image else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -3,6 +3,7 @@ Inception weights handling, image conversion, the classifier stage, prompt accur
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -46,6 +47,7 @@ from latentdiff.evaluation.fid import (
     statistics,
 )
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
+from latentdiff.evaluation.plot import main as plot_main
 from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
 
@@ -434,6 +436,16 @@ def test_tradeoff_plot(tmp_path: Path):
         assert image.size[0] > 300 and image.size[1] > 200
     with pytest.raises(ValueError, match="nothing to plot"):
         tradeoff_plot([{"guidance": 1, "fid": 1.0}], tmp_path / "x.png")
+    # several sweeps on one plot, from report files through the command line
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"results": rows}))
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps({"results": [{**r, "fid": r["fid"] - 5} for r in rows]}))
+    two = plot_main([f"every step={report}", f"interval={shifted}", "--out", str(tmp_path / "two.png")])
+    with Image.open(two) as image, Image.open(path) as one:
+        assert image.size == one.size and not np.array_equal(np.asarray(image), np.asarray(one))
+    with pytest.raises(SystemExit):
+        plot_main([str(report), "--out", str(tmp_path / "bad.png")])  # no LABEL=
 
 
 def test_inception_from_a_weights_file_or_the_cache(tmp_path: Path, monkeypatch):

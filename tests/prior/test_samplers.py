@@ -1,4 +1,4 @@
-"""The sampler registry, spacings, the samplers users know by name, guidance rescale and interval, and the generate options.
+"""The sampler registry, spacings, the samplers users know by name, guidance rescale and interval, generate options.
 
 Accuracy is checked against the exact denoiser of Gaussian data (bench.sampler_accuracy), where a
 deterministic sampler's output law is known exactly; the 4-D Gaussian checks of every sampler and
@@ -32,6 +32,7 @@ from latentdiff.prior.samplers import (
 from latentdiff.prior.schedule import NoiseSchedule
 from latentdiff.prior.spacing import SPACINGS, Spacing
 from latentdiff.scripts import cli
+from latentdiff.scripts.generate import grid_title
 
 F64 = torch.float64
 
@@ -226,8 +227,15 @@ def test_guidance_interval_guides_inside_only_and_skips_the_unconditional_pass_o
 
 @pytest.mark.parametrize(
     "bad, message",
-    [((5.0, 1.0), "0 <= sigma_lo < sigma_hi"), ((-1, 2), "0 <= sigma_lo"), ((1, float("nan")), "sigma_lo < sigma_hi"),
-     ((1,), "two numbers"), ("ab", "two numbers"), ("1,2,3", "two numbers"), ((math.inf, math.inf), "sigma_lo")],
+    [
+        ((5.0, 1.0), "0 <= sigma_lo < sigma_hi"),
+        ((-1, 2), "0 <= sigma_lo"),
+        ((1, float("nan")), "sigma_lo < sigma_hi"),
+        ((1,), "two numbers"),
+        ("ab", "two numbers"),
+        ("1,2,3", "two numbers"),
+        ((math.inf, math.inf), "sigma_lo"),
+    ],
 )
 def test_guidance_interval_refuses_what_is_not_an_interval(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -243,6 +251,8 @@ def test_guidance_interval_over_every_level_is_plain_guidance_and_over_none_is_t
     conditional = pipe("a red circle", **{**kw, "guidance": 1.0})
     assert torch.equal(pipe("a red circle", guidance_interval=(above, math.inf), **kw), conditional)
     middle = pipe("a red circle", guidance_interval=(0.5, 10.0), **kw)
+    title = grid_title(pipe.settings("a red circle", guidance_interval="0.5,10", guidance_rescale=0.7, **kw))
+    assert title == "dpmpp-2m, 4 steps, guidance 4 for sigma in (0.5, 10], guidance rescale 0.7, seed 3"
     assert not torch.equal(middle, plain) and not torch.equal(middle, conditional)  # the tiny prior guides weakly
 
 
