@@ -163,19 +163,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     rows = []
     for w in guidances:
         t0 = time.monotonic()
-        images = pipe(
-            prompts.prompts,
-            n=1,
-            steps=settings.steps,
-            sampler=settings.sampler,
-            guidance=w,
-            sampler_options=settings.sampler_options,
-            guidance_rescale=settings.guidance_rescale,
-            guidance_interval=settings.guidance_interval,
-            seed=args.seed,
-            batch_size=args.gen_batch_size,
-            show_progress=True,
-        )  # (n, 3, H, W) in [-1, 1]
+        # The settings checked above with this value's guidance (a new setting reaches the sweep through
+        # `sampling`): (n, 3, H, W) in [-1, 1].
+        images = pipe(prompts.prompts, n=1, **{**sampling, "guidance": w}, show_progress=True)
         row: dict = {"guidance": w, "generation_seconds": round(time.monotonic() - t0, 1)}
         if classifier is not None:
             hits = prompt_hits(classifier, images, prompts.targets)
