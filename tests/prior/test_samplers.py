@@ -247,9 +247,11 @@ def test_guidance_interval_over_every_level_is_plain_guidance_and_over_none_is_t
     kw = dict(n=2, steps=4, seed=3, sampler="dpmpp-2m", guidance=4.0)
     plain = pipe("a red circle", **kw)
     assert torch.equal(pipe("a red circle", guidance_interval=(0.0, math.inf), **kw), plain)
-    above = pipe.schedule.sigma_max + 1  # no sampling level lies above sigma_max
+    # No level lies in (above, 2 above]: the finite ones are at most sigma_max_finite, and a zero-terminal-SNR
+    # schedule's first level, sigma = inf, is above it.
+    above = pipe.schedule.sigma_max_finite + 1
     conditional = pipe("a red circle", **{**kw, "guidance": 1.0})
-    assert torch.equal(pipe("a red circle", guidance_interval=(above, math.inf), **kw), conditional)
+    assert torch.equal(pipe("a red circle", guidance_interval=(above, 2 * above), **kw), conditional)
     middle = pipe("a red circle", guidance_interval=(0.5, 10.0), **kw)
     title = grid_title(pipe.settings("a red circle", guidance_interval="0.5,10", guidance_rescale=0.7, **kw))
     assert title == "dpmpp-2m, 4 steps, guidance 4 for sigma in (0.5, 10], guidance rescale 0.7, seed 3"
