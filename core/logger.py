@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from latentdiff.data.images import to_uint8
+from .pixels import to_uint8
 
 
 def save_grid(

@@ -1,5 +1,5 @@
-"""Image files -> RGB pixels: the one conversion used by the data commands, the shard reader and `fid`;
-and uint8 pixels <-> the [-1, 1] floats the networks see (`from_uint8`, `to_uint8`).
+"""Image files -> RGB pixels: the one conversion used by the data commands, the shard reader and `fid`
+(uint8 pixels <-> the [-1, 1] floats the networks see is core/pixels.py).
 
     image = load_rgb(path_or_bytes, resolution=64)     # RGB, 64 x 64, or raises BadImage
 
@@ -34,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 # PIL's BICUBIC scales its kernel with the downscale factor, so shrinking is antialiased.
@@ -170,15 +169,3 @@ def gray_to_rgb(pixels: np.ndarray) -> Image.Image:
     if pixels.ndim != 2 or pixels.dtype != np.uint8:
         raise ValueError(f"expected a (H, W) uint8 array, got {pixels.shape} {pixels.dtype}")
     return Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> uint8 in [0, 255], rounding the way PNG writers do."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] (any shape) -> float32 in [-1, 1], x / 127.5 - 1; to_uint8 inverts it exactly."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"from_uint8 expects uint8 pixels, got {images.dtype}")
-    return images.float().div_(127.5).sub_(1.0)  # .float() copies, so the in-place ops never touch the input

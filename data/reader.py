@@ -47,9 +47,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
+from latentdiff.core.pixels import from_uint8
 from latentdiff.data.captions import decode_caption
 from latentdiff.data.images import IMAGE_EXTENSIONS as IMAGE_FILE_EXTENSIONS
-from latentdiff.data.images import BadImage, from_uint8, load_rgb
+from latentdiff.data.images import BadImage, load_rgb
 from latentdiff.data.shards import INFO_FILE
 
 log = logging.getLogger(__name__)

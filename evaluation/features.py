@@ -29,7 +29,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.data.images import from_uint8
+from latentdiff.core.pixels import from_uint8
 
 from .classifier import Classifier, load_classifier
 from .images import as_uint8_rgb

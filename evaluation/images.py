@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb, to_uint8
+from latentdiff.core.pixels import to_uint8
+from latentdiff.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
 from latentdiff.data.reader import read_once
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from latentdiff.core.pixels import from_uint8
 from latentdiff.data.captions import class_prompt
-from latentdiff.data.images import from_uint8
 
 from .classifier import Classifier, Heads, correct, targets_from_meta
 from .images import ImageSet, as_uint8_rgb

@@ -25,8 +25,8 @@ from latentdiff.core.checkpoint import write_json
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.image_metrics import psnr, ssim
 from latentdiff.core.logger import save_grid
+from latentdiff.core.pixels import from_uint8, to_uint8
 from latentdiff.core.runtime import Runtime
-from latentdiff.data.images import from_uint8, to_uint8
 
 from .fid import StatisticsCache, describe, extract_features, real_reference, score, statistics
 from .fid_command import add_feature_args

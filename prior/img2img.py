@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from latentdiff.data.images import BadImage, from_uint8, load_rgb
+from latentdiff.core.pixels import from_uint8
+from latentdiff.data.images import BadImage, load_rgb
 
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from latentdiff.core.logger import MetricLogger, save_grid, save_png
-from latentdiff.data.images import to_uint8
+from latentdiff.core.pixels import to_uint8
 from tests.helpers import tensorboard_images  # noqa: E402
 
 

@@ -17,9 +17,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from latentdiff.core.pixels import from_uint8, to_uint8
 from latentdiff.data import fashion_mnist, shapes
 from latentdiff.data.captions import class_prompt
-from latentdiff.data.images import from_uint8, to_uint8
 from latentdiff.data.reader import SkipCounter, make_loader, read_info, resolve_shards
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.scripts.data import main as data_main

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.core.pixels import to_uint8
 from latentdiff.core.runtime import Runtime
-from latentdiff.data.images import to_uint8
 from latentdiff.data.reader import make_loader
 from latentdiff.prior.latent_cache import LatentCache
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
