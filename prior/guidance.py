@@ -96,6 +96,11 @@ def check_interval(interval) -> Interval | None:
     return lo, hi
 
 
+def interval_text(interval: Interval | None) -> str:
+    """The inverse of check_interval's text form: "LO,HI" (shortest %g, inf as "inf"), or "all" for None."""
+    return "all" if interval is None else "{:g},{:g}".format(*interval)
+
+
 def in_interval(sigma: Callable[[Tensor], Tensor], interval: Interval) -> Callable[[Tensor], Tensor]:
     """guided(t) -> (B,) bool, True where sigma(t) lies in (sigma_lo, sigma_hi] (Kynkäänniemi et al. 2024, §3).
 

@@ -22,6 +22,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import and
 import gradio as gr  # noqa: E402  (after the environment it reads)
 
 from latentdiff.core.errors import UserError  # noqa: E402
+from latentdiff.prior.guidance import interval_text  # noqa: E402
 from latentdiff.prior.pipeline import TextToImage  # noqa: E402
 
 from .generation import MAX_IMAGES, PNG_KEY, Cancelled, Generator, sampler_names  # noqa: E402
@@ -53,6 +54,22 @@ def _generate_tab(generator: Generator) -> None:
                 guidance = gr.Number(defaults.guidance, label="Guidance scale", step=0.5, elem_id="guidance")
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
+            with gr.Accordion("Guidance rescale and interval", open=False):
+                with gr.Row():
+                    rescale = gr.Number(
+                        defaults.guidance_rescale,
+                        label="Guidance rescale (0: plain guidance, 0.7: Lin et al.'s)",
+                        minimum=0,
+                        maximum=1,
+                        step=0.1,
+                        elem_id="guidance-rescale",
+                    )
+                    interval = gr.Textbox(
+                        interval_text(defaults.guidance_interval),
+                        label="Guided noise levels: sigma_lo,sigma_hi (all: every step)",
+                        placeholder="0,10.8",
+                        elem_id="guidance-interval",
+                    )
             with gr.Accordion("img2img and inpainting", open=False):
                 with gr.Row():
                     init_image = gr.Image(
@@ -101,7 +118,7 @@ def _generate_tab(generator: Generator) -> None:
     event = gr.on(
         [go.click, prompt.submit],
         run,
-        [prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength],
+        [prompt, negative, sampler, steps, guidance, seed, n, init_image, mask, strength, rescale, interval],
         [gallery, command, files],
         concurrency_limit=1,
         concurrency_id="generate",

@@ -96,13 +96,28 @@ class Generator:
         return self.pipe.settings("")
 
     def check(
-        self, prompt, negative_prompt, sampler, steps, guidance, seed, n, init_image=None, mask=None, strength=None
+        self,
+        prompt,
+        negative_prompt,
+        sampler,
+        steps,
+        guidance,
+        seed,
+        n,
+        init_image=None,
+        mask=None,
+        strength=None,
+        guidance_rescale=None,
+        guidance_interval=None,
     ) -> GenerationSettings:
         """Form values -> resolved settings; any bad value is a UserError that says which and why.
 
         The arguments are the Generate tab's fields in the page's order (app.py passes them so).
         init_image, mask: image files (img2img, inpainting; prior/img2img.py), None for text-to-image;
         strength: img2img's, in [0, 1] (None: the pipeline's default).
+        guidance_rescale: in [0, 1] (Lin et al. 2024 §3.4; None: 0); guidance_interval: "LO,HI" in VE sigma,
+        guidance only where sigma_lo < sigma(t) <= sigma_hi (Kynkäänniemi et al. 2024), "all" or empty:
+        every step (prior/guidance.py).
         """
         prompt, negative_prompt = prompt or "", negative_prompt or ""  # an empty prompt is unconditional
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
@@ -119,6 +134,14 @@ class Generator:
             raise UserError(f"guidance must be a number, got {guidance!r}") from None
         if not math.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance}")
+        if guidance_rescale is None or guidance_rescale == "":
+            guidance_rescale = 0.0
+        try:
+            guidance_rescale = float(guidance_rescale)
+        except (TypeError, ValueError):
+            raise UserError(f"guidance rescale must be a number in [0, 1], got {guidance_rescale!r}") from None
+        if guidance_interval is None or (isinstance(guidance_interval, str) and not guidance_interval.strip()):
+            guidance_interval = "all"
         if init_image is None:  # the form's strength applies to img2img only; a mask alone is refused below
             strength = None
         elif strength is not None:
@@ -133,6 +156,8 @@ class Generator:
                 steps=steps,
                 sampler=sampler,
                 guidance=guidance,
+                guidance_rescale=guidance_rescale,
+                guidance_interval=guidance_interval,
                 negative_prompt=negative_prompt,
                 seed=seed,
                 init_image=init_image,

@@ -6,6 +6,7 @@ The browser test (tests/serve/test_serve_browser.py) drives the same page in hea
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import socket
@@ -16,7 +17,8 @@ import pytest
 from PIL import Image
 
 from latentdiff.core.errors import UserError
-from latentdiff.data.images import to_uint8
+from latentdiff.core.pixels import to_uint8
+from latentdiff.prior.guidance import interval_text
 from latentdiff.scripts import cli
 
 pytest.importorskip("gradio", reason="latentdiff serve needs gradio: pip install -e '.[serve]' (make setup does)")
@@ -51,6 +53,10 @@ def generator(pipe, tmp_path):
         ("n", 0, "number of images must be in 1..16"),
         ("n", 17, "number of images must be in 1..16"),
         ("sampler", "dpm-fast", "unknown sampler 'dpm-fast'; choose one of ddpm"),
+        ("guidance_rescale", "lots", "guidance rescale must be a number in [0, 1]"),
+        ("guidance_rescale", 2, "guidance_rescale must be a finite number in [0, 1]"),
+        ("guidance_interval", "5,1", "guidance interval needs 0 <= sigma_lo < sigma_hi, got (5, 1)"),
+        ("guidance_interval", "low", "guidance interval must be two numbers"),
     ],
 )
 def test_bad_form_values_are_one_line_messages(generator, field, value, message):
@@ -94,6 +100,23 @@ def test_generated_pngs_carry_their_settings_and_the_command_remakes_them(genera
         a = np.asarray(Image.open(ours).convert("RGB"), dtype=int)
         b = np.asarray(Image.open(theirs).convert("RGB"), dtype=int)
         assert np.abs(a - b).max() <= 1, (ours, theirs)  # the same images (PNG rounding aside)
+
+
+def test_guidance_rescale_and_interval_from_the_page_are_the_pipelines(generator, pipe):
+    defaults = generator.defaults()
+    assert (defaults.guidance_rescale, defaults.guidance_interval) == (0.0, None)  # the fields start at plain guidance
+    assert interval_text(defaults.guidance_interval) == "all" and interval_text((0.0, math.inf)) == "0,inf"
+    # The page's text fields: a number as text, the interval as "LO,HI"; empty means every step.
+    result = generator.generate("a red circle", "", "dpmpp-2m", 4, 4.0, 3, 2, None, None, None, "0.7", " 0.5,10.8 ")
+    assert (result.settings.guidance_rescale, result.settings.guidance_interval) == (0.7, (0.5, 10.8))
+    kw = dict(n=2, steps=4, sampler="dpmpp-2m", guidance=4.0, seed=3)
+    expected = to_uint8(pipe("a red circle", guidance_rescale=0.7, guidance_interval=(0.5, 10.8), **kw))
+    for i, path in enumerate(result.files):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected[i].permute(1, 2, 0).numpy())
+    words = shlex.split(result.command)
+    assert words[words.index("--guidance-rescale") + 1] == "0.7"
+    assert words[words.index("--guidance-interval") + 1] == "0.5,10.8"
+    assert generator.check("x", "", "ddim", 2, 2.0, 0, 1, guidance_interval="").guidance_interval is None
 
 
 def test_img2img_from_the_page_is_the_pipelines_and_its_command_remakes_it(generator, pipe, tmp_path):
