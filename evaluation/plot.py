@@ -6,6 +6,7 @@ works without a display.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -15,6 +16,15 @@ X_AXES = (("prompt_accuracy", "prompt accuracy (classifier)"), ("clip_score", "C
 
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+TITLE_CHARACTERS = 60  # per panel: what fits across a 5.5-inch panel at the title's 10 points, with a margin
+
+
+def title_text(title: str, features: str, panels: int = 1) -> str:
+    """The title's lines: `title` wrapped between words so that it stays inside the figure, then the features."""
+    lines = textwrap.wrap(title, TITLE_CHARACTERS * panels, break_on_hyphens=False)
+    return "\n".join([*lines, f"features: {features}"])
 
 
 def tradeoff_plot(results: list[dict] | dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -54,7 +64,7 @@ def tradeoff_plot(results: list[dict] | dict[str, list[dict]], path: str | Path,
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle("\n".join(filter(None, [title, f"features: {first['features']}"])), fontsize=10)
+    fig.suptitle(title_text(title, first["features"], len(axes_spec)), fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

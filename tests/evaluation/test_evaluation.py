@@ -47,8 +47,8 @@ from latentdiff.evaluation.fid import (
     statistics,
 )
 from latentdiff.evaluation.images import UInt8Images, as_uint8_rgb, load_image_set
+from latentdiff.evaluation.plot import TITLE_CHARACTERS, title_text, tradeoff_plot
 from latentdiff.evaluation.plot import main as plot_main
-from latentdiff.evaluation.plot import tradeoff_plot
 from latentdiff.evaluation.prompts import evaluation_prompts, prompt_accuracy
 
 TINY = [
@@ -446,6 +446,13 @@ def test_tradeoff_plot(tmp_path: Path):
         assert image.size == one.size and not np.array_equal(np.asarray(image), np.asarray(one))
     with pytest.raises(SystemExit):
         plot_main([str(report), "--out", str(tmp_path / "bad.png")])  # no LABEL=
+    # A long title wraps between words (never inside "DPM-Solver++(2M)") instead of running off the figure.
+    title = "make demo's prior, 2026-11-30 (v, zero terminal SNR): DPM-Solver++(2M), 20 steps"
+    lines = title_text(title, "classifier:x").split("\n")
+    assert lines[-1] == "features: classifier:x" and " ".join(lines[:-1]) == title
+    assert len(lines) == 3 and all(len(line) <= TITLE_CHARACTERS for line in lines)
+    assert any(line.startswith("DPM-Solver++(2M)") for line in lines)
+    assert title_text("demo", "classifier:x", panels=2) == "demo\nfeatures: classifier:x"
 
 
 def test_inception_from_a_weights_file_or_the_cache(tmp_path: Path, monkeypatch):
