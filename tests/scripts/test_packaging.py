@@ -12,21 +12,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_holds_every_preset_and_clip_config(tmp_path):
-    # Presets (PART/presets/*.toml) and CLIP configs (text/configs/*.json) live in folders that are not
-    # packages; a wheel built without naming them installs a latentdiff whose `--preset tiny` cannot be found.
+    # Presets (PART/presets/*.toml) and CLIP configs (text/configs/*.json) hold no Python; a wheel built without
+    # naming them installs a latentdiff whose `--preset tiny` cannot be found. Named as packages, they also
+    # keep setuptools from printing a screenful of "Package would be ignored" at every `make setup`.
     src = tmp_path / "src"
     shutil.copytree(
         ROOT,
         src,
         ignore=shutil.ignore_patterns(".*", "runs", "tests", "docs", "bench", "build", "*.egg-info", "__pycache__"),
     )
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            "-q",
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -35,7 +35,9 @@ def test_wheel_holds_every_preset_and_clip_config(tmp_path):
         ],
         check=True,
         capture_output=True,
+        text=True,
     )
+    assert "would be ignored" not in built.stdout + built.stderr
     (wheel,) = tmp_path.glob("latentdiff-*.whl")
     inside = set(zipfile.ZipFile(wheel).namelist())
     needed = {
