@@ -21,9 +21,11 @@ from latentdiff.scripts import cli
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START = time.monotonic()
-# No guidance above sigma 10.8 (the first two of DPM-Solver++'s 20 steps): Kynkäänniemi et al. 2024's
-# interval; on the demo's prior it bought the same prompt accuracy at a lower FID (README, The demo).
-GUIDANCE_INTERVAL = ["--guidance-interval", "0,10.8"]
+# How the grid is drawn: DPM-Solver++(2M), 20 steps, on Karras et al. 2022's levels (sigma 80 down to the
+# schedule's sigma(0)), guided only below sigma 5 (the last 11 of the 20 steps; the guidance interval of
+# Kynkäänniemi et al. 2024). On two demo priors this lowered the FID at >= 90% prompt accuracy by 0.35
+# against trailing levels guided below sigma 10.8 (README, The demo, measured).
+SAMPLING = ["--sampler", "dpmpp-2m", "--steps", "20", "--spacing", "karras", "--guidance-interval", "0,5"]
 # The grid's guidance scale: the lowest the final preset's sweep puts above 90% prompt accuracy, where its FID is
 # near its lowest (README, The demo, measured).
 GUIDANCE = "2"
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     timings.done("prior")
-    say(f"generating 8 images for every prompt (DPM-Solver++(2M), 20 steps, guidance {GUIDANCE} below sigma 10.8)")
+    say(f"generating 8 images for every prompt (DPM-Solver++(2M), 20 Karras steps, guidance {GUIDANCE} below sigma 5)")
     prompts = class_prompts(data)
     run(
         [
@@ -172,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "prior"),
             "--n",
             "8",
-            "--sampler",
-            "dpmpp-2m",
-            "--steps",
-            "20",
+            *SAMPLING,
             "--guidance",
             GUIDANCE,
-            *GUIDANCE_INTERVAL,
             "--seed",
             "0",
             "--out",
@@ -191,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "Make more with, for example:\n"
         f'  .venv/bin/latentdiff generate "{prompts[0]}" --run {out / "prior"} --n 16 '
-        f"--sampler dpmpp-2m --steps 20 --guidance {GUIDANCE} {' '.join(GUIDANCE_INTERVAL)} --seed 1 --out outputs/more"
+        f"{' '.join(SAMPLING)} --guidance {GUIDANCE} --seed 1 --out outputs/more"
     )
     return 0
 
