@@ -23,7 +23,7 @@ from latentdiff.prior.pipeline import (
     add_stage_arguments,
     pipeline_from_arguments,
 )
-from latentdiff.prior.samplers import add_sampler_arguments, sampler_arguments
+from latentdiff.prior.samplers import add_sampler_arguments, resolve, sampler_arguments
 
 # What --from-png may be combined with: where and how to run, not what to make.
 FROM_PNG_FLAGS = ("from_png", "run", "out", "overwrite", "device", "precision", "decoder", "autoencoder", "text")
@@ -193,9 +193,18 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
 
 def grid_title(settings) -> str:
-    """The line above grid.png: every setting that changes the images, beside the prompts labelling its rows."""
+    """The line above grid.png: every setting that changes the images, beside the prompts labelling its rows.
+
+    The sampler's options are named where they differ from its defaults ("dpmpp-2m, spacing karras, ...").
+    """
+    defaults = resolve(settings.sampler)[0].options
+    changed = "".join(
+        f", {key.replace('_', ' ')} {value:g}" if isinstance(value, float) else f", {key.replace('_', ' ')} {value}"
+        for key, value in sorted(settings.sampler_options.items())
+        if value is not None and defaults.get(key) != value
+    )
     return (
-        f"{settings.sampler}, {settings.steps} steps, guidance {settings.guidance:g}"
+        f"{settings.sampler}{changed}, {settings.steps} steps, guidance {settings.guidance:g}"
         + (" for sigma in ({:g}, {:g}]".format(*settings.guidance_interval) if settings.guidance_interval else "")
         + (f", guidance rescale {settings.guidance_rescale:g}" if settings.guidance_rescale else "")
         + f", seed {settings.seed}"

@@ -255,6 +255,12 @@ def test_guidance_interval_over_every_level_is_plain_guidance_and_over_none_is_t
     middle = pipe("a red circle", guidance_interval=(0.5, 10.0), **kw)
     title = grid_title(pipe.settings("a red circle", guidance_interval="0.5,10", guidance_rescale=0.7, **kw))
     assert title == "dpmpp-2m, 4 steps, guidance 4 for sigma in (0.5, 10], guidance rescale 0.7, seed 3"
+    # A sampler option away from its default changes the images, so the title names it (the demo's grid: Karras levels)
+    karras = pipe.settings("a red circle", sampler_options={"spacing": "karras", "rho": 5.0}, **kw)
+    assert grid_title(karras) == "dpmpp-2m, rho 5, spacing karras, 4 steps, guidance 4, seed 3"
+    assert grid_title(pipe.settings("a red circle", sampler_options={"spacing": "trailing"}, **kw)).startswith(
+        "dpmpp-2m, 4 steps"
+    )
     assert not torch.equal(middle, plain) and not torch.equal(middle, conditional)  # the tiny prior guides weakly
 
 
