@@ -18,7 +18,7 @@ from latentdiff.core.errors import UserError
 from latentdiff.core.logger import save_png
 from latentdiff.prior.parameters import PNG_KEY, generate_command, png_parameters  # noqa: F401  (re-exported)
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
-from latentdiff.prior.samplers import SAMPLERS
+from latentdiff.prior.samplers import ALIASES, SAMPLERS
 
 MAX_IMAGES = 16  # per request: one sampling batch, so the `generate` command below makes the same images
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
@@ -38,7 +38,8 @@ class Result:
 
 
 def sampler_names() -> list[str]:
-    return list(SAMPLERS)
+    """The samplers, then their Karras-level variants (`generate --sampler dpmpp-2m-karras`): no spacing field."""
+    return [*SAMPLERS, *(name for name in ALIASES if name.endswith("-karras"))]
 
 
 def _integer(name: str, value, low: int, high: int) -> int:
@@ -122,8 +123,8 @@ class Generator:
         prompt, negative_prompt = prompt or "", negative_prompt or ""  # an empty prompt is unconditional
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise UserError("the prompt and the negative prompt must be text")
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler not in sampler_names():
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampler_names())}")
         T = self.pipe.schedule.T
         steps = _integer("steps", steps, 1, T)
         seed = _integer("seed", seed, 0, MAX_SEED)

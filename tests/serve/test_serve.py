@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentdiff.core.errors import UserError
@@ -117,6 +118,20 @@ def test_guidance_rescale_and_interval_from_the_page_are_the_pipelines(generator
     assert words[words.index("--guidance-rescale") + 1] == "0.7"
     assert words[words.index("--guidance-interval") + 1] == "0.5,10.8"
     assert generator.check("x", "", "ddim", 2, 2.0, 0, 1, guidance_interval="").guidance_interval is None
+
+
+def test_a_karras_sampler_from_the_page_is_the_pipelines_on_karras_levels(generator, pipe):
+    # The demo's grid samples on Karras levels; the page has no spacing field, so it offers the -karras names.
+    assert {"dpmpp-2m-karras", "dpmpp-2m-sde-karras"} <= set(sampler_names())
+    result = generator.generate("a red circle", "", "dpmpp-2m-karras", 4, 2.0, 3, 2, None, None, None, None, "0,5")
+    assert result.settings.sampler == "dpmpp-2m" and result.settings.sampler_options["spacing"] == "karras"
+    kw = dict(n=2, steps=4, guidance=2.0, seed=3, guidance_interval=(0.0, 5.0))
+    expected = to_uint8(pipe("a red circle", sampler="dpmpp-2m", sampler_options={"spacing": "karras"}, **kw))
+    assert not torch.equal(expected, to_uint8(pipe("a red circle", sampler="dpmpp-2m", **kw)))  # other levels
+    for i, path in enumerate(result.files):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected[i].permute(1, 2, 0).numpy())
+    words = shlex.split(result.command)
+    assert words[words.index("--sampler") + 1] == "dpmpp-2m" and words[words.index("--spacing") + 1] == "karras"
 
 
 def test_img2img_from_the_page_is_the_pipelines_and_its_command_remakes_it(generator, pipe, tmp_path):
