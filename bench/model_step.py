@@ -10,6 +10,11 @@ torch.cuda.max_memory_allocated. FLOPs per step are counted once with torch's Fl
 On CPU the tiny presets run in fp32; on a GPU the script also runs the base presets in bf16.
 The UNet's inputs are random latents, timesteps and text states of the preset's shapes: the
 text encoder is not part of this figure (latent_vs_pixel includes it).
+
+`--set KEY=VALUE` changes the prior preset as `latentdiff train prior --set` does, to time a change
+against the preset on the same machine, one run after the other:
+
+    python -m bench.model_step --backends sdpa --set 'model.attention_levels=[0, 1]' --out runs/bench/att01.json
 """
 
 from __future__ import annotations
@@ -26,17 +31,17 @@ from .common import device, optimizer_step, parser, peak_rss_mb, report, rss_mb,
 BACKENDS = ("sdpa", "math", "xformers")
 
 
-def prior_step(preset: str, backend: str, precision: str, dev: torch.device):
+def prior_step(preset: str, backend: str, precision: str, dev: torch.device, overrides: tuple[str, ...] = ()):
     from latentdiff.autoencoder import stage as autoencoder_stage
     from latentdiff.autoencoder.model import AutoencoderConfig
-    from latentdiff.core.config import load_preset
+    from latentdiff.core.config import apply_overrides, load_preset
     from latentdiff.core.train import make_optimizer
     from latentdiff.prior.config import PriorConfig, make_schedule
     from latentdiff.prior.losses import diffusion_loss
     from latentdiff.prior.stage import PRESETS
     from latentdiff.prior.unet import UNet
 
-    cfg = load_preset(PriorConfig, PRESETS, preset)
+    cfg = apply_overrides(load_preset(PriorConfig, PRESETS, preset), overrides)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
     opt = make_optimizer(unet.parameters(), cfg.train)
     schedule = make_schedule(cfg.diffusion)
@@ -102,13 +107,19 @@ def autoencoder_step(preset: str, backend: str, precision: str, dev: torch.devic
 MODELS = {"prior UNet": prior_step, "autoencoder": autoencoder_step}
 
 
-def measure(model: str, preset: str, backend: str, precision: str, repeats: int) -> dict:
-    """Runs in a fresh process: time, memory and FLOPs of one configuration."""
+def measure(
+    model: str, preset: str, backend: str, precision: str, repeats: int, overrides: tuple[str, ...] = ()
+) -> dict:
+    """Runs in a fresh process: time, memory and FLOPs of one configuration (overrides: the prior's only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     dev = device()
     torch.manual_seed(0)
-    net, step, B = MODELS[model](preset, backend, precision, dev)
+    net, step, B = (
+        prior_step(preset, backend, precision, dev, overrides)
+        if model == "prior UNet"
+        else (MODELS[model](preset, backend, precision, dev))
+    )
     params = sum(p.numel() for p in net.parameters())
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -128,6 +139,7 @@ def measure(model: str, preset: str, backend: str, precision: str, repeats: int)
     return {
         "model": model,
         "preset": preset,
+        "overrides": list(overrides) if model == "prior UNet" else [],
         "backend": backend,
         "precision": precision,
         "batch_size": B,
@@ -155,10 +167,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = parser("model_step", __doc__)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per row after one warm-up")
     p.add_argument("--backends", default=",".join(BACKENDS), help="attention backends (default: %(default)s)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the prior preset as `latentdiff train prior --set` does, e.g. 'model.attention_levels=[0, 1]'",
+    )
     args = p.parse_args(argv)
+    overrides = tuple(args.set)
 
     dev = device()
     configs = [("tiny", "fp32")] + ([("base", "bf16")] if dev.type == "cuda" else [])
+    if overrides:  # a bad key or value: the config's one-line error, before any process starts
+        from latentdiff.core.config import ConfigError, apply_overrides, load_preset
+        from latentdiff.prior.config import PriorConfig
+        from latentdiff.prior.stage import PRESETS
+
+        for preset, _ in configs:
+            try:
+                apply_overrides(load_preset(PriorConfig, PRESETS, preset), overrides)
+            except ConfigError as e:
+                p.error(f"prior preset {preset}: {e}")
     results, rows = [], []
     ctx = mp.get_context("spawn")
     for preset, precision in configs:
@@ -172,13 +202,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     results.append({"model": model, "preset": preset, "backend": backend, "unavailable": why})
                     continue
                 with ctx.Pool(1) as pool:
-                    r = pool.apply(measure, (model, preset, backend, precision, args.repeats))
+                    r = pool.apply(measure, (model, preset, backend, precision, args.repeats, overrides))
                 results.append(r)
                 shown = "(none in the tiny preset)" if model == "autoencoder" and preset == "tiny" else backend
                 rows.append(
                     [
                         model,
-                        preset,
+                        " ".join([preset, *r["overrides"]]),
                         shown,
                         precision,
                         r["batch_size"],

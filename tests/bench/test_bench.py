@@ -119,3 +119,21 @@ def test_demo_races_reads_trials_and_picks_the_goal_row():
     ]
     assert demo_races.best(rows)["guidance"] == 3.0
     assert demo_races.best(rows[:1]) is None
+
+
+def test_model_step_times_the_prior_preset_with_overrides(tmp_path):
+    from bench import model_step
+    from latentdiff.core.config import apply_overrides, load_preset
+    from latentdiff.prior.config import PriorConfig
+    from latentdiff.prior.stage import PRESETS
+    from latentdiff.prior.unet import UNet
+
+    change = ["model.channels=[16, 32]", "model.attention_levels=[0, 1]"]
+    out = tmp_path / "step.json"
+    rows = model_step.main(["--backends", "sdpa", "--repeats", "1", "--out", str(out), *(f"--set={c}" for c in change)])
+    prior = next(r for r in rows if r["model"] == "prior UNet")
+    cfg = apply_overrides(load_preset(PriorConfig, PRESETS, "tiny"), change)
+    assert prior["overrides"] == change and prior["params"] == sum(p.numel() for p in UNet(cfg.model).parameters())
+    assert json.loads(out.read_text())["figures"]["rows"][0]["overrides"] == change
+    with pytest.raises(SystemExit):  # a key the config lacks: argparse's one-line error, no process started
+        model_step.main(["--backends", "sdpa", "--set", "model.no_such_field=1", "--out", str(out)])
