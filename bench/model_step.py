@@ -31,17 +31,25 @@ from .common import device, optimizer_step, parser, peak_rss_mb, report, rss_mb,
 BACKENDS = ("sdpa", "math", "xformers")
 
 
+def prior_config(preset: str, overrides: tuple[str, ...] = ()):
+    """The prior preset with `--set` overrides applied (ConfigError on a bad one)."""
+    from latentdiff.core.config import apply_overrides, load_preset
+    from latentdiff.prior.config import PriorConfig
+    from latentdiff.prior.stage import PRESETS
+
+    return apply_overrides(load_preset(PriorConfig, PRESETS, preset), overrides)
+
+
 def prior_step(preset: str, backend: str, precision: str, dev: torch.device, overrides: tuple[str, ...] = ()):
     from latentdiff.autoencoder import stage as autoencoder_stage
     from latentdiff.autoencoder.model import AutoencoderConfig
-    from latentdiff.core.config import apply_overrides, load_preset
+    from latentdiff.core.config import load_preset
     from latentdiff.core.train import make_optimizer
-    from latentdiff.prior.config import PriorConfig, make_schedule
+    from latentdiff.prior.config import make_schedule
     from latentdiff.prior.losses import diffusion_loss
-    from latentdiff.prior.stage import PRESETS
     from latentdiff.prior.unet import UNet
 
-    cfg = apply_overrides(load_preset(PriorConfig, PRESETS, preset), overrides)
+    cfg = prior_config(preset, overrides)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
     opt = make_optimizer(unet.parameters(), cfg.train)
     schedule = make_schedule(cfg.diffusion)
@@ -115,11 +123,8 @@ def measure(
 
     dev = device()
     torch.manual_seed(0)
-    net, step, B = (
-        prior_step(preset, backend, precision, dev, overrides)
-        if model == "prior UNet"
-        else (MODELS[model](preset, backend, precision, dev))
-    )
+    extra = (overrides,) if model == "prior UNet" else ()
+    net, step, B = MODELS[model](preset, backend, precision, dev, *extra)
     params = sum(p.numel() for p in net.parameters())
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -179,16 +184,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     dev = device()
     configs = [("tiny", "fp32")] + ([("base", "bf16")] if dev.type == "cuda" else [])
-    if overrides:  # a bad key or value: the config's one-line error, before any process starts
-        from latentdiff.core.config import ConfigError, apply_overrides, load_preset
-        from latentdiff.prior.config import PriorConfig
-        from latentdiff.prior.stage import PRESETS
+    from latentdiff.core.config import ConfigError
 
-        for preset, _ in configs:
-            try:
-                apply_overrides(load_preset(PriorConfig, PRESETS, preset), overrides)
-            except ConfigError as e:
-                p.error(f"prior preset {preset}: {e}")
+    for preset, _ in configs:  # a bad key or value: the config's one-line error, before any process starts
+        try:
+            prior_config(preset, overrides)
+        except ConfigError as e:
+            p.error(f"prior preset {preset}: {e}")
     results, rows = [], []
     ctx = mp.get_context("spawn")
     for preset, precision in configs:

@@ -199,7 +199,7 @@ def grid_title(settings) -> str:
     """
     defaults = resolve(settings.sampler)[0].options
     changed = "".join(
-        f", {key.replace('_', ' ')} {value:g}" if isinstance(value, float) else f", {key.replace('_', ' ')} {value}"
+        f", {key.replace('_', ' ')} {format(value, 'g') if isinstance(value, float) else value}"
         for key, value in sorted(settings.sampler_options.items())
         if value is not None and defaults.get(key) != value
     )

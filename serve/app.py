@@ -67,7 +67,7 @@ def _generate_tab(generator: Generator) -> None:
                     interval = gr.Textbox(
                         interval_text(defaults.guidance_interval),
                         label="Guided noise levels: sigma_lo,sigma_hi (all: every step)",
-                        placeholder="0,10.8",
+                        placeholder="0,5",
                         elem_id="guidance-interval",
                     )
             with gr.Accordion("img2img and inpainting", open=False):
