@@ -54,6 +54,28 @@ _DIFFUSERS_RULES: list[tuple[str, str]] = [
 ]
 
 
+# diffusers before 0.14 named an attention block's projections query, key, value and proj_attn; its
+# from_pretrained still renames them on load, and hub VAEs saved before then keep them.
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def modern_diffusers_names(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """`state` with diffusers' older attention names replaced by today's (query -> to_q, proj_attn -> to_out.0).
+
+    Returns the renamed state and how many tensors were renamed. A name that exists under both forms is
+    left for rename_state to report as a tensor the model does not have.
+    """
+    out, renamed = {}, 0
+    for key, value in state.items():
+        m = _OLD_ATTENTION.match(key)
+        new = f"{m[1]}{_NEW_ATTENTION[m[2]]}.{m[3]}" if m else key
+        if new != key and new not in state:
+            key, renamed = new, renamed + 1
+        out[key] = value
+    return out, renamed
+
+
 def _rename(key: str, rules) -> str:
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key, count=1)

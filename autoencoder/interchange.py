@@ -1,25 +1,27 @@
 """Pretrained KL autoencoders in and out: `latentdiff import autoencoder` and `latentdiff export autoencoder`.
 
 A source is one of
-- a diffusers model folder: config.json + diffusion_pytorch_model.safetensors (a pipeline
-  folder works too: its vae/ subfolder is used);
+- a diffusers model folder: config.json + the weights as diffusers writes them:
+  diffusion_pytorch_model.safetensors (or .bin), a variant such as diffusion_pytorch_model.fp16.safetensors
+  (half-precision weights are upcast to float32), or shards with their .index.json; the attention
+  names of diffusers before 0.14 (query, key, value, proj_attn) are read as today's. A pipeline
+  folder works too: its vae/ subfolder is used;
 - a single-file Stable Diffusion / Latent Diffusion checkpoint in safetensors, the autoencoder's
   tensors under `first_stage_model.` (or a standalone VAE file, with them at the top level).
-A pickle checkpoint (.ckpt, .pt, .bin) is read only through `torch.load(weights_only=True)`: one
-that needs code to unpickle is refused. The import writes an ordinary autoencoder run directory
-(autoencoder.load.write_autoencoder_run), so every later command reads it unchanged.
+Every file is read by core.safe_load: a pickle (.ckpt, .pt, .bin) only through
+`torch.load(weights_only=True)`, so one that needs code to unpickle is refused. The import writes an
+ordinary autoencoder run directory (autoencoder.load.write_autoencoder_run), so every later command
+reads it unchanged.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
@@ -27,6 +29,7 @@ from latentdiff.core.config import ConfigError
 from latentdiff.core.errors import UserError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.runs import record_path
+from latentdiff.core.safe_load import read_tensor_file
 from latentdiff.core.train import TrainConfig
 from latentdiff.data.reader import make_loader
 
@@ -39,6 +42,7 @@ from .convert import (
     diffusers_name,
     export_problems,
     ldm_namer,
+    modern_diffusers_names,
     rename_state,
 )
 from .load import encoder_hash, load_autoencoder, read_autoencoder_config, write_autoencoder_run
@@ -47,6 +51,10 @@ from .stage import measure_latents
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# diffusers' names for a model's weights: diffusion_pytorch_model[.VARIANT].EXT, or shards listed in
+# diffusion_pytorch_model.EXT.index[.VARIANT].json (its _add_variant puts the variant before the last suffix).
+_WEIGHTS_FILE = re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[^.]+))?\.(?P<ext>safetensors|bin)$")
+_SHARD_INDEX = re.compile(r"^diffusion_pytorch_model\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
 
 @dataclass(frozen=True)
@@ -59,39 +67,71 @@ class Source:
     state: dict[str, torch.Tensor]  # under latentdiff's names, checked against `model`
     scaling_factor: float | None  # the source's own latent scale, if it records one
     sample_size: int | None  # the image side the source was configured for, if it records one
+    weights: tuple[str, ...]  # the file name(s) the tensors came from
+    stored_dtype: str  # the dtype the file stores ("float16" for an fp16 variant); the run is float32
+    notes: tuple[str, ...] = ()  # what the import changed on the way, for the log line
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or of a pickle read through torch.load(weights_only=True).
 
-    A pickle's tensors may sit under "state_dict" (LDM's .ckpt). Raises CheckpointError for a
-    file that is neither, or a pickle that would need code to load.
+    A pickle's tensors may sit under "state_dict" (LDM's .ckpt). Raises CheckpointError (one line)
+    for a file that is neither, or a pickle that would need code to load (core.safe_load).
     """
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    return read_tensor_file(path, "a KL autoencoder's weights")
+
+
+def diffusers_weights(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of a diffusers model folder, as diffusers' from_pretrained would pick them.
+
+    Without `variant`: the full-precision file, else the one variant present (e.g. only
+    diffusion_pytorch_model.fp16.safetensors). safetensors before .bin, one file before shards.
+    Raises UserError (one line) naming the files and variants found when there is no single choice.
+    """
+    found: dict[str | None, list[tuple[int, Path]]] = {}
+    for f in folder.iterdir():
+        for rank, pattern in ((0, _WEIGHTS_FILE), (2, _SHARD_INDEX)):
+            m = pattern.match(f.name)
+            if m and f.is_file():
+                # safetensors before bin; a single file before an index of shards
+                found.setdefault(m["variant"], []).append((rank + (m["ext"] == "bin"), f))
+    variants = sorted(v for v in found if v is not None)
+    listed = ", ".join(variants)
+    if variant is not None and variant not in found:
+        raise UserError(
+            f"{folder} has no weights of variant {variant!r} (diffusion_pytorch_model.{variant}.safetensors or "
+            f".bin); variants present: {listed or 'none'}"
+        )
+    if variant is None and None not in found:
+        if not variants:
+            raise UserError(
+                f"{folder} has no diffusers weights: no {' or '.join(DIFFUSERS_WEIGHTS)}, no variant such as "
+                "diffusion_pytorch_model.fp16.safetensors, no .index.json of shards"
+            )
+        if len(variants) > 1:
+            raise UserError(f"{folder} has weights in variants {listed} and no full-precision file: pass --variant")
+        variant = variants[0]
+    chosen = min(found[variant])[1]
+    if not _SHARD_INDEX.match(chosen.name):
+        return [chosen]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln] or ["unsupported object"]
-        raise CheckpointError(
-            f"{path} is a pickle that needs code to load ({lines[0]}); latentdiff reads pickles "
-            "only through torch.load(weights_only=True): convert it to safetensors "
-            "with a tool you trust"
-        ) from None
-    except Exception as e:  # torch raises several types for files that are not checkpoints at all
-        raise CheckpointError(
-            f"{path} is neither a safetensors file nor a torch checkpoint ({type(e).__name__}: {e})"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        weight_map = json.loads(chosen.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{chosen} is not a diffusers shard index (no weight_map: {e})") from None
+    names = sorted(set(weight_map.values()))
+    elsewhere = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    if elsewhere:  # shards live beside their index; a path elsewhere is not diffusers' layout
+        raise ConfigError(f"{chosen} lists shards outside its folder ({elsewhere[0]!r})")
+    return [folder / name for name in names]
+
+
+def _read_diffusers_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is missing: its shard index lists it")
+        tensors.update(read_tensors(f))
+    return tensors
 
 
 def _diffusers_folder(src: Path) -> Path | None:
@@ -107,8 +147,16 @@ def _model_state(cfg: AutoencoderModelConfig) -> dict[str, torch.Tensor]:
         return Autoencoder(cfg).state_dict()
 
 
-def read_source(src: str | Path) -> Source:
-    """Read and check a pretrained autoencoder (see the module docstring for the forms)."""
+def _stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values() if v.is_floating_point()})
+    return "/".join(dtypes) or "none"
+
+
+def read_source(src: str | Path, variant: str | None = None) -> Source:
+    """Read and check a pretrained autoencoder (see the module docstring for the forms).
+
+    variant: which diffusers weights variant to read ("fp16"), when a folder holds several.
+    """
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src} does not exist: give a diffusers model folder or a checkpoint file")
@@ -121,16 +169,13 @@ def read_source(src: str | Path) -> Source:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{folder / DIFFUSERS_CONFIG} is not valid JSON ({e})") from None
         cfg = config_from_diffusers(config, str(folder / DIFFUSERS_CONFIG))
-        weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
-        if weights is None:
-            raise UserError(f"{folder} has no {' or '.join(DIFFUSERS_WEIGHTS)}")
+        files = diffusers_weights(folder, variant)
+        tensors, old_names = modern_diffusers_names(_read_diffusers_weights(files))
+        where = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
         state = rename_state(
-            _model_state(cfg),
-            read_tensors(weights),
-            diffusers_name,
-            str(weights),
-            f"{describe(cfg)} (from {DIFFUSERS_CONFIG})",
+            _model_state(cfg), tensors, diffusers_name, where, f"{describe(cfg)} (from {DIFFUSERS_CONFIG})"
         )
+        notes = (f"{old_names} tensors under diffusers' older attention names (query, key, value, proj_attn) read",)
         scale = config.get("scaling_factor")
         return Source(
             folder,
@@ -139,7 +184,12 @@ def read_source(src: str | Path) -> Source:
             state,
             None if scale is None else float(scale),
             config.get("sample_size") if isinstance(config.get("sample_size"), int) else None,
+            tuple(f.name for f in files),
+            _stored_dtype(tensors),
+            notes if old_names else (),
         )
+    if variant is not None:
+        raise UserError(f"--variant {variant} is for a diffusers folder; {src} is a single file")
     tensors = read_tensors(src)
     if any(k.startswith(LDM_PREFIX) for k in tensors):
         tensors = {k[len(LDM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
@@ -157,7 +207,7 @@ def read_source(src: str | Path) -> Source:
     state = rename_state(
         _model_state(cfg), tensors, ldm_namer(len(cfg.channels)), str(src), f"{describe(cfg)} (read off its shapes)"
     )
-    return Source(src, "single-file", cfg, state, None, None)
+    return Source(src, "single-file", cfg, state, None, None, (src.name,), _stored_dtype(tensors))
 
 
 def _measure(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device) -> tuple[float, float]:
@@ -182,6 +232,7 @@ def import_autoencoder(
     batch_size: int = 8,
     batches: int = 16,
     device: torch.device | str = "cpu",
+    variant: str | None = None,
 ) -> dict:
     """Turn a pretrained KL autoencoder into a latentdiff autoencoder run at `out`; returns a summary.
 
@@ -192,11 +243,13 @@ def import_autoencoder(
     1.x/2.x) or from `scaling_factor` when given; "data" takes 1 / std as a trained run does (LDM
     §4.3.2). absmax (max |z| in scaled units, the samplers' clip bound) is measured either way.
     resolution: the image side later stages train at (default: the source's sample_size, else 256).
+    variant: the diffusers weights variant to read ("fp16") when a folder holds several; weights stored
+    in another precision are upcast to the run's float32, and the summary's `notes` say so.
     Raises UserError, ConfigError or CheckpointError (one line); writes nothing then.
     """
     if scale not in ("source", "data"):
         raise UserError(f"--scale {scale!r}: choose source or data")
-    source = read_source(src)
+    source = read_source(src, variant)
     factor = scaling_factor if scaling_factor is not None else source.scaling_factor
     if scale == "source" and factor is None:
         raise UserError(
@@ -231,8 +284,16 @@ def import_autoencoder(
         "data": record_path(data, out),
         "latent_std": std,
         "scale_from": scale_from,
-        "imported_from": {"path": str(source.path.resolve()), "format": source.format},
+        "imported_from": {
+            "path": str(source.path.resolve()),
+            "format": source.format,
+            "weights": list(source.weights),
+            "stored_dtype": source.stored_dtype,
+        },
     }
+    notes = list(source.notes)
+    if source.stored_dtype != "float32":
+        notes.insert(0, f"{source.stored_dtype} weights upcast to float32")
     run = write_autoencoder_run(out, cfg, source.state, space, extra)
     return {
         "run": str(run),
@@ -245,6 +306,9 @@ def import_autoencoder(
         "resolution": side,
         "latent_channels": space.channels,
         "downsampling": space.downsampling,
+        "weights": list(source.weights),
+        "stored_dtype": source.stored_dtype,
+        "notes": notes,
     }
 
 

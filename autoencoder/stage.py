@@ -32,6 +32,11 @@ from .losses import AutoencoderLoss
 from .model import Autoencoder, AutoencoderConfig
 
 PRESETS = Path(__file__).parent
+# What a resume on other data (--new-data) changes besides the weights, said when it is refused and when it starts.
+NEW_DATA = (
+    "; the latent scale is re-measured on it at the end, so priors and decoders trained on this autoencoder "
+    "will not match its newest checkpoint (they keep reading the checkpoint they were trained with, pinned)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +103,7 @@ def train(args: argparse.Namespace) -> dict:
         args.set = [*args.set, f'loss.perceptual="{args.perceptual}"']
     # A new run trains at the dataset's resolution (info.json) unless --set resolution=N says otherwise.
     derive = follow(args, "resolution", lambda: read_info(args.data).get("resolution"))
-    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder", derive=derive)
+    run = Run.start(args, AutoencoderConfig, PRESETS, stage="autoencoder", derive=derive, new_data_note=NEW_DATA)
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
 

@@ -15,6 +15,9 @@ A run directory of any stage holds
             rng_rank1.pt ...     under torchrun, every other rank's RNG state
         step-000001000/
         .staging-000001500/  a save in progress (removed at the next start if it was interrupted)
+    pins/                    runs that read one of these checkpoints (a prior reads its autoencoder's):
+        lock                     taken to write a pin and to prune, so neither misses the other
+        <key>.json               {"dependent", "source", "checkpoint", "stage", "since"}: pruning keeps that checkpoint
 
 Why step folders with a manifest inside, renamed into place, and no `latest` pointer: keeping
 the last K checkpoints needs several versions of each file side by side, which flat files
@@ -27,6 +30,12 @@ complete checkpoint is used and the reader says so in one line. The newest check
 highest step that verifies; a `latest` pointer would be a second record that can disagree.
 Saving a step that is already committed (the final save after the last periodic one) goes
 to `step-N.1`, `.2`, ...: a commit never has to remove the checkpoint it supersedes first.
+
+A checkpoint folder (`RUN/checkpoints/step-N`) is also a reference to its run at that step:
+`read_meta`, `committed_file` and so every loader read it, verified, in place of the newest.
+A run that others read (an autoencoder under a prior) keeps the checkpoint each of them was
+trained on: they pin it (`pin`), pruning skips pinned folders, and a pin lapses when its
+dependent run is deleted.
 
 Format 1 (latentdiff before checkpoints/) kept flat files in the run directory; they still
 load, and the first checkpoint a resumed format-1 run writes replaces them.
@@ -45,6 +54,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +62,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .faults import LOCK, RunLock
 
 FORMAT_VERSION = 2
 META = "meta.json"
@@ -63,6 +76,7 @@ EMA = "ema.safetensors"
 STATE = "state.pt"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+PINS = "pins"  # RUN/pins/: the runs that read one of RUN's checkpoints, so pruning keeps it
 READABLE = (META, CONFIG)  # kept at the run root too, for people
 _STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 _TMP_SUFFIX = ".tmp"
@@ -251,16 +265,24 @@ def commit(run_dir: str | Path, staging: Path, step: int, keep: int) -> Path:
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    """Remove all but the newest `keep` steps (and older copies of a step saved twice)."""
-    seen: list[int] = []
-    for folder in checkpoint_dirs(run_dir):
-        step = _order(folder)[0]
-        if step in seen or len(seen) >= keep:
-            doomed = folder.with_name(f".pruning-{folder.name}")
-            os.replace(folder, doomed)  # out of the step- names first, so a crash here leaves no half folder
-            shutil.rmtree(doomed, ignore_errors=True)
-        else:
-            seen.append(step)
+    """Remove all but the newest `keep` steps (and older copies of a step saved twice); pinned ones stay.
+
+    Under the pins lock: a run pinning one of these checkpoints either pinned it first (it stays)
+    or finds it gone and reads the newest (see `pin`).
+    """
+    with _pins_lock(run_dir):
+        pinned = {p.checkpoint for p in pins(run_dir, tidy=True)}
+        seen: list[int] = []
+        for folder in checkpoint_dirs(run_dir):
+            step = _order(folder)[0]
+            if step in seen or len(seen) >= keep:
+                if folder.name in pinned:
+                    continue  # another run was trained on it
+                doomed = folder.with_name(f".pruning-{folder.name}")
+                os.replace(folder, doomed)  # out of the step- names first, so a crash here leaves no half folder
+                shutil.rmtree(doomed, ignore_errors=True)
+            else:
+                seen.append(step)
 
 
 def set_aside(run_dir: str | Path, folder: Path) -> Path:
@@ -344,9 +366,12 @@ def latest(run_dir: str | Path, rejected: list[tuple[Path, str]] | None = None) 
 
     Folders that fail verification are appended to `rejected` as (folder, reason) and skipped.
     A run without checkpoints/ but with flat format-1 files gives a legacy Checkpoint of the run
-    directory. Raises CheckpointError when checkpoints exist and none verifies.
+    directory; a checkpoint folder (`RUN/checkpoints/step-N`) gives itself, verified. Raises
+    CheckpointError when checkpoints exist and none verifies.
     """
     run_dir = Path(run_dir)
+    if is_checkpoint_folder(run_dir):
+        return verify(run_dir)
     folders = checkpoint_dirs(run_dir)
     reasons = []
     for folder in folders:
@@ -405,6 +430,32 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return bool(checkpoint_dirs(run_dir)) or (run_dir / STATE).is_file() or (run_dir / MODEL).is_file()
 
 
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """Whether `path` is one committed checkpoint folder, `RUN/checkpoints/step-N` (a run at that step)."""
+    path = Path(path)
+    return path.parent.name == CHECKPOINTS and _order(path) is not None and (path / MANIFEST).is_file()
+
+
+def lock_holder(run_dir: str | Path) -> str | None:
+    """Who is training `run_dir` now ("pid N on HOST (since ...)"), or None when no process holds its lock.
+
+    Probes the lock (core.faults.RunLock) without waiting; a lock file that cannot be opened
+    (a read-only run) says nothing.
+    """
+    lock_file = Path(run_dir) / LOCK
+    if not lock_file.is_file():
+        return None
+    probe = FileLock(str(lock_file))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return RunLock(Path(run_dir)).holder()
+    except OSError:
+        return None
+    probe.release()
+    return None
+
+
 def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     """A run's meta: its newest complete checkpoint's meta.json over the root copy; checks `stage` if given.
 
@@ -417,6 +468,12 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     root = run_dir / META
     committed = committed_file(run_dir, META)
     if not root.is_file() and not committed.is_file() and (run_dir / CONFIG).is_file():
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise CheckpointError(
+                f"{run_dir} has no checkpoint yet: it is in use by {holder}, which is training it and "
+                "has not saved yet; wait for its first checkpoint (train.ckpt_every) or for it to end"
+            )
         raise CheckpointError(
             f"{run_dir} has no checkpoint yet: its run stopped before the first save; "
             f"start it again with --out {run_dir}"
@@ -480,6 +537,98 @@ def _is_legacy_checkpoint_file(name: str) -> bool:
     return name in (CONFIG, STATE) or name.endswith(".safetensors") or re.match(r"^rng_rank\d+\.pt$", name) is not None
 
 
+# ---- pins: the checkpoints other runs read ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One run reading one checkpoint of another (a prior its autoencoder's): that checkpoint is never pruned."""
+
+    dependent: Path  # the run that reads it, resolved
+    checkpoint: str  # the folder name under checkpoints/ (step-N or step-N.seq)
+    stage: str  # the dependent's stage, for messages
+    file: Path  # the pin's own file, RUN/pins/KEY.json
+
+
+def _pins_lock(run_dir: Path) -> FileLock:
+    """The lock every pin and every pruning of `run_dir` takes (RUN/pins/lock; filelock, released by the OS)."""
+    (run_dir / PINS).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(run_dir / PINS / "lock"), timeout=120)
+
+
+def _pin_key(dependent: Path) -> str:
+    return hashlib.sha256(str(dependent.resolve()).encode()).hexdigest()[:16]
+
+
+def pins(run_dir: str | Path, tidy: bool = False) -> list[Pin]:
+    """The pins on `run_dir`'s checkpoints whose dependent run still exists (at its recorded path or the same
+    place relative to this run) and that were written for this run (here, or moved with its dependent: a
+    copy of a run does not inherit them); the others have lapsed. tidy: delete the lapsed ones' files
+    (only under the pins lock, as `_prune` does)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / PINS
+    if not folder.is_dir():
+        return []
+    live, here = [], run_dir.resolve()
+    for file in sorted(folder.glob("*.json")):
+        try:
+            record = read_json(file)
+            where = [Path(record["dependent"]["path"]), run_dir / record["dependent"]["from_run"]]
+            found = next((p.resolve() for p in where if p.is_dir()), None)
+            source = record["source"]
+            # Written for this run (moved with its dependent, or not): a copy of the run does not inherit its pins.
+            ours = found is not None and here in (Path(source["path"]), (found / source["from_dependent"]).resolve())
+            pin = Pin(found, str(record["checkpoint"]), str(record["stage"]), file) if ours else None
+        except (CheckpointError, FileNotFoundError, KeyError, TypeError):
+            continue  # unreadable: written by hand or torn; it pins nothing
+        if pin is not None:
+            live.append(pin)
+        elif tidy:
+            file.unlink(missing_ok=True)
+    return live
+
+
+def pin(checkpoint: Checkpoint, dependent: str | Path, stage: str) -> Path:
+    """Record that run `dependent` reads `checkpoint` (a committed folder), so its run never prunes it.
+
+    One pin per dependent and source run: pinning another checkpoint of the same run moves it.
+    Under the pins lock, so the checkpoint cannot be pruned between the check here and the pin.
+    Returns the pin's file. Raises CheckpointError when the checkpoint was pruned before it could
+    be pinned (read the run again), OSError when the source run cannot be written (a read-only copy).
+    """
+    run_dir = checkpoint.path.parent.parent
+    dependent = Path(dependent).resolve()
+    with _pins_lock(run_dir):
+        if not checkpoint.path.is_dir():
+            raise CheckpointError(f"{checkpoint.path} was pruned while {dependent} was reading it; start again")
+        file = run_dir / PINS / f"{_pin_key(dependent)}.json"
+        source = run_dir.resolve()
+        where = {"path": str(dependent), "from_run": os.path.relpath(dependent, source)}
+        back = {"path": str(source), "from_dependent": os.path.relpath(source, dependent)}
+        record = {"dependent": where, "source": back, "checkpoint": checkpoint.path.name, "stage": stage}
+        write_json(file, {**record, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return file
+
+
+def unpin(run_dir: str | Path, dependent: str | Path) -> None:
+    """Drop `dependent`'s pin on `run_dir` (a run that failed before its first checkpoint depends on nothing)."""
+    run_dir, dependent = Path(run_dir), Path(dependent).resolve()
+    if not (run_dir / PINS).is_dir():
+        return
+    with _pins_lock(run_dir):
+        (run_dir / PINS / f"{_pin_key(dependent)}.json").unlink(missing_ok=True)
+
+
+def pinned_checkpoint(run_dir: str | Path, dependent: str | Path) -> Path | None:
+    """The checkpoint folder of `run_dir` that `dependent` pinned, when it still exists; else None."""
+    dependent = Path(dependent).resolve()
+    for p in pins(run_dir):
+        folder = Path(run_dir) / CHECKPOINTS / p.checkpoint
+        if p.dependent == dependent and folder.is_dir():
+            return folder
+    return None
+
+
 # ---- training state -----------------------------------------------------------------------
 
 
@@ -510,8 +659,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        from .safe_load import refusal_reason  # one line of torch's many; safe_load imports this module
+
         raise CheckpointError(
-            f"{path} is not a readable training state ({type(e).__name__}: {e}); "
+            f"{path} is not a readable training state ({refusal_reason(e)}); "
             "it is truncated or damaged: resume from an earlier checkpoint"
         ) from None
     if "rng" in state:

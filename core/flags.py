@@ -10,6 +10,7 @@ from typing import Any
 from .errors import UserError
 
 Reader = Callable[[dict, Path], Any]  # (a run's meta.json, its directory) -> a flag's value
+EXTEND_LR = ("continue", "rewarm", "hold")  # --extend-lr: the lr policy of an extended run (core.train.LrSegment)
 
 
 def add_train_args(
@@ -24,6 +25,19 @@ def add_train_args(
         "--data",
         help="dataset directory of shards (from `latentdiff data ...`) or a shard pattern; "
         "required for a new run, read from the run's records on --resume",
+    )
+    where.add_argument(
+        "--new-data",
+        action="store_true",
+        help="with --resume: train on from the last checkpoint on data other than the run's own (another "
+        "--data, or its dataset rebuilt since); without it such a resume is refused",
+    )
+    where.add_argument(
+        "--extend-lr",
+        choices=EXTEND_LR,
+        help="with --resume past the run's end (more --steps, another --max-minutes) or with a changed "
+        "horizon: continue (default) = a new cosine from the lr the run stopped at down to its floor over "
+        "the extension; rewarm = warm up again to the peak lr, then a new cosine; hold = keep the lr it stopped at",
     )
     names = sorted(p.stem for p in (Path(presets) / "presets").glob("*.toml")) if presets else []
     listed = f"{', '.join(names)}, " if names else ""

@@ -30,7 +30,8 @@ def save_grid(
     enlarged by an integer factor without smoothing (nearest neighbour), so 32-px samples
     are seen as they are rather than as blurs or thumbnails. labels: one text per row,
     written to the left of it (e.g. its prompt); title: a line above the grid (e.g. the
-    guidance and seed). Raises ValueError when the number of labels is not the number of rows.
+    guidance and seed); a line break in either is shown as " / ". Raises ValueError when the number of
+    labels is not the number of rows.
     """
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
@@ -48,6 +49,8 @@ def save_grid(
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
     if labels or title:
+        labels = [_one_line(t) for t in labels] if labels else labels
+        title = _one_line(title) if title else title
         font = ImageFont.load_default(size=14)
         measure = ImageDraw.Draw(picture)
         label_w = 8 + max((measure.textlength(t, font=font) for t in labels), default=0) if labels else 0
@@ -68,10 +71,19 @@ def save_grid(
     return path
 
 
-def save_png(image: torch.Tensor, path: str | Path, text: dict[str, str] | None = None) -> Path:
+def _one_line(text: str) -> str:
+    """A label drawn on one line (Pillow measures no multi-line text): line breaks as " / "."""
+    return " / ".join(text.splitlines()) if "\n" in text or "\r" in text else text
+
+
+def save_png(
+    image: torch.Tensor, path: str | Path, text: dict[str, str] | None = None, itxt: dict[str, str] | None = None
+) -> Path:
     """Save one (C, H, W) image in [-1, 1] (C = 1 or 3) as a PNG at its own resolution.
 
-    text: PNG text chunks (tEXt/iTXt), e.g. {"parameters": settings}, the key Stable Diffusion tools read.
+    text: text chunks written as the Stable Diffusion web UI writes its "parameters" (Pillow's
+    add_text: tEXt when Latin-1 holds the text, else iTXt), so its readers find them.
+    itxt: chunks always written as iTXt, UTF-8 (e.g. latentdiff's JSON settings).
     """
     from PIL import Image, PngImagePlugin
 
@@ -81,6 +93,8 @@ def save_png(image: torch.Tensor, path: str | Path, text: dict[str, str] | None 
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
+    for key, value in (itxt or {}).items():
+        info.add_itxt(key, value)
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shutil
 import sys
 import time
@@ -21,10 +22,11 @@ from . import checkpoint as ckpt
 from .config import dumps_toml, load_preset, load_toml, to_dict
 from .ema import EMA
 from .errors import UserError
-from .faults import RunLock, StopSignals
+from .faults import RunLock, RunLocked, StopSignals
 from .flags import Reader, cli_overrides, config_changes, fill_from_run, require
 from .logger import MetricLogger
-from .runs import recorded_data
+from .runs import DataFingerprint, data_fingerprint, is_local, reading_for, recorded_data, restore_pins
+from .runs import Reader as SourceReader
 from .runtime import Runtime, rng_state, set_rng_state
 
 _OPEN: list[RunDirectory] = []  # runs holding their directory's lock; stage_main releases them however train ends
@@ -66,6 +68,7 @@ class RunDirectory:
         self.done = 0  # steps done so far: the step the next checkpoint records
         self._in_a_row: dict[str, int] = {}
         self._saved_step: int | None = None
+        self._saved_here = False  # a checkpoint committed by this process (see close)
         self._tracked: tuple = ({}, {}, None)
         self.meta: dict = {}
         self._progress0: float | None = None  # clock-following LR progress reached by earlier invocations
@@ -77,6 +80,13 @@ class RunDirectory:
         self._data_position: dict | None = None  # this rank's loader positions, from the checkpoint resumed
         self._positions: dict[int, tuple[int, int]] = {}  # worker -> (epoch, raw samples read) of batches used
         self._workers = 1
+        self.fingerprint: DataFingerprint | None = None  # of the data this invocation trains on
+        self._new_data: dict | None = None  # what the run trained on before --new-data: {"data", "fingerprint", ...}
+        self._recorded_train: Any = None  # on resume: the train config the run was saved with
+        self._extend_lr: str | None = None  # --extend-lr as given (None: the default policy)
+        self._created: tuple[bool, set[str]] | None = None  # new run: (folder existed, its entries before the start)
+        self._reader: SourceReader | None = None  # pins the checkpoints of the runs it reads
+        self._lr_state: dict = {}  # on resume: the checkpoint's "lr_segment" and "stopped_by" (core.train)
 
     # ---- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -89,6 +99,7 @@ class RunDirectory:
         from_run: dict[str, Reader] | None = None,
         required: tuple[str, ...] = ("data",),
         derive: Callable[[Any], Any] | None = None,
+        new_data_note: str = "",
     ) -> RunDirectory:
         """Resolve the config (fresh from a preset, or the run's own on --resume), lock the directory.
 
@@ -96,11 +107,24 @@ class RunDirectory:
         and nothing is written until `begin` has checked the checkpoint against the config.
         derive: on a new run, a function config -> config that fills fields from the stages it
         reads (the decoder's network from its autoencoder), so config.toml alone rebuilds the model.
+        new_data_note: what else changes when the run is resumed on other data (--new-data), for the
+        stage's messages (the autoencoder: its latent scale is re-measured), starting "; ".
+
+        Refused with one line before anything is written: a batch larger than the dataset, a resume on
+        other data (or data changed in place) without --new-data, a resume of a run another process holds.
+        A new run that fails before its first checkpoint removes what it created (`close`).
         """
         overrides = cli_overrides(args)
-        recorded, changes = None, []
+        recorded, changes, old = None, [], None
+        given_data = args.data
         if args.resume:
             path = Path(args.resume)
+            # Before reading it (a run that has not saved yet has nothing to read); on the main rank alone, as
+            # the others would find the lock the main rank takes below (torchrun sets RANK before Runtime.setup).
+            main = os.environ.get("RANK", "0") == "0"
+            holder = ckpt.lock_holder(path) if main and path.is_dir() else None
+            if holder is not None:
+                raise RunLocked(f"{path} is in use by {holder}; wait for it to end, or pass another --out")
             recorded = ckpt.read_meta(path, stage)
             readers = {"data": lambda meta, run: recorded_data(run, stage), **(from_run or {})}
             fill_from_run(args, recorded, path, readers)
@@ -118,6 +142,13 @@ class RunDirectory:
         if derive is not None and not args.resume:
             config = derive(config)
         runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
+        fingerprint = data_fingerprint(args.data) if args.data else None
+        _check_batch_size(args, config.train.batch_size, runtime.world_size, fingerprint)
+        new_data = None
+        if recorded is not None:
+            new_data = _check_same_data(path, recorded, args, given_data, fingerprint, new_data_note)
+        existed = path.exists()
+        before = set(os.listdir(path)) if existed and not args.resume else set()
         lock, error = None, None
         if runtime.is_main:
             path.mkdir(parents=True, exist_ok=True)
@@ -130,10 +161,40 @@ class RunDirectory:
             raise error or UserError(f"{path} is in use by another process (see rank 0)")
         run = cls(path, stage, config, runtime, bool(args.resume), recorded, changes, lock)
         _OPEN.append(run)
+        run.fingerprint, run._new_data = fingerprint, new_data
+        run._recorded_train = old.train if old is not None else None
+        run._extend_lr = getattr(args, "extend_lr", None)
+        if not run.resuming:
+            run._created = (existed, before)
+        # Every run this one reads from now on (load_run) is pinned for it, so their pruning keeps it.
+        run._reader = SourceReader(path, stage, pin=runtime.is_main)
+        reading_for(run._reader)
         if not run.resuming:
             run._write_config()
+        elif runtime.is_main:
+            run._say_new_data(new_data_note)
+            run._say_dependents()
         runtime.barrier()
         return run
+
+    def _say_new_data(self, note: str) -> None:
+        if self._new_data is not None:
+            was = self._new_data["data"]
+            was = was.get("path") if isinstance(was, dict) else was
+            self._note(
+                f"resume on new data: {self.path} trains on from step {self._new_data['until_step']} on "
+                f"{self._new_data['now']} as it is now (was {was}); the data order starts over{note}"
+            )
+
+    def _say_dependents(self) -> None:
+        """One line naming the runs that read this one's checkpoints: those checkpoints stay, whatever it does."""
+        pinned = ckpt.pins(self.path)
+        if pinned:
+            readers = "; ".join(f"{p.stage} {p.dependent} reads {p.checkpoint}" for p in pinned)
+            self._note(
+                f"{self.path} is read by {len(pinned)} run(s) ({readers}): those checkpoints are kept (pinned), "
+                "and those runs go on reading them whatever this run trains"
+            )
 
     def _write_config(self) -> None:
         if self.runtime.is_main:
@@ -159,6 +220,10 @@ class RunDirectory:
         """
         self._tracked = (modules, optimizers, ema)
         self.meta = dict(meta or {})
+        self.meta["data_fingerprint"] = self.fingerprint.to_dict() if self.fingerprint is not None else None
+        if self._new_data is not None:
+            changes = list((self.recorded or {}).get("data_changes") or [])
+            self.meta["data_changes"] = [*changes, {k: v for k, v in self._new_data.items() if k != "now"}]
         if self.resuming:
             self.start_step = self._resume(modules, optimizers, ema)
             self._write_config()
@@ -215,6 +280,9 @@ class RunDirectory:
             self._note(f"resume: {note}")
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        if self._new_data is not None:  # positions in the old data's shards mean nothing in the new ones
+            self._data_position, self._positions = None, {}
+        self._lr_state = {k: state.get(k) for k in ("lr_segment", "stopped_by")}
         progress0 = state.get("lr_progress")
         self._progress0 = float(progress0) if progress0 is not None else None
         return step
@@ -282,6 +350,7 @@ class RunDirectory:
         if self.runtime.is_main:
             try:
                 ckpt.commit(self.path, staging, step, self.config.train.keep_checkpoints)
+                self._saved_here = True
             except BaseException as e:
                 self._save_failed(step, staging, e)
             ckpt.write_json(self.path / ckpt.META, full_meta)
@@ -400,16 +469,108 @@ class RunDirectory:
             print(text, flush=True)
 
     def close(self) -> None:
-        """Close the metric log and release the directory's lock (stage_main calls it however train ends)."""
+        """Close the metric log and release the directory's lock (stage_main calls it however train ends).
+
+        A new run that ends before its first checkpoint (a failed start) has trained nothing: it
+        removes what it created (the folder, or the entries it added to an existing one). Any run that
+        saved nothing in this process puts back the pins it moved in the runs it read (a new run: none),
+        so `--out` starts afresh and the sources prune as before.
+        """
         if self.logger is not None:
             self.logger.close()
         if self._signals is not None:
             self._signals.__exit__()
+        failed_start = (
+            self._created is not None
+            and self._saved_step is None
+            and self.runtime.is_main
+            and not ckpt.has_checkpoint(self.path)
+        )
+        if self._reader is not None:
+            if not self._saved_here and self.runtime.is_main:
+                # Nothing saved here (a failed start, a refused resume): its checkpoints read what they read.
+                restore_pins(self._reader)
+            reading_for(None)
+            self._reader = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if failed_start:
+            self._remove_created()
         if self in _OPEN:
             _OPEN.remove(self)
+
+    def _remove_created(self) -> None:
+        existed, before = self._created
+        self._created = None
+        for entry in self.path.iterdir():
+            if entry.name in before:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not existed:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # something else was written there meanwhile: leave it
+
+
+def _check_batch_size(args: argparse.Namespace, batch: int, world: int, data: DataFingerprint | None) -> None:
+    """Refuse (one line) a batch larger than the training split its info.json counts: it could only repeat images."""
+    if data is None or data.train is None or batch * world <= data.train:
+        return
+    given = f"--batch-size {batch}" if getattr(args, "batch_size", None) is not None else f"train.batch_size {batch}"
+    per = f" per process x {world} processes" if world > 1 else ""
+    raise UserError(
+        f"{given}{per} is more than the {data.train} training images of {args.data} (its info.json): "
+        f"pass --batch-size {max(1, data.train // world)} or less"
+    )
+
+
+def _check_same_data(
+    path: Path,
+    recorded: dict,
+    args: argparse.Namespace,
+    given: str | None,
+    now: DataFingerprint | None,
+    note: str,
+) -> dict | None:
+    """On resume: None when the data is the run's own; else what the run trained on before, for the record.
+
+    Other data is another fingerprint (core.runs.data_fingerprint: the dataset was replaced or rebuilt
+    in place), or, for runs without one and streamed data, another --data than the recorded one. The
+    same files moved elsewhere are the same data. Without --new-data it is refused (UserError, one line).
+    """
+    record = recorded.get("data")
+    old_path = record.get("path") if isinstance(record, dict) else record
+    old = recorded.get("data_fingerprint")
+    data = str(args.data)
+    if old is not None and now is not None:
+        if old.get("sha256") == now.sha256:
+            return None
+        was = f"{old.get('shards')} shards, {old.get('bytes', 0):,} bytes"
+        same_place = old_path is not None and is_local(data) and Path(old_path) == Path(data).expanduser().resolve()
+        if not same_place:
+            change = f"--data {data} is other data than {old_path} ({was} -> {now.describe()})"
+        elif (old.get("shards"), old.get("bytes")) == (now.shards, now.bytes):
+            change = f"{data} changed since it was trained on (rewritten: the same {was}, newer files or info.json)"
+        else:
+            change = f"{data} changed since it was trained on ({was} then, {now.describe()} now)"
+    elif given is None or old_path is None:
+        return None  # no fingerprint recorded (an older run) nor another --data: nothing says it changed
+    elif (Path(old_path) == Path(given).expanduser().resolve()) if is_local(given) else old_path == given:
+        return None
+    else:
+        change = f"--data {given} is not the data it recorded ({old_path})"
+    step = int(recorded.get("step", 0))
+    if not getattr(args, "new_data", False):
+        raise UserError(
+            f"{path} was trained to step {step} on other data: {change}; pass --new-data to train on it from "
+            f"step {step}, its data order starting over{note}"
+        )
+    return {"data": record, "fingerprint": old, "until_step": step, "now": data}
 
 
 def worker_positions(recorded: dict) -> dict[int, tuple[int, int]]:

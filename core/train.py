@@ -31,6 +31,7 @@ The run directory (config, lock, checkpoints, resume) is core/run_directory.py; 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -75,20 +76,61 @@ class TrainConfig:
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept in RUN/checkpoints
 
 
-def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+FLOOR = 0.1  # where a cosine decay ends, as a fraction of the peak lr
+ExtendLr = Literal["continue", "rewarm", "hold"]  # --extend-lr (core.flags.EXTEND_LR)
+
+
+@dataclass(frozen=True)
+class LrSegment:
+    """The lr schedule of an extended run from step `start` on, by the policy --extend-lr chose.
+
+    A run resumed past its end (more --steps, another --max-minutes after its budget was spent),
+    or with its horizon changed (train.steps, max_minutes, lr_decay), starts a segment; every
+    checkpoint after records it, so a resume inside the extension continues it exactly.
+    continue: a new cosine from `factor` down to the floor over the extension (constant decay: `factor`);
+    rewarm: the schedule again over the extension, warm-up (train.warmup_steps) and all, from the peak
+    (a warm restart, SGDR: Loshchilov & Hutter 2017); hold: `factor` to the end.
+    """
+
+    start: int  # the step the extension starts at
+    factor: float  # the lr there under the schedule before it, as a fraction of train.lr
+    policy: ExtendLr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LrSegment:
+        return cls(int(data["start"]), float(data["factor"]), data["policy"])
+
+
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, segment: LrSegment | None = None) -> float:
     """The learning rate at `step` as a fraction of the peak: linear warm-up, then constant or cosine to 10%.
 
     progress: the fraction of the run done after warm-up, 0..1 (default: by steps). A run with
     a time budget passes the larger of the step and time fractions, so the decay completes
     when the budget ends rather than at a step count it never reaches.
+    segment: after an extension, the schedule from segment.start on (LrSegment); progress is
+    then the fraction of the extension done.
     """
+    if segment is not None and step >= segment.start:
+        if segment.policy == "rewarm":
+            return lr_factor(
+                step - segment.start, dataclasses.replace(cfg, steps=max(1, cfg.steps - segment.start)), progress
+            )
+        if segment.policy == "hold" or cfg.lr_decay != "cosine":
+            return segment.factor
+        if progress is None:
+            progress = (step - segment.start) / max(1, cfg.steps - segment.start)
+        low = min(FLOOR, segment.factor)
+        return low + (segment.factor - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "cosine":
         if progress is None:
             progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         progress = min(1.0, max(0.0, progress))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0  # "constant"
 
 
@@ -116,6 +158,8 @@ class Run(RunDirectory):
     """A stage's run directory (core/run_directory.py) and everything its loop needs around it."""
 
     _schedule: LambdaLR | None = None  # the lr schedule `advance` moves on after each step
+    _segment: LrSegment | None = None  # the extension the lr follows (LrSegment), if any
+    _stopped_by: str | None = None  # why the loop ended: "steps", "budget" or "signal" (recorded in the state)
 
     def begin(self, modules: dict, optimizers: dict, ema: EMA | None = None, meta: dict | None = None) -> LambdaLR:
         """RunDirectory.begin (name what is checkpointed; check and restore when resuming), then the lr schedule.
@@ -133,22 +177,83 @@ class Run(RunDirectory):
         With --max-minutes the cosine decay follows the clock too, continuing from the progress
         an earlier invocation reached (recorded in the checkpoint). Time-based progress depends
         on the machine, so only budgeted runs use it: a run with no budget stays exactly
-        reproducible and exactly resumable. `begin` calls it for the model's optimizer.
+        reproducible and exactly resumable. A resume that extends the run follows --extend-lr
+        (`_extension`): the lr it starts at is printed and recorded in meta.json ("lr_extensions").
+        `begin` calls it for the model's optimizer.
         """
         cfg = self.config.train
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr
+        extended = self._extension()
+        self._t0 = time.monotonic()  # the budget's clock, so the first lr is the one at the start
         self._schedule = LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg, self._progress(step)), last_epoch=self.start_step - 1
+            optimizer,
+            lambda step: lr_factor(step, cfg, self._progress(step), self._segment),
+            last_epoch=self.start_step - 1,
         )
+        if extended:
+            self._say_extension(self._schedule.get_last_lr()[0])
         return self._schedule
 
+    def _extension(self) -> bool:
+        """Set `_segment` for this invocation: the recorded one, or a new one when this resume extends the run.
+
+        An extension: the run had ended (its steps done, or its budget spent) and is resumed with steps
+        left, or its horizon changed (train.steps, max_minutes, lr_decay). A run stopped early (a signal,
+        SIGKILL) resumed as it was continues its schedule exactly. Inside the warm-up nothing is
+        extended: the cosine has not started, and the new horizon only sets its length.
+        """
+        cfg, old, state = self.config.train, self._recorded_train, self._lr_state
+        recorded = LrSegment.from_dict(state["lr_segment"]) if state.get("lr_segment") else None
+        self._segment = recorded
+        if not self.resuming or old is None:
+            return False
+        start = self.start_step
+        ended = state.get("stopped_by") in ("steps", "budget") or start >= old.steps
+        horizon = [(o, n) for o, n in ((old.steps, cfg.steps), (old.max_minutes, cfg.max_minutes)) if o != n]
+        changed = bool(horizon) or old.lr_decay != cfg.lr_decay
+        if start >= cfg.steps or start < cfg.warmup_steps or not (ended or changed):
+            if self._extend_lr is not None:
+                self._note(f"--extend-lr {self._extend_lr} has no effect: this resume does not extend {self.path}")
+            return False
+        progress = self._progress0 if (old.max_minutes > 0 or self._progress0 is not None) else None
+        factor = lr_factor(start, old, progress, recorded)
+        self._segment = LrSegment(start, factor, self._extend_lr or "continue")
+        self._progress0 = 0.0 if cfg.max_minutes > 0 else None  # the extension's own budget starts now
+        return True
+
+    def _say_extension(self, lr: float) -> None:
+        cfg, seg = self.config.train, self._segment
+        at, floor = seg.factor * cfg.lr, FLOOR * cfg.lr
+        cosine = cfg.lr_decay == "cosine"
+        how = {
+            "continue": f"a new cosine from the lr it stopped at down to {floor:.3g} over the extension"
+            if cosine
+            else "the lr it stopped at, constant",
+            "rewarm": ("warm-up to " if cfg.warmup_steps else "")
+            + f"the peak {cfg.lr:.3g}, then "
+            + (f"a new cosine down to {floor:.3g} over the extension" if cosine else "constant"),
+            "hold": f"the lr it stopped at ({at:.3g}) to the end",
+        }
+        budget = f" (or {cfg.max_minutes:g} more minutes)" if cfg.max_minutes > 0 else ""
+        others = ", ".join(p for p in how if p != seg.policy)
+        self._note(
+            f"extending {self.path} from step {seg.start} to {cfg.steps}{budget}: the lr starts at {lr:.3g}, "
+            f"--extend-lr {seg.policy}: {how[seg.policy]} (it stopped at {at:.3g}; also: {others})"
+        )
+        done = list((self.recorded or {}).get("lr_extensions") or [])
+        record = {"from_step": seg.start, "steps": cfg.steps, "max_minutes": cfg.max_minutes, "policy": seg.policy}
+        self.meta["lr_extensions"] = [*done, {**record, "lr": lr}]
+
     def _progress(self, step: int) -> float | None:
-        cfg = self.config.train
-        if step < cfg.warmup_steps or (cfg.max_minutes <= 0 and self._progress0 is None):
+        cfg, seg = self.config.train, self._segment
+        begin = cfg.warmup_steps
+        if seg is not None:
+            begin = seg.start + (cfg.warmup_steps if seg.policy == "rewarm" else 0)
+        if step < begin or (cfg.max_minutes <= 0 and self._progress0 is None):
             return None
         p0 = self._progress0 or 0.0
-        by_steps = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        by_steps = (step - begin) / max(1, cfg.steps - begin)
         by_time = p0
         if cfg.max_minutes > 0:
             by_time = p0 + (1 - p0) * (time.monotonic() - self._t0) / (cfg.max_minutes * 60)
@@ -168,12 +273,15 @@ class Run(RunDirectory):
         with StopSignals(self._note) as signals:
             self._signals = signals
             try:
+                stopped_by = "steps"
                 while step < cfg.steps:
                     out_of_time, signalled = self._should_stop(signals)
                     if signalled:
+                        stopped_by = "signal"
                         break
                     if out_of_time:
                         self._note(f"time budget of {cfg.max_minutes} min spent at step {step}; saving")
+                        stopped_by = "budget"
                         break
                     yield step
                     step += 1
@@ -186,6 +294,7 @@ class Run(RunDirectory):
                     self._bar.update(1)
             finally:
                 self._bar.close()
+            self._stopped_by = stopped_by
             self.checkpoint(self.done)
             if self._should_stop(signals)[1]:
                 raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}", signals.received or 15)
@@ -210,6 +319,8 @@ class Run(RunDirectory):
         training noise after a resume is the straight run's.
         """
         start = self.start_step if start is None else start
+        if self._new_data is not None:
+            start = 0  # --new-data: the new data is read from its start
         workers = max(1, getattr(loader, "num_workers", 0))
         recorded = self._data_position
         fast = (
@@ -280,6 +391,10 @@ class Run(RunDirectory):
         state = {"nonfinite_steps": self.nonfinite_steps}
         if self._last_progress is not None:
             state["lr_progress"] = self._last_progress
+        if self._segment is not None:
+            state["lr_segment"] = self._segment.to_dict()
+        if self._stopped_by is not None:  # set once the loop has ended: the final save(s)
+            state["stopped_by"] = self._stopped_by
         self.save(step, modules, optimizers, ema, meta=self.meta, state=state)
         self._saved_step = step
 

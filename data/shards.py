@@ -3,7 +3,11 @@
 Layout of a dataset directory DIR (what `latentdiff data ...` writes and `reader` reads):
 
     DIR/train-000000.tar, DIR/train-000001.tar, ..., DIR/val-000000.tar, ..., DIR/test-000000.tar
-    DIR/info.json   {"source", "resolution", "splits": {"train": N, ...}, plus source-specific keys}
+    DIR/info.json   {"source", "resolution", "splits": {"train": N, ...}, source-specific keys,
+                     "files": the shards, by name}
+
+"files" is the dataset's record of what it wrote: `latentdiff data --overwrite` replaces those
+files and nothing else (core/outputs.py).
 
 Each sample in a shard is `{key}.png` (RGB), `{key}.txt` (utf-8 caption) and `{key}.json`
 (label, attributes, source) -- the layout img2dataset writes for LAION.
@@ -110,8 +114,9 @@ def write_info(
     splits: dict[str, int],
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write DIR/info.json (atomically: temp file + rename) and return what was written."""
-    info = {"source": source, "resolution": int(resolution), "splits": dict(splits), **extra}
+    """Write DIR/info.json (atomically: temp file + rename) with DIR's shards in "files"; return what was written."""
+    files = sorted(p.name for split in SPLITS for p in Path(out_dir).glob(f"{split}-*.tar"))
+    info = {"source": source, "resolution": int(resolution), "splits": dict(splits), **extra, "files": files}
     path = Path(out_dir) / INFO_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -23,7 +23,7 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runs import find_recorded, record_path
+from latentdiff.core.runs import find_recorded, pinned_source, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_once
@@ -92,7 +92,9 @@ def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_image
 
 # Flags a resume reads back from the run when left out (only a local path is taken from its records).
 FROM_RUN = {
-    "autoencoder": lambda meta, run: find_recorded(meta["autoencoder"], run, "its autoencoder", "--autoencoder")
+    "autoencoder": lambda meta, run: pinned_source(
+        find_recorded(meta["autoencoder"], run, "its autoencoder", "--autoencoder"), run
+    )
 }
 
 

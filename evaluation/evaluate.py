@@ -6,9 +6,15 @@
 Per guidance value w, the same prompts and the same seed (so the same starting noise) give n
 images; each set is scored against the real test images:
 - FID and KID in the --features space vs the reference part of the test split, beside the floor
-  (FID of a disjoint real holdout of the same size to the same reference; fid.real_reference);
+  (FID of a disjoint real holdout of the same size to the same reference; fid.real_reference),
+  each with its noise: 95% bootstrap intervals, the equal-size excess of generated over real,
+  KID's spread, and notes when a figure is within real noise (noise.py); a test split too small
+  for the comparison gets the command that makes it larger;
 - prompt accuracy by the classifier (--classifier, or the one named in --features);
-- CLIP score when --clip RUN is given.
+- CLIP score when --clip RUN is given, with its interval, beside the CLIP score of the real test
+  images with their own captions (prompts.real_clip_reference, cached).
+Generated images of another size than the real ones are compared at the real size (resized,
+antialiased bilinear; images.match_size), and the report says so.
 Prompts: class prompts when the classifier has one class head and info.json lists classes
 (n // classes per class, remainder dropped), else the first n test captions (prompts.py).
 Writes OUT/report.json, OUT/tradeoff.png and a sample grid per guidance value.
@@ -38,11 +44,11 @@ from latentdiff.prior.samplers import add_sampler_arguments, check_number, sampl
 
 from .classifier import load_classifier
 from .features import load_feature_space
-from .fid import KID_SCALE, StatisticsCache, extract_features, format_kid, real_reference, score, statistics
-from .fid_command import add_feature_args
-from .images import load_image_set
+from .fid import KID_SCALE, StatisticsCache, format_kid, real_reference, score_images
+from .fid_command import MIN_REAL, add_feature_args, check_bootstrap, more_real_images, wanted_real
+from .images import load_image_set, match_size
 from .plot import tradeoff_plot
-from .prompts import PromptSet, clip_score, evaluation_prompts, prompt_hits
+from .prompts import PromptSet, clip_scores, clip_summary, evaluation_prompts, prompt_hits, real_clip_reference
 
 
 def parse_guidance(text: str) -> list[float]:
@@ -107,6 +113,7 @@ def _grid_indices(prompts: PromptSet, per_prompt: int = 8, max_rows: int = 10) -
 
 def evaluate(args: argparse.Namespace) -> dict:
     guidances = parse_guidance(args.guidance)
+    check_bootstrap(args.bootstrap)
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
     classifier_run = args.classifier or (
@@ -151,13 +158,28 @@ def evaluate(args: argparse.Namespace) -> dict:
     n = len(prompts.prompts)
 
     cache = ref = None
+    advice = None
+    cache_dir = None if args.no_cache else args.cache_dir
     if space is not None:
-        cache = StatisticsCache(None if args.no_cache else args.cache_dir)
+        if len(real) < MIN_REAL:
+            raise ValueError(
+                f"{len(real)} real images are too few to split into a reference and a floor holdout; "
+                + more_real_images(args.data, args.split, len(real), wanted_real(n, 0))
+            )
+        cache = StatisticsCache(cache_dir)
         ref = real_reference(real.images, n, space, cache, args.batch_size)
         print(
             f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
             f"({ref.floor_n} held-out real images) in {space.label}"
         )
+        wanted = wanted_real(n, ref.reference.mu.shape[0])
+        if len(real) < wanted and args.n_real is None:
+            advice = more_real_images(args.data, args.split, len(real), wanted)
+            print(f"note: {advice}")
+    clip_real, cached_clip = None, False
+    if clip is not None:
+        clip_real, cached_clip = real_clip_reference(clip, real, cache_dir)
+        print(f"CLIP score of the {clip_real['n']} real images with their own captions: {_clip_words(clip_real)}")
 
     settings = pipe.settings(prompts.prompts, n=1, **sampling)
     rows = []
@@ -173,13 +195,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             if len(hits) > 2:
                 row.update({f"prompt_accuracy_{k}": v.float().mean().item() for k, v in hits.items() if k != "all"})
         if space is not None:
-            row.update(score(statistics(extract_features(space, images, args.batch_size)), ref))
+            row.update(score_images(space, images, ref, args.batch_size, bootstraps=args.bootstrap))
         if clip is not None:
-            row["clip_score"] = clip_score(clip, images, prompts.prompts)
+            # At the real images' size, as the real reference was scored (the same resize as FID's).
+            summary = clip_summary(clip_scores(clip, match_size(images, real.images.shape[-2:])[0], prompts.prompts))
+            row["clip_score"], row["clip_score_interval"] = summary["score"], summary["interval"]
         row["grid"] = str(save_grid(images[_grid_indices(prompts)], out / f"samples_w{w:g}.png", 8))
         row["seconds"] = round(time.monotonic() - t0, 1)
         rows.append(row)
-        print(_row_line(row))
+        print(_row_line(row, clip_real))
+        for note in row.get("notes", []):
+            print(f"  note: {note}")
 
     report = {
         "prior_run": str(args.run),
@@ -203,6 +229,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         "generated_size": list(images.shape[-2:]),
         "real_size": list(real.images.shape[-2:]),
         "cached_real_statistics": cache.hits if cache else 0,
+        "clip_real": clip_real,
+        "cached_real_clip": cached_clip,
+        "real_images_advice": advice,
         "results": rows,
     }
     if space is not None and (classifier is not None or clip is not None):
@@ -221,27 +250,63 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    """The sweep as a Markdown table (what the README shows), with the sample count, extractor and floor."""
+    """The sweep as a Markdown table (what the README shows): figures with their 95% intervals, then the
+    sample count, extractor, floor, the CLIP score's real reference and the notes."""
     rows = report["results"]
-    cols = [("guidance", "guidance", "{:g}")]
+    cols = [("guidance", lambda r: f"{r['guidance']:g}")]
     if rows and "prompt_accuracy" in rows[0]:
-        cols.append(("prompt accuracy", "prompt_accuracy", "{:.1%}"))
+        cols.append(("prompt accuracy", lambda r: f"{r['prompt_accuracy']:.1%}"))
     if rows and "fid" in rows[0]:
-        cols += [("FID", "fid", "{:.2f}"), ("KID x1e3", "kid", "{:.2f}")]
+        cols += [
+            ("FID [95%]" if rows[0].get("fid_interval") else "FID", lambda r: f"{r['fid']:.2f}{_span(r, 'fid')}"),
+            ("KID x1e3", lambda r: f"{r['kid'] * KID_SCALE:.2f}" + _kid_spread(r)),
+        ]
     if rows and "clip_score" in rows[0]:
-        cols.append(("CLIP score", "clip_score", "{:.2f}"))
+        cols.append(("CLIP score [95%]", lambda r: f"{r['clip_score']:.2f}{_span(r, 'clip_score')}"))
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-    scale = {"kid": KID_SCALE}
-    lines += ["| " + " | ".join(fmt.format(r[key] * scale.get(key, 1)) for _, key, fmt in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
     if rows and "fid" in rows[0]:
         r = rows[0]
         lines.append(
             f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
             f"({report['sampler']}, {report['steps']} steps{_interval_words(report)}) vs {r['n_reference']} real "
             f"{report['data']} "
-            f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}."
+            f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}"
+            f"{_span(r, 'fid_floor')}."
         )
+        if r.get("fid_interval"):
+            lines.append(
+                f"Intervals: 95%, from {r['bootstraps']} bootstrap replicates (FID) and KID's spread over its "
+                f"subsets of {r['kid_subset_size']}."
+            )
+    if report.get("clip_real"):
+        lines.append(
+            f"CLIP score of the {report['clip_real']['n']} real images with their own captions (the reference for "
+            f"the CLIP score column): {_clip_words(report['clip_real'])}."
+        )
+    notes = [f"- guidance {r['guidance']:g}: {note}" for r in rows for note in r.get("notes", [])]
+    if report.get("real_images_advice"):
+        notes.append(f"- {report['real_images_advice']}")
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)
+
+
+def _span(row: dict, key: str) -> str:
+    """ " [lo, hi]" from row[key + "_interval"], or "" without one."""
+    span = row.get(f"{key}_interval")
+    return f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""
+
+
+def _kid_spread(row: dict) -> str:
+    return f" +- {row['kid_std'] * KID_SCALE:.2f}" if row.get("kid_std") is not None else ""
+
+
+def _clip_words(summary: dict) -> str:
+    """ "29.31 [28.90, 29.72]": a CLIP score summary (prompts.clip_summary)."""
+    return f"{summary['score']:.2f}" + (
+        f" [{summary['interval'][0]:.2f}, {summary['interval'][1]:.2f}]" if summary["interval"] else ""
+    )
 
 
 def _interval_words(report: dict) -> str:
@@ -250,17 +315,19 @@ def _interval_words(report: dict) -> str:
     return f", guidance in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
 
 
-def _row_line(row: dict) -> str:
+def _row_line(row: dict, clip_real: dict | None = None) -> str:
     parts = [f"guidance {row['guidance']:g}:"]
     if "prompt_accuracy" in row:
         parts.append(f"prompt accuracy {100 * row['prompt_accuracy']:.1f}%")
     if "fid" in row:
         parts.append(
-            f"FID {row['fid']:.2f} (floor {row['fid_floor']:.2f}; {row['n_fake']} generated vs "
-            f"{row['n_reference']} real, {row['features']}) {format_kid(row['kid'])}"
+            f"FID {row['fid']:.2f}{_span(row, 'fid')} (floor {row['fid_floor']:.2f}{_span(row, 'fid_floor')}; "
+            f"{row['n_fake']} generated vs {row['n_reference']} real, {row['features']}) "
+            f"{format_kid(row['kid'], row.get('kid_std'))}"
         )
     if "clip_score" in row:
-        parts.append(f"CLIP score {row['clip_score']:.2f}")
+        real = f" (real images with their captions {_clip_words(clip_real)})" if clip_real else ""
+        parts.append(f"CLIP score {row['clip_score']:.2f}{_span(row, 'clip_score')}{real}")
     parts.append(f"[{row['seconds']:.0f} s]")
     return " ".join(parts)
 

@@ -9,7 +9,8 @@
   openclip:MODEL:PRETRAINED spec). torch-fidelity name "latentdiff-clip".
 - `inception`: torch-fidelity's own "inception-v3-compat", 2048-d pool features, the standard
   of published FID. Nothing is downloaded: the weights come from --inception-weights or
-  torch-fidelity's cache, else a FileNotFoundError names the file and where to put it.
+  torch-fidelity's cache, else a FileNotFoundError names the file and where to put it. The file
+  is read as plain tensors (core.safe_load); torch-fidelity never sees it.
 
 Every extractor takes torch-fidelity's input, uint8 (B, 3, H, W). Ours resize to the size their
 network was trained at (antialiased bilinear), as torch-fidelity's Inception resizes to 299.
@@ -19,6 +20,7 @@ weights are never used with another.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.pixels import from_uint8
+from latentdiff.core.safe_load import read_tensor_file
 
 from .classifier import Classifier, load_classifier
 from .images import as_uint8_rgb
@@ -167,17 +171,29 @@ def inception_weights_file(path: str | Path | None = None) -> Path:
 
 
 def _inception(weights: str | Path | None) -> FeatureSpace:
+    """torch-fidelity's Inception-v3 built from the tensors of `weights` (or its cache file), read safely.
+
+    Raises FileNotFoundError for a missing file and CheckpointError (one line) for a file that holds
+    code or another network's tensors.
+    """
     path = inception_weights_file(weights)
-    # torch-fidelity unpickles the file with weights_only=False; load it safely first, so only a
-    # file holding nothing but tensors ever reaches that call.
+    weights_hash = ckpt.file_hash(path)
+    state = read_tensor_file(path, f"torch-fidelity's Inception-v3 weights ({INCEPTION_FILE})")
+    # torch-fidelity's constructor reads its weights with torch.load(weights_only=False). It is handed
+    # a buffer of the tensors just read instead of the path: the file is read once, by us, so no file
+    # (nor one swapped in after our read) reaches its unpickler.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means the file is not a plain state dict
-        raise ValueError(
-            f"{path} is not a plain tensor state dict ({type(e).__name__}: {e}); use torch-fidelity's {INCEPTION_FILE}"
+        extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=buffer)
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors, over several lines
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:3])
+        raise CheckpointError(
+            f"{path} is not torch-fidelity's Inception-v3 weights ({detail[:240]}); use {INCEPTION_FILE} "
+            f"from {URL_INCEPTION_V3}"
         ) from None
-    extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
-    return FeatureSpace(extractor, "2048", "inception", ckpt.file_hash(path))
+    return FeatureSpace(extractor, "2048", "inception", weights_hash)
 
 
 def load_feature_space(

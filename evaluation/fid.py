@@ -9,7 +9,14 @@ fid_features_to_statistics / fid_statistics_to_metric, fed float64 features so t
 matches a float64 scipy computation. KID is torch-fidelity's kid_features_to_metric.
 
 FID depends on the sample count and the feature space, so every figure carries both, and a
-floor: the FID between two disjoint real subsets of the same size (`compare_to_real`).
+floor: the FID between two disjoint real subsets of the same size (`real_reference`). Every
+figure also carries its noise (noise.py): a bootstrap interval for FID and for the floor, the
+equal-size excess of generated over real with its interval, KID's spread, and notes that say
+when a figure is within that noise ("indistinguishable from real at this sample size").
+
+Two image sets of different sizes are compared at the real set's size: the generated images are
+resized to it (antialiased bilinear, images.match_size) before the feature extractor, and the
+result says so; sets whose aspect ratios differ are refused (`score_images`).
 
 FID from fewer images than feature dimensions (N < D) rests on a rank-deficient covariance and
 is biased upward; it still runs, with a FewImagesWarning that says how many images to use.
@@ -37,11 +44,14 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from latentdiff.core.checkpoint import atomic_write
 
+from . import noise
 from .features import FeatureSpace
-from .images import UInt8Images, pixel_hash
+from .images import UInt8Images, match_size, pixel_hash
 
 KID_SUBSETS = 100  # torch-fidelity's default
-KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to the sample count when there are fewer
+# torch-fidelity's default, lowered to half the smaller set: subsets as large as a set are all the whole
+# set and their spread is 0; half-size subsets make the spread the figure's standard error (noise.py).
+KID_SUBSET_SIZE = 1000
 KID_SCALE = 1e3  # KID is printed x1e3, as papers report it
 
 
@@ -111,8 +121,11 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
 
 
 def kernel_distance(a: Statistics, b: Statistics, seed: int = 0) -> tuple[float, float, int]:
-    """(KID mean, std, subset size) by torch-fidelity: unbiased MMD^2, cubic polynomial kernel, 100 subsets."""
-    size = min(KID_SUBSET_SIZE, a.n, b.n)
+    """(KID mean, std, subset size) by torch-fidelity: unbiased MMD^2, cubic polynomial kernel, 100 subsets.
+
+    Subsets hold at most half the smaller set (at least 2), so that the std is the figure's noise.
+    """
+    size = min(max(2, min(a.n, b.n) // 2), KID_SUBSET_SIZE, a.n, b.n)
     # float32 features: 300 kernel matrices of 1000 x 1000 take ~8 s on 2 cores instead of ~12 s in
     # float64, and KID's subset noise (its std) is far above float32 rounding.
     out = kid_features_to_metric(
@@ -175,6 +188,8 @@ class RealReference:
     floor_n: int  # holdout size (= the generated count when the real set allows it)
     label: str  # the feature space
     holdout: torch.Tensor  # (floor_n,) int64 indices of the held-out real images; the others are the reference
+    held_out: Statistics  # the held-out images' statistics: the bootstrap resamples their features
+    size: tuple[int, int]  # (H, W) of the real images: generated images are compared at this size
 
 
 def split_real(n_real: int, h: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,14 +225,23 @@ def real_reference(
     held, kept = split_real(n_real, h, seed)
     reference = cache.statistics(real[kept], space, batch_size, verbose)
     holdout = cache.statistics(real[held], space, batch_size, verbose)
-    return RealReference(reference, frechet_distance(holdout, reference), h, space.label, held)
+    size = (int(real.shape[-2]), int(real.shape[-1]))
+    return RealReference(reference, frechet_distance(holdout, reference), h, space.label, held, holdout, size)
 
 
-def score(fake: Statistics, ref: RealReference) -> dict[str, float | int | str]:
-    """FID and KID of generated statistics against the reference, with counts, extractor and floor."""
+def score(
+    fake: Statistics, ref: RealReference, bootstraps: int = noise.FID_BOOTSTRAPS, seed: int = 0
+) -> dict[str, float | int | str | list | None]:
+    """FID and KID of generated statistics against the reference: counts, extractor, floor, noise and notes.
+
+    With bootstraps >= 2: fid_sd, fid_interval and fid_floor_interval (95%), and the equal-size
+    excess fid_excess with fid_excess_interval (noise.fid_bootstrap); with 0 those are None.
+    "notes" holds the sentences that explain the figures (noise.fid_notes, noise.kid_note).
+    """
     kid, kid_std, kid_size = kernel_distance(fake, ref.reference)
-    return {
-        "fid": frechet_distance(fake, ref.reference),
+    fid = frechet_distance(fake, ref.reference)
+    result: dict = {
+        "fid": fid,
         "fid_floor": ref.floor_fid,
         "kid": kid,
         "kid_std": kid_std,
@@ -226,16 +250,79 @@ def score(fake: Statistics, ref: RealReference) -> dict[str, float | int | str]:
         "n_reference": ref.reference.n,
         "n_floor": ref.floor_n,
         "features": ref.label,
+        "feature_dims": int(fake.mu.shape[0]),
+        "bootstraps": bootstraps,
+        "fid_sd": None,
+        "fid_interval": None,
+        "fid_floor_interval": None,
+        "fid_excess": None,
+        "fid_excess_interval": None,
+        "n_excess": ref.floor_n,
     }
+    if bootstraps:
+        b = noise.fid_bootstrap(fake.features, ref.held_out.features, ref.reference.features, bootstraps, seed)
+        result.update(
+            {
+                "bootstraps": b["replicates"],
+                "bootstrap_reference": b["resampled_reference"],
+                "fid_sd": b["fid_sd"],
+                "fid_interval": noise.interval(fid, b["fid_sd"], lowest=0.0),
+                "fid_floor_interval": noise.interval(ref.floor_fid, b["floor_sd"], lowest=0.0),
+                "fid_excess": b["excess"],
+                "fid_excess_interval": noise.interval(b["excess"], b["excess_sd"]),
+            }
+        )
+    kid_words = noise.kid_note(kid, kid_std)
+    result["notes"] = noise.fid_notes(result) + ([kid_words] if kid_words else [])
+    return result
+
+
+def score_images(
+    space: FeatureSpace,
+    images: torch.Tensor,
+    ref: RealReference,
+    batch_size: int = 100,
+    verbose: bool = False,
+    bootstraps: int = noise.FID_BOOTSTRAPS,
+    what: str = "generated",
+) -> dict:
+    """score() of images (N, C, H, W) compared at the real images' size: resized and said so, or refused.
+
+    The one path from a generated (or reconstructed) image set to its figures: `compared_size` is
+    the size both sets reached the extractor at, `resized` the sentence that says how the
+    generated images got there (None when they already had it; also in "notes").
+    """
+    matched, resized = match_size(images, ref.size, what)
+    result = score(statistics(extract_features(space, matched, batch_size, verbose)), ref, bootstraps)
+    result["compared_size"] = list(ref.size)
+    result["resized"] = resized
+    if resized:
+        result["notes"].insert(0, resized)
+    return result
 
 
 def describe(result: dict, what: str = "generated") -> str:
-    """ "FID 48.10 (floor 8.00 from 1000 vs 9000 real) in classifier:RUN, 1000 generated vs 9000 real; KID ..."."""
-    return (
-        f"FID {result['fid']:.2f} (floor {result['fid_floor']:.2f} from {result['n_floor']} vs "
+    """ "FID 48.10 [46.90, 49.30] (floor 8.00 [7.50, 8.50] from 1000 vs 9000 real) in classifier:RUN, ...; KID ...",
+    then the equal-size excess and the notes, one a line."""
+    text = (
+        f"FID {result['fid']:.2f}{_span_words(result, 'fid_interval')} (floor {result['fid_floor']:.2f}"
+        f"{_span_words(result, 'fid_floor_interval')} from {result['n_floor']} vs "
         f"{result['n_reference']} real) in {result['features']}, {result['n_fake']} {what} vs "
         f"{result['n_reference']} real; {format_kid(result['kid'], result['kid_std'])}"
     )
+    if result.get("fid_excess_interval"):
+        lo, hi = result["fid_excess_interval"]
+        text += (
+            f"; at equal size ({result['n_excess']} vs {result['n_excess']}) {what} minus real "
+            f"{result['fid_excess']:.2f} [{lo:.2f}, {hi:.2f}] (95%, {result['bootstraps']} bootstrap replicates)"
+        )
+    return "\n".join([text, *(f"  note: {note}" for note in result.get("notes", []))])
+
+
+def _span_words(result: dict, key: str) -> str:
+    """ " [6.80, 9.20]": a 95% interval, or "" without one."""
+    span = result.get(key)
+    return f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""
 
 
 def format_kid(kid: float, kid_std: float | None = None) -> str:

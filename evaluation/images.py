@@ -8,6 +8,12 @@ names it.
 
     real = load_image_set("datasets/fmnist", split="test", limit=10000)     # shards
     fake = load_image_set("samples/")                                   # a folder of PNGs
+
+Two sets compared by FID meet at one size: `match_size` brings the generated set to the real
+set's (antialiased bilinear, the filter our extractors resize with) and says so, or refuses when
+the aspect ratios differ, since that would distort or crop one set and FID would measure that.
+The real set decides because it is what is modelled: a model that makes smaller images is
+judged, upsampled, at the data's size, and detail beyond the data's size cannot be judged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from latentdiff.core.pixels import to_uint8
@@ -75,6 +82,32 @@ def as_uint8_rgb(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return images.contiguous()
+
+
+RESIZE_FILTER = "antialiased bilinear"
+
+
+def match_size(images: torch.Tensor, size: tuple[int, int], what: str = "generated") -> tuple[torch.Tensor, str | None]:
+    """(images at `size` (N, 3, H, W) uint8, a sentence saying how) for images (N, C, h, w); (images, None) if equal.
+
+    Raises ValueError when the aspect ratios differ by more than 1%: resizing would distort one set.
+    """
+    images = as_uint8_rgb(images, f"{what} images")
+    have, want = tuple(images.shape[-2:]), (int(size[0]), int(size[1]))
+    if have == want:
+        return images, None
+    words = f"{what} {have[1]}x{have[0]}"  # W x H, as image sizes are written
+    if abs(have[1] * want[0] - want[1] * have[0]) > 0.01 * want[1] * have[0]:
+        raise ValueError(
+            f"{words} images cannot be compared with real {want[1]}x{want[0]} images: the aspect ratios differ, "
+            "so resizing would distort one set; give both sets one shape (`latentdiff fid` takes --resolution R "
+            "to center-crop and resize both to R x R on reading)"
+        )
+    out = F.interpolate(images.float(), size=want, mode="bilinear", align_corners=False, antialias=True)
+    note = (
+        f"{words} resized to {want[1]}x{want[0]}, the real images' size ({RESIZE_FILTER}), before the feature extractor"
+    )
+    return out.round().clamp(0, 255).to(torch.uint8), note
 
 
 def pixel_hash(images: torch.Tensor) -> str:

@@ -1,5 +1,9 @@
 """The guidance trade-off plot: FID against prompt accuracy (and/or CLIP score), one point per guidance scale.
 
+Each point carries its 95% FID interval as an error bar and the real-vs-real floor its interval
+as a grey band, when the report has them (noise.py), so that a difference within the noise
+does not read as one.
+
 Drawn with matplotlib's object API on an Agg canvas, so no global backend is switched and it
 works without a display.
 """
@@ -50,9 +54,15 @@ def tradeoff_plot(results: list[dict] | dict[str, list[dict]], path: str | Path,
             xs = [r[key] * (100 if key == "prompt_accuracy" else 1) for r in rows]
             ys = [r["fid"] for r in rows]
             ax.plot(xs, ys, "o-", color=colour, label=name or None)
+            if all(r.get("fid_interval") for r in rows):
+                below = [y - r["fid_interval"][0] for y, r in zip(ys, rows)]
+                above = [r["fid_interval"][1] - y for y, r in zip(ys, rows)]
+                ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colour, capsize=3, alpha=0.7)
             for j, (x, y, r) in enumerate(zip(xs, ys, rows)):  # labels alternate above and below: close points
                 offset = (6, 4) if j % 2 == 0 else (6, -13)
                 ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=offset, fontsize=9)
+        if first.get("fid_floor_interval"):
+            ax.axhspan(*first["fid_floor_interval"], color="gray", alpha=0.15, linewidth=0)
         ax.axhline(
             first["fid_floor"],
             color="gray",

@@ -4,7 +4,11 @@
   (Fashion-MNIST), or, for shapes, whose first shape the classifier reads with every prompted
   attribute right (shape, colour, size, position); per-head accuracies are reported too.
 - CLIP score (Hessel et al. 2021): 100 * max(cos(E_image, E_text), 0), averaged, in the space
-  of a CLIP given on the command line.
+  of a CLIP given on the command line, with its 95% interval. A CLIP score means little alone
+  (a tiny CLIP on 32x32 images scores far below a web-scale one on photos), so it comes with its
+  real-image reference (`real_clip_reference`): the CLIP score of the real test images with
+  their own captions, computed the same way, at the same size, and cached like the real FID
+  statistics.
 
 Which prompts an evaluation uses (`evaluation_prompts`): with a single class head and a dataset
 that lists classes, each class's canonical prompt ("a photo of a sneaker") n // classes times
@@ -14,17 +18,22 @@ targets read from their json.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from latentdiff.core.checkpoint import atomic_write, tensors_hash
 from latentdiff.core.pixels import from_uint8
 from latentdiff.data.captions import class_prompt
 
 from .classifier import Classifier, Heads, correct, targets_from_meta
-from .images import ImageSet, as_uint8_rgb
+from .images import ImageSet, as_uint8_rgb, pixel_hash
+from .noise import mean_interval
 
 
 @dataclass(frozen=True)
@@ -107,8 +116,8 @@ def prompt_accuracy(
 
 
 @torch.no_grad()
-def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: int = 250) -> float:
-    """Mean 100 * max(cos(image, text), 0) (Hessel et al. 2021, without their 2.5 weight) over images (N, C, H, W)."""
+def clip_scores(encoder, images: torch.Tensor, prompts: list[str], batch_size: int = 250) -> torch.Tensor:
+    """(N,) 100 * max(cos(image, text), 0) (Hessel et al. 2021, without their 2.5 weight) per image (N, C, H, W)."""
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
     scores = []
@@ -117,4 +126,39 @@ def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: in
         e_image = encoder.encode_image(x, normalize=True).float()  # (B, E)
         e_text = encoder.encode(prompts[i : i + batch_size]).normalized_pooled().float()  # (B, E)
         scores.append(100 * (e_image * e_text).sum(-1).clamp_min(0))
-    return torch.cat(scores).mean().item()
+    return torch.cat(scores).cpu()
+
+
+def clip_score(encoder, images: torch.Tensor, prompts: list[str], batch_size: int = 250) -> float:
+    """The mean of clip_scores: the CLIP score of a set."""
+    return clip_scores(encoder, images, prompts, batch_size).mean().item()
+
+
+def clip_summary(scores: torch.Tensor) -> dict[str, Any]:
+    """{"score": mean, "interval": its 95% interval (noise.mean_interval), "n"} of per-image CLIP scores."""
+    mean, span = mean_interval(scores.double().numpy())
+    return {"score": mean, "interval": span, "n": int(scores.numel())}
+
+
+def real_clip_reference(
+    encoder, real: ImageSet, cache_dir: str | Path | None, batch_size: int = 250
+) -> tuple[dict[str, Any], bool]:
+    """(clip_summary of the real images with their own captions, whether it came from the cache).
+
+    Cached as cache_dir/clip-KEY.json, KEY a hash of the pixels, the captions and the CLIP's
+    weights: new data, new captions or another CLIP miss the cache.
+    """
+    if len(real.captions) != len(real):
+        raise ValueError(f"{real.source}: a real CLIP score needs a caption per image, and the images have none")
+    path = None
+    if cache_dir is not None:
+        captions = hashlib.sha256(json.dumps(real.captions).encode()).hexdigest()[:16]
+        weights = tensors_hash(encoder.model.state_dict())
+        key = hashlib.sha256(f"{pixel_hash(real.images)}|{captions}|{weights}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"clip-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text()), True
+    summary = clip_summary(clip_scores(encoder, real.images, real.captions, batch_size))
+    if path is not None:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary)))
+    return summary, False

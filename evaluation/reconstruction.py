@@ -8,8 +8,10 @@ area-downsampled to the encoder's resolution and is scored at its own, larger on
 averaged over the images: PSNR and SSIM (Wang et al. 2004, gaussian window; both from
 core.image_metrics), LPIPS (Zhang et al. 2018) when torchvision's VGG16 weights are in the torch
 hub cache, and with --features the rFID: the real images are split into halves A and B; rFID is the FID
-of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes). Without --features
-rFID is not computed, and the command says so.
+of the reconstructions of A to B, and its floor the FID of A itself to B (same sizes), both with
+95% bootstrap intervals and the notes that say when rFID is within real-vs-real noise (noise.py).
+Reconstructions of another size than the real images are compared at the real size, and the
+report says so (images.match_size). Without --features rFID is not computed, and the command says so.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.pixels import from_uint8, to_uint8
 from latentdiff.core.runtime import Runtime
 
-from .fid import StatisticsCache, describe, extract_features, real_reference, score, statistics
-from .fid_command import add_feature_args
+from .fid import StatisticsCache, describe, real_reference, score_images
+from .fid_command import add_feature_args, check_bootstrap
 from .images import load_image_set
 
 NO_RFID = (
@@ -61,6 +63,7 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     from latentdiff.autoencoder.load import load_autoencoder
     from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance
 
+    check_bootstrap(args.bootstrap)
     device = Runtime.setup(0, "fp32", args.device).device
     model, latent_space = load_autoencoder(args.run, device)
     decoder, upscale = model.decode, 1
@@ -109,15 +112,25 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
         cache = StatisticsCache(None if args.no_cache else args.cache_dir)
         ref = real_reference(real.images, len(real) // 2, space, cache, args.batch_size)
         # The reconstructions of the held-out images: their real originals are not in the reference.
-        result = score(statistics(extract_features(space, recon[ref.holdout], args.batch_size)), ref)
+        result = score_images(
+            space, recon[ref.holdout], ref, args.batch_size, bootstraps=args.bootstrap, what="reconstructed"
+        )
         report.update(
             {
                 "rfid": result["fid"],
+                "rfid_interval": result["fid_interval"],
                 "rfid_floor": result["fid_floor"],
+                "rfid_floor_interval": result["fid_floor_interval"],
+                "rfid_excess": result["fid_excess"],
+                "rfid_excess_interval": result["fid_excess_interval"],
                 "rfid_n": result["n_fake"],
                 "rfid_reference_n": result["n_reference"],
                 "features": result["features"],
                 "rkid": result["kid"],
+                "rkid_std": result["kid_std"],
+                "compared_size": result["compared_size"],
+                "resized": result["resized"],
+                "notes": result["notes"],
             }
         )
         print("rFID: " + describe(result, "reconstructed"))
@@ -133,9 +146,11 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     if report["lpips"] is not None:
         figures.append(f"LPIPS {report['lpips']:.4f}")
     if report["rfid"] is not None:
+        span = report["rfid_interval"]
         figures.append(
-            f"rFID {report['rfid']:.2f} (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, "
-            f"{report['features']})"
+            f"rFID {report['rfid']:.2f}"
+            + (f" [{span[0]:.2f}, {span[1]:.2f}]" if span else "")
+            + f" (floor {report['rfid_floor']:.2f}, {report['rfid_n']} images, {report['features']})"
         )
     print(f"{args.run} on {len(real)} images of {real.source}: " + ", ".join(figures))
     print(f"report: {out / 'reconstruction.json'}")

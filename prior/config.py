@@ -25,6 +25,9 @@ class DiffusionConfig:
     prediction: Prediction = "eps"  # what the UNet predicts: eps | v | x0
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"  # min_snr: Hang et al. 2023
     min_snr_gamma: PositiveFloat = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
+    # Floor on the SNR inside min-SNR, clamp(SNR, floor, gamma) (v and x0 only): without one a zero terminal SNR
+    # trains t = T-1, where sampling starts, with weight 0 (prior/losses.py; raced in README, The demo). 0: off.
+    min_snr_floor: NonNegativeFloat = 0.0
     # Sampling clamps the predicted z_0 to [-c, c]: "latent" takes c from the autoencoder's latent space (the
     # largest |z| it measured, in prior units), "off" never clamps, a number > 0 is c itself.
     clip_x0: float | Literal["latent", "off"] = "latent"
@@ -37,6 +40,22 @@ class DiffusionConfig:
                 'prediction "eps" cannot be used with zero_terminal_snr = true (x0 is undefined '
                 'at abar_T = 0); use prediction "v" or "x0", or zero_terminal_snr = false'
             )
+        if self.min_snr_floor > 0:
+            if self.loss_weighting != "min_snr":
+                raise ConfigError(
+                    f'diffusion.min_snr_floor = {self.min_snr_floor} needs loss_weighting = "min_snr" '
+                    f"(it is {self.loss_weighting!r}); set min_snr_floor = 0"
+                )
+            if self.prediction == "eps":
+                raise ConfigError(
+                    "diffusion.min_snr_floor applies to prediction v or x0: eps's min-SNR weight is already 1 "
+                    "where SNR < gamma; set min_snr_floor = 0"
+                )
+            if not self.min_snr_floor < self.min_snr_gamma:
+                raise ConfigError(
+                    f"diffusion.min_snr_floor = {self.min_snr_floor} must be below min_snr_gamma = "
+                    f"{self.min_snr_gamma} (at or above it every weight is the floor's)"
+                )
         if isinstance(self.clip_x0, float) and not self.clip_x0 > 0:
             raise ConfigError(
                 f"diffusion.clip_x0 = {self.clip_x0}: a bound must be > 0; "

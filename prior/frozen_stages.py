@@ -22,7 +22,7 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import ConfigError
 from latentdiff.core.latent_space import LatentSpace
-from latentdiff.core.runs import find_recorded, record_path
+from latentdiff.core.runs import find_recorded, pinned_source, record_path
 from latentdiff.text.encoder import TextEncoder
 from latentdiff.text.sources import SPEC_PREFIX, load_text_encoder, parse_spec
 
@@ -60,14 +60,24 @@ def stage_records(stages: FrozenStages, run_dir: Path) -> dict[str, Any]:
     }
 
 
+SKIP = ""  # recorded_stages: do not look this stage up
+
+
 def recorded_stages(
     meta: dict[str, Any], run_dir: str | Path, autoencoder: str | Path | None = None, text: str | Path | None = None
 ) -> tuple[str, str]:
-    """(autoencoder, text): the ones given, else the ones the prior run recorded, found from here or from the run."""
+    """(autoencoder, text): the ones given, else the ones the prior run recorded, found from here or from the run.
+
+    Either given as SKIP is not looked up (and returned as ""), so reading one back says nothing of the other.
+    """
     recorded_latent_space(meta, run_dir)  # a prior written before latent spaces were recorded stops here
+    # A recorded run that has trained on since: the checkpoint the prior was trained with (its pin) instead.
     if autoencoder is None:
-        autoencoder = find_recorded(meta["autoencoder"], run_dir, "its autoencoder", "--autoencoder")
-    return str(autoencoder), str(text) if text is not None else _find_text(meta["text"], run_dir)
+        found = find_recorded(meta["autoencoder"], run_dir, "its autoencoder", "--autoencoder")
+        autoencoder = pinned_source(found, run_dir)
+    if text is None:
+        text = pinned_source(_find_text(meta["text"], run_dir), run_dir)
+    return str(autoencoder), str(text)
 
 
 def check_recorded(stages: FrozenStages, meta: dict[str, Any], run_dir: str | Path) -> None:

@@ -36,15 +36,17 @@ def _denoise_ve(denoiser: Denoiser, x: Tensor, sigma: float, t: float) -> tuple[
 
 
 def _churn(schedule: NoiseSchedule, sigmas: list[float], s_churn: float) -> tuple[list[float], list[float]]:
-    """Karras et al. 2022 Alg. 2: sigma_hat_i = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt(2) - 1).
+    """Karras et al. 2022 Alg. 2: sigma_hat_i = sigma_i (1 + gamma_i), gamma_i = min(S_churn / N, sqrt(2) - 1).
 
-    Returns the sigma_hat_i and the float t of each.
+    gamma_i is also capped so that sigma_hat_i <= the schedule's sigma(T-1): no t has a larger sigma, so
+    above it the network would be told less noise than its input holds (Alg. 2 itself sets gamma_i = 0
+    outside [S_tmin, S_tmax]; this is that range's top). Returns the sigma_hat_i and the float t of each.
     """
     if not s_churn >= 0:
         raise ValueError(f"s_churn must be >= 0, got {s_churn!r}")
     n = len(sigmas) - 1
     gamma = min(s_churn / n, math.sqrt(2) - 1)
-    hats = [s * (1 + gamma) for s in sigmas[:-1]]
+    hats = [max(s, min(s * (1 + gamma), schedule.sigma_max)) for s in sigmas[:-1]]
     return hats, schedule.t_from_sigma(torch.tensor(hats, dtype=torch.float64)).tolist()
 
 

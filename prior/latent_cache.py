@@ -3,7 +3,8 @@
 The frozen encoder's q(z|x) never changes during prior training, so encoding every image
 at every step is wasted work (CALIBRATION.md: 60k images take 37 s to encode). The cache keeps
 the posterior mean and std of each training image (sampling z = mean + std * eps afresh
-each time, as on the fly) with its caption, keyed by the encoder's content hash.
+each time, as on the fly) with its caption, keyed by the encoder's content hash and the data's
+fingerprint (core.runs.data_fingerprint), so a dataset rebuilt in place is encoded again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from latentdiff.autoencoder.load import encoder_hash
 from latentdiff.core import checkpoint as ckpt
+from latentdiff.core.runs import data_fingerprint
 from latentdiff.data.reader import read_once
 
 
@@ -28,14 +30,28 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, ae, data: str, path: Path, resolution: int, rt, batch_size: int = 256) -> LatentCache:
-        """Load the cache at `path` if it was made by this encoder from this data, else encode and write it."""
+        """Load the cache at `path` if it was made by this encoder from this data as it is now, else encode and
+        write it, saying why in one line (another encoder, or the data rebuilt since)."""
+        fingerprint = data_fingerprint(data)
         key = {
             "encoder_hash": encoder_hash(ae),
             "data": str(Path(data).resolve()) if Path(data).exists() else data,
+            # a dataset rebuilt in place keeps its path: its shards' sizes and times tell it apart
+            "data_fingerprint": fingerprint.sha256 if fingerprint is not None else None,
             "resolution": resolution,
         }
         info_path = path / "cache.json"
-        if rt.is_main and _recorded_key(info_path) != key:  # missing, stale or damaged: (re)build it
+        recorded = _recorded_key(info_path) if rt.is_main else None
+        if rt.is_main and recorded != key:  # missing, stale or damaged: (re)build it
+            if recorded is not None:
+                why = {
+                    "encoder_hash": "the autoencoder's encoder is another",
+                    "data": "the data is another",
+                    "data_fingerprint": f"{data} changed since (rebuilt or replaced)",
+                    "resolution": "the resolution is another",
+                }
+                changed = [why[k] for k in key if recorded.get(k) != key[k]]
+                print(f"latent cache {path}: {'; '.join(changed)}; encoding the data again", flush=True)
             means, stds, captions = [], [], []
             loader = read_once(data, "train", batch_size, resolution)
             skipped = 0

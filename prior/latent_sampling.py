@@ -9,9 +9,9 @@ import torch
 from latentdiff.core.latent_space import LatentSpace
 
 from .config import DiffusionConfig
-from .denoiser import Generators, noise
+from .denoiser import Generators, Walk, noise
 from .guidance import Interval, cfg_model_fn, in_interval
-from .img2img import keep_known, noised
+from .img2img import keep_known, noised, sample_repaint
 from .samplers import levels, make_denoiser, sample
 from .schedule import NoiseSchedule
 from .text_conditioning import Conditioning
@@ -64,6 +64,7 @@ def sample_latents(
     z_init: torch.Tensor | None = None,
     t_start: float | None = None,
     mask: torch.Tensor | None = None,
+    resample: int = 1,
     **options,
 ) -> torch.Tensor:
     """z_0 (B, *shape) in prior units for each row of `cond`, classifier-free guided against `uncond`.
@@ -76,6 +77,7 @@ def sample_latents(
     dtype: autocast dtype for the network (runtime.sampling_dtype), None for float32.
     z_init (B or 1, *shape), prior latents of an image: with t_start, SDEdit starts from z_init noised
     to the first level (img2img.py); with mask ((1 or B, 1, h, w), 1 = repaint) the rest keeps z_init.
+    resample: U > 1 runs RePaint's steps instead of the sampler's (img2img.sample_repaint; sampler ddpm).
     """
     B = cond[0].shape[0]
     device = cond[0].device
@@ -87,7 +89,11 @@ def sample_latents(
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     if mask is not None:
         denoiser = keep_known(denoiser, z_init, mask, schedule)
-    z0 = sample(
-        sampler, denoiser, z, schedule, steps, generator=generator, callback=callback, t_start=t_start, **options
-    )
+    if resample > 1:
+        walk = Walk(schedule, levels(sampler, schedule, steps, t_start, **options), generator, callback)
+        z0 = sample_repaint(denoiser, z, walk, resample=resample)
+    else:
+        z0 = sample(
+            sampler, denoiser, z, schedule, steps, generator=generator, callback=callback, t_start=t_start, **options
+        )
     return z0 if mask is None else mask * z0 + (1 - mask) * z_init

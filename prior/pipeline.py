@@ -7,6 +7,7 @@
 
     images = pipe("a blue circle", init_image="photo.png", strength=0.6)
     images = pipe("a blue circle", init_image="photo.png", mask="mask.png")   # white = repaint
+    # the kept pixels are photo.png's own; feather=F fades the new ones in; resample=U with sampler="ddpm": RePaint
 
 Each image has its own random generator, seeded seed + k for image k of the call (prompt-major),
 so image k is the same whatever n and batch_size, and `pipe([prompt], n=1, seed=seed + k)` makes
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import progress
@@ -33,7 +35,7 @@ from latentdiff.decoder.load import load_decoder
 from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
 from .guidance import check_interval
-from .img2img import load_image, load_mask, start_timestep
+from .img2img import composite, feathered, load_image, load_mask, start_timestep
 from .latent_sampling import clip_bound, sample_latents
 from .samplers import check_number, check_sampler_steps, levels, number_of_evaluations, resolve_options
 from .text_conditioning import guided_conditioning
@@ -62,6 +64,9 @@ class GenerationSettings:
     strength: float = 1.0  # img2img: the sampler starts at timestep strength * T - 1; 1 is text-to-image
     decoder: str | None = None  # the `latentdiff train decoder` run decoding instead of the autoencoder's own
     guidance_interval: tuple[float, float] | None = None  # guide where sigma_lo < sigma(t) <= sigma_hi; None: always
+    feather: int = 0  # inpainting: pixels of the repainted region over which it fades in (img2img.feathered)
+    resample: int = 1  # inpainting: RePaint's U, each step taken U times (img2img.sample_repaint); 1: off
+    checkpoint: int | None = None  # the step of the run's checkpoint sampled (None: a run without step folders)
 
 
 class TextToImage:
@@ -76,6 +81,7 @@ class TextToImage:
         decoder: torch.nn.Module | None = None,
         precision: str = "auto",
         decoder_run: str | None = None,
+        checkpoint: int | None = None,
     ):
         self.unet, self.cfg, self.encoder, self.autoencoder = unet, cfg, encoder, autoencoder
         self.decoder = decoder if decoder is not None else autoencoder.decoder
@@ -86,6 +92,7 @@ class TextToImage:
         self.run = run
         self.precision = precision
         self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
+        self.checkpoint = checkpoint  # the step of the prior's weights, recorded in the settings
 
     @classmethod
     def from_run(
@@ -98,6 +105,7 @@ class TextToImage:
         text: str | Path | None = None,
         decoder: str | Path | None = None,
         precision: str = "auto",
+        checkpoint: int | None = None,
     ) -> TextToImage:
         """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
 
@@ -106,10 +114,12 @@ class TextToImage:
         decoder: a run of `latentdiff train decoder` to use instead of the autoencoder's own; it
         must have been trained on this autoencoder's latent space (same encoder hash).
         precision: the UNet's while sampling, "auto" | "fp32" | "bf16" (core.runtime.sampling_dtype).
+        checkpoint: the step of the checkpoint to load (one the run still keeps); None: the newest.
         """
         run = Path(run)
         device = pick_device(device)
-        prior = load_run(run, "prior", PriorConfig, lambda cfg, meta: UNet(cfg.model), device=device, ema=ema)
+        folder, step = checkpoint_folder(run, checkpoint)
+        prior = load_run(folder, "prior", PriorConfig, lambda cfg, meta: UNet(cfg.model), device=device, ema=ema)
         stages = load_frozen_stages(*recorded_stages(prior.meta, run, autoencoder, text), device)
         check_recorded(stages, prior.meta, run)
         check_prior_fits(prior.config, stages, str(run))
@@ -133,6 +143,7 @@ class TextToImage:
             decoder=swapped,
             precision=precision,
             decoder_run=None if decoder is None else str(Path(decoder).resolve()),
+            checkpoint=step,
         )
 
     @property
@@ -156,10 +167,20 @@ class TextToImage:
     def generate(
         self, settings: GenerationSettings, *, only: list[int] | None = None, show_progress: bool = False
     ) -> torch.Tensor:
-        """The images of checked `settings` (from `settings()`), or those listed in `only`: (N, 3, H, W) in [-1, 1]."""
+        """The images of checked `settings` (from `settings()`), or those listed in `only`: (N, 3, H, W) in [-1, 1].
+
+        Inpainting: the kept pixels are the init image's own (img2img.composite), not their reconstruction.
+        """
         made = {}
+        kept = None
+        if settings.mask is not None:
+            resolution = self.latent_space.resolution
+            alpha = feathered(load_mask(settings.mask, resolution, self.latent_space.downsampling)[0], settings.feather)
+            kept = load_image(settings.init_image, resolution), alpha
         for i, z0 in self._sample(settings, only, show_progress):  # decoded batch by batch, as sampled
             images = self.decoder(self.latent_space.to_decoder(z0)).clamp(-1, 1).float().cpu()
+            if kept is not None:
+                images = composite(images, *kept)
             made.update({i + j: image for j, image in enumerate(images)})
         return torch.stack([made[k] for k in self._wanted(settings, only)])
 
@@ -167,7 +188,10 @@ class TextToImage:
     def latents(
         self, settings: GenerationSettings, *, only: list[int] | None = None, show_progress: bool = False
     ) -> torch.Tensor:
-        """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding."""
+        """z_0 in prior units (N, c, h, w) of the images of `settings` (or of those in `only`), before decoding.
+
+        Inpainting: the kept latents are the image's (its pixels are put back by `generate` after decoding).
+        """
         made = {}
         for i, z0 in self._sample(settings, only, show_progress):
             made.update({i + j: z for j, z in enumerate(z0)})
@@ -206,7 +230,7 @@ class TextToImage:
         dtype = torch.bfloat16 if settings.precision == "bf16" else None
         bar = progress(
             number_of_evaluations(settings.sampler, settings.steps) * len(batches), "sampling", enabled=show_progress
-        )
+        )  # RePaint's U evaluations a step count as one
         for i in batches:
             chunk = rows[i : i + bs]
             cond, uncond = guided_conditioning(self.encoder, chunk, [settings.negative_prompt] * len(chunk))
@@ -232,6 +256,7 @@ class TextToImage:
                     z_init=z_init,
                     t_start=t_start,
                     mask=mask,
+                    resample=settings.resample,
                     **settings.sampler_options,
                 ),
             )
@@ -255,6 +280,8 @@ class TextToImage:
         init_image: str | Path | None = None,
         mask: str | Path | None = None,
         strength: float | None = None,
+        feather: int = 0,
+        resample: int = 1,
     ) -> GenerationSettings:
         """Resolve defaults from the run's sampling config and check every value (ValueError with the range).
 
@@ -265,6 +292,7 @@ class TextToImage:
 
         strength defaults to 0.75 for img2img and 1.0 with a mask (repaint from pure noise); it needs
         an init image, and so does a mask. The image files are read here, so a bad one fails first.
+        feather (pixels, 0..resolution) and resample (RePaint's U, with sampler ddpm) apply with a mask.
         """
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if not prompts:
@@ -281,6 +309,14 @@ class TextToImage:
         guidance_interval = check_interval(guidance_interval)
         check_number("seed", seed, int, 0, 2**63 - len(prompts) * n)  # image k's seed, seed + k, fits in int64
         check_number("batch_size", batch_size, int, 1)
+        check_number("feather", feather, int, 0, self.latent_space.resolution)
+        check_number("resample", resample, int, 1, 1000)
+        if (feather or resample > 1) and mask is None:
+            raise ValueError(f"{'feather' if feather else 'resample'} applies to inpainting: it needs a mask")
+        if resample > 1 and sampler != "ddpm":
+            raise ValueError(
+                f"resample {resample} (RePaint) takes DDPM's ancestral steps: it needs --sampler ddpm, not {sampler}"
+            )
         if init_image is None:
             if mask is not None or strength is not None:
                 raise ValueError(f"{'a mask' if mask is not None else 'strength'} needs an init image (img2img)")
@@ -324,6 +360,9 @@ class TextToImage:
             strength,
             self.decoder_run,
             guidance_interval,
+            feather,
+            resample,
+            self.checkpoint,
         )
 
 
@@ -377,6 +416,26 @@ def add_guidance_interval_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def checkpoint_folder(run: Path, step: int | None) -> tuple[Path, int | None]:
+    """(folder holding the weights, its step) of a prior run's checkpoint at `step`, or of its newest (step None).
+
+    The newest is the one core.checkpoint.committed_file picks (a corrupt newest falls back, saying so);
+    a run from before step folders gives itself and None. Raises CheckpointError naming the steps kept.
+    """
+    if step is None:
+        folder = ckpt.committed_file(run, ckpt.META).parent
+        return folder, None if folder == run else ckpt.verify(folder).step
+    check_number("checkpoint", step, int, 0)
+    kept = [f for f in ckpt.checkpoint_dirs(run) if ckpt.folder_order(f)[0] == step]  # newest copy first
+    if not kept:
+        steps = sorted({ckpt.folder_order(f)[0] for f in ckpt.checkpoint_dirs(run)})
+        raise CheckpointError(
+            f"{run} keeps no checkpoint of step {step} (it keeps {', '.join(map(str, steps)) or 'none'}; "
+            "older ones are pruned: train.keep_checkpoints)"
+        )
+    return ckpt.verify(kept[0]).path, step
+
+
 def pipeline_from_arguments(args: argparse.Namespace, device: torch.device | str | None = None) -> TextToImage:
     """TextToImage.from_run(--run) with --decoder, --precision and the flags of add_stage_arguments.
 
@@ -389,4 +448,5 @@ def pipeline_from_arguments(args: argparse.Namespace, device: torch.device | str
         precision=args.precision,
         autoencoder=args.autoencoder,
         text=args.text,
+        checkpoint=getattr(args, "checkpoint", None),
     )

@@ -249,7 +249,19 @@ class NoiseSchedule:
         return ((1 - abar) / abar).sqrt()
 
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
-        """The float t with sigma(t) = sigma, inverting the interpolation of `abar` exactly."""
+        """The float t with sigma(t) = sigma, inverting the interpolation of `abar` exactly.
+
+        Raises ValueError for a sigma outside [sigma(0), sigma(T-1)] (or NaN): no t has it, and a clamped t
+        would tell the network less (or more) noise than its input holds.
+        """
+        lo, hi = self.sigma_min, self.sigma_max
+        inside = (sigma >= lo * (1 - 1e-9)) & (sigma <= hi * (1 + 1e-9))  # NaN is outside
+        if not bool(inside.all()):
+            bad = sigma[~inside].reshape(-1)[0].item()
+            raise ValueError(
+                f"sigma {bad:.6g} is outside the schedule's range [{lo:.6g}, {hi:.6g}]: no timestep has that noise "
+                "level (lower the sampler's sigma_max or churn)"
+            )
         table = self._table(sigma.device)[1:]  # abar_0 .. abar_{T-1}, decreasing
         abar = 1 / (1 + sigma.to(table.dtype) ** 2)  # sigma = inf gives abar = 0
         # i = first index with abar_i <= abar, so the segment [i-1, i] brackets it.

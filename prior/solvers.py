@@ -172,13 +172,18 @@ def sample_unipc(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, order: int = 3,
         a_s, a_t = lv.abars[s], lv.abars[s + 1]
         h = lam[s + 1] - lam[s]
         base = math.sqrt((1 - a_t) / (1 - a_s)) * z_s - math.sqrt(a_t) * math.expm1(-h) * x0s[s]
-        rks = [(lam[s - k] - lam[s]) / h for k in range(1, p)] + ([1.0] if x0_new is not None else [])
-        if not rks or math.isinf(lam[s]) or any(math.isinf(r) for r in rks):
+        if math.isinf(lam[s]):  # from abar_s = 0 (h = inf): DDIM's step, the first-order base
             return base
-        Ds = [(x0s[s - k] - x0s[s]) / rks[k - 1] for k in range(1, p)]
+        # A level at lambda = -inf (abar = 0: a zero-terminal-SNR walk's first) has r_k = inf and gives no slope:
+        # drop that point alone, as DPM-Solver++(2M) does, and keep the order the finite ones give.
+        ks = [k for k in range(1, p) if not math.isinf(lam[s - k])]
+        rks = [(lam[s - k] - lam[s]) / h for k in ks] + ([1.0] if x0_new is not None else [])
+        if not rks:
+            return base
+        Ds = [(x0s[s - k] - x0s[s]) / r for k, r in zip(ks, rks)]
         if x0_new is not None:
             Ds.append(x0_new - x0s[s])
-        if x0_new is None and p == 2:  # a_1 = 1/2 (the system gives 1/2 + O(h)) makes UniP-2 DPM-Solver++(2M)
+        if x0_new is None and len(ks) == 1:  # a_1 = 1/2 (the system gives 1/2 + O(h)) makes UniP-2 DPM-Solver++(2M)
             B, a = math.expm1(-h) if variant == "bh2" else -h, [0.5]
         else:
             B, a = _unipc_weights(rks, h, variant)

@@ -21,7 +21,6 @@ from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.latent_space import LatentSpace
-from latentdiff.core.logger import save_grid
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, make_optimizer, stage_main
@@ -29,11 +28,19 @@ from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info, read_once
 
 from .config import PriorConfig, make_schedule
-from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages, stage_records
+from .frozen_stages import (
+    SKIP,
+    check_prior_fits,
+    check_recorded,
+    load_frozen_stages,
+    recorded_stages,
+    stage_records,
+)
 from .latent_cache import LatentCache
-from .latent_sampling import clip_bound, sample_latents
 from .losses import diffusion_loss
-from .text_conditioning import guided_conditioning, text_conditioning
+from .parameters import generate_command, save_settings_grid
+from .pipeline import TextToImage
+from .text_conditioning import text_conditioning
 from .unet import UNet
 
 PRESETS = Path(__file__).parent
@@ -93,40 +100,60 @@ def prior_loss(
     target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
     with rt.autocast():
         out = net(z_t, t.float(), states, mask, pooled)
-    return diffusion_loss(
-        out, target, t, schedule, cfg.diffusion.loss_weighting, cfg.diffusion.min_snr_gamma, cfg.diffusion.prediction
-    )
+    d = cfg.diffusion
+    return diffusion_loss(out, target, t, schedule, d.loss_weighting, d.min_snr_gamma, d.prediction, d.min_snr_floor)
 
 
 @torch.no_grad()
 def sample_grid(
-    unet, schedule, cfg: PriorConfig, encoder, ae, space: LatentSpace, clip_x0, prompts, path: Path, seed: int = 0
+    unet,
+    cfg: PriorConfig,
+    encoder,
+    ae,
+    space: LatentSpace,
+    run_dir: Path,
+    prompts,
+    path: Path,
+    *,
+    seed: int,
+    step: int,
+    saved: bool = True,
 ) -> Path:
-    prompts = [p for p in prompts for _ in range(cfg.sampling.per_prompt)]
-    cond, uncond = guided_conditioning(encoder, prompts, [""] * len(prompts))
-    g = torch.Generator(cond[0].device).manual_seed(seed)
-    z0 = sample_latents(
-        unet,
-        schedule,
-        cfg.diffusion.prediction,
-        cond,
-        uncond,
-        space.latent_shape,
-        sampler=cfg.sampling.sampler,
-        steps=cfg.sampling.steps,
-        guidance=cfg.sampling.guidance,
-        generator=g,
-        clip_x0=clip_x0,
-    )
-    images = ae.decode(space.to_decoder(z0))
-    return save_grid(images, path, nrow=cfg.sampling.per_prompt * (2 if len(prompts) > 16 else 1))
+    """The preview grid of `unet` after `step` steps, made as `latentdiff generate` makes it; its command beside it.
+
+    One generator per image (seed + k), the run's sampling config, fp32, and the grid `generate` writes
+    (parameters.save_settings_grid), so the command in `path`.txt (`--checkpoint step`) remakes it pixel
+    for pixel from the checkpoint of that step, while the run keeps it (train.keep_checkpoints).
+    saved: whether the checkpoint of `step` holds these weights; when not, the .txt says so instead.
+    """
+    was_training = unet.training
+    unet.eval()  # as `generate` loads it: dropout off, so the preview is a function of the weights alone
+    try:
+        pipe = TextToImage(unet, cfg, encoder, ae, space, run_dir, precision="fp32", checkpoint=step if saved else None)
+        settings = pipe.settings(prompts, n=cfg.sampling.per_prompt, seed=seed)
+        grid = save_settings_grid(pipe.generate(settings), path, settings)
+    finally:
+        unet.train(was_training)
+    if not saved:
+        note = (
+            f"# no checkpoint was saved at step {step}, the step of {path.name} (train.ckpt_every does not divide "
+            "it), so its weights cannot be loaded again; the grids of checkpointed steps carry a command that "
+            "remakes them\n"
+        )
+    else:
+        note = (
+            f"# remakes {path.name} pixel for pixel (the grid.png of --out), while the run keeps checkpoint "
+            f"step {step}:\n{generate_command(settings, precision=settings.precision)}\n"
+        )
+    path.with_suffix(".txt").write_text(note)
+    return grid
 
 
 # Flags a resume reads back from the run when left out (only local paths are taken from its records).
 # The cache's order is not the shards', so a resumed run reads its data the way it started.
 FROM_RUN = {
-    "autoencoder": lambda meta, run: recorded_stages(meta, run)[0],
-    "text": lambda meta, run: recorded_stages(meta, run)[1],
+    "autoencoder": lambda meta, run: recorded_stages(meta, run, text=SKIP)[0],
+    "text": lambda meta, run: recorded_stages(meta, run, autoencoder=SKIP)[1],
     "cache_latents": lambda meta, run: bool(meta.get("cache_latents", False)),
 }
 
@@ -158,7 +185,6 @@ def train(args: argparse.Namespace) -> dict:
     check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run.recorded is None else str(run.path))
     ae, space, encoder = stages.autoencoder, stages.latent_space, stages.text
     schedule = make_schedule(cfg.diffusion)
-    clip_x0 = clip_bound(cfg.diffusion, space)
     meta = {
         **stage_records(stages, run.path),
         "data": record_path(args.data, run.path),
@@ -204,19 +230,21 @@ def train(args: argparse.Namespace) -> dict:
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step):
             sampled = ema.module if ema.enabled else unwrap(unet)
+            saved = run.every(tcfg.ckpt_every, step) or step + 1 == tcfg.steps  # the weights of a checkpoint
             run.sample(
                 step,
                 lambda: sample_grid(
                     sampled,
-                    schedule,
                     cfg,
                     encoder,
                     ae,
                     space,
-                    clip_x0,
+                    run.path,
                     prompts,
                     run.path / "samples" / f"step_{step + 1:07d}.png",
                     seed=tcfg.seed,
+                    step=step + 1,
+                    saved=saved,
                 ),
             )
         if run.every(tcfg.ckpt_every, step):
@@ -227,8 +255,8 @@ def train(args: argparse.Namespace) -> dict:
     if rt.is_main:
         final = ema.final(unet)
         grid = sample_grid(
-            final, schedule, cfg, encoder, ae, space, clip_x0, prompts, run.path / "samples.png", seed=tcfg.seed
-        )
+            final, cfg, encoder, ae, space, run.path, prompts, run.path / "samples.png", seed=tcfg.seed, step=run.done
+        )  # run.finish saves the checkpoint of these weights
         summary["sample_grid"] = str(grid)
         run.image("samples", run.done, grid)
     return run.finish(summary)

@@ -3,18 +3,23 @@
 latentdiff data fashion-mnist --out datasets/fmnist
 latentdiff data shapes --out datasets/shapes --n 20000 --holdout "blue triangle"
 latentdiff data folder photos/ --out data/photos --resolution 64
+
+The dataset is written into a staging folder inside --out and swapped in when complete; with
+--overwrite only the files the earlier info.json lists are replaced (core/outputs.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from latentdiff.core.outputs import fresh_output_dir
+from latentdiff.core.outputs import OutputFolder
 from latentdiff.data import fashion_mnist, folder, shapes
 from latentdiff.data.images import DEFAULT_MAX_PIXELS
-from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS
+from latentdiff.data.metadata import DEFAULT_CAPTION_COLUMN
+from latentdiff.data.shards import DEFAULT_MAXCOUNT, INFO_FILE, SPLITS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, resolution_required: bool = False) -> None:
         p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json), new or empty")
         p.add_argument(
-            "--overwrite", action="store_true", help="replace the shards and info.json of a dataset in --out"
+            "--overwrite",
+            action="store_true",
+            help="replace the dataset in --out (the files its info.json lists; any other file there is refused)",
         )
         if resolution_required:
             p.add_argument("--resolution", type=int, required=True, help="output images are R x R")
@@ -50,9 +57,28 @@ def _parser() -> argparse.ArgumentParser:
         help='attribute combinations kept out of train, e.g. "blue triangle" or "triangle"',
     )  # fmt: skip
 
-    p = sub.add_parser("folder", help="images with a same-named .txt caption beside each")
+    p = sub.add_parser(
+        "folder", help="images with a same-named caption file beside each, or a diffusers metadata.jsonl / .csv"
+    )
     p.add_argument("src", help="folder of images and captions (searched recursively)")
     common(p, resolution_required=True)
+    p.add_argument(
+        "--caption-ext", default=folder.DEFAULT_CAPTION_EXT, metavar="EXT",
+        help="extension of the caption file beside each image (default %(default)s; kohya's trainer writes .caption)",
+    )  # fmt: skip
+    p.add_argument(
+        "--caption-column", default=DEFAULT_CAPTION_COLUMN, metavar="NAME",
+        help="the caption's column in a metadata.jsonl / metadata.csv (default %(default)s); that file, where it "
+        "lists an image, wins over the image's caption file",
+    )  # fmt: skip
+    val, test = folder.DEFAULT_FRACTIONS[1:]
+    p.add_argument(
+        "--val-fraction", type=float, default=val, metavar="F", help="share of the images in val (default %(default)s)"
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=test, metavar="F",
+        help="share of the images in test (default %(default)s), the real reference of FID; 0: no test split",
+    )  # fmt: skip
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
         help="skip images over N pixels, checked before decoding (default %(default)s, Pillow's "
@@ -61,22 +87,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _check(args: argparse.Namespace) -> None:
+    """Options that can be checked before the output folder is touched."""
+    if args.command == "folder":
+        if args.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
+        args.fractions = folder.check_fractions(args.val_fraction, args.test_fraction)
+        args.caption_ext = folder.check_caption_ext(args.caption_ext)
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     progress = not args.quiet
     if args.command == "fashion-mnist":
-        return fashion_mnist.convert(
-            args.out, args.source_dir, args.resolution, args.maxcount, args.seed, progress=progress
-        )
+        return fashion_mnist.convert(out, args.source_dir, args.resolution, args.maxcount, args.seed, progress=progress)
     if args.command == "shapes":
         return shapes.build(
-            args.out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
+            out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
             args.maxcount, progress=progress,
         )  # fmt: skip
-    if args.max_pixels < 0:
-        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     return folder.convert(
-        args.src, args.out, args.resolution, args.seed, maxcount=args.maxcount, progress=progress,
-        max_pixels=args.max_pixels or None,
+        args.src, out, args.resolution, args.seed, fractions=args.fractions, maxcount=args.maxcount,
+        progress=progress, max_pixels=args.max_pixels or None, caption_ext=args.caption_ext,
+        caption_column=args.caption_column,
     )  # fmt: skip
 
 
@@ -85,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        fresh_output_dir(args.out, args.overwrite, ours=["*.tar", "info.json"])
-        info = _run(args)
+        _check(args)
+        with OutputFolder(args.out, args.overwrite, record=INFO_FILE) as output:
+            info = _run(args, output.staging)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"latentdiff data {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """`latentdiff generate "prompt" ... --run PRIOR_RUN`: images from prompts, a grid, and a JSON sidecar.
 
-Also img2img (`--init-image IMG --strength S`), inpainting (`--mask MASK`) and `--from-png FILE`
-(make again the image a PNG's `parameters` chunk describes; prior/parameters.py).
+Also img2img (`--init-image IMG --strength S`), inpainting (`--mask MASK`, `--feather PX`,
+`--resample U`) and `--from-png FILE` (make again the image a PNG of ours describes, or an A1111
+PNG's prompt and settings with `--run`; prior/parameters.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ import unicodedata
 from pathlib import Path
 
 from latentdiff.core.errors import cli_errors
-from latentdiff.core.logger import save_grid, save_png
-from latentdiff.core.outputs import fresh_output_dir
+from latentdiff.core.outputs import OutputFolder
+from latentdiff.prior.parameters import (
+    a1111_arguments,
+    call_arguments,
+    generate_command,
+    grid_title,  # noqa: F401  (re-exported: the grid's title line)
+    read_png,
+    save_generated_png,
+    save_settings_grid,
+)
 from latentdiff.prior.pipeline import (
     add_guidance_interval_argument,
     add_guidance_rescale_argument,
@@ -23,7 +32,7 @@ from latentdiff.prior.pipeline import (
     add_stage_arguments,
     pipeline_from_arguments,
 )
-from latentdiff.prior.samplers import add_sampler_arguments, resolve, sampler_arguments
+from latentdiff.prior.samplers import add_sampler_arguments, sampler_arguments
 
 # What --from-png may be combined with: where and how to run, not what to make.
 FROM_PNG_FLAGS = ("from_png", "run", "out", "overwrite", "device", "precision", "decoder", "autoencoder", "text")
@@ -75,11 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
         "timestep S*T; 0 = IMG's reconstruction, 1 = text-to-image; "
         "default 0.75, 1 with --mask)",
     )
-    p.add_argument("--mask", metavar="MASK", help="inpainting (with --init-image): white = repaint, black = keep")
+    p.add_argument(
+        "--mask",
+        metavar="MASK",
+        help="inpainting (with --init-image): white = repaint, black = keep (kept pixels stay IMG's exactly)",
+    )
+    p.add_argument(
+        "--feather",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="inpainting: fade the new pixels in over the PX pixels of the repainted region next to the kept "
+        "one (kept pixels stay exact; default: %(default)s, a hard edge)",
+    )
+    p.add_argument(
+        "--resample",
+        type=int,
+        default=1,
+        metavar="U",
+        help="inpainting: RePaint (Lugmayr et al. 2022), each step taken U times for better seams, U x the "
+        "time; with --sampler ddpm (default: %(default)s, off)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        metavar="STEP",
+        help="sample the run's checkpoint of this step (one it still keeps; default: the newest)",
+    )
     p.add_argument(
         "--from-png",
         metavar="FILE",
-        help="make again the image a PNG of generate or serve describes (its 'parameters' text chunk)",
+        help="make again the image a PNG of generate or serve describes (its 'latentdiff' chunk); "
+        "or, with --run, the prompt and settings of an A1111 PNG (its 'parameters' chunk)",
     )
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
     add_precision_argument(p)
@@ -108,9 +144,11 @@ def slug(text: str, n: int = 40) -> str:
 
 
 def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """(prompts, pipeline keyword arguments, index) of the image --from-png names; refuses flags that change it."""
-    from latentdiff.prior.parameters import call_arguments, read_png_parameters
+    """(prompts, pipeline keyword arguments, index or None) of the image --from-png names; refuses flags that change it.
 
+    A PNG of ours remakes its image (from its checkpoint; its run and precision unless given); an A1111
+    PNG needs --run, and one line says what was mapped and what ignored.
+    """
     changed = [
         k
         for k, v in vars(args).items()
@@ -124,21 +162,31 @@ def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--from-png makes the recorded image again; {flags} cannot change it (generate without "
             "--from-png for other settings)"
         )
-    params = read_png_parameters(args.from_png)
-    args.run = args.run or params["run"]
-    args.decoder = args.decoder or params.get("decoder")
+    kind, found = read_png(args.from_png)
+    if kind == "a1111":
+        if args.run is None:
+            raise ValueError(
+                f"--from-png {args.from_png} is an A1111 PNG: it names no latentdiff run; add --run PRIOR_RUN"
+            )
+        prompts, kwargs, mapped, ignored = a1111_arguments(args.from_png, found)
+        print(
+            f"--from-png {args.from_png} (A1111 parameters): mapped {', '.join(mapped)}; "
+            f"ignored {', '.join(ignored) or 'nothing'}"
+        )
+        return prompts, kwargs, None
+    args.run = args.run or found["run"]
+    args.decoder = args.decoder or found.get("decoder")
+    args.checkpoint = found.get("checkpoint")  # the weights it was made with (absent before: the newest)
     if args.precision == "auto":  # the precision it was made in, unless asked otherwise
-        args.precision = params.get("precision", "auto")
-    return call_arguments(params)
+        args.precision = found.get("precision", "auto")
+    return call_arguments(found)
 
 
 def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Path:
-    from latentdiff.prior.parameters import generate_command, png_parameters
-
     only = None
     if args.from_png:
         prompts, kwargs, index = from_png_arguments(args, parser or build_parser())
-        only = [index]
+        only = None if index is None else [index]
     else:
         prompts = list(args.prompts)
         if args.prompts_file:
@@ -161,11 +209,29 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             init_image=args.init_image,
             mask=args.mask,
             strength=args.strength,
+            feather=args.feather,
+            resample=args.resample,
         )
     out = Path(args.out)
-    fresh_output_dir(out, args.overwrite, ours=["[0-9][0-9][0-9]_*.png", "grid.png", "settings.json"])
+    # Checked before any work; written into a staging folder inside --out and swapped in when complete, so a
+    # failure keeps the earlier images, and --overwrite deletes only what the earlier settings.json lists.
+    with OutputFolder(out, args.overwrite, record="settings.json", also=["grid.png"]) as output:
+        grid, n_images = write_images(output.staging, args, prompts, kwargs, only)
+    grid = out / grid.name
+    print(
+        f"{n_images} image{'' if n_images == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
+        "settings.json beside them, and in each PNG: A1111's 'parameters' and our 'latentdiff' chunk)"
+    )
+    return grid
+
+
+def write_images(out: Path, args: argparse.Namespace, prompts, kwargs, only) -> tuple[Path, int]:
+    """Generate into `out`: the images, grid.png and settings.json (whose "files" lists the images); (grid, count)."""
     pipe = pipeline_from_arguments(args)
-    settings = pipe.settings(prompts, **kwargs)
+    try:
+        settings = pipe.settings(prompts, **kwargs)
+    except ValueError as e:  # a value read from a PNG gets the command line's checks, and says where it came from
+        raise ValueError(f"--from-png {args.from_png}: {e}" if args.from_png else str(e)) from None
     images = pipe.generate(settings, only=only, show_progress=True)
     command = generate_command(settings, device=args.device, decoder=args.decoder, precision=args.precision)
     indices = only or list(range(len(images)))
@@ -173,11 +239,9 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     for k, image in zip(indices, images):
         prompt = settings.prompts[k // settings.n]
         path = out / f"{k // settings.n:03d}_{slug(prompt)}_{k % settings.n:02d}.png"
-        save_png(image, path, text={"parameters": png_parameters(settings, k, command)})
+        save_generated_png(image, path, settings, k, command)
         files.append(path.name)
-    title = grid_title(settings)
-    labels = None if only else [p or "(unconditional)" for p in settings.prompts]
-    grid = save_grid(images, out / "grid.png", nrow=1 if only else settings.n, labels=labels, title=title)
+    grid = save_settings_grid(images, out / "grid.png", settings, only)
     record = {
         **dataclasses.asdict(settings),
         "files": files,
@@ -185,32 +249,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         "command": command,
     }
     (out / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(
-        f"{len(images)} image{'' if len(images) == 1 else 's'} in {out}/ (grid: {grid}; one row per prompt; "
-        "settings.json beside them, and in each PNG's 'parameters' chunk)"
-    )
-    return grid
-
-
-def grid_title(settings) -> str:
-    """The line above grid.png: every setting that changes the images, beside the prompts labelling its rows.
-
-    The sampler's options are named where they differ from its defaults ("dpmpp-2m, spacing karras, ...").
-    """
-    defaults = resolve(settings.sampler)[0].options
-    changed = "".join(
-        f", {key.replace('_', ' ')} {format(value, 'g') if isinstance(value, float) else value}"
-        for key, value in sorted(settings.sampler_options.items())
-        if value is not None and defaults.get(key) != value
-    )
-    return (
-        f"{settings.sampler}{changed}, {settings.steps} steps, guidance {settings.guidance:g}"
-        + (" for sigma in ({:g}, {:g}]".format(*settings.guidance_interval) if settings.guidance_interval else "")
-        + (f", guidance rescale {settings.guidance_rescale:g}" if settings.guidance_rescale else "")
-        + f", seed {settings.seed}"
-        + (f", negative: {settings.negative_prompt}" if settings.negative_prompt else "")
-        + (f", img2img strength {settings.strength:g}" if settings.init_image else "")
-    )
+    return grid, len(images)
 
 
 def main(argv: list[str] | None = None) -> Path:

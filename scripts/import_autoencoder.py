@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "src",
-        help="a diffusers model (or pipeline) folder, or a .safetensors checkpoint whose "
-        "autoencoder is under first_stage_model.; a pickle (.ckpt, .pt) only if "
-        "torch.load(weights_only=True) reads it",
+        help="a diffusers model (or pipeline) folder (full-precision, variant such as fp16, or sharded weights), "
+        "or a .safetensors checkpoint whose autoencoder is under first_stage_model.; a pickle (.ckpt, .pt, .bin) "
+        "only if torch.load(weights_only=True) reads it",
     )
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument(
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per batch when measuring (default: %(default)s)")
     p.add_argument("--batches", type=int, default=16, help="batches to measure on (default: %(default)s)")
+    p.add_argument(
+        "--variant",
+        help="the diffusers weights variant to read, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
+        "(default: the full-precision file, else the only variant in the folder)",
+    )
     p.add_argument("--device", help="device to measure on (default: cuda if available, else cpu)")
     return p
 
@@ -64,11 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             batches=args.batches,
             device=device,
+            variant=args.variant,
         )
+        files = ", ".join(summary["weights"]) if len(summary["weights"]) <= 2 else f"{len(summary['weights'])} shards"
+        notes = "".join(f"; {note}" for note in summary["notes"])
         print(
-            f"imported {args.src} ({summary['format']}) into {summary['run']}: "
+            f"imported {args.src} ({summary['format']}, {files}) into {summary['run']}: "
             f"scale_factor={summary['scale_factor']:.6g} (from {summary['scale_from']}), "
-            f"f={summary['downsampling']}, c={summary['latent_channels']}, resolution {summary['resolution']}"
+            f"f={summary['downsampling']}, c={summary['latent_channels']}, resolution {summary['resolution']}{notes}"
         )
         return summary
 

@@ -5,10 +5,15 @@ wires its events. Offline by construction: analytics and Gradio's version check 
 link, no server-side rendering, no MCP server, no run-history sync, and the default theme's fonts
 ship inside the gradio wheel (the browser test checks that every request the page makes goes to
 the server itself). Generation requests are queued one at a time across all browser tabs.
+
+On a shared machine (issue #28): the Runs tab serves copies, never a run folder (runs.Copies);
+Gradio's own copies of served files and the uploads live in a folder only this account can read;
+a login, the queue's size and the upload size come from access.Access.
 """
 
 from __future__ import annotations
 
+import atexit
 import html
 import os
 import shutil
@@ -25,8 +30,9 @@ from latentdiff.core.errors import UserError  # noqa: E402
 from latentdiff.prior.guidance import interval_text  # noqa: E402
 from latentdiff.prior.pipeline import TextToImage  # noqa: E402
 
+from .access import Access  # noqa: E402
 from .generation import MAX_IMAGES, PNG_KEY, Cancelled, Generator, sampler_names  # noqa: E402
-from .runs import Stage, trained_stages, view  # noqa: E402
+from .runs import Copies, Stage, trained_stages, view  # noqa: E402
 
 # Tiny latents decode to 32-px images: scale them up without blurring.
 CSS = "#gallery img, .grids img { image-rendering: pixelated; }"
@@ -127,8 +133,11 @@ def _generate_tab(generator: Generator) -> None:
     stop.click(cancel, None, None, cancels=[event], queue=False)
 
 
-def _runs_tab(stages: list[Stage]):
-    """Lay out one group per run; returns the function that fills them and the components it fills."""
+def _runs_tab(stages: list[Stage], copies: Copies):
+    """Lay out one group per run; returns the function that fills them and the components it fills.
+
+    The image files shown are `copies` of the runs' files (the runs' folders are never served).
+    """
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="refresh", scale=0, min_width=120)
         live = gr.Checkbox(label=f"refresh every {REFRESH_SECONDS} s (while a run trains)", value=False, scale=2)
@@ -157,7 +166,7 @@ def _runs_tab(stages: list[Stage]):
     def show():
         values = [f"read at {time.strftime('%H:%M:%S')}"]
         for stage in stages:
-            v = view(stage)
+            v = view(stage, copies)
             note = "" if v.curves is not None else "\n\nNo per-step metrics in metrics.jsonl yet."
             plots = [p for _, p in v.reports if p]
             values += [
@@ -168,6 +177,9 @@ def _runs_tab(stages: list[Stage]):
                 "\n\n".join(text for text, _ in v.reports),
                 gr.update(value=plots, visible=bool(plots)),
             ]
+        # The previous call's copies go: Gradio copied them into its cache when that call returned, and
+        # the Runs handlers share one concurrency id, so no other call is between its return and this one.
+        copies.prune()
         return values
 
     timer = gr.Timer(REFRESH_SECONDS, active=False)
@@ -178,17 +190,22 @@ def _runs_tab(stages: list[Stage]):
     return show, outputs
 
 
-def build(generator: Generator, stages: list[Stage], run: str | Path) -> gr.Blocks:
-    """The page: a Generate tab over `generator` and a Runs tab over `stages`."""
+def build(
+    generator: Generator, stages: list[Stage], run: str | Path, copies: Copies, access: Access = Access()
+) -> gr.Blocks:
+    """The page: a Generate tab over `generator` and a Runs tab over `stages` (their images served as `copies`).
+
+    access.max_queue bounds the requests waiting over every tab (Gradio's queue max_size).
+    """
     with gr.Blocks(title=f"latentdiff: {Path(run).name}", analytics_enabled=False, delete_cache=CACHE) as blocks:
         gr.Markdown(f"## latentdiff · `{run}`")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate-tab", elem_id="generate-tab"):
                 _generate_tab(generator)
             with gr.Tab("Runs", id="runs-tab", elem_id="runs-tab"):
-                show, outputs = _runs_tab(stages)
+                show, outputs = _runs_tab(stages, copies)
         blocks.load(show, None, outputs, concurrency_id="runs", show_progress="hidden")
-    blocks.queue(default_concurrency_limit=1)
+    blocks.queue(default_concurrency_limit=1, max_size=access.max_queue)
     return blocks
 
 
@@ -211,6 +228,21 @@ class Server:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
+def _private_gradio_cache() -> None:
+    """Point Gradio's cache (its copy of every file it serves, and the uploads) at a folder only this account
+    can read, removed when the process exits; a GRADIO_TEMP_DIR the user set is kept.
+
+    Gradio's default, TMP/gradio, is readable by every local account (and one account's folder there
+    stops another's server from writing). Gradio reads the variable when it builds each component
+    and the app, so this runs before the page is built, once per process (servers in one process share it).
+    """
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="latentdiff-gradio-")  # mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = folder
+
+
 def start(
     run: str | Path,
     *,
@@ -221,21 +253,27 @@ def start(
     device: str | None = None,
     precision: str = "auto",
     quiet: bool = False,
+    access: Access = Access(),
 ) -> Server:
     """Load the prior run once (unless `pipe` is given) and serve the page on host:port in a background thread.
 
+    access: the login (Gradio's; no login when it has no users), the queue and the upload limits.
     Raises UserError when the port cannot be bound; CheckpointError (from the loader) for a bad run.
     """
     stages = trained_stages(run, decoder)
     if pipe is None:
         pipe = TextToImage.from_run(run, device=device, decoder=decoder, precision=precision)
-    out_dir = Path(tempfile.mkdtemp(prefix="latentdiff-serve-"))
+    _private_gradio_cache()
+    out_dir = Path(tempfile.mkdtemp(prefix="latentdiff-serve-"))  # mode 0700: the generated PNGs, the copies
     generator = Generator(pipe, out_dir, decoder=decoder, device=device, precision=precision)
-    blocks = build(generator, stages, run)
+    blocks = build(generator, stages, run, Copies(out_dir / "runs"), access)
     try:
         _, url, _ = blocks.launch(
             server_name=host,
             server_port=port,
+            auth=list(access.users) or None,
+            auth_message="Log in with a user and password given to latentdiff serve --auth or --auth-file.",
+            max_file_size=access.max_upload,
             prevent_thread_lock=True,
             quiet=quiet,
             share=False,
@@ -255,10 +293,18 @@ def start(
     return Server(blocks, generator, url, out_dir)
 
 
-def exposure_warning(host: str) -> str | None:
-    """What serving on a non-loopback address means, or None for 127.0.0.1 / localhost / ::1."""
+def exposure_warning(host: str, login: bool) -> str | None:
+    """What serving on a non-loopback address means, or None for 127.0.0.1 / localhost / ::1.
+
+    login: whether the page asks for a user and password (--auth, --auth-file).
+    """
     if host in ("127.0.0.1", "localhost", "::1"):
         return None
+    if login:
+        return (
+            f"warning: serving on {host} over plain HTTP: the login and every image cross the network without "
+            "encryption; prefer an SSH tunnel to 127.0.0.1, or a reverse proxy with TLS"
+        )
     return (
         f"warning: serving on {host}: anyone who can reach this machine on that address can use the page, "
         "with no password: generate (your CPU/GPU time) and read the runs' metrics, grids and summaries"

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentdiff.core.errors import UserError
-from latentdiff.core.logger import save_png
-from latentdiff.prior.parameters import PNG_KEY, generate_command, png_parameters  # noqa: F401  (re-exported)
+from latentdiff.prior.parameters import (  # noqa: F401  (re-exported)
+    PNG_KEY,
+    generate_command,
+    png_parameters,
+    save_generated_png,
+)
 from latentdiff.prior.pipeline import GenerationSettings, TextToImage
 from latentdiff.prior.samplers import ALIASES, SAMPLERS
 
@@ -192,11 +196,7 @@ class Generator:
             if self._flags.get(session) is flag:
                 del self._flags[session]
         files = [
-            save_png(
-                image,
-                folder / f"image_{i:02d}_seed{settings.seed + i}.png",
-                text={PNG_KEY: png_parameters(settings, i, command)},
-            )
+            save_generated_png(image, folder / f"image_{i:02d}_seed{settings.seed + i}.png", settings, i, command)
             for i, image in enumerate(images)
         ]
         return Result(files, settings, command)

@@ -5,12 +5,19 @@ meta.json records, and a decoder run when one is served): the curves of metrics.
 grids it wrote over time, summary.json, and the reports `latentdiff evaluate` wrote inside it
 (RUN/eval/ by default) with their trade-off plots. Everything is read again on each call, so a
 run that is still training shows its newest state.
+
+The page is handed copies of the image files (`Copies`), never a path inside a run folder: the
+folder holds the weights, and Gradio refuses to serve files outside the working directory and
+the temp folder, so a run elsewhere (`cd / && latentdiff serve --run ~/x/runs/prior`) would fail.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +45,47 @@ class StageView:
 
     stage: Stage
     curves: Figure | None  # None when metrics.jsonl has no per-step scalars yet
-    grids: list[tuple[str, str]]  # (PNG path, caption), oldest first
+    grids: list[tuple[str, str]]  # (path of a copy of the PNG, caption), oldest first
     summary: dict
-    reports: list[tuple[str, str | None]] = field(default_factory=list)  # (report.md text, trade-off plot path)
+    reports: list[tuple[str, str | None]] = field(default_factory=list)  # (report.md text, copy of the plot)
+
+
+class Copies:
+    """Copies of the files the Runs tab shows, in a folder the server owns and removes when it stops.
+
+    A file is copied again only when its size or modification time changed (a run still training
+    rewrites its grids); `prune()` removes every copy not handed out since the previous prune.
+    Not thread-safe: the page runs its Runs handlers one at a time (one concurrency id).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._used: set[Path] = set()
+
+    def __call__(self, path: str | Path) -> str | None:
+        """The path of a copy of `path`, or None when the file is gone (deleted by its run meanwhile)."""
+        source = Path(path)
+        try:
+            st = source.stat()
+            key = hashlib.sha256(f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+            copy = self.folder / key / source.name
+            if not copy.is_file():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                partial = copy.with_name(f".{source.name}.partial")
+                shutil.copyfile(source, partial)
+                os.replace(partial, copy)  # never a half-written copy under the served name
+        except FileNotFoundError:
+            return None
+        self._used.add(copy.parent)
+        return str(copy)
+
+    def prune(self) -> None:
+        """Remove the copies not handed out since the previous prune (Gradio has its own copy of those by now)."""
+        if self.folder.is_dir():
+            for folder in self.folder.iterdir():
+                if folder not in self._used:
+                    shutil.rmtree(folder, ignore_errors=True)
+        self._used = set()
 
 
 def _recorded(run: Path, record: dict | None) -> Path | None:
@@ -148,11 +193,14 @@ def evaluation_reports(run: str | Path) -> list[tuple[str, str | None]]:
     return reports
 
 
-def view(stage: Stage) -> StageView:
+def view(stage: Stage, copies: Copies) -> StageView:
+    """What the page shows for one run, its image files as `copies` of them."""
+    grids = [(copy, caption) for path, caption in sample_grids(stage.path) if (copy := copies(path)) is not None]
+    reports = [(text, copies(plot) if plot else None) for text, plot in evaluation_reports(stage.path)]
     return StageView(
         stage,
         curves_figure(read_metrics(stage.path), f"{stage.name}: {stage.path}"),
-        sample_grids(stage.path),
+        grids,
         read_summary(stage.path),
-        evaluation_reports(stage.path),
+        reports,
     )

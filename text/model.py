@@ -3,7 +3,8 @@
 A model config is the dict open_clip keeps in its own `model_configs/*.json` (embed_dim,
 vision_cfg, text_cfg, ...). Ours live in `text/configs/`; they are registered with open_clip
 so `open_clip.create_model("clip-tiny", pretrained=path)` works too. The dict is saved in
-every text checkpoint, so a run directory alone rebuilds its model.
+every text checkpoint, so a run directory alone rebuilds its model. Pretrained weights are read
+by `load_clip_weights`, as plain tensors, never by open_clip's own loader.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from latentdiff.core.checkpoint import CheckpointError
+from latentdiff.core.safe_load import read_tensor_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -113,6 +117,33 @@ def build_clip(config: dict[str, Any]) -> open_clip.CLIP:
         },
     )
     return model
+
+
+def load_clip_weights(model: open_clip.CLIP, path: str | Path, name: str) -> None:
+    """Fill `model` (built from config `name`) with an open_clip checkpoint file, read only as tensors.
+
+    Takes open_clip's release files (.safetensors, or .bin/.pt state dicts) and its training
+    checkpoints (weights under "state_dict", "module." from DDP). The file is read by
+    core.safe_load, never by open_clip, whose loader unpickles with torch's default in older
+    releases (weights_only=False before torch 2.6). Raises FileNotFoundError, or CheckpointError
+    (one line) for a file that holds code or tensors of another model.
+    """
+    state = read_tensor_file(path, f"open_clip weights for {name}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    own = model.state_dict()
+    # open_clip releases store logit_scale either as a 0-d tensor or with shape (1,).
+    if "logit_scale" in state and state["logit_scale"].numel() == own["logit_scale"].numel() == 1:
+        state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
+    missing = [k for k in own if k not in state]
+    unused = [k for k in state if k not in own]
+    misshapen = [f"{k} is {tuple(v.shape)}, needs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]  # fmt: skip
+    problems = [f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])})"] if missing else []
+    problems += [f"{len(unused)} it does not have ({', '.join(unused[:3])})"] if unused else []
+    if problems or misshapen:
+        raise CheckpointError(f"{path} does not fit the open_clip model {name}: {'; '.join(problems + misshapen[:2])}")
+    model.load_state_dict(state, strict=True)
 
 
 def image_size(model: open_clip.CLIP) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import open_clip
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.runs import load_run
 from latentdiff.text.encoder import TextEncoder
-from latentdiff.text.model import build_clip, load_model_config, register_configs
+from latentdiff.text.model import build_clip, load_clip_weights, load_model_config, register_configs
 from latentdiff.text.tokens import build_tokenizer
 
 SPEC_PREFIX = "openclip:"
@@ -100,8 +100,8 @@ def load_pretrained(
         tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
         weights, looked = _cached_tag_file(tag_cfg, cache_dir)
         if weights is None and download:
-            weights = pretrained  # let open_clip download it
-        elif weights is None:
+            weights = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir) or None  # fetched only: read below
+        if weights is None:
             where = " or ".join(looked) or "(no download location in open_clip's table)"
             raise FileNotFoundError(
                 f"open_clip {model_name} {pretrained!r} is not in the cache ({where}); download it on a "
@@ -126,9 +126,9 @@ def load_pretrained(
             f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {model_name} "
             f"(tags: {', '.join(tags) if tags else 'none; pass a weights file'})"
         )
-    model = open_clip.create_model(
-        model_name, pretrained=weights, cache_dir=cache_dir, force_preprocess_cfg=force_preprocess or None
-    )
+    # Built without weights, then filled from tensors we read: open_clip never unpickles the file.
+    model = open_clip.create_model(model_name, pretrained=None, force_preprocess_cfg=force_preprocess or None)
+    load_clip_weights(model, weights, model_name)
     return TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=spec)
 
 

@@ -21,7 +21,9 @@ from latentdiff.autoencoder.stage import PRESETS
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.config import ConfigError, load_preset, load_toml
+from latentdiff.core.errors import UserError
 from latentdiff.scripts import cli
+from latentdiff.scripts.import_autoencoder import main as import_main
 from tests.helpers import PRIOR_ARGS  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -178,6 +180,71 @@ def test_pickle_checkpoints_load_only_without_code(small_vae, data, tmp_path):
     with pytest.raises(CheckpointError, match=r"code\.ckpt is a pickle that needs code.*weights_only=True"):
         import_autoencoder(tmp_path / "code.ckpt", tmp_path / "refused", data, **MEASURE, scaling_factor=1.0)
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_a_folder_with_only_the_fp16_variant_imports_upcast(small_vae, data, tmp_path, capsys, serialization):
+    """What many hub VAEs ship: diffusion_pytorch_model.fp16.safetensors (or .fp16.bin) and no full-precision file."""
+    folder = tmp_path / "fp16"
+    fp16 = make_diffusers_vae(SMALL).to(torch.float16)
+    fp16.save_pretrained(folder, variant="fp16", safe_serialization=serialization == "safetensors")
+    weights_file = f"diffusion_pytorch_model.fp16.{serialization}"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", weights_file]
+    summary = import_main([str(folder), "--out", str(tmp_path / "run"), "--data", str(data), "--batches", "1",
+                           "--batch-size", "2", "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert weights_file in out and "float16 weights upcast to float32" in out, out
+    assert summary["stored_dtype"] == "float16"
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "run").values())
+    # The reference: diffusers itself loading the same variant, upcast the same way.
+    reference = diffusers.AutoencoderKL.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32).eval()
+    assert_same_autoencoder(reference, tmp_path / "run", 32)
+
+
+def test_a_folder_with_several_variants_needs_a_choice(data, tmp_path):
+    folder = tmp_path / "variants"
+    make_diffusers_vae(SMALL).to(torch.float16).save_pretrained(folder, variant="fp16")
+    make_diffusers_vae(SMALL).to(torch.bfloat16).save_pretrained(folder, variant="bf16")
+    with pytest.raises(UserError, match=r"variants bf16, fp16 and no full-precision file: pass --variant"):
+        import_autoencoder(folder, tmp_path / "run", data, **MEASURE)
+    summary = import_autoencoder(folder, tmp_path / "run", data, **MEASURE, variant="bf16")
+    assert summary["stored_dtype"] == "bfloat16"
+    with pytest.raises(UserError, match=r"no weights of variant 'fp32'.*bf16, fp16"):
+        import_autoencoder(folder, tmp_path / "other", data, **MEASURE, variant="fp32")
+    make_diffusers_vae(SMALL).save_pretrained(folder)  # a full-precision file beside them: diffusers' default
+    summary = import_autoencoder(folder, tmp_path / "full", data, **MEASURE)
+    assert summary["stored_dtype"] == "float32" and summary["weights"] == ["diffusion_pytorch_model.safetensors"]
+
+
+def test_a_sharded_folder_imports_exactly(small_vae, data, tmp_path):
+    small_vae.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    summary = import_autoencoder(tmp_path / "sharded", tmp_path / "run", data, **MEASURE)
+    assert summary["weights"] == shards
+    assert_same_autoencoder(small_vae, tmp_path / "run", 32)
+
+
+def test_diffusers_old_attention_names_import_exactly(small_vae, small_folder, data, tmp_path, capsys):
+    """Hub VAEs saved before diffusers 0.14 name attention query/key/value/proj_attn (diffusers still reads them)."""
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    folder = _copy_folder(small_folder, tmp_path / "old")
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    renamed = {}
+    for key, value in state.items():
+        for new_name, old_name in old.items():
+            key = key.replace(f".attentions.0.{new_name}.", f".attentions.0.{old_name}.")
+        renamed[key] = value
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in renamed and not any(".to_q." in k for k in renamed)
+    save_file(renamed, str(folder / "diffusion_pytorch_model.safetensors"))
+    # diffusers reads these names as the model we started from: they are the real old layout
+    theirs = diffusers.AutoencoderKL.from_pretrained(folder).state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in small_vae.state_dict().items())
+    summary = import_main([str(folder), "--out", str(tmp_path / "run"), "--data", str(data), "--batches", "1",
+                           "--batch-size", "2", "--device", "cpu"])  # fmt: skip
+    assert "older attention names" in capsys.readouterr().out
+    assert summary["format"] == "diffusers"
+    assert_same_autoencoder(small_vae, tmp_path / "run", 32)
 
 
 def test_export_and_reimport_round_trip_exactly(small_vae, small_folder, data, tmp_path):

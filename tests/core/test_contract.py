@@ -92,7 +92,9 @@ def test_clip_x0_takes_explicit_values():
         cfg('"latnet"')
 
 
-def test_a_prior_refuses_an_autoencoder_whose_scale_was_remeasured(capsys, root, data, ae_run, text_run, tmp_path):
+def test_a_prior_keeps_its_pinned_autoencoder_and_refuses_the_remeasured_one(
+    capsys, root, data, ae_run, text_run, tmp_path
+):
     ae = tmp_path / "ae"
     shutil.copytree(ae_run[0], ae)
     prior = tmp_path / "prior"
@@ -112,19 +114,23 @@ def test_a_prior_refuses_an_autoencoder_whose_scale_was_remeasured(capsys, root,
         ]
     )
     _, before = load_autoencoder(ae)
-    # Resuming the finished autoencoder on other data changes no weight but re-measures the scale.
+    # Resuming the finished autoencoder on other data (asked for) changes no weight but re-measures the scale.
     other = root / "shapes_other"
     if not other.exists():
         shapes.build(other, 16, val_n=4, test_n=2, seed=5, resolution=32, maxcount=16)
-    autoencoder_main(["--resume", str(ae), "--data", str(other)])
+    autoencoder_main(["--resume", str(ae), "--data", str(other), "--new-data"])
     _, after = load_autoencoder(ae)
     assert after.encoder_hash == before.encoder_hash and after.scale != before.scale
-    err = _one_line_exit(capsys, prior_main, ["--resume", str(prior), "--steps", "2"])
+    # Named explicitly, the autoencoder's newest checkpoint is another latent space: refused, nothing trained.
+    err = _one_line_exit(capsys, prior_main, ["--resume", str(prior), "--autoencoder", str(ae), "--steps", "2"])
     assert "another latent space" in err and "scale" in err and str(ae) in err
-    assert ckpt.read_meta(prior)["step"] == 1  # nothing trained at the new scale
-    with pytest.raises(CheckpointError, match="scale") as exc:
-        TextToImage.from_run(prior, device="cpu")
-    assert "\n" not in str(exc.value)
+    assert ckpt.read_meta(prior)["step"] == 1
+    # Left to the record, the prior reads the checkpoint it was trained with, which pruning kept (pinned).
+    pipe = TextToImage.from_run(prior, device="cpu")
+    assert pipe.latent_space.scale == before.scale
+    prior_main(["--resume", str(prior), "--steps", "2"])
+    assert ckpt.read_meta(prior)["step"] == 2
+    assert "the checkpoint it was trained with" in capsys.readouterr().err
 
 
 def test_stages_follow_the_data_and_the_prior_follows_its_autoencoder(capsys, root, text_run, tmp_path):

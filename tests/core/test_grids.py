@@ -61,3 +61,11 @@ def test_metric_logger_shows_grids_in_tensorboard(tmp_path):
         expected = np.asarray(saved.convert("RGB"))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")), expected)
     assert [s for s, *_ in shown["raw"]] == [7]
+
+
+def test_grid_labels_and_title_with_line_breaks_are_drawn_on_one_line(tmp_path):
+    """A prompt may hold line breaks (an A1111 PNG's often does); the grid shows them as " / "."""
+    x = torch.zeros(2, 3, 32, 32)
+    two = Image.open(save_grid(x, tmp_path / "a.png", nrow=1, labels=["a cat\non a mat", "a dog"], title="a\nb"))
+    one = Image.open(save_grid(x, tmp_path / "b.png", nrow=1, labels=["a cat / on a mat", "a dog"], title="a / b"))
+    assert np.array_equal(np.asarray(two), np.asarray(one))

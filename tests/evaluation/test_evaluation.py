@@ -208,7 +208,7 @@ def test_kid_is_printed_with_its_scale():
     }
     assert describe(result).endswith("; KID x1e3 3.01 +- 0.12")
     table = markdown_table({"results": [{"guidance": 1.0, **result}], "sampler": "ddim", "steps": 2, "data": "d"})
-    assert "| guidance | FID | KID x1e3 |" in table and "| 1 | 26.73 | 3.01 |" in table
+    assert "| guidance | FID | KID x1e3 |" in table and "| 1 | 26.73 | 3.01 +- 0.12 |" in table
 
 
 # ---------------------------------------------------------------- cache
@@ -585,6 +585,8 @@ def test_evaluate_autoencoder_matches_the_stage_psnr(ae_run, data: Path, classif
     assert report["psnr"] == pytest.approx(summary["val_psnr"], rel=1e-5)
     assert 0 < report["ssim"] < 1 and report["lpips"] is None
     assert report["rfid_n"] == 4 and report["rfid_reference_n"] == 4 and np.isfinite(report["rfid"])
+    lo, hi = report["rfid_interval"]  # rFID carries its noise and the size it was compared at, as FID does
+    assert lo < report["rfid"] < hi and report["compared_size"] == [32, 32] and report["resized"] is None
     assert (tmp_path / "eval" / "reconstruction.json").is_file()
 
 

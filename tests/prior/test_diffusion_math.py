@@ -333,6 +333,19 @@ def test_sigma_and_t_from_sigma_invert_each_other(ztsnr):
     assert s.sigma_min == pytest.approx(float(s.sigma(torch.tensor([0]))[0]))
 
 
+@pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
+def test_t_from_sigma_refuses_a_noise_level_no_timestep_has(kind):
+    """Clamping would hand the network a t whose sigma differs from its input's (Karras churn did, above sigma(T-1))."""
+    s = NoiseSchedule.make(kind)
+    for bad in (s.sigma_max * 1.2, s.sigma_min / 2, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"outside the schedule's range .*no timestep has that noise level"):
+            s.t_from_sigma(torch.tensor([1.0, bad], dtype=F64))
+    ends = torch.tensor([s.sigma_min, s.sigma_max], dtype=F64)
+    torch.testing.assert_close(s.t_from_sigma(ends), torch.tensor([0.0, 999.0], dtype=F64), rtol=0, atol=1e-7)
+    z = NoiseSchedule.make(kind, zero_terminal_snr=True)  # sigma(T-1) = inf there: every sigma has its t
+    assert z.t_from_sigma(torch.tensor([math.inf], dtype=F64)).item() == 999.0
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_q_sample_matches_iterated_forward_process(kind):
     """q(z_t | z_0) in closed form (eq. 4) = iterating q(z_t | z_{t-1}) = N(sqrt(1 - beta_t) z_{t-1}, beta_t I)."""
@@ -386,6 +399,44 @@ def test_min_snr_weights():
     torch.testing.assert_close(g("v"), snr.clamp(max=5) / (snr + 1))
     torch.testing.assert_close(g("eps")[:4], snr.clamp(max=5)[:4] / snr[:4])
     assert g("eps")[4] == 1 and g("eps").shape == (5,)  # SNR = 0: the limit, not 0/0
+
+
+def test_min_snr_floor_trains_the_level_sampling_starts_at():
+    """Plain min-SNR gives v (and x0) a weight <= SNR: 0 at a zero terminal SNR's t = T-1, where sampling starts.
+
+    The floor raises the SNR inside the min, clamp(SNR, floor, gamma), so those steps keep a weight; where
+    SNR >= floor nothing changes.
+    """
+    s = NoiseSchedule.make("cosine", zero_terminal_snr=True)
+    t = torch.arange(1000)
+    snr = s.snr(t)
+    plain = min_snr_weight(t, s, 5.0, "v")
+    assert plain[999] == 0 and plain[900:].max() < 0.03  # the fault: the top 10% of t barely trained
+    for floor in (0.1, 1.0):
+        w = min_snr_weight(t, s, 5.0, "v", floor=floor)
+        torch.testing.assert_close(w, snr.clamp(floor, 5.0) / (snr + 1))
+        assert w[999] == floor and (w[900:] >= floor / (1 + floor)).all()
+        torch.testing.assert_close(w[snr >= floor], plain[snr >= floor], rtol=0, atol=0)
+        torch.testing.assert_close(min_snr_weight(t, s, 5.0, "x0", floor=floor), snr.clamp(floor, 5.0))
+    with pytest.raises(ValueError, match="floor applies to the v and x0 predictions"):
+        min_snr_weight(t, s, 5.0, "eps", floor=0.5)  # eps's min-SNR weight is already 1 where SNR < gamma
+    with pytest.raises(ValueError, match=r"floor must be in \[0, gamma\)"):
+        min_snr_weight(t, s, 5.0, "v", floor=5.0)
+
+
+def test_min_snr_floor_is_a_config_field_refused_where_it_means_nothing():
+    from latentdiff.core.config import ConfigError
+    from latentdiff.prior.config import DiffusionConfig
+
+    cfg = DiffusionConfig(prediction="v", zero_terminal_snr=True, loss_weighting="min_snr", min_snr_floor=1.0)
+    assert cfg.min_snr_floor == 1.0 and DiffusionConfig().min_snr_floor == 0.0  # off unless set
+    for bad, message in (
+        (dict(prediction="eps", loss_weighting="min_snr", min_snr_floor=0.5), "applies to prediction v or x0"),
+        (dict(prediction="v", loss_weighting="uniform", min_snr_floor=0.5), 'needs loss_weighting = "min_snr"'),
+        (dict(prediction="v", loss_weighting="min_snr", min_snr_gamma=2.0, min_snr_floor=2.0), "below min_snr_gamma"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            DiffusionConfig(**bad)
 
 
 def test_loss_is_per_sample_and_min_snr_agrees_across_parameterisations():

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from bench.sampler_accuracy import MU, STD, gaussian_denoiser
-from latentdiff.prior.denoiser import noise
-from latentdiff.prior.img2img import keep_known, load_image, load_mask, noised
+from latentdiff.core.pixels import to_uint8
+from latentdiff.data.images import load_rgb
+from latentdiff.prior.denoiser import Walk, noise
+from latentdiff.prior.img2img import keep_known, load_image, load_mask, noised, sample_repaint
 from latentdiff.prior.parameters import PNG_KEY
 from latentdiff.prior.samplers import SAMPLERS, levels, sample
 from latentdiff.prior.schedule import NoiseSchedule
@@ -184,10 +186,84 @@ def test_inpainting_keeps_the_masked_out_region(pipe, init_png, mask_png):
     # Pixels: the kept half decodes to the reconstruction within the autoencoder's reconstruction error there
     # (the decoder reaches across the mask's edge; its mid-block attention sees the whole latent). On this
     # 3-step autoencoder: 0.27 against a reconstruction error of 0.35, while the repainted half is 0.43 away.
+    # Pixels: the kept region is the input's own pixels, not the autoencoder's reconstruction of them
+    # (composited after decoding), so 8-bit images keep those pixels exactly.
     x = load_image(init_png, 32).expand_as(images)
     kept_px = (pixel_mask == 0).expand_as(images)
-    err = lambda a, b, where: (a - b)[where].abs().mean().item()  # noqa: E731
-    assert err(images, recon, kept_px) < err(recon, x, kept_px) < err(images, recon, ~kept_px)
+    assert torch.equal(to_uint8(images)[kept_px], to_uint8(x)[kept_px])
+    assert (to_uint8(recon) != to_uint8(x))[kept_px].any()  # which the reconstruction is not: the test can fail
+    assert (images - x)[~kept_px].abs().mean() > 0.1  # the repainted half is new
+
+
+def test_inpainted_pngs_keep_the_input_pixels_and_feather_only_into_the_repainted_region(
+    prior_run, init_png, mask_png, tmp_path
+):
+    """The files a user gets: kept pixels equal the init image's (as the run reads it) to the 8-bit level."""
+    common = ["generate", "a blue square", "--run", str(prior_run[0]), "--n", "2", "--steps", "3", "--seed", "2"]
+    common += ["--init-image", init_png, "--mask", mask_png]
+    pngs = {}
+    for feather in (0, 3):
+        out = tmp_path / f"feather{feather}"
+        assert cli.main([*common, "--feather", str(feather), "--out", str(out)]) == 0
+        record = json.loads((out / "settings.json").read_text())
+        assert record["feather"] == feather and (f"--feather {feather}" in record["command"]) == (feather > 0)
+        pngs[feather] = np.stack([np.asarray(Image.open(out / f)) for f in record["files"]]).astype(int)
+    x = np.asarray(load_rgb(init_png, 32)).astype(int)  # the run's reading of the init image, (32, 32, 3)
+    assert np.array_equal(pngs[0][:, :, :16], np.broadcast_to(x[:, :16], pngs[0][:, :, :16].shape))
+    assert np.abs(pngs[0][:, :, 16:] - x[:, 16:]).mean() > 10  # the repainted half is new
+    # feather 3: kept pixels still exact; 3 columns into the repainted half blend from the input to the new
+    # image (alpha 1/4, 2/4, 3/4 at distances 1, 2, 3 from the kept region); beyond them, feather 0's pixels.
+    assert np.array_equal(pngs[3][:, :, :16], pngs[0][:, :, :16])
+    assert np.array_equal(pngs[3][:, :, 19:], pngs[0][:, :, 19:])
+    for d in (1, 2, 3):
+        col = 15 + d
+        want = x[:, col] + d / 4 * (pngs[0][:, :, col] - x[:, col])
+        assert np.abs(pngs[3][:, :, col] - want).max() <= 1  # rounding to 8 bits
+
+
+def test_repaint_resampling_keeps_the_data_law_and_the_known_region():
+    """RePaint (jump length 1) from the exact marginal: known latents kept, the rest still N(MU, STD^2).
+
+    DDPM's ancestral steps shrink the std a little at few steps, and each retry compounds it (measured
+    with this test's set-up: 0.60 / 0.55 / 0.49 at U = 1 / 3 / 10 with 20 steps, 0.68 / 0.67 at U = 1 / 5
+    with 250, 0.707 at U = 1 with 1000): 100 steps and U = 2 are within 10%.
+    """
+    g = torch.Generator().manual_seed(2)
+    z_init = MU + STD * torch.randn(2000, 1, 2, 2, generator=g, dtype=F64)
+    mask = torch.zeros(1, 1, 2, 2, dtype=F64)
+    mask[..., 1] = 1.0  # repaint the right column
+    den = keep_known(gaussian_denoiser(SD), z_init, mask, SD)
+    calls = []
+
+    def counting(z_t, t):
+        calls.append(t[0].item())
+        return den(z_t, t)
+
+    walk = Walk(SD, levels("ddpm", SD, 100), g)
+    out = sample_repaint(counting, torch.randn(z_init.shape, generator=g, dtype=F64), walk, resample=2)
+    assert len(calls) == 2 * 100  # U evaluations per step
+    known = (mask == 0).expand_as(out)
+    torch.testing.assert_close(out[known], z_init[known], rtol=0, atol=1e-12)
+    new = out[~known]  # the data are independent per element: the repainted law is the data's own
+    assert abs(new.std().item() / STD - 1) < 0.1 and abs(new.mean().item() / MU - 1) < 0.03
+    assert not torch.allclose(new, z_init[~known], atol=0.1)
+
+
+def test_repaint_resampling_in_the_pipeline(pipe, init_png, mask_png):
+    kw = dict(n=1, steps=3, guidance=2.0, negative_prompt="", seed=1, init_image=init_png, mask=mask_png)
+    once = pipe.generate(pipe.settings("a blue square", sampler="ddpm", **kw))
+    settings = pipe.settings("a blue square", sampler="ddpm", resample=3, **kw)
+    thrice = pipe.generate(settings)
+    assert settings.resample == 3 and not torch.allclose(once, thrice, atol=1e-3)
+    x = load_image(init_png, 32)
+    kept = (load_mask(mask_png, 32, pipe.latent_space.downsampling)[0] == 0).expand_as(thrice)
+    assert torch.equal(to_uint8(thrice)[kept], to_uint8(x.expand_as(thrice))[kept])
+    with pytest.raises(ValueError, match="resample .*needs --sampler ddpm"):
+        pipe.settings("x", sampler="dpmpp-2m", resample=3, **kw)
+    with pytest.raises(ValueError, match="resample .*needs a mask"):
+        pipe.settings("x", sampler="ddpm", resample=3, **{**kw, "mask": None})
+    with pytest.raises(ValueError, match="feather must be"):
+        pipe.settings("x", sampler="ddpm", feather=-1, **kw)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
@@ -263,14 +339,7 @@ def test_from_png_refuses_other_settings_and_foreign_pngs(prior_run, tmp_path, c
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--from-png", str(plain), "--out", str(tmp_path / "a")])
-    assert e.value.code == 2 and "no 'parameters' text chunk" in capsys.readouterr().err
+    assert e.value.code == 2 and "no 'latentdiff' or 'parameters' text chunk" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--from-png", str(plain), "--n", "3", "--steps", "4", "--out", str(tmp_path / "b")])
     assert e.value.code == 2 and "--n, --steps cannot change it" in capsys.readouterr().err
-
-
-def test_png_parameters_is_one_function_for_generate_and_serve():
-    from latentdiff.prior import parameters
-    from latentdiff.serve import generation
-
-    assert generation.png_parameters is parameters.png_parameters and generation.PNG_KEY == "parameters"

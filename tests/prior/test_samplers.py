@@ -23,6 +23,8 @@ from latentdiff.prior.samplers import (
     OPTIONS,
     SAMPLERS,
     check_options,
+    levels,
+    make_denoiser,
     normalise,
     number_of_evaluations,
     resolve,
@@ -352,3 +354,98 @@ def test_evaluate_refuses_bad_sampler_flags_before_loading_anything_else(prior_r
         )
     assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+# ---- UniPC from a zero-terminal-SNR start ---------------------------------------------------------
+
+
+def _polynomial_x0(schedule: NoiseSchedule, coefs: tuple[float, ...]):
+    """A denoiser whose x0_hat is the polynomial sum_j c_j lambda^j of the level alone (0 at lambda = -inf).
+
+    It ignores z_t, so the probability-flow ODE is linear and its exact step from level s to t is
+    z_t = (sigma_t / sigma_s) z_s + sigma_t [F(lambda_t) - F(lambda_s)], F the antiderivative of e^lambda P(lambda).
+    """
+
+    def model_fn(z, t):
+        a = schedule.abar(t).to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+        lam = 0.5 * (a / (1 - a)).log()
+        x0 = sum(c * lam**j for j, c in enumerate(coefs))
+        return torch.where(a > 0, x0, torch.zeros_like(x0)).expand_as(z)
+
+    def F(lam: float) -> float:  # int e^lambda lambda^j = e^lambda sum_k (-1)^k j! / (j-k)! lambda^(j-k)
+        return math.exp(lam) * sum(
+            c * sum((-1) ** k * math.factorial(j) / math.factorial(j - k) * lam ** (j - k) for k in range(j + 1))
+            for j, c in enumerate(coefs)
+        )
+
+    return make_denoiser(model_fn, schedule, "x0"), F
+
+
+@pytest.mark.parametrize(
+    "order, coefs, exact_from", [(2, (0.3, 0.2), 1), (3, (0.3, 0.2), 1), (3, (0.3, 0.2, -0.05), 2)]
+)
+def test_unipc_drops_only_the_infinite_level(order, coefs, exact_from):
+    """UniPC-p is exact where x0_hat is a polynomial of degree < its order in lambda and it holds enough points.
+
+    On a zero-terminal-SNR schedule the trailing walk starts at abar = 0 (lambda = -inf): that level gives no
+    slope, but every later one does. From the level where enough finite points are at hand (the corrector adds
+    one), each step must be the exact one; the bug threw all earlier points away while the first was among
+    them, five first-order updates in the first four steps.
+    """
+    schedule = NoiseSchedule.make("cosine", zero_terminal_snr=True)
+    den, F = _polynomial_x0(schedule, coefs)
+    steps = 8
+    lv = levels("unipc", schedule, steps, spacing="trailing")
+    assert math.isinf(lv.lambdas[0])
+    seen: dict[int, torch.Tensor] = {}
+    z_T = torch.tensor([[-1.0], [0.5], [2.0]], dtype=F64)
+    sample(
+        "unipc",
+        den,
+        z_T,
+        schedule,
+        steps,
+        spacing="trailing",
+        order=order,
+        callback=lambda i, n, z, x0: seen.update({i: z}),
+    )
+    sig, lam = [math.sqrt(1 - a) for a in lv.abars], lv.lambdas  # the VP sigma_t (lv.sigmas is Karras's sigma/alpha)
+    for i in range(exact_from, steps - 1):
+        exact = sig[i + 1] / sig[i] * seen[i] + sig[i + 1] * (F(lam[i + 1]) - F(lam[i]))
+        torch.testing.assert_close(seen[i + 1], exact, rtol=1e-9, atol=1e-11, msg=lambda m: f"step {i} -> {i + 1}: {m}")
+
+
+# ---- Karras churn ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("kind", ["scaled_linear", "linear"])
+def test_churn_tells_the_network_the_noise_its_input_has(name, kind):
+    """Alg. 2 raises sigma to sigma_hat = sigma (1 + gamma); the t the network is given must have sigma(t) = sigma_hat.
+
+    The Karras levels start at the schedule's sigma(T-1) here (14.6 for scaled_linear; linear's 157 by the
+    sigma_max option), so an uncapped gamma put sigma_hat above every t, and the network was told sigma(T-1)
+    while its input held more noise. Data at 0 (x0_hat = 0, its exact denoiser) and two rows drawing the same
+    churn noise: the noise cancels in their difference, which in x = z sqrt(1 + sigma^2) Euler scales by
+    sigma_{i+1} / sigma_hat_i, so each evaluation's (z, t) must agree with the one before.
+    """
+    schedule = NoiseSchedule.make(kind)
+    calls: list[tuple[torch.Tensor, float]] = []
+
+    def model_fn(z, t):
+        calls.append((z[0] - z[1], float(t[0])))
+        return torch.zeros_like(z)
+
+    steps = 10
+    options = dict(spacing="karras", sigma_max=schedule.sigma_max, s_churn=40.0)  # gamma = sqrt(2) - 1, Alg. 2's cap
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    z_T = torch.tensor([[0.9], [0.1]], dtype=F64)
+    sample(name, make_denoiser(model_fn, schedule, "x0"), z_T, schedule, steps, generator=gens, **options)
+    sig = levels(name, schedule, steps, spacing="karras", sigma_max=schedule.sigma_max).sigmas
+    evaluations = calls if name == "euler" else calls[:1]  # Heun's: the first level, where the cap applies
+    dx = (z_T[0] - z_T[1]) * math.sqrt(1 + sig[0] ** 2)  # the rows' difference in x before the first step
+    for i, (dz, t) in enumerate(evaluations):
+        s_hat = schedule.sigma(torch.tensor([t], dtype=F64)).item()
+        torch.testing.assert_close(dz * math.sqrt(1 + s_hat**2), dx, rtol=1e-9, atol=0, msg=f"level {i}")
+        assert s_hat > sig[i] or i == 0  # the churn raised every level but the capped top one
+        dx = dx * sig[i + 1] / s_hat

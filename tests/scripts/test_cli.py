@@ -73,20 +73,21 @@ def test_bench_help_and_samplers_skipped_without_the_demo(tmp_path, monkeypatch,
 
 
 def test_output_folders_never_mix_two_results(tmp_path, capsys):
-    from latentdiff.core.outputs import fresh_output_dir
+    from latentdiff.core.outputs import OutputFolder
 
     out = tmp_path / "gen"
-    fresh_output_dir(out, overwrite=False)
+    out.mkdir()
     (out / "000_a_00.png").write_bytes(b"x")
+    (out / "settings.json").write_text('{"files": ["000_a_00.png"]}')
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"--out .*gen is not empty \(000_a_00.png, notes.txt\); pass --overwrite"):
-        fresh_output_dir(out, overwrite=False, ours=["[0-9][0-9][0-9]_*.png"])
-    # --overwrite deletes only what the command writes; a user's own file still blocks the folder.
-    with pytest.raises(UserError, match=r"not empty \(notes.txt\)"):
-        fresh_output_dir(out, overwrite=True, ours=["[0-9][0-9][0-9]_*.png"])
-    assert not (out / "000_a_00.png").exists() and (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match=r"--out .*gen is not empty \(000_a_00.png, notes.txt, settings.json\); pass"):
+        OutputFolder(out, overwrite=False, record="settings.json")
+    # --overwrite replaces only what the record lists; a user's own file is refused before anything is deleted.
+    with pytest.raises(UserError, match=r"holds notes.txt, which its settings.json does not list"):
+        OutputFolder(out, overwrite=True, record="settings.json")
+    assert (out / "000_a_00.png").exists() and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
-    assert fresh_output_dir(out, overwrite=True) == out
+    assert OutputFolder(out, overwrite=True, record="settings.json").previous == {"000_a_00.png", "settings.json"}
 
 
 def test_generate_refuses_a_used_folder_and_overwrite_replaces_it(prior_run, tmp_path, capsys):

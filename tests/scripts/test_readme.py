@@ -55,6 +55,8 @@ TINY_TRAIN = {
 }
 # What a command may write besides its --out: the report folder inside the run it reads.
 WRITES_INTO_RUN = {"evaluate": "eval", "evaluate-autoencoder": "eval"}
+# A training run pins the checkpoint of each run it reads (RUN/pins/, core.checkpoint.pin), so their pruning keeps it.
+READS_RUNS = ("--autoencoder", "--text")
 DEFAULT_OUT = {"generate": "outputs"}  # where a command without --out writes
 
 
@@ -160,7 +162,8 @@ def _out(argv: list[str], cwd: Path) -> Path | None:
 def _owned(argv: list[str], cwd: Path) -> list[Path]:
     """The folders a command may write: its output folder, or the report folder of the run it reads."""
     if _out(argv, cwd) is not None:
-        return [_out(argv, cwd)]
+        pins = [(cwd / argv[argv.index(f) + 1] / "pins").resolve() for f in READS_RUNS if f in argv]
+        return [_out(argv, cwd), *(pins if argv[0] == "train" else [])]
     if argv[0] in WRITES_INTO_RUN and "--run" in argv:
         return [(cwd / argv[argv.index("--run") + 1] / WRITES_INTO_RUN[argv[0]]).resolve()]
     return []

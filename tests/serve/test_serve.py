@@ -220,14 +220,14 @@ def test_requests_run_one_at_a_time_and_can_be_cancelled(generator, pipe):
     assert passes[0] == "a" and set(passes[1:]) == {"b"} and passes.count("a") == 1
 
 
-def test_runs_tab_shows_the_prior_and_its_stages(prior_run, ae_run, text_run):
+def test_runs_tab_shows_the_prior_and_its_stages(prior_run, ae_run, text_run, tmp_path):
     stages = runs.trained_stages(prior_run[0])
     assert [(s.name, s.path) for s in stages] == [
         ("prior", prior_run[0]),
         ("autoencoder", ae_run[0]),
         ("text", text_run[0]),
     ]
-    ae = runs.view(stages[1])
+    ae = runs.view(stages[1], runs.Copies(tmp_path / "served"))
     assert ae.curves is not None and ae.summary["steps"] == 3
     titles = {ax.get_title() for ax in ae.curves.axes}
     assert {"loss", "lr", "psnr"} <= titles
@@ -277,5 +277,5 @@ def test_a_busy_port_and_a_bad_run_are_one_line_errors(prior_run, pipe, capsys, 
 
 
 def test_only_loopback_is_quiet_about_exposure():
-    assert exposure_warning("127.0.0.1") is None and exposure_warning("localhost") is None
-    assert "no password" in exposure_warning("0.0.0.0")
+    assert exposure_warning("127.0.0.1", login=False) is None and exposure_warning("localhost", login=False) is None
+    assert "no password" in exposure_warning("0.0.0.0", login=False)
