@@ -213,7 +213,14 @@ def read_source(src: str | Path, variant: str | None = None) -> Source:
 def _measure(model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device) -> tuple[float, float]:
     """(std, max |z|) of z ~ q(z|x) on training images, as the autoencoder stage measures them."""
     loader = make_loader(
-        data, "train", cfg.train.batch_size, seed=cfg.train.seed + 1, rank=0, world_size=1, resolution=cfg.resolution
+        data,
+        "train",
+        cfg.train.batch_size,
+        seed=cfg.train.seed + 1,
+        rank=0,
+        world_size=1,
+        resolution=cfg.resolution,
+        device=device,
     )
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)

@@ -20,11 +20,13 @@ from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import save_grid
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
+from latentdiff.core.sharding import full_module, plain_tensor, shard_model
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, read_once
-from latentdiff.decoder.losses import begin_with_gan, discriminator_step, log_reconstruction_step
+from latentdiff.decoder.losses import begin_with_gan, discriminator_backward, log_reconstruction_step
 from latentdiff.decoder.perceptual import lpips_distance
 
 from .load import encoder_hash
@@ -60,7 +62,7 @@ def measure_latents(model: Autoencoder, batches, n_batches: int, device: torch.d
     samplers clip their predicted z_0.
     """
     zs = [
-        model.encode(batch["image"].to(device)).sample().double().flatten()
+        model.encode(from_uint8_to(batch["image"], device)).sample().double().flatten()
         for batch in itertools.islice(batches, n_batches)
     ]
     z = torch.cat(zs)
@@ -78,10 +80,10 @@ def evaluate_reconstruction(
     model: Autoencoder, data: str, cfg: AutoencoderConfig, device: torch.device, lpips_model=None
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Mean PSNR (and LPIPS) of posterior-mode reconstructions over up to cfg.eval_images val images."""
-    loader = read_once(data, "val", cfg.train.batch_size, cfg.resolution)
+    loader = read_once(data, "val", cfg.train.batch_size, cfg.resolution, device=device)
     psnrs, lpipss, shown = [], [], None
     for batch in loader:
-        x = batch["image"].to(device)
+        x = from_uint8_to(batch["image"], device)
         x_hat = model.decode(model.encode(x).mode())
         psnrs.append(psnr(x_hat, x))
         if lpips_model is not None:
@@ -109,21 +111,30 @@ def train(args: argparse.Namespace) -> dict:
 
     model = Autoencoder(cfg.model).to(rt.device)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels, average=rt.all_reduce_mean).to(rt.device)
-    opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
+    # fsdp: in place, before the optimizer takes the parameters. The PatchGAN (a few % of the
+    # autoencoder's weights) stays replicated: sharding it would save little and gather it twice a step.
+    shard_model(model, rt, tcfg.parallel, ema)
+    opt = make_optimizer(model.parameters(), tcfg)
     # The latent space is measured after training: until then later stages cannot use the run.
     meta = {"data": record_path(args.data, run.path), "latent_space": None}
     scheduler, opt_d = begin_with_gan(run, loss_fn, model, opt, ema, meta)
-    net = rt.wrap(model)
+    net = run.wrap(model)
 
     # Same seed, same order: a resumed run skips the batches it has already seen.
     loader = make_loader(
-        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+        args.data,
+        "train",
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        num_workers=tcfg.num_workers,
+        resolution=cfg.resolution,
+        device=rt.device,
     )
     batches = run.batches(loader)
     for step in run.steps():
         batch = next(batches)
-        x = batch["image"].to(rt.device, non_blocking=True)
+        x = from_uint8_to(batch["image"], rt.device)  # (B, 3, H, W) in [-1, 1]
         lr = scheduler.get_last_lr()[0]
         with rt.autocast():
             x_hat, posterior = net(x)
@@ -132,11 +143,17 @@ def train(args: argparse.Namespace) -> dict:
         loss = terms["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
-        if run.finite(step, loss, grad_norm):
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf))
+        gan = {}
+        if loss_fn.gan_active(step):  # the PatchGAN's gradients before either step: one finiteness vote for both
+            gan["discriminator"] = discriminator_backward(loss_fn, opt_d, x, x_hat, run)
+        finite = run.finite_parts(step, {"model": (loss, grad_norm), **gan})  # the step's one wait for the device
+        if finite["model"]:
             opt.step()
-        if loss_fn.gan_active(step):
-            terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
+        if gan:
+            if finite["discriminator"]:
+                opt_d.step()
+            terms["disc"] = gan["discriminator"][0].expand(x.shape[0])
         run.advance(x.shape[0], batch["skipped"])
         ema.update(model)
 
@@ -145,9 +162,16 @@ def train(args: argparse.Namespace) -> dict:
             run.checkpoint(step + 1)
 
     # Final: latent scale from training data, then validation figures, on the EMA weights if kept.
-    final = ema.final(model)
+    final = full_module(ema.final(model))  # sharded (fsdp): gathered on every rank, a plain copy
     scale_batches = make_loader(
-        args.data, "train", tcfg.batch_size, seed=tcfg.seed + 1, rank=0, world_size=1, resolution=cfg.resolution
+        args.data,
+        "train",
+        tcfg.batch_size,
+        seed=tcfg.seed + 1,
+        rank=0,
+        world_size=1,
+        resolution=cfg.resolution,
+        device=rt.device,
     )
     with rt.fork_rng():  # the checkpoint below keeps the RNG state where training left it, for --resume
         std, absmax = measure_latents(final, iter(scale_batches), cfg.scale_batches, rt.device)

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from latentdiff.core.pixels import from_uint8
 from latentdiff.core.runtime import Runtime
 from latentdiff.core.train import make_optimizer
 from latentdiff.data.reader import make_loader
@@ -50,14 +51,17 @@ def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> t
 
 
 class Inputs:
-    """z_0 for a step: the autoencoder's scaled latents of a batch (encoded each call), or its pixels."""
+    """z_0 for a step: the autoencoder's scaled latents of a batch (encoded each call), or its pixels.
+
+    batch: a reader batch, its uint8 images on the device already or not; both rows convert them each call.
+    """
 
     def __init__(self, batch: dict, ae=None):
         self.images, self.captions, self.ae = batch["image"], list(batch["caption"]), ae
 
     def __call__(self) -> torch.Tensor:
         if self.ae is None:
-            return self.images
+            return from_uint8(self.images)  # (B, 3, H, W) in [-1, 1]: pixel diffusion's z_0
         space = untrained_latent_space(self.ae, self.images.shape[-1])
         return batch_latents({"image": self.images}, self.ae, space, False, self.images.device)
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ae.eval().requires_grad_(False)
     encoder = tiny_text_encoder(rt.device)
     batch = next(iter(make_loader(bench_data(args.data), "train", args.batch_size, seed=0, resolution=cfg.resolution)))
-    batch["image"] = batch["image"].to(rt.device)
+    batch["image"] = batch["image"].to(rt.device)  # uint8: both rows convert on the device
 
     latent_s, n_latent = step_seconds(cfg, ae.cfg.latent_channels, Inputs(batch, ae), encoder, rt, args.repeats)
     pixel_s, n_pixel = step_seconds(cfg, 3, Inputs(batch), encoder, rt, args.pixel_repeats)

@@ -44,12 +44,14 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device, ove
     from latentdiff.autoencoder import stage as autoencoder_stage
     from latentdiff.autoencoder.model import AutoencoderConfig
     from latentdiff.core.config import load_preset
+    from latentdiff.core.runtime import use_deterministic_kernels
     from latentdiff.core.train import make_optimizer
     from latentdiff.prior.config import make_schedule
     from latentdiff.prior.losses import diffusion_loss
     from latentdiff.prior.unet import UNet
 
     cfg = prior_config(preset, overrides)
+    use_deterministic_kernels(cfg.train.deterministic)  # --set train.deterministic=true times them (README, Devices)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
     opt = make_optimizer(unet.parameters(), cfg.train)
     schedule = make_schedule(cfg.diffusion)

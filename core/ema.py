@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights, through torch.optim.swa_utils."""
+"""Exponential moving average of a model's weights, held in torch.optim.swa_utils.AveragedModel."""
 
 from __future__ import annotations
 
@@ -6,29 +6,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 
-def _ema_multi_avg_fn(decay: float, warmup: bool):
-    """theta_ema <- lerp(theta_ema, theta, 1 - d) on floating tensors; other tensors are copied.
+def ema_decay(decay: float, warmup: bool, n: int) -> float:
+    """The decay of update n + 1 (n updates so far): `decay`, or with warm-up min(decay, (1 + n) / (10 + n)).
 
-    With warm-up the decay ramps up as d = min(decay, (1 + n) / (10 + n)) over the first n
-    updates: with a fixed 0.999, the weights of step 0 still hold 0.999^500 = 61% of the
-    average after 500 steps, so a short CPU run's EMA would be mostly its untrained start.
-    Integer buffers (BatchNorm's num_batches_tracked) are counts, not weights: an average of
-    them means nothing (and lerp has no integer kernel), so the EMA model takes the model's.
-    AveragedModel calls this once per (device, dtype) group, so a call's tensors share a dtype.
+    With a fixed 0.999, the weights of step 0 still hold 0.999^500 = 61% of the average after
+    500 steps, so a short CPU run's EMA would be mostly its untrained start.
     """
-
-    @torch.no_grad()
-    def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
-        if not ema_params:
-            return
-        if not (ema_params[0].is_floating_point() or ema_params[0].is_complex()):
-            torch._foreach_copy_(ema_params, params)
-            return
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        torch._foreach_lerp_(ema_params, params, 1 - d)
-
-    return ema_update
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
 class EMA(torch.nn.Module):
@@ -42,11 +26,14 @@ class EMA(torch.nn.Module):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        avg_fn = _ema_multi_avg_fn(decay, warmup)
-        self.averaged = AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=True) if decay > 0 else None
+        self.decay, self.warmup = decay, warmup
+        self.averaged = AveragedModel(model, use_buffers=True) if decay > 0 else None
         if self.averaged is not None:
             self.averaged.requires_grad_(False)
+        # The update count on the host: AveragedModel.update_parameters reads its n_averaged tensor
+        # (and copies it to the device) every update, two waits for the device per step on a GPU.
+        # n_averaged is still kept up to date, so checkpoints hold it as before.
+        self._n = 0
         # Non-persistent buffers are constants built from the config, not learnt (CLIP's causal
         # mask, -inf above the diagonal): averaging them would give lerp(-inf, -inf) = nan.
         persistent = model.state_dict().keys()
@@ -62,11 +49,34 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        if self.averaged is not None:
-            self.averaged.update_parameters(model)
-            ema_buffers, model_buffers = dict(self.averaged.module.named_buffers()), dict(model.named_buffers())
-            for name in self._constant_buffers:
-                ema_buffers[name].copy_(model_buffers[name])
+        """theta_ema <- lerp(theta_ema, theta, 1 - d) over parameters and floating buffers; the first update copies.
+
+        Integer buffers (BatchNorm's num_batches_tracked) are counts, not weights: an average of
+        them means nothing (and lerp has no integer kernel), so the EMA model takes the model's.
+        Nothing here reads a tensor back to the host.
+        """
+        from .sharding import local_tensor
+
+        if self.averaged is None:
+            return
+        # A model sharded by FSDP (train.parallel "fsdp") and its EMA copy, sharded alike: the EMA of each shard.
+        ema = [local_tensor(t) for t in (*self.averaged.module.parameters(), *self.averaged.module.buffers())]
+        new = [local_tensor(t.detach()) for t in (*model.parameters(), *model.buffers())]
+        if self._n == 0:
+            torch._foreach_copy_(ema, new)
+        else:
+            floats = [i for i, t in enumerate(ema) if t.is_floating_point() or t.is_complex()]
+            counts = [i for i, t in enumerate(ema) if not (t.is_floating_point() or t.is_complex())]
+            d = ema_decay(self.decay, self.warmup, self._n)
+            if floats:
+                torch._foreach_lerp_([ema[i] for i in floats], [new[i] for i in floats], 1 - d)
+            if counts:
+                torch._foreach_copy_([ema[i] for i in counts], [new[i] for i in counts])
+        self._n += 1
+        self.averaged.n_averaged.fill_(self._n)
+        ema_buffers, model_buffers = dict(self.averaged.module.named_buffers()), dict(model.named_buffers())
+        for name in self._constant_buffers:
+            ema_buffers[name].copy_(model_buffers[name])
 
     def final(self, model: torch.nn.Module) -> torch.nn.Module:
         """What a finished run evaluates and ships: the EMA weights when kept, else the model; in eval mode."""
@@ -90,9 +100,14 @@ class EMA(torch.nn.Module):
         if self.averaged is not None:
             self.averaged.module.load_state_dict(unwrap(model).state_dict())
             self.averaged.n_averaged.zero_()
+            self._n = 0
 
     def load(self, weights: dict[str, torch.Tensor], n_averaged: torch.Tensor | int) -> None:
+        """Take a checkpoint's full EMA weights; a copy sharded like its model (fsdp) takes its slices."""
+        from .sharding import load_full_state_dict
+
         if self.averaged is None:
             return
-        self.averaged.module.load_state_dict(weights)
-        self.averaged.n_averaged.fill_(int(n_averaged))
+        load_full_state_dict(self.averaged.module, weights)
+        self._n = int(n_averaged)  # read once, when a run resumes
+        self.averaged.n_averaged.fill_(self._n)

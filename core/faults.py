@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -31,6 +32,43 @@ class RunLocked(UserError):
 
 class NonFiniteError(UserError):
     """Training produced numbers that are not finite for too many steps in a row."""
+
+
+class OutOfMemory(UserError):
+    """A training step needed more device memory than there is."""
+
+
+def out_of_memory_message(
+    error: str,
+    where: str = "training",
+    kept: int | None = None,
+    batch_size: int | None = None,
+    checkpointing: bool | None = None,
+    precision: str | None = None,
+) -> str:
+    """One line for torch.OutOfMemoryError in a run: what ran out, the checkpoint kept, the fixes in order.
+
+    The fixes, cheapest in quality first: a smaller batch (activations shrink with it), gradient
+    checkpointing (recompute activations in backward, ~30% slower; offered where the model has the
+    switch, `checkpointing` not None, and it is off), bf16 autocast (half the activation memory;
+    offered unless the run already uses it). The step's state is not saved: the optimizer may
+    have stopped halfway, so the last checkpoint is what a resume continues from.
+    """
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", error)
+    fixes = []
+    if batch_size is not None and batch_size > 1:
+        fixes.append(f"a smaller train.batch_size (now {batch_size}: --batch-size {max(1, batch_size // 2)})")
+    if checkpointing is False:
+        fixes.append("--set model.gradient_checkpointing=true")
+    if precision is not None and precision != "bf16":
+        fixes.append('--set train.precision="bf16"')
+    if not fixes:
+        fixes.append("a smaller model preset")
+    saved = f"step {kept}" if kept is not None else "none yet"
+    return (
+        f"{where}: out of device memory ({asked.group(0).lower() if asked else 'torch.OutOfMemoryError'}); "
+        f"stopped, last checkpoint kept ({saved}); to fit, try in this order: {', then '.join(fixes)}"
+    )
 
 
 class RunLock:

@@ -60,7 +60,16 @@ def add_train_args(
         help="override any config field, e.g. --set train.weight_decay=0.01 (repeatable; "
         "an unknown key is an error that lists the known ones)",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the GPU when there is one)")
+    parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or mps (default: the GPU when there is one; cuda is cuda:LOCAL_RANK under torchrun)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels (train.deterministic): a GPU run repeats and resumes bit for bit, slower",
+    )
 
 
 def cli_overrides(args: argparse.Namespace) -> list[str]:
@@ -73,6 +82,8 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
         "num_workers": "train.num_workers",
     }
     out = [f"{key}={getattr(args, name)!r}" for name, key in flags.items() if getattr(args, name, None) is not None]
+    if getattr(args, "deterministic", None):
+        out.append("train.deterministic=true")
     return out + list(args.set)
 
 

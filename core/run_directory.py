@@ -28,6 +28,13 @@ from .logger import MetricLogger
 from .runs import DataFingerprint, data_fingerprint, is_local, reading_for, recorded_data, restore_pins
 from .runs import Reader as SourceReader
 from .runtime import Runtime, rng_state, set_rng_state
+from .sharding import (
+    check_parallel,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_state_dict,
+)
 
 _OPEN: list[RunDirectory] = []  # runs holding their directory's lock; stage_main releases them however train ends
 
@@ -139,9 +146,13 @@ class RunDirectory:
                 raise UserError(f"{path} already holds a run; pass --resume {path} to continue it, or another --out")
             config = load_preset(config_cls, preset_dir, args.preset, overrides)
         require(args, required, stage)
+        check_parallel(stage, config.train.parallel)
         if derive is not None and not args.resume:
             config = derive(config)
-        runtime = Runtime.setup(config.train.seed, config.train.precision, getattr(args, "device", None))
+        runtime = Runtime.setup(
+            config.train.seed, config.train.precision, getattr(args, "device", None), config.train.deterministic
+        )
+        runtime.announce(getattr(args, "device", None))
         fingerprint = data_fingerprint(args.data) if args.data else None
         _check_batch_size(args, config.train.batch_size, runtime.world_size, fingerprint)
         new_data = None
@@ -221,6 +232,7 @@ class RunDirectory:
         self._tracked = (modules, optimizers, ema)
         self.meta = dict(meta or {})
         self.meta["data_fingerprint"] = self.fingerprint.to_dict() if self.fingerprint is not None else None
+        self.meta["runtime"] = self.runtime.record()  # this invocation's device, precision, versions, determinism
         if self._new_data is not None:
             changes = list((self.recorded or {}).get("data_changes") or [])
             self.meta["data_changes"] = [*changes, {k: v for k, v in self._new_data.items() if k != "now"}]
@@ -302,32 +314,36 @@ class RunDirectory:
         Every rank writes into the same staging folder, the others their own RNG state (each rank
         draws its own noise, so a resume restores every rank's stream); after a barrier the main
         rank commits it (core.checkpoint.commit) and refreshes the root meta.json people read.
+        Sharded modules (train.parallel "fsdp") are first gathered by every rank together into the
+        main rank's memory (core.sharding), so the files are the ones one process writes.
         A failed write (a full disk) removes the staging folder and raises CheckpointError; the
         previous checkpoint stays the newest.
         """
-        from .runtime import unwrap
-
         staging = ckpt.staging_dir(self.path, step)
         full_meta = {}
+        # Collectives when sharded, so on every rank; the main rank's full tensors (the others' are empty).
+        weights = {name: full_state_dict(module) for name, module in modules.items()}
+        ema_weights = full_state_dict(ema.module) if ema is not None and ema.enabled else {}
+        optimizer_states = {k: full_optimizer_state(modules[k], o) for k, o in optimizers.items()}
         try:
             if not self.runtime.is_main:
                 ckpt.save_state(
                     staging / f"rng_rank{self.runtime.rank}.pt",
-                    {"step": step, "rng": rng_state(), "data_position": self._data_state()},
+                    {"step": step, "rng": rng_state(self.runtime.device), "data_position": self._data_state()},
                 )
             else:
-                for name, module in modules.items():
+                for name in modules:
                     fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-                    ckpt.save_weights(staging / fname, unwrap(module).state_dict(), {"step": step})
+                    ckpt.save_weights(staging / fname, weights[name], {"step": step})
                 if ema is not None and ema.enabled:
-                    ckpt.save_weights(staging / ckpt.EMA, ema.weights(), {"step": step})
+                    ckpt.save_weights(staging / ckpt.EMA, ema_weights, {"step": step})
                 full_state = {
                     "step": step,
-                    "rng": rng_state(),
+                    "rng": rng_state(self.runtime.device),
                     "skipped": self.skipped,
                     "world_size": self.runtime.world_size,
                     "data_position": self._data_state(),
-                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "optimizers": optimizer_states,
                     "ema_count": ema.count() if ema is not None else torch.tensor(0),
                 }
                 full_state.update(state or {})
@@ -421,9 +437,8 @@ class RunDirectory:
         """Load the newest complete checkpoint when resuming; returns (step, training state) or (0, {}).
 
         First removes what an interrupted save left behind (staging folders, temporary files).
+        Sharded modules take their slices of the full tensors every rank reads (core.sharding).
         """
-        from .runtime import unwrap
-
         if self.runtime.is_main:
             ckpt.remove_leftovers(self.path)
         if not self.resuming:
@@ -434,9 +449,9 @@ class RunDirectory:
         dev = self.runtime.device
         for name, module in modules.items():
             fname = ckpt.MODEL if name == "model" else f"{name}.safetensors"
-            unwrap(module).load_state_dict(ckpt.load_weights(chosen.file(fname), dev))
+            load_full_state_dict(module, ckpt.load_weights(chosen.file(fname), dev))
         for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            load_full_optimizer_state(modules[name], opt, state["optimizers"][name])
         if ema is not None and ema.enabled:
             ema.load(ckpt.load_weights(chosen.file(ckpt.EMA), dev), state["ema_count"])
         rng = state["rng"]
@@ -453,7 +468,10 @@ class RunDirectory:
             self._data_position = state.get("data_position")
         if self._data_position:  # kept as they are by a save before any batch is drawn (resumed at the last step)
             self._workers, self._positions = int(self._data_position["workers"]), worker_positions(self._data_position)
-        set_rng_state(rng)
+        note = set_rng_state(rng, self.runtime.device)
+        if note:  # each rank restores its own generators, so each says what it could not
+            who = f" (rank {self.runtime.rank})" if self.runtime.distributed else ""
+            print(f"resume{who}: {note}", file=sys.stderr)
         self.skipped = int(state.get("skipped", 0))
         return int(state["step"]), state
 

@@ -6,7 +6,7 @@ model); this module supplies the parts around it, written once:
     run = Run.start(args, StageConfig, PRESETS, stage="prior", from_run=FROM_RUN)
     ...build model, optimizer, EMA...
     scheduler = run.begin({"model": model}, {"model": opt}, ema, meta=meta)  # restores when resuming
-    net = run.runtime.wrap(model)
+    net = run.wrap(model)  # channels_last, DDP/FSDP, torch.compile as the config asks
     batches = run.batches(loader)
     for step in run.steps():  # stops at train.steps, the time budget or a signal; saves at the end
         batch = next(batches)
@@ -15,7 +15,7 @@ model); this module supplies the parts around it, written once:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
-        if run.finite(step, loss, grad_norm):  # a non-finite step is skipped and counted
+        if run.finite(step, loss, grad_norm):  # the step's one read: a non-finite step is skipped and counted
             opt.step()
         run.advance(images=B, skipped=batch["skipped"])  # the lr schedule moves on; images counted
         ema.update(model)
@@ -44,13 +44,15 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint as ckpt
+from . import run_directory
 from .config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from .ema import EMA
 from .errors import Stopped, cli_errors
-from .faults import NonFiniteError, StopSignals, nonfinite_weights
+from .faults import NonFiniteError, OutOfMemory, StopSignals, nonfinite_weights, out_of_memory_message
 from .logger import progress
 from .run_directory import RunDirectory, close_open_runs, worker_positions
 from .runtime import Precision
+from .sharding import Parallel
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,26 @@ class TrainConfig:
     seed: int = 0  # one seed for weights, data order and noise
     num_workers: NonNegativeInt = 0  # data-loader worker processes per rank
     precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    # Under torchrun: "ddp" keeps a whole replica (weights, gradients, AdamW state) on every process;
+    # "fsdp" shards them over the processes (core/sharding.py), for a prior or autoencoder that
+    # outgrows one GPU. Checkpoints are the same either way (README, Models that outgrow one GPU).
+    parallel: Parallel = "ddp"
+    # The network's weights and 4-d inputs in torch.channels_last (NHWC), the layout GPU tensor cores
+    # read (Run.wrap). Off by default: on the CPU the tiny UNet was no faster with it (README, The
+    # training step); on a GPU, `python -m bench.gpu` measures it.
+    channels_last: bool = False
+    # torch.compile the network's training forward (Run.wrap). Off by default: on the CPU it took 93 s
+    # to compile the tiny UNet for no gain (README), and the prior compiles again once caption lengths vary.
+    compile: bool = False
     log_every: NonNegativeInt = 25  # steps between metric lines (0: none)
     sample_every: NonNegativeInt = 500  # steps between sample/reconstruction grids (0: only at the end)
     ckpt_every: NonNegativeInt = 500  # steps between checkpoints (0: none; always one at the end)
     max_nonfinite_steps: PositiveInt = 10  # non-finite losses or gradient norms in a row before the run stops
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept in RUN/checkpoints
+    # Deterministic kernels (core.runtime.use_deterministic_kernels; --deterministic): the same numbers on the
+    # same GPU and software, so a GPU run resumes bit for bit. Off: CPU kernels are deterministic without it,
+    # and on GPUs it costs speed (README, Devices).
+    deterministic: bool = False
 
 
 FLOOR = 0.1  # where a cosine decay ends, as a fraction of the peak lr
@@ -140,7 +157,33 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return adamw(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+FUSED_DEVICES = ("cuda",)  # where every optimizer takes AdamW's fused kernel (adamw)
+
+
+def adamw_kernel(devices: set[str]) -> dict[str, bool]:
+    """How AdamW runs over parameters on these device types: {"fused": True} or {"foreach": True}.
+
+    Fused (one kernel for all parameters) when they are all on CUDA. Elsewhere foreach (one op
+    per kind over the list), which on the CPU gives the same bits as torch's default per-tensor
+    loop, faster (README, The training step); the CPU's fused kernel rounds differently, so CPU
+    runs keep the numbers they had.
+    """
+    if devices and all(d in FUSED_DEVICES for d in devices):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def adamw(params, **options) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `params` (tensors or param groups) with the kernel adamw_kernel picks for them.
+
+    Every optimizer of the project is built here (the model's through make_optimizer, the PatchGAN's).
+    """
+    groups = list(params)
+    tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
+    return torch.optim.AdamW(groups, **options, **adamw_kernel({t.device.type for t in tensors}))
 
 
 def steps_within_budget(start: int, step: int, elapsed_s: float, max_minutes: float, max_steps: int) -> int:
@@ -160,6 +203,7 @@ class Run(RunDirectory):
     _schedule: LambdaLR | None = None  # the lr schedule `advance` moves on after each step
     _segment: LrSegment | None = None  # the extension the lr follows (LrSegment), if any
     _stopped_by: str | None = None  # why the loop ended: "steps", "budget" or "signal" (recorded in the state)
+    _voted: tuple[bool, bool] | None = None  # (out of time, signalled) as the ranks agreed in this step's vote
 
     def begin(self, modules: dict, optimizers: dict, ema: EMA | None = None, meta: dict | None = None) -> LambdaLR:
         """RunDirectory.begin (name what is checkpointed; check and restore when resuming), then the lr schedule.
@@ -169,6 +213,25 @@ class Run(RunDirectory):
         """
         super().begin(modules, optimizers, ema, meta)
         return self.lr_schedule(optimizers["model"])
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network as the loop runs it: channels_last, DDP or FSDP under torchrun (Runtime.wrap), compiled.
+
+        train.channels_last: `model`'s weights (and the EMA's) move to torch.channels_last in place,
+        and its 4-d inputs are converted as they enter (a forward pre-hook), so a conv network reads
+        NHWC throughout. train.compile: torch.compile over the wrapped network. `model` itself stays
+        the bare module: checkpoints, the EMA and previews use it and its parameter names, and
+        `runtime.unwrap` finds it under every wrapper. Call after `begin` (which restores weights).
+        """
+        cfg = self.config.train
+        if cfg.channels_last:
+            _, _, ema = self._tracked
+            for module in (model, ema.module if ema is not None and ema.enabled else None):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+            model.register_forward_pre_hook(_channels_last_inputs)
+        net = self.runtime.wrap(model)
+        return torch.compile(net) if cfg.compile else net
 
     # ---- the loop -------------------------------------------------------------------------
     def lr_schedule(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
@@ -296,14 +359,28 @@ class Run(RunDirectory):
                 self._bar.close()
             self._stopped_by = stopped_by
             self.checkpoint(self.done)
+            self._voted = None  # asked afresh: a signal may have come during the save
             if self._should_stop(signals)[1]:
                 raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}", signals.received or 15)
 
-    def _should_stop(self, signals: StopSignals) -> tuple[bool, bool]:
+    def _stop_flags(self) -> tuple[bool, bool]:
+        """This rank's own (budget spent, signal received), before the ranks agree."""
         budget = self.config.train.max_minutes
         over = budget > 0 and time.monotonic() - self._t0 > budget * 60
-        # Every rank must stop at the same step, or DDP's collectives would hang.
-        return self.runtime.any_rank(over, signals.received is not None)
+        signalled = self._signals is not None and self._signals.received is not None
+        return over, signalled
+
+    def _should_stop(self, signals: StopSignals) -> tuple[bool, bool]:
+        """(out of time, signalled), agreed by every rank: every rank must stop at the same step, or DDP would hang.
+
+        Under torchrun the step's finiteness vote (`finite_parts`) carried them, so the ranks agree
+        without a collective of their own; one process asks its clock and signals, which costs nothing.
+        """
+        if self._voted is not None:
+            voted, self._voted = self._voted, None
+            return voted
+        self._signals = signals
+        return self.runtime.any_rank(*self._stop_flags())
 
     def batches(self, loader: Iterable[dict], start: int | None = None) -> Iterator[dict]:
         """The loader's batches from number `start` (default: the run's start step) on.
@@ -357,10 +434,32 @@ class Run(RunDirectory):
         """True when the loss and gradient norm are finite on every rank; else the step is skipped and counted.
 
         After train.max_nonfinite_steps in a row (for one `part`) the run stops with a
-        NonFiniteError naming the step; the last checkpoint is left as it was.
+        NonFiniteError naming the step; the last checkpoint is left as it was. `finite_parts`
+        does it for several parts at once.
         """
-        bad = not (bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(grad_norm).all()))
-        (bad,) = self.runtime.any_rank(bad)
+        return self.finite_parts(step, {part: (loss, grad_norm)})[part]
+
+    def finite_parts(self, step: int, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, bool]:
+        """For each part, name -> (loss, gradient norm): whether both are finite on every rank (see `finite`).
+
+        The step's one wait for the device: the flags stay on it, and under torchrun the budget and
+        signal flags ride in the same vector, so one all-reduce and one read decide whether each
+        optimizer steps and whether the loop goes on (`_should_stop`). A part that is not finite is
+        skipped and counted in the order given.
+        """
+        dev = self.runtime.device
+        flags = [~(torch.isfinite(loss.detach()).all() & torch.isfinite(norm).all()) for loss, norm in parts.values()]
+        votes = torch.stack([f.to(dev, non_blocking=True) for f in flags]).float()  # (parts,) 1.0 = not finite
+        if self.runtime.distributed:
+            # Python floats reach the device as kernel arguments: no host-to-device copy to wait for.
+            stop = torch.stack([torch.full((), float(f), device=dev) for f in self._stop_flags()])
+            votes = self.runtime.all_reduce_sum(torch.cat([votes, stop]))
+        agreed = (votes > 0).tolist()
+        if self.runtime.distributed:
+            self._voted = (agreed[-2], agreed[-1])
+        return {part: self._count_finite(step, part, bad) for part, bad in zip(parts, agreed)}
+
+    def _count_finite(self, step: int, part: str, bad: bool) -> bool:
         if not bad:
             self._in_a_row[part] = 0
             return True
@@ -477,6 +576,12 @@ class Run(RunDirectory):
         return summary
 
 
+def _channels_last_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: 4-d tensor arguments (images, latents: (B, C, H, W)) in torch.channels_last."""
+    nhwc = torch.channels_last
+    return tuple(a.contiguous(memory_format=nhwc) if torch.is_tensor(a) and a.ndim == 4 else a for a in args)
+
+
 def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:
     """A restarted DataLoader's batches in the interrupted one's order: worker `first`, then round robin.
 
@@ -494,10 +599,32 @@ def _in_turn(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict
 
 
 def stage_main(build_parser, train, argv: list[str] | None = None):
-    """A stage's command: parse its flags, train, and turn bad input into one line and exit code 2."""
+    """A stage's command: parse its flags, train, and turn bad input into one line and exit code 2.
+
+    Running out of device memory is one line too, naming what makes the step fit (faults.OutOfMemory).
+    """
     args = build_parser().parse_args(argv)
     with cli_errors():
         try:
             return train(args)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(_out_of_memory(e)) from e
         finally:
             close_open_runs()
+
+
+def _out_of_memory(error: torch.OutOfMemoryError) -> str:
+    """faults.out_of_memory_message for the run this process is training (the newest open one), if any."""
+    runs = [r for r in run_directory._OPEN if isinstance(r, Run)]  # the runs stage_main closes
+    if not runs:
+        return out_of_memory_message(str(error))
+    run = runs[-1]
+    model = getattr(run.config, "model", None)
+    return out_of_memory_message(
+        str(error),
+        where=f"{run.stage} step {run.done + 1} on {run.runtime.device}",
+        kept=run._saved_step,
+        batch_size=run.config.train.batch_size,
+        checkpointing=getattr(model, "gradient_checkpointing", None),
+        precision=run.runtime.precision,
+    )

@@ -1,9 +1,10 @@
 """The one reader every training stage uses: webdataset shards -> batches of images and captions.
 
-    loader = make_loader("datasets/shapes", "train", batch_size=64, seed=0)
+    loader = make_loader("datasets/shapes", "train", batch_size=64, seed=0, device=rt.device)
     skips = SkipCounter()
     for step, batch in enumerate(loader):
-        skips.update(batch)        # batch["image"]: (B, 3, H, W) float32 in [-1, 1]
+        skips.update(batch)        # batch["image"]: (B, 3, H, W) uint8
+        x = from_uint8_to(batch["image"], rt.device)  # (B, 3, H, W) float32 in [-1, 1] on the device
         ...
 
 Each batch is {"image", "caption", "meta", "key", "skipped", "skip_reasons"}. "skipped" is the
@@ -11,7 +12,10 @@ number of samples dropped (undecodable image, empty caption, missing part, trunc
 since the previous batch of the same stream, so summing it over batches (SkipCounter) gives
 the run's total; per-sample problems are logged at most once per reason and every
 WARN_EVERY-th time after, never one line per sample. A bad sample is skipped and the rest of
-its shard is still read. Images go through data/images.py's load_rgb (every Pillow mode to
+its shard is still read. Images stay uint8 until they reach the device: a quarter of float32's
+bytes to copy, in pinned (page-locked) host memory when `device` is an accelerator, so the copy
+runs asynchronously; core.pixels.from_uint8_to copies and converts them to the model's [-1, 1].
+Images go through data/images.py's load_rgb (every Pillow mode to
 RGB; any error skips the sample); captions that are not UTF-8 are read as cp1252/latin-1,
 with one warning per stream. An endless stream's batches also carry "position", (worker,
 epoch, raw samples of that epoch read), from which `Loader.resumed` restarts it.
@@ -47,7 +51,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
-from latentdiff.core.pixels import from_uint8
 from latentdiff.data.captions import decode_caption
 from latentdiff.data.images import IMAGE_EXTENSIONS as IMAGE_FILE_EXTENSIONS
 from latentdiff.data.images import BadImage, load_rgb
@@ -307,9 +310,8 @@ def _collate(items: list[dict[str, Any]], skipped: Counter) -> dict[str, Any]:
             "pass resolution=R to make_loader to resize them all to R x R"
         )
     pixels = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, H, W, 3) uint8
-    image = from_uint8(pixels.permute(0, 3, 1, 2).contiguous())  # (B, 3, H, W) in [-1, 1]
     return {
-        "image": image,
+        "image": pixels.permute(0, 3, 1, 2).contiguous(),  # (B, 3, H, W) uint8: from_uint8_to makes floats
         "caption": [it["caption"] for it in items],
         "meta": [it["meta"] for it in items],
         "key": [it["key"] for it in items],
@@ -433,8 +435,9 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 class Loader:
     """Iterable over batches; every `iter()` starts again from epoch 0, so the order is reproducible."""
 
-    def __init__(self, dataset: ShardStream, num_workers: int, name: str) -> None:
+    def __init__(self, dataset: ShardStream, num_workers: int, name: str, pin_memory: bool = False) -> None:
         self.dataset, self.num_workers, self.name = dataset, num_workers, name
+        self.pin_memory = pin_memory  # batches in page-locked memory, for asynchronous copies to an accelerator
 
     def resumed(self, positions: dict[int, tuple[int, int]]) -> Loader:
         """The same stream, each worker starting where a previous run of it stopped, without decoding images.
@@ -447,10 +450,16 @@ class Loader:
         """
         dataset = copy.copy(self.dataset)
         dataset.start_at = {int(w): (int(e), int(n)) for w, (e, n) in positions.items()}
-        return Loader(dataset, self.num_workers, self.name)
+        return Loader(dataset, self.num_workers, self.name, self.pin_memory)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,  # pins for the current accelerator (torch >= 2.6 picks it)
+        )
         n = 0
         for batch in loader:
             n += 1
@@ -483,12 +492,14 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    device: torch.device | str | None = None,
 ) -> Loader:
     """Batches of `split` from `data` (dataset directory, brace pattern or pipe: URL).
 
     repeat=True: an endless stream over epochs, reshuffled each epoch (batches may span epochs).
     repeat=False: one pass; the last partial batch is kept when drop_last=False (skips counted
     in a dropped tail are lost with it). rank/world_size default to torch.distributed's.
+    device: where the batches go (the run's device); an accelerator gets them in pinned memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -515,11 +526,30 @@ def make_loader(
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
     )
-    return Loader(dataset, num_workers, name=f"{data} ({split})")
+    return Loader(dataset, num_workers, name=f"{data} ({split})", pin_memory=pins_memory(device))
 
 
-def read_once(data: str, split: str, batch_size: int, resolution: int | None = None) -> Loader:
-    """One in-order pass over `split` on this process alone (evaluation, caching): no shuffle, the last batch kept."""
+def pins_memory(device: torch.device | str | None) -> bool:
+    """Whether batches bound for `device` go in pinned memory: for any accelerator, never for the CPU.
+
+    From pinned memory a copy to the accelerator is one DMA that `non_blocking=True` leaves running
+    while the host goes on; from pageable memory it is staged through a pinned buffer and blocks.
+    """
+    return device is not None and torch.device(device).type != "cpu"
+
+
+def read_once(
+    data: str,
+    split: str,
+    batch_size: int,
+    resolution: int | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Loader:
+    """One in-order pass over `split` on this process alone (evaluation, caching): no shuffle, the last batch kept.
+
+    device: where the batches go, as make_loader's.
+    """
     return make_loader(
         data,
         split,
@@ -530,4 +560,5 @@ def read_once(data: str, split: str, batch_size: int, resolution: int | None = N
         resolution=resolution,
         rank=0,
         world_size=1,
+        device=device,
     )

@@ -20,6 +20,7 @@ from latentdiff.core.blocks import group_norm
 from latentdiff.core.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
+from latentdiff.core.train import adamw
 
 from .perceptual import load_lpips, lpips_distance
 
@@ -145,7 +146,7 @@ class DecoderLoss(nn.Module):
         """AdamW for the PatchGAN with LDM's betas (0.5, 0.9), or None when there is no discriminator."""
         if self.discriminator is None:
             return None
-        return torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
+        return adamw(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9))
 
 
 def begin_with_gan(
@@ -168,24 +169,25 @@ def begin_with_gan(
     return scheduler, opt_d
 
 
-def discriminator_step(
-    loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor, step: int, run
-) -> torch.Tensor:
-    """The PatchGAN's own step after the generator's: loss, backward, average over ranks, step.
+def discriminator_backward(
+    loss_fn: DecoderLoss, opt_d: torch.optim.Optimizer, x: torch.Tensor, x_hat: torch.Tensor, run
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PatchGAN's loss and gradients for this step: loss, backward, average over ranks; the loop steps it.
 
-    Every rank starts from rank 0's discriminator (`Runtime.broadcast_module`) and applies the
-    same averaged gradients, so the copies stay identical. `run` (core.train.Run) skips and
-    counts a non-finite step. Returns the hinge loss, detached (scalar).
+    Taken before the generator's optimizer step, which does not change what the discriminator sees
+    (real x, the detached x_hat) nor its weights, so its finiteness joins the generator's in the
+    step's one vote (`run.finite_parts`, core.train.Run). Every rank starts from rank 0's
+    discriminator (`Runtime.broadcast_module`) and applies the same averaged gradients, so the
+    copies stay identical. Returns (the hinge loss, detached scalar; the gradient norm), the pair
+    `finite_parts` takes.
     """
     with run.runtime.autocast():
         d_loss = loss_fn.discriminator_loss(x, x_hat).mean()
-    opt_d.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)  # also drops what the generator's GAN term left in its gradients
     d_loss.backward()
     run.runtime.average_gradients(loss_fn.discriminator)
     d_norm = torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), math.inf)  # measured, not clipped
-    if run.finite(step, d_loss, d_norm, part="discriminator"):
-        opt_d.step()
-    return d_loss.detach()
+    return d_loss.detach(), d_norm
 
 
 # ---- what both loops that train a decoder (autoencoder and decoder stages) log and show --------

@@ -23,6 +23,7 @@ from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.image_metrics import psnr
 from latentdiff.core.logger import save_grid
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.core.runs import find_recorded, pinned_source, record_path
 from latentdiff.core.runtime import unwrap
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
@@ -32,7 +33,7 @@ from .losses import (
     DecoderLoss,
     DecoderLossConfig,
     begin_with_gan,
-    discriminator_step,
+    discriminator_backward,
     log_reconstruction_step,
 )
 from .network import Decoder, DecoderConfig
@@ -70,10 +71,10 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(ae, decoder: Decoder, data: str, res: int, upscale: int, eval_images: int, device) -> dict:
     """Val PSNR of this decoder against the autoencoder's own decoder (bicubically upsampled when upscale > 1)."""
-    loader = read_once(data, "val", 100, res * upscale)
+    loader = read_once(data, "val", 100, res * upscale, device=device)
     ours, base, n, shown = [], [], 0, None
     for batch in loader:
-        x = batch["image"].to(device)
+        x = from_uint8_to(batch["image"], device)
         z = ae.encode(downsample(x, res)).mode()
         x_new = decoder(z)
         x_old = ae.decode(z)
@@ -144,15 +145,21 @@ def train(args: argparse.Namespace) -> dict:
         "data": record_path(args.data, run.path),
     }
     scheduler, opt_d = begin_with_gan(run, loss_fn, decoder, opt, ema, meta)
-    net = rt.wrap(decoder)
+    net = run.wrap(decoder)
 
     loader = make_loader(
-        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=res * cfg.upscale
+        args.data,
+        "train",
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        num_workers=tcfg.num_workers,
+        resolution=res * cfg.upscale,
+        device=rt.device,
     )
     batches = run.batches(loader)  # a resumed run skips what it has seen
     for step in run.steps():
         batch = next(batches)
-        x = batch["image"].to(rt.device, non_blocking=True)
+        x = from_uint8_to(batch["image"], rt.device)  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
             z = ae.encode(downsample(x, res)).sample()
         lr = scheduler.get_last_lr()[0]
@@ -163,10 +170,16 @@ def train(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tcfg.grad_clip or math.inf)
-        if run.finite(step, loss, grad_norm):
+        gan = {}
+        if loss_fn.gan_active(step):  # the PatchGAN's gradients before either step: one finiteness vote for both
+            gan["discriminator"] = discriminator_backward(loss_fn, opt_d, x, x_hat, run)
+        finite = run.finite_parts(step, {"model": (loss, grad_norm), **gan})  # the step's one wait for the device
+        if finite["model"]:
             opt.step()
-        if loss_fn.gan_active(step):
-            terms["disc"] = discriminator_step(loss_fn, opt_d, x, x_hat, step, run).expand(x.shape[0])
+        if gan:
+            if finite["discriminator"]:
+                opt_d.step()
+            terms["disc"] = gan["discriminator"][0].expand(x.shape[0])
         run.advance(x.shape[0], batch["skipped"])
         ema.update(decoder)
 

@@ -16,6 +16,7 @@ import torch
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.reader import make_loader, read_info, read_once, resolve_shards
@@ -48,14 +49,14 @@ def evaluate_accuracy(
     model: Classifier, data: str, split: str, heads: Heads, resolution: int, max_images: int, batch_size: int = 250
 ) -> dict[str, float]:
     """Fraction of up to `max_images` images of `split` with every head right ("accuracy") and per head."""
-    loader = read_once(data, split, batch_size, resolution)
     device = next(model.parameters()).device
+    loader = read_once(data, split, batch_size, resolution, device=device)
     hits: dict[str, list[torch.Tensor]] = {}
     seen = 0
     for batch in loader:
         take = min(len(batch["meta"]), max_images - seen)
         targets = {k: v[:take] for k, v in targets_from_meta(heads, batch["meta"][:take]).items()}
-        for k, v in correct(model.predict(batch["image"][:take].to(device)), targets).items():
+        for k, v in correct(model.predict(from_uint8_to(batch["image"][:take], device)), targets).items():
             hits.setdefault(k, []).append(v)
         seen += take
         if seen >= max_images:
@@ -104,15 +105,21 @@ def train(args: argparse.Namespace) -> dict:
             "feature_dim": cfg.model.feature_dim,
         },
     )
-    net = rt.wrap(model)
+    net = run.wrap(model)
     loader = make_loader(
-        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+        args.data,
+        "train",
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        num_workers=tcfg.num_workers,
+        resolution=cfg.resolution,
+        device=rt.device,
     )
     batches = run.batches(loader)  # a resumed run skips what it has seen, dropout noise unchanged
     model.train()
     for step in run.steps():
         batch = next(batches)
-        x = batch["image"].to(rt.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        x = from_uint8_to(batch["image"], rt.device)  # (B, 3, H, W) in [-1, 1]
         targets = {k: v.to(rt.device) for k, v in targets_from_meta(heads, batch["meta"]).items()}
         lr = scheduler.get_last_lr()[0]
         with rt.autocast():

@@ -31,7 +31,7 @@ import torch
 from latentdiff.core.checkpoint import write_json
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.logger import save_grid
-from latentdiff.core.runtime import Runtime
+from latentdiff.core.runtime import Runtime, announce, sampling_precision
 from latentdiff.data.reader import read_info
 from latentdiff.prior.pipeline import (
     add_guidance_interval_argument,
@@ -126,6 +126,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     # Everything that can fail fast (sampler options, missing weights, wrong runs) before minutes of sampling.
     pipe = pipeline_from_arguments(args, device)
+    announce(device, sampling_precision(device, args.precision), asked=args.device)
     sampling = dict(
         steps=args.steps,
         sampler=args.sampler,

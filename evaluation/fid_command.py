@@ -134,7 +134,9 @@ def more_real_images(source: str, split: str, have: int, wanted: int, fewer_flag
 
 def run(args: argparse.Namespace) -> dict:
     check_bootstrap(args.bootstrap)
-    device = Runtime.setup(0, "fp32", args.device).device
+    rt = Runtime.setup(0, "fp32", args.device)
+    rt.announce(args.device)
+    device = rt.device
     space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     real = load_image_set(args.real, split=args.split, limit=args.n_real, resolution=args.resolution)
     fake = load_image_set(args.fake, split=args.fake_split, limit=args.n_fake, resolution=args.resolution)

@@ -145,7 +145,7 @@ def _from_shards(data: str, split: str, limit: int | None, resolution: int | Non
     loader = read_once(data, split, 250, resolution)
     chunks, captions, metas = [], [], []
     for batch in loader:
-        chunks.append(to_uint8(batch["image"]))  # the reader's [-1, 1] back to the exact stored pixels
+        chunks.append(batch["image"])  # (B, 3, H, W) uint8: the stored pixels
         captions += batch["caption"]
         metas += batch["meta"]
         if limit is not None and len(captions) >= limit:

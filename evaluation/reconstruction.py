@@ -64,7 +64,9 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance
 
     check_bootstrap(args.bootstrap)
-    device = Runtime.setup(0, "fp32", args.device).device
+    rt = Runtime.setup(0, "fp32", args.device)
+    rt.announce(args.device)
+    device = rt.device
     model, latent_space = load_autoencoder(args.run, device)
     decoder, upscale = model.decode, 1
     if args.decoder:

@@ -21,8 +21,10 @@ from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.latent_space import LatentSpace
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.runtime import unwrap
+from latentdiff.core.sharding import full_module, plain_tensor, shard_model
 from latentdiff.core.train import Run, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info, read_once
@@ -84,7 +86,7 @@ def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: tor
     """The prior's z_0 (scaled z ~ q(z|x)) for a batch: from cached posterior moments, or by encoding its images."""
     if cached:
         return space.to_prior(LatentCache.sample(batch, device))
-    return space.to_prior(ae.encode(batch["image"].to(device, non_blocking=True)).sample())
+    return space.to_prior(ae.encode(from_uint8_to(batch["image"], device)).sample())
 
 
 def prior_loss(
@@ -192,15 +194,18 @@ def train(args: argparse.Namespace) -> dict:
     }
 
     unet = UNet(cfg.model).to(rt.device)
-    opt = make_optimizer(unet.parameters(), tcfg)
     ema = EMA(unet, tcfg.ema_decay, tcfg.ema_warmup)
+    shard_model(unet, rt, tcfg.parallel, ema)  # fsdp: in place, before the optimizer takes the parameters
+    opt = make_optimizer(unet.parameters(), tcfg)
     scheduler = run.begin({"model": unet}, {"model": opt}, ema, meta=meta)
-    net = rt.wrap(unet)
+    net = run.wrap(unet)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     if args.cache_latents:
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
-            cache = LatentCache.build(ae, args.data, run.path / "latent_cache", space.resolution, rt)
+            cache = LatentCache.build(
+                ae, args.data, run.path / "latent_cache", space.resolution, rt, num_workers=tcfg.num_workers
+            )
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
         loader = make_loader(
@@ -210,6 +215,7 @@ def train(args: argparse.Namespace) -> dict:
             seed=tcfg.seed,
             num_workers=tcfg.num_workers,
             resolution=space.resolution,
+            device=rt.device,
         )
     # Same seed, same order: a resumed run skips the batches it has already seen.
     batches = run.batches(loader)
@@ -220,7 +226,7 @@ def train(args: argparse.Namespace) -> dict:
         loss = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or math.inf)
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or math.inf))
         if run.finite(step, loss, grad_norm):
             opt.step()
         run.advance(z0.shape[0], batch.get("skipped", 0))
@@ -229,7 +235,8 @@ def train(args: argparse.Namespace) -> dict:
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step):
-            sampled = ema.module if ema.enabled else unwrap(unet)
+            # On every rank: gathering sharded (fsdp) weights for rank 0 to sample from is a collective.
+            sampled = full_module(ema.module if ema.enabled else unwrap(unet))
             saved = run.every(tcfg.ckpt_every, step) or step + 1 == tcfg.steps  # the weights of a checkpoint
             run.sample(
                 step,
@@ -252,8 +259,8 @@ def train(args: argparse.Namespace) -> dict:
 
     # Captions longer than the text context were warned about once; the count is a figure of the run.
     summary = {"truncated_captions": encoder.truncated}
+    final = full_module(ema.final(unet))  # on every rank, as above
     if rt.is_main:
-        final = ema.final(unet)
         grid = sample_grid(
             final, cfg, encoder, ae, space, run.path, prompts, run.path / "samples.png", seed=tcfg.seed, step=run.done
         )  # run.finish saves the checkpoint of these weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from latentdiff.text.encoder import TextEncoder
+from latentdiff.text.encoder import TextEncoder, TextOutput
 
 Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (states (B,T,D), mask (B,T), pooled (B,E))
 
@@ -18,7 +18,7 @@ def text_conditioning(encoder: TextEncoder, prompts: list[str], length: int | No
     """
     out = encoder.encode(prompts)
     if length is None:
-        length = int(out.mask.sum(dim=1).max()) if len(prompts) else out.mask.shape[1]
+        length = _longest(out) if len(prompts) else out.mask.shape[1]
     return _cut(out, length)
 
 
@@ -30,8 +30,15 @@ def guided_conditioning(
     Classifier-free guidance runs both halves as one batch, so they must have the same length.
     """
     cond, uncond = encoder.encode(prompts), encoder.encode(negative)
-    length = int(torch.cat([cond.mask, uncond.mask]).sum(dim=1).max())
+    length = max(_longest(cond), _longest(uncond))
     return _cut(cond, length), _cut(uncond, length)
+
+
+def _longest(out: TextOutput) -> int:
+    """The longest prompt's real tokens: counted on the host by the encoder (no device read in a training step)."""
+    if out.lengths is not None:
+        return max(out.lengths, default=0)
+    return int(out.mask.sum(dim=1).max())
 
 
 def _cut(out, length: int) -> Conditioning:

@@ -38,7 +38,7 @@ class UNetConfig:
     context_dim: PositiveInt = 128  # width D of the text encoder's per-token states
     pooled_dim: NonNegativeInt = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
     dropout: Probability = 0.0  # dropout inside ResBlocks
-    attention: AttentionBackend = "auto"  # attention backend: auto | sdpa | xformers | math
+    attention: AttentionBackend = "auto"  # attention backend: auto (= sdpa) | sdpa | xformers | math
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from latentdiff.core.errors import cli_errors
 from latentdiff.core.outputs import OutputFolder
+from latentdiff.core.runtime import announce, sampling_precision
 from latentdiff.prior.parameters import (
     a1111_arguments,
     call_arguments,
@@ -228,6 +229,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 def write_images(out: Path, args: argparse.Namespace, prompts, kwargs, only) -> tuple[Path, int]:
     """Generate into `out`: the images, grid.png and settings.json (whose "files" lists the images); (grid, count)."""
     pipe = pipeline_from_arguments(args)
+    announce(pipe.device, sampling_precision(pipe.device, pipe.precision), asked=args.device)
     try:
         settings = pipe.settings(prompts, **kwargs)
     except ValueError as e:  # a value read from a PNG gets the command line's checks, and says where it came from

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
         from latentdiff.autoencoder.interchange import import_autoencoder
         from latentdiff.core.runtime import Runtime
 
-        device = Runtime.setup(0, "fp32", args.device).device
+        rt = Runtime.setup(0, "fp32", args.device)
+        rt.announce(args.device)
+        device = rt.device
         summary = import_autoencoder(
             args.src,
             args.out,

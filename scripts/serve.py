@@ -7,6 +7,7 @@ import signal
 import sys
 
 from latentdiff.core.errors import UserError, cli_errors
+from latentdiff.core.runtime import announce, sampling_precision
 from latentdiff.prior.pipeline import add_precision_argument
 from latentdiff.serve.access import MAX_QUEUE, MAX_UPLOAD, Access
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             quiet=True,
             access=access,
         )
+        pipe = server.generator.pipe
+        announce(pipe.device, sampling_precision(pipe.device, pipe.precision), asked=args.device)
         warning = exposure_warning(args.host, access.login)
         if warning:
             print(warning, file=sys.stderr)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.config import dumps_toml, to_dict
+from latentdiff.core.pixels import from_uint8
 from latentdiff.data.reader import make_loader
 from latentdiff.scripts import cli
 from latentdiff.text.stage import TextStageConfig
@@ -76,7 +77,7 @@ def assert_same_weights(a: Path, b: Path, name: str) -> None:
 def val_images(data: Path, n: int = 4) -> torch.Tensor:
     """The first `n` validation images of a shapes data set at 32 px, (n, 3, 32, 32) in [-1, 1]."""
     loader = make_loader(str(data), "val", n, shuffle=False, repeat=False, resolution=32, rank=0, world_size=1)
-    return next(iter(loader))["image"]
+    return from_uint8(next(iter(loader))["image"])
 
 
 def cli_exit_2(capsys, argv: list[str]) -> str:

@@ -3,6 +3,14 @@
 Wraps an open_clip.CLIP and its SimpleTokenizer. The per-token states are open_clip's own text
 forward stopped after ln_final (CLIP.encode_text before pooling); `pooled` continues exactly as
 encode_text does (text_global_pool, then text_projection), so it equals model.encode_text(tokens).
+
+A frozen encoder can keep the states of recent prompts (`frozen(cache_size=N)`), for the prompts a
+run sees again and again: class captions, the sampling prompts, "" for guidance. A batch in which
+every prompt is cached is stacked from the cache and encodes nothing; any other batch is encoded
+whole, in one call, giving the states an encoder without a cache gives. Real captions are all
+distinct, so there a cache would only cost lookups, copies and memory: the cache judges itself over
+the first N prompts looked up (one fill) and switches itself off when, in the second half of that
+trial (the first half fills it), fewer than half the batches were served from it (`cache_summary()`).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import open_clip
@@ -31,6 +39,9 @@ class TextOutput:
     states: torch.Tensor  # (B, T, D) last-layer token states after ln_final
     mask: torch.Tensor  # (B, T) bool, True for SOT..EOT inclusive (real tokens)
     pooled: torch.Tensor  # (B, E) projected embedding, = CLIP.encode_text; not normalised
+    # Each prompt's real tokens (SOT..EOT inclusive, = mask.sum(1)) counted from the token ids on the host, so
+    # cutting the states to the longest needs no device read; None where only device tensors were given.
+    lengths: tuple[int, ...] | None = None
 
     def normalized_pooled(self) -> torch.Tensor:
         """(B, E) unit-length pooled embeddings, as CLIP compares them."""
@@ -61,9 +72,11 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.model_config = model_config  # open_clip config dict; saved with checkpoints that use this encoder
         self.source = source  # how it was loaded: "openclip:MODEL:PRETRAINED" or a run directory
-        self._cache: OrderedDict[str, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        # prompt -> (states (T, D), mask (T,), pooled (E,), length), least recently used first
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = 0
-        self.tokenized = 0  # prompts tokenised by this encoder (cached prompts are tokenised once)
+        self._trial = _CacheTrial(0)
+        self.tokenized = 0  # prompts tokenised by this encoder (batches served from the cache are not)
         self.truncated = 0  # of which longer than the context: warned about once, then counted
 
     # ---- sizes, device, dtype --------------------------------------------------------
@@ -101,16 +114,26 @@ class TextEncoder(nn.Module):
         prompts); later ones are only counted, so a training run warns once, not every batch.
         `truncation_summary()` gives the count.
         """
+        return self._to_device(self._host_tokens(prompts)[0])
+
+    def _host_tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """`tokenize`'s ids (B, T), still on the CPU, and each prompt's real tokens (SOT..EOT)."""
         prompts = check_prompts(prompts)
-        tokens, truncated = encode_prompts(self.tokenizer, prompts, self.context_length)
+        tokens, truncated, lengths = encode_prompts(self.tokenizer, prompts, self.context_length)
         self.tokenized += len(prompts)
         if truncated:
             if not self.truncated:
                 message = truncation_message(truncated, len(prompts), self.context_length)
                 warnings.warn(f"{message}. Warned once: later truncated prompts are counted "
-                              "(TextEncoder.truncation_summary())", PromptTruncatedWarning, stacklevel=2)  # fmt: skip
+                              "(TextEncoder.truncation_summary())", PromptTruncatedWarning, stacklevel=3)  # fmt: skip
             self.truncated += len(truncated)
-        return tokens.to(self.device)
+        return tokens, lengths
+
+    def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Host ids to the encoder's device without stalling the host: from pinned memory on CUDA."""
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory()
+        return tokens.to(self.device, non_blocking=True)
 
     def truncation_summary(self) -> str | None:
         """ "12 of 6400 prompts were truncated to the context of 77 tokens", or None when none was."""
@@ -146,38 +169,48 @@ class TextEncoder(nn.Module):
         prompts = check_prompts(prompts)
         if not prompts:
             return self._empty()
-        return self.forward_tokens(self.tokenize(prompts))
+        host, lengths = self._host_tokens(prompts)
+        return replace(self.forward_tokens(self._to_device(host)), lengths=lengths)
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for the prior's backward pass
     def encode(self, prompts: Sequence[str]) -> TextOutput:
-        """Encode prompts without autograd, for frozen use by later stages; uses the LRU cache if enabled.
+        """Encode prompts without autograd, for frozen use by later stages, through the cache while it is on.
 
-        Works inside torch.inference_mode() too; the outputs can feed a trainable network.
+        With the cache on, states and pooled come in the parameters' dtype (inside autocast too), so
+        batches from the cache and from the network look alike. Works inside torch.inference_mode()
+        too; the outputs can feed a trainable network.
         """
         prompts = check_prompts(prompts)
-        if not self._cache_active() or not prompts:
+        if not prompts or not self.cache_on():
             return self.forward(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            out = self.forward(missing)
-            lengths = out.mask.sum(dim=1).tolist()
-            for i, p in enumerate(missing):
-                # clone: a view would keep the whole batch alive until every row is evicted; one
-                # dtype (the parameters'), so rows cached inside and outside autocast stack together
-                row_states = out.states[i].to(self.dtype, copy=True)
-                self._cache[p] = (row_states, lengths[i], out.pooled[i].to(self.dtype, copy=True))
-        rows = []
+        rows = [self._cache.get(p) for p in prompts]
         for p in prompts:
-            self._cache.move_to_end(p)
-            rows.append(self._cache[p])
-        # torch.stack copies, so a caller editing the result cannot corrupt the cache.
-        states = torch.stack([r[0] for r in rows])
-        lengths = torch.tensor([r[1] for r in rows], device=states.device)
-        mask = torch.arange(self.context_length, device=states.device)[None, :] < lengths[:, None]
-        pooled = torch.stack([r[2] for r in rows])
+            if p in self._cache:
+                self._cache.move_to_end(p)
+        if all(r is not None for r in rows):
+            self._trial.record(len(prompts), served=True)
+            # torch.stack copies, so a caller editing the result cannot corrupt the cache.
+            stacked = (torch.stack([r[i] for r in rows]) for i in range(3))  # (B, T, D), (B, T), (B, E)
+            return TextOutput(*stacked, lengths=tuple(r[3] for r in rows))
+        # The prompts not cached, each once, in one call; a cached prompt keeps the row it was first given, so
+        # its states do not depend on which prompts share its batch (matrix products are not batch-invariant).
+        missing = list(dict.fromkeys(p for p, r in zip(prompts, rows) if r is None))
+        new = self.forward(missing)
+        new = TextOutput(new.states.to(self.dtype), new.mask, new.pooled.to(self.dtype), new.lengths)
+        for i, p in enumerate(missing):  # clone: a view would keep the whole batch alive
+            self._cache[p] = (new.states[i].clone(), new.mask[i].clone(), new.pooled[i].clone(), new.lengths[i])
+        if len(missing) == len(prompts):
+            out = new  # a batch of distinct new prompts (real captions): no rows to gather
+        else:
+            rows = [self._cache[p] for p in prompts]
+            stacked = (torch.stack([r[i] for r in rows]) for i in range(3))
+            out = TextOutput(*stacked, lengths=tuple(r[3] for r in rows))
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return TextOutput(states=states, mask=mask, pooled=pooled)
+        self._trial.record(len(prompts), served=False)
+        if self._trial.verdict is False:
+            self.clear_cache()  # the memory goes back at once
+        return out
 
     def _empty(self) -> TextOutput:
         T, dev = self.context_length, self.device
@@ -185,6 +218,7 @@ class TextEncoder(nn.Module):
             states=torch.zeros(0, T, self.width, device=dev, dtype=self.dtype),
             mask=torch.zeros(0, T, dtype=torch.bool, device=dev),
             pooled=torch.zeros(0, self.embed_dim, device=dev, dtype=self.dtype),
+            lengths=(),
         )
 
     # ---- images ------------------------------------------------------------------------
@@ -196,20 +230,33 @@ class TextEncoder(nn.Module):
     def frozen(self, cache_size: int = 0) -> TextEncoder:
         """No gradients, eval mode; optionally cache the `cache_size` most recent prompts in `encode`.
 
-        The cache assumes the weights no longer change: it is bypassed while any parameter
-        requires grad and cleared by .to()/.half() and load_state_dict; after editing
-        parameters in place (e.g. copying EMA weights) call clear_cache().
+        The cache starts a trial of `cache_size` prompts and stays on only where it serves (module
+        docstring). It assumes the weights no longer change: it is bypassed while any parameter
+        requires grad and cleared by .to()/.half() and load_state_dict; after editing parameters
+        in place (e.g. copying EMA weights) call clear_cache().
         """
         self.requires_grad_(False).eval()
         self.clear_cache()
         self._cache_size = int(cache_size)
+        self._trial = _CacheTrial(self._cache_size)
         return self
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _cache_active(self) -> bool:
-        return self._cache_size > 0 and not any(p.requires_grad for p in self.parameters())
+    def cache_on(self) -> bool:
+        """Whether `encode` goes through the cache now: one was asked for, the weights are frozen, and it
+        has not switched itself off after its trial."""
+        return (
+            self._cache_size > 0
+            and self._trial.verdict is not False
+            and not any(p.requires_grad for p in self.parameters())
+        )
+
+    def cache_summary(self) -> str | None:
+        """How the cache did, one line, e.g. "text cache off after its trial of 4096 prompts: 0 of 32 batches
+        ..."; None when there is no cache."""
+        return self._trial.summary() if self._cache_size > 0 else None
 
     def _apply(self, fn, recurse=True):
         self.clear_cache()  # device/dtype moves would leave cached tensors behind
@@ -218,3 +265,44 @@ class TextEncoder(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self.clear_cache()  # runs for load_state_dict on this module or on any module holding it
         return super()._load_from_state_dict(*args, **kwargs)
+
+
+@dataclass
+class _CacheTrial:
+    """Whether a prompt cache pays, judged once over its first `size` prompts looked up.
+
+    A batch is encoded whole unless every prompt is cached, so only fully cached batches save
+    anything: the verdict is the share of those among the batches judged, the ones begun in the
+    trial's second half (the first half fills the cache) but never the first batch (it cannot hit).
+    The trial ends once `size` prompts were looked up and at least one batch was judged.
+    """
+
+    size: int  # prompts looked up before the verdict (the cache's size: one fill)
+    lookups: int = 0  # prompts looked up so far
+    batches: int = 0
+    served: int = 0  # batches whose every prompt was cached
+    judged: int = 0  # batches begun in the trial's second half
+    judged_served: int = 0
+    verdict: bool | None = None  # None while the trial runs; then whether the cache stays on
+
+    def record(self, prompts: int, served: bool) -> None:
+        if self.verdict is None and self.batches > 0 and self.lookups >= self.size / 2:
+            self.judged += 1
+            self.judged_served += served
+        self.lookups += prompts
+        self.batches += 1
+        self.served += served
+        if self.verdict is None and self.lookups >= self.size and self.judged:
+            self.verdict = 2 * self.judged_served >= self.judged
+
+    def summary(self) -> str:
+        share = f"{self.served} of {self.batches} batches were served from it"
+        if self.verdict is None:
+            return f"text cache on trial ({self.lookups} of {self.size} prompts looked up): {share}"
+        if self.verdict:
+            return f"text cache on: {share}"
+        return (
+            f"text cache off after its trial of {self.size} prompts: {self.judged_served} of {self.judged} batches "
+            "in its second half were served from it (fewer than half; distinct captions); every batch is encoded "
+            "in one call"
+        )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.text.encoder import TextEncoder
 
 
@@ -48,13 +49,14 @@ def zero_shot_accuracy(
 ) -> float:
     """Top-1 accuracy of classifying each image as the class whose prompt embedding is most cosine-similar.
 
-    Batches are reader dicts: "image" (B, 3, H, W) in [-1, 1] and "meta", a list of dicts whose
+    Batches are reader dicts: "image" (B, 3, H, W) uint8 and "meta", a list of dicts whose
     "label" is a class index or a class name.
     """
     classes = class_embeddings(encoder, class_names, prompt_fn)  # (K, E)
     correct = total = 0
     for batch in batches:
-        image_emb = encoder.encode_image(batch["image"], normalize=True).float()  # (B, E)
+        x = from_uint8_to(batch["image"], encoder.device)  # (B, 3, H, W) in [-1, 1]
+        image_emb = encoder.encode_image(x, normalize=True).float()  # (B, E)
         predicted = (image_emb @ classes.to(image_emb.device).T).argmax(dim=1).cpu()  # (B,)
         labels = torch.tensor([_label_index(m["label"], class_names) for m in batch["meta"]])
         correct += int((predicted == labels).sum())

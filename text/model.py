@@ -160,6 +160,8 @@ def preprocess_images(images: torch.Tensor, model: open_clip.CLIP) -> torch.Tens
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (B, 3, H, W) or (B, 1, H, W) in [-1, 1], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:  # reader batches are uint8: (x + 1) / 2 of them would be silently wrong
+        raise TypeError("expected images in [-1, 1], got uint8 pixels; convert them with core.pixels.from_uint8_to")
     param = next(model.visual.parameters())
     x = (images.to(device=param.device, dtype=torch.float32) + 1) / 2  # [-1, 1] -> [0, 1]
     if x.shape[1] == 1:

@@ -18,6 +18,7 @@ import torch
 from latentdiff.core.config import PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
+from latentdiff.core.pixels import from_uint8_to
 from latentdiff.core.runs import follow, record_path
 from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
@@ -54,7 +55,7 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     """Zero-shot accuracy over the class prompts (labelled data) and retrieval recall@1/5 on val."""
 
     def val_batches():
-        loader = read_once(data, "val", 250, cfg.resolution)
+        loader = read_once(data, "val", 250, cfg.resolution, device=encoder.device)
         seen = 0
         for batch in loader:
             yield batch
@@ -68,7 +69,7 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
         metrics["val_zero_shot_accuracy"] = zero_shot_accuracy(encoder, val_batches(), classes, class_prompt)
     images, texts, captions = [], [], []
     for batch in val_batches():
-        images.append(encoder.encode_image(batch["image"], normalize=True).float())
+        images.append(encoder.encode_image(from_uint8_to(batch["image"], encoder.device), normalize=True).float())
         texts.append(encoder.encode(batch["caption"]).normalized_pooled().float())
         captions += batch["caption"]
     # Retrieval among 1000 candidates; a candidate with the same caption text is a match too.
@@ -94,18 +95,24 @@ def train(args: argparse.Namespace) -> dict:
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     scheduler = run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
-    net = rt.wrap(model)
+    net = run.wrap(model)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
 
     loader = make_loader(
-        args.data, "train", tcfg.batch_size, seed=tcfg.seed, num_workers=tcfg.num_workers, resolution=cfg.resolution
+        args.data,
+        "train",
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        num_workers=tcfg.num_workers,
+        resolution=cfg.resolution,
+        device=rt.device,
     )
     batches = run.batches(loader)  # a resumed run skips what it has seen
     for step in run.steps():
         batch = next(batches)
         tokens = encoder.tokenize(batch["caption"])
-        images = preprocess_images(batch["image"], model)
+        images = preprocess_images(from_uint8_to(batch["image"], rt.device), model)
         lr = scheduler.get_last_lr()[0]
         with rt.autocast():
             image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E) each

@@ -83,13 +83,15 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 def encode_prompts(
     tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length: int
-) -> tuple[torch.Tensor, list[str]]:
-    """Token ids (B, context_length), int64 on the CPU, and a note per truncated prompt (no warning)."""
+) -> tuple[torch.Tensor, list[str], tuple[int, ...]]:
+    """Token ids (B, context_length), int64 on the CPU, a note per truncated prompt (no warning), and each
+    prompt's real tokens (SOT..EOT inclusive) as Python ints."""
     prompts = check_prompts(prompts)
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     budget = context_length - 2  # room for BPE tokens between SOT and EOT
     tokens = torch.zeros(len(prompts), context_length, dtype=torch.long)
     truncated: list[str] = []
+    lengths: list[int] = []
     plain = _plain_ids(tokenizer)
     for i, prompt in enumerate(prompts):
         ids, clipped = _encode(tokenizer, prompt, context_length * _MAX_CHARS_PER_TOKEN, plain)
@@ -100,7 +102,8 @@ def encode_prompts(
             ids = ids[:budget]
         row = [sot, *ids, eot]
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return tokens, truncated
+        lengths.append(len(row))
+    return tokens, truncated, tuple(lengths)
 
 
 def truncation_message(truncated: Sequence[str], n_prompts: int, context_length: int) -> str:
@@ -115,7 +118,7 @@ def truncation_message(truncated: Sequence[str], n_prompts: int, context_length:
 def tokenize(tokenizer: SimpleTokenizer, prompts: Sequence[str], context_length: int) -> torch.Tensor:
     """Token ids (B, context_length), int64 on the CPU; warns (PromptTruncatedWarning) about truncated prompts."""
     prompts = check_prompts(prompts)
-    tokens, truncated = encode_prompts(tokenizer, prompts, context_length)
+    tokens, truncated, _ = encode_prompts(tokenizer, prompts, context_length)
     if truncated:
         warnings.warn(truncation_message(truncated, len(prompts), context_length), PromptTruncatedWarning,
                       stacklevel=2)  # fmt: skip

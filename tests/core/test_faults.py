@@ -140,7 +140,7 @@ def test_a_non_finite_latent_scale_is_an_error():
     model = Autoencoder(AutoencoderModelConfig(channels=(8, 16, 16)))
     with torch.no_grad():
         next(model.encoder.parameters()).fill_(float("nan"))
-    batches = iter([{"image": torch.rand(2, 3, 32, 32)}])
+    batches = iter([{"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)}])  # as the loader gives
     with pytest.raises(NonFiniteError, match="latent std is nan"):
         ae_stage.measure_latents(model, batches, 1, torch.device("cpu"))
 
@@ -352,7 +352,7 @@ def _discriminator_rank(rank: int, world_size: int, init_file: str, out: str) ->
     import torch.distributed as dist
 
     from latentdiff.autoencoder.model import AutoencoderLossConfig
-    from latentdiff.decoder.losses import discriminator_step
+    from latentdiff.decoder.losses import discriminator_backward
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -372,7 +372,8 @@ def _discriminator_rank(rank: int, world_size: int, init_file: str, out: str) ->
         x_hat, posterior = model(x)
         terms = loss_fn(x, x_hat, posterior, step, model.decoder.last_layer)
         weights.append(terms["gan_weight"][0].item())
-        discriminator_step(loss_fn, opt_d, x, x_hat, step, run)
+        if run.finite(step, *discriminator_backward(loss_fn, opt_d, x, x_hat, run), part="discriminator"):
+            opt_d.step()
     torch.save({"disc": loss_fn.discriminator.state_dict(), "gan_weight": weights}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -43,8 +43,9 @@ def _keys(batches) -> list[str]:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return to_uint8(image).permute(1, 2, 0).numpy()
+    """A reader batch's (3, H, W) uint8 image -> (H, W, 3), as PIL lays it out."""
+    assert image.dtype == torch.uint8
+    return image.permute(1, 2, 0).numpy()
 
 
 @pytest.fixture
@@ -67,12 +68,11 @@ def test_shard_round_trip(tmp_path: Path):
     loader = make_loader(str(out), "train", 7, shuffle=False, repeat=False, drop_last=False)
     batches = list(loader)
     assert [len(b["key"]) for b in batches] == [7, 7, 6]
-    assert batches[0]["image"].dtype == torch.float32 and batches[0]["image"].shape == (7, 3, 8, 8)
+    assert batches[0]["image"].dtype == torch.uint8 and batches[0]["image"].shape == (7, 3, 8, 8)
     got = {k: (img, c, m) for b in batches for k, img, c, m in zip(b["key"], b["image"], b["caption"], b["meta"])}
     assert sorted(got) == [s.key for s in samples]
     for s in samples:
         image, caption, meta = got[s.key]
-        assert image.min() >= -1 and image.max() <= 1
         np.testing.assert_array_equal(_to_uint8(image), np.asarray(s.image))
         assert caption == s.caption and meta == s.meta
     assert sum(b["skipped"] for b in batches) == 0

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from latentdiff.autoencoder.load import load_autoencoder
 from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
-from latentdiff.core.pixels import to_uint8
+from latentdiff.core.pixels import from_uint8, to_uint8
 from latentdiff.core.runtime import Runtime
 from latentdiff.data.reader import make_loader
 from latentdiff.prior.latent_cache import LatentCache
@@ -96,7 +96,7 @@ def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     )
     batches = list(loader)
     with torch.no_grad():
-        post = [ae.encode(b["image"]) for b in batches]
+        post = [ae.encode(from_uint8(b["image"])) for b in batches]
     torch.testing.assert_close(latents["mean"], torch.cat([p.mean for p in post]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(latents["std"], torch.cat([p.std for p in post]), rtol=1e-5, atol=1e-5)
     assert captions == [c for b in batches for c in b["caption"]]

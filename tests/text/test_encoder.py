@@ -394,6 +394,8 @@ def test_config_errors_name_the_key():
 class _KnownEncoder:
     """Stands in for TextEncoder: class k's prompt embeds to e_k, an image to its pixel at (0, 0)."""
 
+    device = torch.device("cpu")
+
     def __init__(self, class_names):
         self.class_names = class_names
 
@@ -410,11 +412,11 @@ class _KnownEncoder:
 
 def test_zero_shot_accuracy_on_known_embeddings():
     names = ["circle", "square", "star"]
-    images = torch.zeros(4, 3, 2, 2)
-    images[0, 0, 0, 0] = 1.0  # circle
-    images[1, 1, 0, 0] = 0.9  # square
-    images[2, 2, 0, 0] = 0.5  # star
-    images[3, 0, 0, 0] = 0.9  # looks like a circle but is labelled square
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)  # reader batches: uint8, -1 after conversion
+    images[0, 0, 0, 0] = 255  # circle
+    images[1, 1, 0, 0] = 240  # square
+    images[2, 2, 0, 0] = 200  # star
+    images[3, 0, 0, 0] = 240  # looks like a circle but is labelled square
     batches = [
         {"image": images[:2], "caption": ["", ""], "meta": [{"label": 0}, {"label": "square"}]},
         {"image": images[2:], "caption": ["", ""], "meta": [{"label": 2}, {"label": 1}]},
@@ -424,7 +426,7 @@ def test_zero_shot_accuracy_on_known_embeddings():
 
 def test_zero_shot_accuracy_runs_on_the_real_encoder(encoder):
     batch = {
-        "image": torch.rand(3, 3, 32, 32) * 2 - 1,
+        "image": torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8),
         "caption": ["", "", ""],
         "meta": [{"label": i} for i in range(3)],
     }

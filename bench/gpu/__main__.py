@@ -1,0 +1,5 @@
+"""`python -m bench.gpu`: see bench/gpu/__init__.py."""
+
+from . import main
+
+main()
