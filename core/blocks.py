@@ -17,10 +17,13 @@ AttentionBackend = Literal["auto", "sdpa", "xformers", "math"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with gcd(max_groups, channels) groups: 32 at full width, fewer in tiny presets; eps 1e-6."""
+def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with gcd(max_groups, channels) groups: 32 at full width, fewer in tiny presets.
+
+    eps: 1e-6 as LDM's Normalize; Stable Diffusion's UNet uses 1e-5 in its ResBlocks and output norm.
+    """
     groups = math.gcd(max_groups, channels)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -41,17 +44,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a skip; adds a projected embedding (time) when given one."""
+    """GroupNorm-SiLU-conv twice with a skip; adds a projected embedding (time) when given one.
+
+    norm_groups, norm_eps: the GroupNorms' largest group count and eps (see group_norm).
+    """
 
     def __init__(
-        self, in_ch: int, out_ch: int | None = None, emb_dim: int = 0, dropout: float = 0.0, norm_groups: int = 32
+        self,
+        in_ch: int,
+        out_ch: int | None = None,
+        emb_dim: int = 0,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         out_ch = out_ch or in_ch
-        self.norm1 = group_norm(in_ch, norm_groups)
+        self.norm1 = group_norm(in_ch, norm_groups, norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
-        self.norm2 = group_norm(out_ch, norm_groups)
+        self.norm2 = group_norm(out_ch, norm_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         # Zero-init the last conv so every block starts as the identity: deep stacks train stably.
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))

@@ -4,11 +4,16 @@ The layout of Latent Diffusion's UNet (Rombach et al. 2022, §3.3; Ho et al. 202
 ResBlocks carrying a timestep embedding, transformer blocks (self-attention, then
 cross-attention to the text encoder's per-token states, then a feed-forward) at chosen
 levels, skip connections from each down block to its up block, zero-initialised output.
+
+With the fields of the `base` preset (per-level heads, 1x1-conv or linear projections in and out of
+the transformers, GroupNorm eps 1e-5 outside them) it is exactly diffusers' UNet2DConditionModel of
+Stable Diffusion 1.x and 2.x; prior/interchange.py maps the configs and weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +30,7 @@ from latentdiff.core.blocks import (
     timestep_embedding,
     zero_module,
 )
-from latentdiff.core.config import ConfigError, NonNegativeInt, PositiveInt, Probability
+from latentdiff.core.config import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,14 @@ class UNetConfig:
     channels: tuple[PositiveInt, ...] = (64, 128)  # width per level; len-1 downsamplings of the latent grid
     num_res_blocks: PositiveInt = 2  # ResBlocks per level on the way down (one more on the way up)
     attention_levels: tuple[NonNegativeInt, ...] = (0, 1)  # levels (0 = full latent resolution) with transformers
-    heads: PositiveInt = 4  # attention heads
+    # attention heads: one count for every level, or one per level (SD 2.x: width / 64); the middle block
+    # takes the last level's
+    heads: PositiveInt | tuple[PositiveInt, ...] = 4
     context_dim: PositiveInt = 128  # width D of the text encoder's per-token states
+    # how the transformers project in and out of the feature map: 1x1 conv (SD 1.x) or linear per position (SD 2.x)
+    projection: Literal["conv", "linear"] = "conv"
+    norm_groups: PositiveInt = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
+    norm_eps: PositiveFloat = 1e-6  # eps of the ResBlocks' and the output's GroupNorms (SD: 1e-5; transformers: 1e-6)
     pooled_dim: NonNegativeInt = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
     dropout: Probability = 0.0  # dropout inside ResBlocks
     attention: AttentionBackend = "auto"  # attention backend: auto (= sdpa) | sdpa | xformers | math
@@ -48,10 +59,24 @@ class UNetConfig:
                 f"attention_levels {list(self.attention_levels)} name a level beyond the "
                 f"{levels} of channels; use levels 0..{levels - 1}"
             )
-        # The middle block attends at the last width, the levels at theirs.
-        widths = {self.channels[-1], *(self.channels[level] for level in self.attention_levels)}
-        if any(width % self.heads for width in widths):
-            raise ConfigError(f"heads {self.heads} does not divide the attention widths {sorted(widths)}")
+        if isinstance(self.heads, tuple) and len(self.heads) != levels:
+            raise ConfigError(
+                f"heads {list(self.heads)} names {len(self.heads)} levels but channels has {levels}; "
+                "give one count per level or a single count"
+            )
+        # The middle block attends at the last width with the last level's heads, the levels at theirs.
+        bad = [
+            f"{self.channels[level]} by {self.level_heads(level)}"
+            for level in sorted({levels - 1, *self.attention_levels})
+            if self.channels[level] % self.level_heads(level)
+        ]
+        if bad:
+            shown = list(self.heads) if isinstance(self.heads, tuple) else self.heads
+            raise ConfigError(f"heads {shown} does not divide the attention widths: {', '.join(bad)}")
+
+    def level_heads(self, level: int) -> int:
+        """The attention heads at `level` (0 = full latent resolution); the middle block uses the last level's."""
+        return self.heads[level] if isinstance(self.heads, tuple) else self.heads
 
 
 class FeedForward(nn.Module):
@@ -84,17 +109,28 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> TransformerBlock -> feature map, as a residual that starts at zero."""
+    """Feature map -> tokens -> TransformerBlock -> feature map, as a residual that starts at zero.
 
-    def __init__(self, ch: int, heads: int, context_dim: int, backend: str):
+    linear: project in and out per token with nn.Linear (SD 2.x) instead of a 1x1 conv on the map (SD 1.x);
+    the same function, with the weights stored as (C, C) rather than (C, C, 1, 1).
+    """
+
+    def __init__(
+        self, ch: int, heads: int, context_dim: int, backend: str, linear: bool = False, norm_groups: int = 32
+    ):
         super().__init__()
-        self.norm = group_norm(ch)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.linear = linear
+        self.norm = group_norm(ch, norm_groups)  # eps 1e-6 in every preset, as in SD's transformers
+        self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.block = TransformerBlock(ch, heads, context_dim, backend)
-        self.proj_out = zero_module(nn.Conv2d(ch, ch, 1))
+        self.proj_out = zero_module(nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, C, H, W = x.shape
+        if self.linear:
+            h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+            h = self.proj_out(self.block(h, context, mask))
+            return x + h.transpose(1, 2).reshape(B, C, H, W)
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
         h = self.block(h, context, mask)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
@@ -103,10 +139,14 @@ class SpatialTransformer(nn.Module):
 class UNetLayer(nn.Module):
     """One ResBlock, optionally followed by a SpatialTransformer."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, attend: bool):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, level: int, attend: bool):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout)
-        self.attn = SpatialTransformer(out_ch, cfg.heads, cfg.context_dim, cfg.attention) if attend else None
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.norm_groups, cfg.norm_eps)
+        self.attn = None
+        if attend:
+            heads = cfg.level_heads(level)
+            linear = cfg.projection == "linear"
+            self.attn = SpatialTransformer(out_ch, heads, cfg.context_dim, cfg.attention, linear, cfg.norm_groups)
 
     def forward(self, h, emb, context, mask):
         h = self.res(h, emb)
@@ -130,26 +170,28 @@ class UNet(nn.Module):
         in_ch = ch[0]
         for level, out_ch in enumerate(ch):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(UNetLayer(in_ch, out_ch, emb_dim, cfg, level in cfg.attention_levels))
+                self.down.append(UNetLayer(in_ch, out_ch, emb_dim, cfg, level, level in cfg.attention_levels))
                 in_ch = out_ch
                 skips.append(in_ch)
             if level < len(ch) - 1:
                 self.down.append(Downsample(in_ch))
                 skips.append(in_ch)
 
+        last = len(ch) - 1
         self.mid = nn.ModuleList(
-            [UNetLayer(in_ch, in_ch, emb_dim, cfg, True), UNetLayer(in_ch, in_ch, emb_dim, cfg, False)]
+            [UNetLayer(in_ch, in_ch, emb_dim, cfg, last, True), UNetLayer(in_ch, in_ch, emb_dim, cfg, last, False)]
         )
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(ch))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(UNetLayer(in_ch + skips.pop(), ch[level], emb_dim, cfg, level in cfg.attention_levels))
+                attend = level in cfg.attention_levels
+                self.up.append(UNetLayer(in_ch + skips.pop(), ch[level], emb_dim, cfg, level, attend))
                 in_ch = ch[level]
             if level > 0:
                 self.up.append(Upsample(in_ch))
 
-        self.norm_out = group_norm(in_ch)
+        self.norm_out = group_norm(in_ch, cfg.norm_groups, cfg.norm_eps)
         # Zero-init the output conv: the untrained model predicts 0, a stable starting point.
         self.conv_out = zero_module(nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1))
 

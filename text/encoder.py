@@ -6,11 +6,17 @@ encode_text does (text_global_pool, then text_projection), so it equals model.en
 
 A frozen encoder can keep the states of recent prompts (`frozen(cache_size=N)`), for the prompts a
 run sees again and again: class captions, the sampling prompts, "" for guidance. A batch in which
-every prompt is cached is stacked from the cache and encodes nothing; any other batch is encoded
-whole, in one call, giving the states an encoder without a cache gives. Real captions are all
+every prompt is cached is stacked from the cache and encodes nothing; any other batch has its new prompts
+encoded in one call, and a cached prompt keeps the states it was first given (so its states do not
+depend on the prompts that share its batch). Real captions are all
 distinct, so there a cache would only cost lookups, copies and memory: the cache judges itself over
 the first N prompts looked up (one fill) and switches itself off when, in the second half of that
 trial (the first half fills it), fewer than half the batches were served from it (`cache_summary()`).
+
+TextEncoderConfig says which states, which padding and which mask: the defaults are this
+project's (last layer, zero padding, attend up to EOT); Stable Diffusion's text encoders use the
+settings `SD1` (OpenAI CLIP ViT-L/14: last layer, padded with EOT, all 77 positions attended) and
+`SD2` (OpenCLIP ViT-H/14: penultimate layer then ln_final, padded with 0, all positions attended).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -33,13 +39,31 @@ from latentdiff.text.tokens import PromptTruncatedWarning, check_prompts, encode
 
 
 @dataclass(frozen=True)
+class TextEncoderConfig:
+    """Which token states a TextEncoder hands on, and how prompts are padded and masked."""
+
+    # Token states of the last transformer block, or of the one before it (SD 2.x, "penultimate"),
+    # then ln_final either way. `pooled` is always CLIP's own (the full stack), so CLIP scores do not change.
+    layer: Literal["last", "penultimate"] = "last"
+    # Ids after EOT: 0 (open_clip's SimpleTokenizer, SD 2.x) or the EOT id again (OpenAI CLIP, SD 1.x).
+    # The causal mask keeps padding out of the real tokens' states, but not out of the padding's own.
+    pad: Literal["zero", "end"] = "zero"
+    # The mask the prior's cross-attention uses: SOT..EOT ("to_end"), or every position (SD: "all").
+    attend: Literal["to_end", "all"] = "to_end"
+
+
+SD1 = TextEncoderConfig(layer="last", pad="end", attend="all")  # Stable Diffusion 1.x (OpenAI CLIP ViT-L/14)
+SD2 = TextEncoderConfig(layer="penultimate", pad="zero", attend="all")  # Stable Diffusion 2.x (OpenCLIP ViT-H/14)
+
+
+@dataclass(frozen=True)
 class TextOutput:
     """What the text encoder gives later stages for a batch of B prompts."""
 
-    states: torch.Tensor  # (B, T, D) last-layer token states after ln_final
-    mask: torch.Tensor  # (B, T) bool, True for SOT..EOT inclusive (real tokens)
+    states: torch.Tensor  # (B, T, D) token states of the configured layer, after ln_final
+    mask: torch.Tensor  # (B, T) bool, True for SOT..EOT inclusive (real tokens), or all True (attend="all")
     pooled: torch.Tensor  # (B, E) projected embedding, = CLIP.encode_text; not normalised
-    # Each prompt's real tokens (SOT..EOT inclusive, = mask.sum(1)) counted from the token ids on the host, so
+    # Each prompt's attended positions (= mask.sum(1): SOT..EOT, or T with attend="all") known on the host, so
     # cutting the states to the longest needs no device read; None where only device tensors were given.
     lengths: tuple[int, ...] | None = None
 
@@ -57,6 +81,7 @@ class TextEncoder(nn.Module):
         tokenizer: SimpleTokenizer,
         model_config: dict[str, Any] | None = None,
         source: str = "",
+        settings: TextEncoderConfig = TextEncoderConfig(),
     ):
         super().__init__()
         if not isinstance(model, open_clip.CLIP):
@@ -72,8 +97,11 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.model_config = model_config  # open_clip config dict; saved with checkpoints that use this encoder
         self.source = source  # how it was loaded: "openclip:MODEL:PRETRAINED" or a run directory
+        self.settings = settings
+        if settings.layer == "penultimate" and len(model.transformer.resblocks) < 2:
+            raise ValueError("layer='penultimate' needs a text transformer of 2 or more layers; this one has 1")
         # prompt -> (states (T, D), mask (T,), pooled (E,), length), least recently used first
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = OrderedDict()
         self._cache_size = 0
         self._trial = _CacheTrial(0)
         self.tokenized = 0  # prompts tokenised by this encoder (batches served from the cache are not)
@@ -120,6 +148,10 @@ class TextEncoder(nn.Module):
         """`tokenize`'s ids (B, T), still on the CPU, and each prompt's real tokens (SOT..EOT)."""
         prompts = check_prompts(prompts)
         tokens, truncated, lengths = encode_prompts(self.tokenizer, prompts, self.context_length)
+        if self.settings.pad == "end":
+            eot = self.tokenizer.eot_token_id
+            after_eot = (tokens == eot).int().cumsum(dim=1) > 0  # (B, T): EOT and everything after it
+            tokens = tokens.masked_fill(after_eot, eot)
         self.tokenized += len(prompts)
         if truncated:
             if not self.truncated:
@@ -151,9 +183,15 @@ class TextEncoder(nn.Module):
         # Same steps as open_clip CLIP.encode_text, kept apart so the states before pooling are visible.
         x = m.token_embedding(tokens).to(cast_dtype)  # (B, T, D)
         x = x + m.positional_embedding.to(cast_dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)  # causal mask: padding after EOT never reaches real tokens
-        states = m.ln_final(x)  # (B, T, D)
-        pooled = text_global_pool(states, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if self.settings.layer == "last":
+            x = m.transformer(x, attn_mask=m.attn_mask)  # causal mask: padding after EOT never reaches real tokens
+            states = final = m.ln_final(x)  # (B, T, D)
+        else:  # SD 2.x: the states before the last block, through ln_final (FrozenOpenCLIPEmbedder, layer_idx=1)
+            x, (before_last,) = m.transformer.forward_intermediates(
+                x, attn_mask=m.attn_mask, indices=[len(m.transformer.resblocks) - 2]
+            )
+            states, final = m.ln_final(before_last), m.ln_final(x)  # (B, T, D) each
+        pooled = text_global_pool(final, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
             if isinstance(m.text_projection, nn.Linear):
                 pooled = m.text_projection(pooled)
@@ -162,6 +200,8 @@ class TextEncoder(nn.Module):
         eot_pos = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)  # (B,) first EOT
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         mask = positions[None, :] <= eot_pos[:, None]  # (B, T)
+        if self.settings.attend == "all":
+            mask = torch.ones_like(mask)
         return TextOutput(states=states, mask=mask, pooled=pooled)
 
     def forward(self, prompts: Sequence[str]) -> TextOutput:
@@ -170,6 +210,8 @@ class TextEncoder(nn.Module):
         if not prompts:
             return self._empty()
         host, lengths = self._host_tokens(prompts)
+        if self.settings.attend == "all":  # every position is attended: none may be cut
+            lengths = (self.context_length,) * len(prompts)
         return replace(self.forward_tokens(self._to_device(host)), lengths=lengths)
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for the prior's backward pass
@@ -224,6 +266,11 @@ class TextEncoder(nn.Module):
     # ---- images ------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, E) image embeddings for images (B, 3, H, W) in [-1, 1] (resized and normalised here)."""
+        if self.model.visual is None:
+            raise ValueError(
+                f"the text encoder {self.source or ''} has no image tower (Stable Diffusion ships only CLIP's "
+                "text tower): image embeddings and CLIP scores need a full CLIP, e.g. a `latentdiff train text` run"
+            )
         return self.model.encode_image(preprocess_images(images, self.model), normalize=normalize)
 
     # ---- frozen use and the cache ------------------------------------------------------------

@@ -99,10 +99,24 @@ def load_model_config(name_or_path: str | Path) -> dict[str, Any]:
     return validate_model_config(config, where=f"open_clip config {name}")
 
 
-def build_clip(config: dict[str, Any]) -> open_clip.CLIP:
-    """Build a randomly initialised fp32 open_clip.CLIP from a validated model config."""
+# CLIP.__init__ always builds an image tower; a text-only model gets this smallest one, then drops it.
+_NO_IMAGE_TOWER = {"image_size": 1, "patch_size": 1, "width": 8, "head_width": 8, "layers": 0}
+
+
+def build_clip(config: dict[str, Any], *, image_tower: bool = True) -> open_clip.CLIP:
+    """Build a randomly initialised fp32 open_clip.CLIP from a validated model config.
+
+    image_tower=False builds the text tower only (`model.visual` is None, no visual.* tensors):
+    Stable Diffusion's checkpoints keep CLIP's text tower alone, and ViT-H/14's image tower would
+    be 630M parameters built for nothing.
+    """
     config = validate_model_config(config)
     kwargs = {k: v for k, v in config.items() if k != "custom_text"}
+    if not image_tower:
+        kwargs["vision_cfg"] = _NO_IMAGE_TOWER
+        model = open_clip.CLIP(**kwargs)
+        model.visual = None
+        return model
     model = open_clip.CLIP(**kwargs)
     # create_model attaches the preprocessing config; do the same so encode_image and
     # get_model_preprocess_cfg behave alike for both construction paths.
@@ -131,6 +145,11 @@ def load_clip_weights(model: open_clip.CLIP, path: str | Path, name: str) -> Non
     state = read_tensor_file(path, f"open_clip weights for {name}")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
+    load_clip_state(model, state, f"{path} does not fit the open_clip model {name}")
+
+
+def load_clip_state(model: open_clip.CLIP, state: dict[str, torch.Tensor], refusal: str) -> None:
+    """Load open_clip-named tensors into `model` strictly; else CheckpointError "REFUSAL: what is missing/extra"."""
     own = model.state_dict()
     # open_clip releases store logit_scale either as a 0-d tensor or with shape (1,).
     if "logit_scale" in state and state["logit_scale"].numel() == own["logit_scale"].numel() == 1:
@@ -142,7 +161,7 @@ def load_clip_weights(model: open_clip.CLIP, path: str | Path, name: str) -> Non
     problems = [f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])})"] if missing else []
     problems += [f"{len(unused)} it does not have ({', '.join(unused[:3])})"] if unused else []
     if problems or misshapen:
-        raise CheckpointError(f"{path} does not fit the open_clip model {name}: {'; '.join(problems + misshapen[:2])}")
+        raise CheckpointError(f"{refusal}: {'; '.join(problems + misshapen[:2])}")
     model.load_state_dict(state, strict=True)
 
 

@@ -139,12 +139,17 @@ def load_text_run(run_dir: str | Path) -> TextEncoder:
     """The TextEncoder of a `latentdiff train text` run (EMA weights when it kept them), through core.runs.load_run."""
     from .stage import TextStageConfig  # what the run's config.toml holds
 
+    def build(cfg: TextStageConfig, meta: dict) -> open_clip.CLIP:
+        return build_clip(load_model_config(cfg.model), image_tower=cfg.image_tower)
+
     try:
-        run = load_run(run_dir, "text", TextStageConfig, lambda cfg, meta: build_clip(load_model_config(cfg.model)))
+        run = load_run(run_dir, "text", TextStageConfig, build)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (or a pretrained open_clip model: openclip:MODEL:PRETRAINED)") from None
-    model_config = load_model_config(run.config.model)
-    return TextEncoder(run.model, build_tokenizer(model_config), model_config=model_config, source=str(run_dir))
+    cfg = run.config
+    model_config = load_model_config(cfg.model)
+    tokenizer = build_tokenizer(model_config)
+    return TextEncoder(run.model, tokenizer, model_config=model_config, source=str(run_dir), settings=cfg.encoder)
 
 
 def load_text_encoder(spec_or_run_dir: str | Path, *, cache_dir: str | None = None) -> TextEncoder:

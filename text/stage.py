@@ -24,7 +24,7 @@ from latentdiff.core.train import Run, TrainConfig, make_optimizer, stage_main
 from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info, read_once
 
-from .encoder import TextEncoder
+from .encoder import TextEncoder, TextEncoderConfig
 from .evaluate import retrieval_metrics, zero_shot_accuracy
 from .loss import clamp_logit_scale
 from .model import build_clip, load_model_config, preprocess_images
@@ -39,6 +39,9 @@ class TextStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resolution: PositiveInt = 32  # image side read from the shards (the image tower resizes to its own size)
     eval_images: PositiveInt = 2000  # validation images for retrieval and zero-shot figures
+    # Which states, padding and mask later stages read (Stable Diffusion's encoders: text.encoder.SD1 / SD2).
+    encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image_tower: bool = True  # False: the weights hold the text tower only (an imported SD text encoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +91,13 @@ def train(args: argparse.Namespace) -> dict:
 
     run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
     cfg, rt = run.config, run.runtime
+    if not cfg.image_tower:
+        raise ValueError("image_tower = false: contrastive training needs CLIP's image tower; remove the setting")
     tcfg = cfg.train
     model_config = load_model_config(cfg.model)
     model = build_clip(model_config).to(rt.device)
-    encoder = TextEncoder(model, build_tokenizer(model_config), model_config=model_config, source=str(run.path))
+    tokenizer = build_tokenizer(model_config)
+    encoder = TextEncoder(model, tokenizer, model_config=model_config, source=str(run.path), settings=cfg.encoder)
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     scheduler = run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})

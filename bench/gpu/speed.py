@@ -61,25 +61,20 @@ def prior_config(sizes: Sizes, extra: tuple[str, ...] = ()):
 
 
 def diffusers_config(model) -> dict:
-    """UNet2DConditionModel's config closest to our UNetConfig: the same widths, blocks, attention levels, heads."""
+    """Keyword arguments of the diffusers UNet2DConditionModel that our UNetConfig `model` is (prior.interchange).
+
+    A config diffusers cannot express exactly (the tiny preset's GroupNorms take gcd(32, width) groups) is
+    brought to the closest one it can: one group count dividing every width, no pooled embedding.
+    """
+    import dataclasses
     import math
 
-    levels = range(len(model.channels))
-    return {
-        "in_channels": model.in_channels,
-        "out_channels": model.in_channels,
-        "block_out_channels": tuple(model.channels),
-        "layers_per_block": model.num_res_blocks,
-        "down_block_types": tuple(
-            "CrossAttnDownBlock2D" if i in model.attention_levels else "DownBlock2D" for i in levels
-        ),
-        "up_block_types": tuple(
-            "CrossAttnUpBlock2D" if i in model.attention_levels else "UpBlock2D" for i in reversed(levels)
-        ),
-        "cross_attention_dim": model.context_dim,
-        "attention_head_dim": model.heads,  # diffusers' historical name: this is the number of heads (SD-1.5: 8)
-        "norm_num_groups": math.gcd(32, *model.channels),  # ours: gcd(32, width) per norm
-    }
+    from latentdiff.prior import interchange
+
+    if interchange.export_problems(model):
+        model = dataclasses.replace(model, norm_groups=math.gcd(model.norm_groups, *model.channels), pooled_dim=0)
+    config = interchange.diffusers_config(model, sample_size=0)
+    return {k: v for k, v in config.items() if k not in ("_class_name", "sample_size")}
 
 
 DIFFUSERS = "diffusers UNet2DConditionModel, checkpointing off"

@@ -40,7 +40,7 @@ SKIPPED = {
     r"^python -m bench\.demo_races\b": "trains and scores a prior per trial (minutes each; its parts are tested)",
     r"^python -m bench\.model_step\b": "times training steps into runs/bench (tests/bench/test_bench.py runs it small)",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
-    r"--preset base\b": "a GPU preset, here with open_clip's ViT-B-32 weights, which are not on disk",
+    r"--preset base\b": "SD 1.5's 860M UNet (a GPU preset), with pretrained CLIP weights that are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
 }
 # README paths of pretrained files -> how the test makes a tiny stand-in (diffusers, a test dependency)
