@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .plan import GOAL_DATA_RATIO, Sizes
@@ -46,17 +47,27 @@ def write_jpeg_shards(out: Path, n: int, resolution: int, shards: int = 8) -> fl
     return sum(sizes) / len(sizes) / 1024
 
 
-def loader_rate(data: Path, batch_size: int, workers: int, batches: int, resolution: int) -> tuple[float, float]:
-    """(images/s from the second batch on, seconds to the first batch)."""
+def loader_rate(
+    data: Path, batch_size: int, workers: int, batches: int, resolution: int, device: torch.device
+) -> tuple[float, float]:
+    """(images/s from the second batch on, seconds to the first batch), each batch delivered to `device` as the
+    stages take it: from pinned memory (the reader pins for an accelerator), uint8, converted there."""
+    from latentdiff.core.pixels import from_uint8_to
     from latentdiff.data.reader import make_loader
 
-    loader = make_loader(str(data), "train", batch_size, seed=0, num_workers=workers, resolution=resolution)
+    loader = make_loader(
+        str(data), "train", batch_size, seed=0, num_workers=workers, resolution=resolution, device=device
+    )
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
-    n = sum(len(next(it)["caption"]) for _ in range(batches))
+    n = 0
+    for _ in range(batches):
+        n += from_uint8_to(next(it)["image"], device).shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last copies and conversions are part of the time
     return n / (time.perf_counter() - t1), startup
 
 
@@ -69,7 +80,8 @@ def run(sizes: Sizes, work: Path, record: Callable[[dict], None], earlier: dict)
     t0 = time.perf_counter()
     kb = write_jpeg_shards(work / "jpeg", sizes.data_n, sizes.data_resolution)
     made_s = time.perf_counter() - t0
-    rate, startup = loader_rate(work / "jpeg", batch, workers, sizes.data_batches, sizes.data_resolution)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only in --cpu-smoke
+    rate, startup = loader_rate(work / "jpeg", batch, workers, sizes.data_batches, sizes.data_resolution, device)
     consumed = (earlier.get("train_step") or {}).get("figures", {}).get("best_images_per_s")
     ratio = rate / consumed if consumed else None
     rows = [
@@ -85,7 +97,8 @@ def run(sizes: Sizes, work: Path, record: Callable[[dict], None], earlier: dict)
             f"{sizes.data_n} JPEGs at {sizes.data_resolution} px (quality 90, mean {kb:.1f} KB; written in "
             f"{made_s:.0f} s) in 8 webdataset shards; `make_loader` with the {sizes.prior_preset} prior preset's "
             f"batch ({batch}) and `train.num_workers` ({workers}), {sizes.data_batches} timed batches: reading, "
-            "JPEG decoding, collating, in this process and its workers (the step was not running beside it)."
+            "JPEG decoding, collating, in this process and its workers, and the copy to the device (pinned, uint8) "
+            "with its conversion there (the step was not running beside it)."
         ],
         "figures": {
             "images_per_s": rate,
