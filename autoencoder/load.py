@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -70,26 +69,8 @@ def write_autoencoder_run(
     run_dir = Path(run_dir)
     if (run_dir / ckpt.META).exists() or ckpt.has_checkpoint(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} already holds a run; choose another --out")
-    config = dumps_toml(to_dict(cfg))
-    meta = {
-        "stage": "autoencoder",
-        "format_version": ckpt.FORMAT_VERSION,
-        "step": 0,
-        "ema": False,
-        "latent_space": space.to_dict(),
-        **(extra or {}),
-    }
-    staging = ckpt.staging_dir(run_dir, 0)
-    try:
-        ckpt.write_text(staging / ckpt.CONFIG, config)
-        ckpt.save_weights(staging / ckpt.MODEL, state, {"step": 0})
-        ckpt.write_json(staging / ckpt.META, meta)
-        ckpt.commit(run_dir, staging, 0, keep=1)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    ckpt.write_text(run_dir / ckpt.CONFIG, config)
-    ckpt.write_json(run_dir / ckpt.META, meta)
+    meta = {"latent_space": space.to_dict(), **(extra or {})}
+    ckpt.write_first_checkpoint(run_dir, "autoencoder", dumps_toml(to_dict(cfg)), state, meta)
     return run_dir
 
 

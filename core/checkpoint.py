@@ -668,3 +668,23 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if "rng" in state:
         state["rng"]["numpy"] = _numpy_state_from_tensors(state["rng"]["numpy"])
     return state
+
+
+def write_first_checkpoint(
+    run_dir: str | Path, stage: str, config_toml: str, state: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """A run that did not come from training (an imported one): one committed step-0 checkpoint (config.toml,
+    model.safetensors, meta.json) and the root copies people read. A failed write leaves no checkpoint."""
+    run_dir = Path(run_dir)
+    meta = {"stage": stage, "format_version": FORMAT_VERSION, "step": 0, "ema": False, **meta}
+    staging = staging_dir(run_dir, 0)
+    try:
+        write_text(staging / CONFIG, config_toml)
+        save_weights(staging / MODEL, state, {"step": 0})
+        write_json(staging / META, meta)
+        commit(run_dir, staging, 0, keep=1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_text(run_dir / CONFIG, config_toml)
+    write_json(run_dir / META, meta)

@@ -131,7 +131,7 @@ class RunDirectory:
             main = os.environ.get("RANK", "0") == "0"
             holder = ckpt.lock_holder(path) if main and path.is_dir() else None
             if holder is not None:
-                raise RunLocked(f"{path} is in use by {holder}; wait for it to end, or pass another --out")
+                raise RunLocked(f"{path} is in use by {holder}; wait for it to end before resuming it")
             recorded = ckpt.read_meta(path, stage)
             readers = {"data": lambda meta, run: recorded_data(run, stage), **(from_run or {})}
             fill_from_run(args, recorded, path, readers)

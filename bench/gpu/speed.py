@@ -88,8 +88,8 @@ def variants(sizes: Sizes) -> list[tuple[str, tuple[str, ...]]]:
     """
     off = "model.gradient_checkpointing=false"
     return [
-        ("preset (checkpointing on)", ("model.gradient_checkpointing=true",)),
-        ("checkpointing off", (off,)),
+        ("checkpointing on", ("model.gradient_checkpointing=true",)),
+        ("checkpointing off (the preset)", (off,)),
         ("checkpointing off, channels_last", (off, "train.channels_last=true")),
         (DIFFUSERS, (off,)),
         ("checkpointing off, compile", (off, "train.compile=true")),
