@@ -149,6 +149,68 @@ def diffusers_namer(cfg: UNetConfig) -> Callable[[str], str]:
     return name
 
 
+# Inside a resnet: diffusers' name -> LDM's (ResBlock's Sequentials: in_layers = [norm, SiLU, conv], emb_layers =
+# [SiLU, linear], out_layers = [norm, SiLU, dropout, conv]). Transformers are named alike in both.
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+_LDM_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+_DIFFUSERS_PART = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$")
+
+
+def ldm_namer(cfg: UNetConfig) -> Callable[[str], str]:
+    """latentdiff UNet tensor name -> its name in an LDM / SD single-file checkpoint (without `model.diffusion_model.`).
+
+    LDM's openaimodel.UNetModel numbers its layers flat (Rombach et al. 2022's code): input_blocks.0 is
+    conv_in, then per level `num_res_blocks` blocks [ResBlock, SpatialTransformer?] and a block holding
+    the Downsample (`.0.op`); middle_block is [ResBlock, SpatialTransformer, ResBlock]; output_blocks
+    run from the last level back, `num_res_blocks + 1` blocks per level, the level's Upsample (`.conv`)
+    sitting after the ResBlock and transformer of its last block; out is [GroupNorm, SiLU, conv].
+    Built on `diffusers_namer`: diffusers' per-level groups are renumbered flat.
+    """
+    to_diffusers_name, per = diffusers_namer(cfg), cfg.num_res_blocks + 1
+    levels = len(cfg.channels)
+
+    def resnet(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        return f"{_LDM_RESNET[head]}.{tail}"
+
+    def name(key: str) -> str:
+        theirs = to_diffusers_name(key)
+        for top, ldm in _LDM_TOP.items():
+            if theirs.startswith(top + "."):
+                return ldm + theirs[len(top) :]
+        if theirs.startswith("mid_block."):  # resnets.0 -> 0, attentions.0 -> 1, resnets.1 -> 2
+            kind, index, rest = theirs[len("mid_block.") :].split(".", 2)
+            if kind == "attentions":
+                return f"middle_block.1.{rest}"
+            return f"middle_block.{2 * int(index)}.{resnet(rest)}"
+        m = _DIFFUSERS_PART.match(theirs)
+        if m is None:
+            raise ValueError(f"no LDM name for {key} ({theirs})")  # a UNet field this map does not know
+        path, block, kind, index, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if path == "down":
+            n = 1 + block * per + (cfg.num_res_blocks if kind == "downsamplers" else index)
+            if kind == "downsamplers":  # its conv is LDM's Downsample.op
+                return f"input_blocks.{n}.0.op.{rest.removeprefix('conv.')}"
+            return f"input_blocks.{n}.{1 if kind == 'attentions' else 0}.{resnet(rest) if kind == 'resnets' else rest}"
+        n = block * per + (cfg.num_res_blocks if kind == "upsamplers" else index)
+        if kind == "upsamplers":  # after the ResBlock, and the transformer where this level attends
+            attends = levels - 1 - block in cfg.attention_levels
+            return f"output_blocks.{n}.{2 if attends else 1}.{rest}"
+        return f"output_blocks.{n}.{1 if kind == 'attentions' else 0}.{resnet(rest) if kind == 'resnets' else rest}"
+
+    return name
+
+
+def from_ldm(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str) -> dict[str, torch.Tensor]:
+    """An LDM / SD single-file UNet state dict (names without `model.diffusion_model.`) under latentdiff's names.
+
+    Raises CheckpointError (one line) naming the missing, unused and misshapen tensors.
+    """
+    return rename_state(_model_state(cfg), state, ldm_namer(cfg), where, describe(cfg))
+
+
 def _model_state(cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """Names and shapes of the UNet `cfg` builds, without allocating its weights."""
     with torch.device("meta"):

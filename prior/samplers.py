@@ -87,6 +87,9 @@ OPTIONS: dict[str, Option] = {
     "sigma_max": Option(float, "largest sigma of the karras/logsnr spacings (min(sigma(T-1), 80))", 0.0, above=True),
     "order": Option(int, "UniPC's order p (the corrector makes it p + 1)", choices=(1, 2, 3)),
     "variant": Option(str, "UniPC's B(h): bh1 = h, bh2 = e^h - 1", choices=("bh1", "bh2")),
+    "final_order": Option(
+        int, "DPM-Solver++(2M)'s last step to the data: 2 (in sigma) or 1 (x0_hat, as diffusers ends)", choices=(1, 2)
+    ),
 }
 
 

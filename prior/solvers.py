@@ -64,12 +64,15 @@ def _second_order_to_data(x0: Tensor, eps: Tensor, eps_prev: Tensor, sigma: floa
     return x0 + sigma**2 / (2 * (sigma_prev - sigma)) * (eps_prev - eps)
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, walk: Walk) -> Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, walk: Walk, *, final_order: int = 2) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022b Alg. 2: multistep data prediction in lambda = log(alpha/sigma).
 
     The first step is first order (no earlier x0_hat); the last, to the data, is second order in
-    sigma (`_second_order_to_data`). Deterministic; the walk's generator is unused.
+    sigma (`_second_order_to_data`), or first order (x0_hat itself) with final_order = 1, as diffusers'
+    DPMSolverMultistepScheduler ends (final_sigmas_type "zero"). Deterministic; the walk's generator is unused.
     """
+    if final_order not in (1, 2):
+        raise ValueError(f"final_order must be 1 or 2, got {final_order!r}")
     lv, z = walk.levels, z_T
     lam, sig = lv.lambdas, lv.sigmas
     x0_prev = eps_prev = None
@@ -78,7 +81,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, z_T: Tensor, walk: Walk) -> Tensor:
         walk.report(i, z, x0)
         a_t, a_s = lv.abars[i], lv.abars[i + 1]
         if a_s == 1.0:
-            return x0 if eps_prev is None else _second_order_to_data(x0, eps, eps_prev, sig[i], sig[i - 1])
+            if eps_prev is None or final_order == 1:
+                return x0
+            return _second_order_to_data(x0, eps, eps_prev, sig[i], sig[i - 1])
         h = lam[i + 1] - lam[i]  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
         if x0_prev is None or math.isinf(lam[i - 1]):
             D = x0  # first order (DPM-Solver++ 1 = DDIM)

@@ -10,6 +10,8 @@ t_0 > t_1 > ... > t_{N-1} it evaluates the network at, and abar at each, followe
       T/N - 1 is far from the data at few steps, and the jump from there is a first-order error.
   "leading": (N-1)k, ..., k, 0 with k = T // N (DDIM code, Stable Diffusion); never visits T-1,
       so the first state is noisier than the model expects there.
+  "sd-leading": "leading" shifted up by one, (N-1)k+1, ..., k+1, 1: Stable Diffusion 1.x's schedulers
+      (diffusers' timestep_spacing "leading" with steps_offset = 1), so a sampler visits its timesteps.
   "linspace": round(linspace(T-1, 0, N)): both ends.
   "karras": Karras et al. 2022 eq. 5 in sigma = sqrt((1 - abar) / abar), rho = 7, from
       min(sigma(T-1), 80) down to sigma(0). Karras et al.'s sigma_max = 80 (Table 1): the cosine
@@ -39,7 +41,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "karras", "logsnr")
+SPACINGS: tuple[str, ...] = ("trailing", "leading", "sd-leading", "linspace", "karras", "logsnr")
 KARRAS_SIGMA_MAX = 80.0
 
 
@@ -83,12 +85,19 @@ def timesteps(T: float, steps: int, spacing: str = "trailing") -> list[int]:
     """
     if spacing == "trailing":
         ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
-    elif spacing == "leading":
-        ts = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (int(T) // steps)
+    elif spacing in ("leading", "sd-leading"):
+        ts = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (int(T) // steps) + (spacing == "sd-leading")
     elif spacing == "linspace":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
     else:
-        raise ValueError(f"{spacing!r} is not a discrete timestep spacing; expected trailing, leading or linspace")
+        raise ValueError(
+            f"{spacing!r} is not a discrete timestep spacing; expected trailing, leading, sd-leading or linspace"
+        )
+    if ts[0] > T - 1:  # sd-leading at one timestep per step: its offset goes past the top
+        raise ValueError(
+            f"sd-leading with {steps} steps starts at timestep {int(ts[0])}, above the top {T - 1:g}; "
+            "use fewer steps or the spacing leading"
+        )
     return [int(t) for t in ts.tolist()]
 
 
@@ -135,7 +144,7 @@ class Spacing:
         if t_start is not None:
             check_start(schedule, steps, t_start)
         top = schedule.T if t_start is None else t_start + 1  # as many timesteps as 0..t_start holds
-        if spacing in ("trailing", "leading", "linspace"):
+        if spacing in ("trailing", "leading", "sd-leading", "linspace"):
             if (sigma_min, sigma_max) != (None, None):
                 raise ValueError(f"sigma_min and sigma_max apply to the karras and logsnr spacings, not {spacing!r}")
             ts = timesteps(top, steps, spacing)

@@ -21,6 +21,8 @@ COMMANDS = {
     ("serve",): ("latentdiff.scripts.serve", "a local web page: generate images, watch training curves and grids"),
     ("import", "autoencoder"): ("latentdiff.scripts.import_autoencoder", "a diffusers or SD VAE as an autoencoder run"),
     ("export", "autoencoder"): ("latentdiff.scripts.export_autoencoder", "an autoencoder run as a diffusers folder"),
+    ("import", "pipeline"): ("latentdiff.scripts.import_pipeline", "SD 1.x/2.x (diffusers or one file) as 3 runs"),
+    ("export", "pipeline"): ("latentdiff.scripts.export_pipeline", "a prior run as a diffusers SD pipeline folder"),
     ("evaluate-autoencoder",): ("latentdiff.evaluation.reconstruction", "PSNR, SSIM, LPIPS and rFID of an autoencoder"),
 }
 

@@ -36,7 +36,8 @@ def test_start_at_the_last_timestep_is_the_full_range_and_part_way_starts_there(
     full, top = Spacing(spacing).levels(SD, 10), Spacing(spacing).levels(SD, 10, t_start=SD.T - 1)
     assert top.ts == pytest.approx(full.ts) and top.abars == pytest.approx(full.abars)
     part = Spacing(spacing).levels(SD, 10, t_start=499.0)
-    first = 450.0 if spacing == "leading" else 499.0  # leading: (N-1) floor(500 / N), as 900 of 1000 in full
+    # leading: (N-1) floor(500 / N), as 900 of 1000 in full; sd-leading one more
+    first = {"leading": 450.0, "sd-leading": 451.0}.get(spacing, 499.0)
     assert part.ts[0] == pytest.approx(first, abs=1e-6) and part.abars[-1] == 1.0
     assert all(a > b for a, b in zip(part.ts, part.ts[1:])) and part.ts[-1] >= 0
     with pytest.raises(ValueError, match="leaves 10 timesteps, fewer than the 20 steps"):

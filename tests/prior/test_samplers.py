@@ -156,7 +156,7 @@ def test_options_are_checked_with_their_range():
             check_options("ddim", {"eta": bad})
     with pytest.raises(ValueError, match="takes no option 'eta'.*eta applies to ddim, euler-a, dpmpp-2m-sde"):
         check_options("dpmpp-2m", {"eta": 0.5})
-    with pytest.raises(ValueError, match="spacing must be one of trailing, leading, linspace, karras, logsnr"):
+    with pytest.raises(ValueError, match="spacing must be one of trailing, leading, sd-leading, linspace, karras"):
         check_options("ddim", {"spacing": "uniform"})
     with pytest.raises(ValueError, match=r"s_churn must be a finite number >= 0"):
         check_options("heun", {"s_churn": -0.5})

@@ -42,9 +42,15 @@ SKIPPED = {
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
     r"--preset base\b": "SD 1.5's 860M UNet (a GPU preset), with pretrained CLIP weights that are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
+    r"^latentdiff import pipeline /models/sd-v1-5\.safetensors": "a file's text tower is SD's full ViT-L/14; "
+    "tests/prior/test_import_pipeline.py imports small single files",
 }
 # README paths of pretrained files -> how the test makes a tiny stand-in (diffusers, a test dependency)
-PRETRAINED = {"/models/sd-vae-ft-mse": "folder", "/models/v1-5-pruned-emaonly.safetensors": "single-file"}
+PRETRAINED = {
+    "/models/sd-vae-ft-mse": "folder",
+    "/models/v1-5-pruned-emaonly.safetensors": "single-file",
+    "/models/stable-diffusion-v1-5": "sd-pipeline",
+}
 
 # Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
 TINY_TRAIN = {
@@ -135,6 +141,9 @@ def tiny(argv: list[str], inputs: dict[str, Path]) -> list[str]:
         _set(argv, "--test-n", "24")
     elif argv[0] == "train":
         argv += ["--steps", "2", *TINY_TRAIN[argv[1]]]
+    elif words == ("import", "pipeline"):
+        _set(argv, "--batch-size", "2")
+        _set(argv, "--batches", "1")
     elif words == ("import", "autoencoder"):
         _set(argv, "--resolution", "32")
         _set(argv, "--batch-size", "2")
@@ -191,6 +200,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     inputs = {"idx": _fashion_mnist_source(tmp_path), "my-images": _my_images(tmp_path)}
     try:
         inputs.update(_pretrained_vae(tmp_path))
+        from tests.prior.test_import_pipeline import build_pipeline  # a small random SD 1.x pipeline folder
+
+        build_pipeline(tmp_path / "sd-pipeline", "sd1")
+        inputs["sd-pipeline"] = tmp_path / "sd-pipeline"
     except pytest.skip.Exception:  # no diffusers (the dev extra): the imports are not run, the rest is
         pass
     rng = np.random.default_rng(2)  # the user's own photo and inpainting mask (white: repaint)
