@@ -99,13 +99,19 @@ class OutputFolder:
         names = [p.name for p in entries]
         if not names:
             return frozenset()
-        if not overwrite:
+        ours = self._ours(names)
+        foreign = [p.name for p in entries if p.name not in ours or p.is_symlink() or not p.is_file()]
+        if not overwrite and not foreign:
             raise UserError(
                 f"{self.flag} {self.path} is not empty ({_shown(names)}); pass --overwrite to replace what this "
                 "command wrote there, or choose a new folder"
             )
-        ours = self._ours(names)
-        foreign = [p.name for p in entries if p.name not in ours or p.is_symlink() or not p.is_file()]
+        if not overwrite:  # --overwrite would not help: say what would
+            them = "it" if len(foreign) == 1 else "them"
+            raise UserError(
+                f"{self.flag} {self.path} is not empty: it holds {_shown(foreign)}, which no {self.record} there "
+                f"lists as written by this command; move {them} away, or choose a new folder"
+            )
         if foreign:
             them = "it" if len(foreign) == 1 else "them"
             raise UserError(

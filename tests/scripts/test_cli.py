@@ -80,13 +80,20 @@ def test_output_folders_never_mix_two_results(tmp_path, capsys):
     (out / "000_a_00.png").write_bytes(b"x")
     (out / "settings.json").write_text('{"files": ["000_a_00.png"]}')
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"--out .*gen is not empty \(000_a_00.png, notes.txt, settings.json\); pass"):
+    # --overwrite would not free the folder while a user's own file is there: the message says what would.
+    with pytest.raises(
+        UserError, match=r"--out .*gen is not empty: it holds notes.txt, which no settings.json there"
+    ) as e:
         OutputFolder(out, overwrite=False, record="settings.json")
+    assert "--overwrite" not in str(e.value) and "move it away" in str(e.value)
     # --overwrite replaces only what the record lists; a user's own file is refused before anything is deleted.
     with pytest.raises(UserError, match=r"holds notes.txt, which its settings.json does not list"):
         OutputFolder(out, overwrite=True, record="settings.json")
     assert (out / "000_a_00.png").exists() and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
+    # Only this command's own files left: --overwrite is the way, and the message says so.
+    with pytest.raises(UserError, match=r"gen is not empty \(000_a_00.png, settings.json\); pass --overwrite"):
+        OutputFolder(out, overwrite=False, record="settings.json")
     assert OutputFolder(out, overwrite=True, record="settings.json").previous == {"000_a_00.png", "settings.json"}
 
 
