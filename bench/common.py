@@ -1,7 +1,7 @@
 """What every benchmark shares: timing, the machine's description, tables, JSON, tiny models, data.
 
 Each benchmark is `python -m bench.NAME [flags]` from the repository root: it prints a Markdown
-table (what the README carries) and writes the same figures as JSON under --out (default
+table (what docs/benchmarks.md carries) and writes the same figures as JSON under --out (default
 runs/bench/NAME.json), with the machine, torch version and thread count they were measured on.
 Figures are wall-clock medians over repeats after warm-up; nothing here asserts a speed.
 """

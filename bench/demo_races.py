@@ -29,7 +29,7 @@ from latentdiff.scripts import cli
 
 from .common import DEMO, OUT, parser, report, table
 
-GOAL_ACCURACY = 0.90  # the demo's goal: >= 90% prompt accuracy at FID <= 4.0 (README, The demo)
+GOAL_ACCURACY = 0.90  # the demo's goal: >= 90% prompt accuracy at FID <= 4.0 (docs/demo.md)
 
 
 def parse_trial(text: str) -> tuple[str, list[str]]:

@@ -51,7 +51,7 @@ def prior_step(preset: str, backend: str, precision: str, dev: torch.device, ove
     from latentdiff.prior.unet import UNet
 
     cfg = prior_config(preset, overrides)
-    use_deterministic_kernels(cfg.train.deterministic)  # --set train.deterministic=true times them (README, Devices)
+    use_deterministic_kernels(cfg.train.deterministic)  # --set train.deterministic=true times them (docs/devices.md)
     unet = UNet(dataclasses.replace(cfg.model, attention=backend)).to(dev)
     opt = make_optimizer(unet.parameters(), cfg.train)
     schedule = make_schedule(cfg.diffusion)

@@ -2,9 +2,9 @@
 
 Data x_0 ~ N(0.5, 0.7^2) in one dimension has an exact denoiser, E[x_0 | z_t] = mu + sqrt(abar) s^2
 (z_t - sqrt(abar) mu) / (abar s^2 + 1 - abar), so whatever error is left is the sampler's own.
-z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in the comparison with diffusers that the
-README quotes. A deterministic sampler is then an affine map z_0 = M z_T + b, read off from two inputs, so its
-output mean and std are exact (no sampling noise); stochastic samplers are run on --n samples.
+z_T is drawn from the exact marginal at t = T-1 (T = 1000), as in the comparison with diffusers that
+docs/benchmarks.md quotes. A deterministic sampler is then an affine map z_0 = M z_T + b, read off from two
+inputs, so its output mean and std are exact (no sampling noise); stochastic samplers are run on --n samples.
 Prints, per schedule, the relative error of the std (and of the mean) of every sampler with its
 default spacing at each budget of evaluations, then the std error of every sampler x spacing.
 

@@ -6,11 +6,11 @@ images are generated from the class prompts with the same seed, so the same star
 and scored like `latentdiff evaluate` does: FID in the classifier's feature space against the
 real test images (beside the floor of a real holdout of the same size) and prompt accuracy by
 that classifier. Heun makes 2 evaluations per step but the last, so it gets (NFE + 1) // 2
-steps and the table shows the NFE it really made; it refuses budgets below 11 (README). Writes
+steps and the table shows the NFE it really made; it refuses budgets below 11 (docs/prior.md). Writes
 a plot of FID against NFE.
 
 Its defaults (n = 2000, NFE up to 1000) cost ~13 CPU-hours on 2 cores; `make bench` (`python -m bench`) runs
-n = 250 at NFE 5, 10, 20 and 50, and the README gives the command of each larger run it quotes.
+n = 250 at NFE 5, 10, 20 and 50, and docs/benchmarks.md gives the command of each larger run it quotes.
 Results are written after every point; --resume continues a stopped run or adds points to a finished one.
 """
 

@@ -1,6 +1,6 @@
 """What a training run does on each fault: a second writer, a signal, a number that is not finite.
 
-`Run` (core/train.py) uses these; the README's "Reliability" section says what each one
+`Run` (core/train.py) uses these; docs/reliability.md says what each one
 guarantees. Every decision that several ranks must take together goes through
 `Runtime.any_rank`, so all ranks stop, skip or save at the same step.
 """

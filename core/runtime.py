@@ -109,10 +109,10 @@ def sampling_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype for running a network at inference, or None for float32.
 
     "auto" is bf16 on CUDA, and on CPUs with AMX tiles (Intel Sapphire Rapids and later), where
-    bench/ measured the sampling loop 1.3x faster at 128 rows per pass (at 8 rows it was 10% slower,
-    README, Speed); float32 elsewhere. The choice depends on the device alone, never on the rows per
-    pass, so an image does not change with the batch it is made in. Training keeps its own
-    `precision` (bf16 autocast made the CPU backward 2x slower). Under autocast the samplers'
+    bf16 sampling is faster at large batches; float32 elsewhere (docs/benchmarks.md, What was made
+    faster). The choice depends on the device alone, never on the rows per pass, so an image does
+    not change with the batch it is made in. Training keeps its own `precision` (on the CPU bf16
+    training was slower: the same page). Under autocast the samplers'
     arithmetic stays float32: only the network runs in bf16.
     """
     if precision not in SAMPLING_PRECISIONS:
@@ -291,7 +291,7 @@ DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
 
 
 def use_deterministic_kernels(on: bool) -> None:
-    """Deterministic kernels on or off, process-wide (train.deterministic; README, Devices).
+    """Deterministic kernels on or off, process-wide (train.deterministic; docs/devices.md).
 
     On: torch.use_deterministic_algorithms (an op with no deterministic kernel warns, naming itself,
     rather than stopping a run hours in), cuDNN deterministic with its benchmark off, and
@@ -330,8 +330,8 @@ class Runtime:
     ) -> Runtime:
         """Pick the device (indexed and current: pick_device), join torchrun's process group if any, seed every RNG.
 
-        precision "auto" is bf16 autocast on CUDA and fp32 on CPU, where bf16 autocast was
-        measured slower (CALIBRATION.md: 0.76 vs 0.65 s/step). deterministic: deterministic
+        precision "auto" is bf16 autocast on CUDA and fp32 on CPU, where bf16 autocast trains
+        slower (docs/benchmarks.md, What was made faster). deterministic: deterministic
         kernels on (or off) for the whole process (use_deterministic_kernels).
         Raises UserError (one line) for a device this machine lacks (pick_device).
         """

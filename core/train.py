@@ -73,14 +73,14 @@ class TrainConfig:
     precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
     # Under torchrun: "ddp" keeps a whole replica (weights, gradients, AdamW state) on every process;
     # "fsdp" shards them over the processes (core/sharding.py), for a prior or autoencoder that
-    # outgrows one GPU. Checkpoints are the same either way (README, Models that outgrow one GPU).
+    # outgrows one GPU. Checkpoints are the same either way (docs/devices.md, Models that outgrow one GPU).
     parallel: Parallel = "ddp"
     # The network's weights and 4-d inputs in torch.channels_last (NHWC), the layout GPU tensor cores
-    # read (Run.wrap). Off by default: on the CPU the tiny UNet was no faster with it (README, The
-    # training step); on a GPU, `python -m bench.gpu` measures it.
+    # read (Run.wrap). Off by default (its CPU timing: docs/benchmarks.md,
+    # The training step); on a GPU, `python -m bench.gpu` measures it.
     channels_last: bool = False
-    # torch.compile the network's training forward (Run.wrap). Off by default: on the CPU it took 93 s
-    # to compile the tiny UNet for no gain (README), and the prior compiles again once caption lengths vary.
+    # torch.compile the network's training forward (Run.wrap). Off by default: compiling costs start-up time
+    # (its CPU timing: docs/benchmarks.md), and the prior compiles again once caption lengths vary.
     compile: bool = False
     log_every: NonNegativeInt = 25  # steps between metric lines (0: none)
     sample_every: NonNegativeInt = 500  # steps between sample/reconstruction grids (0: only at the end)
@@ -89,7 +89,7 @@ class TrainConfig:
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept in RUN/checkpoints
     # Deterministic kernels (core.runtime.use_deterministic_kernels; --deterministic): the same numbers on the
     # same GPU and software, so a GPU run resumes bit for bit. Off: CPU kernels are deterministic without it,
-    # and on GPUs it costs speed (README, Devices).
+    # and on GPUs it costs speed (docs/devices.md).
     deterministic: bool = False
 
 
@@ -168,7 +168,7 @@ def adamw_kernel(devices: set[str]) -> dict[str, bool]:
 
     Fused (one kernel for all parameters) when they are all on CUDA. Elsewhere foreach (one op
     per kind over the list), which on the CPU gives the same bits as torch's default per-tensor
-    loop, faster (README, The training step); the CPU's fused kernel rounds differently, so CPU
+    loop, faster (docs/benchmarks.md, The training step); the CPU's fused kernel rounds differently, so CPU
     runs keep the numbers they had.
     """
     if devices and all(d in FUSED_DEVICES for d in devices):

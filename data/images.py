@@ -4,7 +4,7 @@
     image = load_rgb(path_or_bytes, resolution=64)     # RGB, 64 x 64, or raises BadImage
 
 Every Pillow mode a folder can hold comes out as the RGB values it means (documented in the
-README's Data section):
+docs/data.md, Image modes):
 
 - 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: Pillow's own conversion to RGB.
 - Alpha (LA, La, PA, RGBA, RGBa, P or L or RGB with a transparency key) is composited on

@@ -251,7 +251,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    """The sweep as a Markdown table (what the README shows): figures with their 95% intervals, then the
+    """The sweep as a Markdown table (what docs/demo.md shows): figures with their 95% intervals, then the
     sample count, extractor, floor, the CLIP score's real reference and the notes."""
     rows = report["results"]
     cols = [("guidance", lambda r: f"{r['guidance']:g}")]

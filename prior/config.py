@@ -26,7 +26,7 @@ class DiffusionConfig:
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"  # min_snr: Hang et al. 2023
     min_snr_gamma: PositiveFloat = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
     # Floor on the SNR inside min-SNR, clamp(SNR, floor, gamma) (v and x0 only): without one a zero terminal SNR
-    # trains t = T-1, where sampling starts, with weight 0 (prior/losses.py; raced in README, The demo). 0: off.
+    # trains t = T-1, where sampling starts, with weight 0 (prior/losses.py; compared in docs/demo.md). 0: off.
     min_snr_floor: NonNegativeFloat = 0.0
     # Sampling clamps the predicted z_0 to [-c, c]: "latent" takes c from the autoencoder's latent space (the
     # largest |z| it measured, in prior units), "off" never clamps, a number > 0 is c itself.
@@ -65,7 +65,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    sampler: SamplerName = "unipc"  # a name of prior/samplers.py's SAMPLERS; unipc: most accurate at 20 (README)
+    sampler: SamplerName = "unipc"  # a name of prior/samplers.py's SAMPLERS (docs/prior.md, Samplers)
     steps: PositiveInt = 20  # sampler steps
     guidance: NonNegativeFloat = 3.0  # classifier-free guidance scale w (1: no guidance)
     prompts: tuple[str, ...] = ()  # fixed prompts for training-time grids (empty: the dataset's class prompts)

@@ -24,7 +24,7 @@ Files under the cache folder:
     parts/shard-000003.safetensors   one shard's "mean" and "std"; its captions and skips in the metadata
 
 Every rank reads latents.safetensors through safetensors' memory map, so the ranks of one node
-share the page cache instead of each holding the cache in its own memory (README, Reliability,
+share the page cache instead of each holding the cache in its own memory (docs/reliability.md,
 "The latent cache", has the figures).
 """
 

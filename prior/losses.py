@@ -13,8 +13,8 @@ barely learns the levels the first sampling steps visit. `floor` raises the SNR 
   x0-space weight clamp(SNR, floor, gamma)   (plain min-SNR at floor = 0),
 so those steps weigh floor / (SNR + 1) in the v loss, and nothing changes where SNR >= floor. The
 form max(min(SNR, 5), 1) was proposed for this on the Min-SNR authors' tracker
-(TiankaiHang/Min-SNR-Diffusion-Training, issue 2); the value the tiny preset uses was raced (README,
-The demo, measured). eps needs none: its weight is already 1 wherever SNR < gamma.
+(TiankaiHang/Min-SNR-Diffusion-Training, issue 2); the tiny preset's value and its comparison are in
+docs/demo.md. eps needs none: its weight is already 1 wherever SNR < gamma.
 """
 
 from __future__ import annotations

@@ -131,12 +131,12 @@ _SPECS = [
         2,
         spacing="karras",
         min_steps=6,
-        refusal="below 11 evaluations Heun's few large steps ruin real images (demo prior: FID 284 at 5, "
-        "132 at 9; README); use unipc or dpmpp-2m, one evaluation per step",
+        refusal="give --steps 6 or more, or use unipc or dpmpp-2m, which take one evaluation per step "
+        "(Heun's few large steps degrade images; docs/benchmarks.md, Samplers)",
     ),
     SamplerSpec("euler-a", sample_euler_ancestral, "Euler a", 1, 0, spacing="karras"),
     SamplerSpec("dpmpp-2m-sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE", 1, 0, spacing="logsnr"),
-    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),  # trailing: logsnr collapsed at 5 NFE on the demo prior
+    SamplerSpec("unipc", sample_unipc, "UniPC", 1, 3),  # trailing spacing: why, docs/benchmarks.md, Samplers
 ]
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
 

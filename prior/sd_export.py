@@ -6,7 +6,7 @@
 The folder holds model_index.json, unet/ (prior.interchange), vae/ (the autoencoder's exporter's
 names and config, its scaling_factor the latent space's scale), text_encoder/ and tokenizer/
 (text.interchange.export_text_encoder) and scheduler/: a DDIMScheduler on the prior's own betas
-whose timesteps are ours with `--spacing sd-leading` (README, "The same image in diffusers").
+whose timesteps are ours with `--spacing sd-leading` (docs/stable-diffusion.md, "The same image in diffusers").
 What diffusers cannot express is refused before anything is written, in one line.
 """
 

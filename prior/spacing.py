@@ -15,9 +15,9 @@ t_0 > t_1 > ... > t_{N-1} it evaluates the network at, and abar at each, followe
   "linspace": round(linspace(T-1, 0, N)): both ends.
   "karras": Karras et al. 2022 eq. 5 in sigma = sqrt((1 - abar) / abar), rho = 7, from
       min(sigma(T-1), 80) down to sigma(0). Karras et al.'s sigma_max = 80 (Table 1): the cosine
-      schedule's own sigma(T-1) ~ 2e4 wasted the few steps on pure noise (README, Samplers).
-      Where sigma(T-1) > 80, z_T is taken as the state at sigma = 80 (kept: the FID figures of
-      the README were measured so).
+      schedule's own sigma(T-1) ~ 2e4 would spend the few steps on pure noise (docs/prior.md, Samplers).
+      Where sigma(T-1) > 80, z_T is taken as the state at sigma = 80 (the figures of
+      docs/benchmarks.md were measured so).
   "logsnr": uniform in lambda = log(alpha / sigma) (Lu et al. 2022a, DPM-Solver: the "logSNR"
       time steps) from lambda(min(sigma(T-1), 80)) to lambda(0). Where sigma(T-1) > 80 the first
       level is T-1 itself, where z_T is, and the other N-1 levels follow from sigma = 80.

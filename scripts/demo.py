@@ -23,12 +23,9 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START = time.monotonic()
 # How the grid is drawn: DPM-Solver++(2M), 20 steps, on Karras et al. 2022's levels (sigma 80 down to the
 # schedule's sigma(0)), guided only below sigma 5 (the last 11 of the 20 steps; the guidance interval of
-# Kynkäänniemi et al. 2024). On two demo priors this lowered the FID at >= 90% prompt accuracy by 0.35
-# against trailing levels guided below sigma 10.8 (README, The demo, measured).
+# Kynkäänniemi et al. 2024). How this was chosen, and what it measured: docs/demo.md.
 SAMPLING = ["--sampler", "dpmpp-2m", "--steps", "20", "--spacing", "karras", "--guidance-interval", "0,5"]
-# The grid's guidance scale: with this sampling it kept every demo prior scored near its lowest FID (3.90 against
-# 3.87 at 1.75 on the final preset's run), and above 90% prompt accuracy on all but one (1.75 fell below on two)
-# (README, The demo, measured).
+# The grid's guidance scale (the guidance sweep behind it: docs/demo.md).
 GUIDANCE = "2"
 
 
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs=3,
         default=[3.0, 1.5, 7.0],
         metavar=("AE", "TEXT", "PRIOR"),
-        help="time budget per stage; the split was raced on 2 CPU cores (README, The demo) (default: %(default)s)",
+        help="time budget per stage; how the split was chosen: docs/demo.md (default: %(default)s)",
     )
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -168,7 +168,7 @@ def test_vgg16_file_in_the_hub_cache_is_hash_checked_and_never_unpickled(
     from latentdiff.decoder import perceptual
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    path = plant(perceptual.vgg16_weights_path(), marker)  # where the README tells offline users to copy it
+    path = plant(perceptual.vgg16_weights_path(), marker)  # where docs/autoencoder.md tells offline users to copy it
     assert path.name == "vgg16-397923af.pth"
     with pytest.raises(ValueError) as e:
         perceptual.load_lpips()

@@ -1,5 +1,5 @@
 """Gradient checkpointing is off in every preset (the base prior's memory fits a GPU without it: see its comment
-and the README), and turning it on with --set model.gradient_checkpointing=true changes memory, not results."""
+and docs/prior.md), and turning it on with --set model.gradient_checkpointing=true changes memory, not results."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_default_sampler_within_one_percent_at_20_evaluations(kind):
     assert number_of_evaluations(name, steps) == 20
     mean, std = output_moments(name, schedule, steps)
     assert abs(std / STD - 1) < 0.01 and abs(mean / MU - 1) < 0.01, (mean, std)
-    # The check can fail: DDIM at the same budget is ~6-9% off (README table).
+    # The check can fail: DDIM at the same budget is ~6-9% off (docs/benchmarks.md table).
     _, std_ddim = output_moments("ddim", schedule, 20)
     assert abs(std_ddim / STD - 1) > 0.05
 

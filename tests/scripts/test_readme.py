@@ -1,13 +1,16 @@
-"""Every command of README.md's ```bash blocks runs, in order, in a fresh folder, with tiny budgets.
+"""Every command of the ```bash blocks of README.md and docs/ runs, in order, in one fresh folder, with tiny budgets.
 
-A newcomer runs the README top to bottom; so does this test. Each `latentdiff ...` command is run
-in-process (cwd = a temporary folder, so the README's relative paths land there) after a rewrite to
+A newcomer runs the README top to bottom, then the pages of docs/; so does this test, in PAGES' order (README
+first), in one folder, so a page may use what an earlier page made. A command already run word for word (the
+README's tour repeats the first command of each page) is not run again. Each `latentdiff ...` command is run
+in-process (cwd = a temporary folder, so the pages' relative paths land there) after a rewrite to
 tiny budgets: training stops after 2 steps of tiny models, generation and evaluation make a few
-images with 2 sampler steps, datasets hold a few dozen images; pretrained files the README names
+images with 2 sampler steps, datasets hold a few dozen images; pretrained files the pages name
 (Stable Diffusion's VAE) are small random stand-ins made with diffusers. The test fails when a command fails,
 when its --out is inside (or holds) another command's output, or when it changes files outside what
 it owns. A command that cannot run here is listed in SKIPPED with the reason, and every entry of
-SKIPPED must still match a README command: a new README command is either run or consciously skipped.
+SKIPPED must still match a command: a new command is either run or consciously skipped. Every docs/*.md page
+must be listed in PAGES, so a new page is placed in the order consciously too.
 """
 
 from __future__ import annotations
@@ -29,10 +32,39 @@ from latentdiff.scripts.cli import main as cli_main
 from tests.helpers import AE_ARGS, PRIOR_ARGS
 
 REPO = Path(__file__).resolve().parents[2]
+# The pages whose ```bash blocks are run, in this order; a listed page that does not exist is passed over.
+PAGES = (
+    "README.md",
+    "docs/index.md",
+    "docs/training.md",
+    "docs/data.md",
+    "docs/autoencoder.md",
+    "docs/text-encoder.md",
+    "docs/prior.md",
+    "docs/decoder.md",
+    "docs/evaluation.md",
+    "docs/serve.md",
+    "docs/stable-diffusion.md",
+    "docs/finetuning.md",
+    "docs/scenes.md",
+    "docs/devices.md",
+    "docs/reliability.md",
+    "docs/troubleshooting.md",
+    "docs/benchmarks.md",
+    "docs/sampler_accuracy.md",
+    "docs/demo.md",
+    "docs/architecture.md",
+    "CONTRIBUTING.md",
+)
 
 # pattern (searched in the command) -> why the test does not run it
 SKIPPED = {
-    r"^make (demo|bench|test)\b": "sets up .venv and trains or benchmarks for minutes (make test is this suite)",
+    r"^make (demo|bench|test|lint|format)\b": "sets up .venv and trains, benchmarks or lints for minutes "
+    "(make test is this suite)",
+    r"^(\.venv/bin/)?(python -m )?pytest\b": "runs tests (make test runs the whole suite, this file included)",
+    r"^(\.venv/bin/)?(python -m )?ruff\b": "lints or formats the tree (make lint runs it; make test fails on it)",
+    r"^(\.venv/bin/)?(pip install )?pre-commit\b": "installs pre-commit and its git hook into a clone "
+    "(the hook runs ruff, as make lint does)",
     r"runs/demo/": "reads `make demo`'s runs (~13 min of training), which this test does not make",
     r"^latentdiff serve\b": "serves until stopped (tests/serve/ drives it)",
     r"^tensorboard\b": "serves until stopped",
@@ -45,14 +77,14 @@ SKIPPED = {
     r"^latentdiff import pipeline /models/sd-v1-5\.safetensors": "a file's text tower is SD's full ViT-L/14; "
     "tests/prior/test_import_pipeline.py imports small single files",
 }
-# README paths of pretrained files -> how the test makes a tiny stand-in (diffusers, a test dependency)
+# Paths of pretrained files in the pages -> how the test makes a tiny stand-in (diffusers, a test dependency)
 PRETRAINED = {
     "/models/sd-vae-ft-mse": "folder",
     "/models/v1-5-pruned-emaonly.safetensors": "single-file",
     "/models/stable-diffusion-v1-5": "sd-pipeline",
 }
 
-# Tiny models and budgets per training stage (the README's own flags are kept; these come after them).
+# Tiny models and budgets per training stage (the pages' own flags are kept; these come after them).
 TINY_TRAIN = {
     "autoencoder": AE_ARGS,
     "text": ["--batch-size", "8", "--set", "eval_images=8"],
@@ -76,6 +108,11 @@ def readme_commands(text: str) -> list[str]:
             if words:
                 commands.append(shlex.join(words))
     return commands
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command) for every ```bash command of PAGES, README first, in order."""
+    return [(page, c) for page in PAGES if (REPO / page).exists() for c in readme_commands((REPO / page).read_text())]
 
 
 def skip_reason(command: str) -> str | None:
@@ -184,13 +221,17 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def test_readme_commands_are_run_or_skipped_with_a_reason():
-    commands = readme_commands((REPO / "README.md").read_text())
-    assert any(c.startswith("latentdiff train prior") for c in commands)  # the extraction finds the blocks
+    pages = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
+    assert not [p for p in pages if p not in PAGES], f"docs pages missing from PAGES (place them in its order): {pages}"
+    documented = documented_commands()
+    commands = [c for _, c in documented]
+    for page in ("README.md", "docs/prior.md"):  # the extraction finds the blocks of the README and of a page
+        assert any(p == page and c.startswith("latentdiff train prior") for p, c in documented), page
     unused = [p for p in SKIPPED if not any(re.search(p, c) for c in commands)]
-    assert not unused, f"SKIPPED entries that match no README command any more: {unused}"
-    for command in commands:
+    assert not unused, f"SKIPPED entries that match no command any more: {unused}"
+    for page, command in documented:
         assert command.startswith(("latentdiff ", "python -m ")) or skip_reason(command), (
-            f"README command neither run by this test nor skipped with a reason: {command}"
+            f"{page}: command neither run by this test nor skipped with a reason: {command}"
         )
 
 
@@ -214,9 +255,13 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path / "cache"))  # FID statistics outside the clone
     outputs: dict[Path, str] = {}  # output folder -> the command that made it
     ran = 0
-    for command in readme_commands((REPO / "README.md").read_text()):
+    done_before: set[str] = set()
+    for page, command in documented_commands():
         if skip_reason(command) or any(path in command and how not in inputs for path, how in PRETRAINED.items()):
             continue
+        if command in done_before:  # the README's tour repeats a page's command: its output is already there
+            continue
+        done_before.add(command)
         words = shlex.split(command)
         before = _files(work)
         if words[0] == "latentdiff":
@@ -225,24 +270,26 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
             for folder in [_out(argv, work)] if _out(argv, work) else []:
                 for other, by in outputs.items():
                     assert not (_inside(folder, other) or _inside(other, folder)), (
-                        f"`{command}` writes into {folder}, the output of `{by}`"
+                        f"{page}: `{command}` writes into {folder}, the output of `{by}`"
                     )
             try:
                 code = cli_main(argv)
             except SystemExit as e:
                 code = e.code
-            assert code in (0, None), f"`{command}` (run as {argv}) failed: {capsys.readouterr().err[-2000:]}"
+            assert code in (0, None), f"{page}: `{command}` (run as {argv}) failed: {capsys.readouterr().err[-2000:]}"
         else:  # python -m ...: a subprocess from the repository, as a clone's shell would run it
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             done = subprocess.run(
                 [sys.executable, *words[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=300
             )
-            assert done.returncode == 0, f"`{command}` failed: {done.stderr[-2000:]}"
+            assert done.returncode == 0, f"{page}: `{command}` failed: {done.stderr[-2000:]}"
             owned = []
         after = _files(work)
         changed = [p for p, stamp in after.items() if before.get(p) != stamp] + [p for p in before if p not in after]
         stray = [p for p in changed if not any(_inside(p.resolve(), folder) for folder in owned)]
-        assert not stray, f"`{command}` changed or removed files outside its own output: {sorted(map(str, stray))[:5]}"
+        assert not stray, (
+            f"{page}: `{command}` changed or removed files outside its own output: {sorted(map(str, stray))[:5]}"
+        )
         if words[0] == "latentdiff" and _out(argv, work):
             outputs[_out(argv, work)] = command
         ran += 1
