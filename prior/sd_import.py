@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .schedule import Prediction
 from .unet import UNetConfig
 
 SD_SCALING_FACTOR = 0.18215  # SD 1.x/2.x's VAE latent scale (its scaling_factor); a single file records none
+TEXT_MODEL_JSON = "open_clip_config.json"  # the imported text run's model config, in the run directory
 SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale, kept as the imported prior's default
 LDM_UNET_PREFIX = "model.diffusion_model."
 # diffusers' prediction_type -> latentdiff's prediction
@@ -274,7 +276,8 @@ def import_pipeline(
     data: shards on which the autoencoder import measures the latent std and range (`batches` of
     `batch_size` images). prediction, resolution: for a single file (read_file); a folder's
     scheduler and UNet config say them. Returns a summary. Raises UserError, ConfigError or
-    CheckpointError (one line); nothing is written when the source does not fit.
+    CheckpointError (one line); nothing is written when the source does not fit, and what was written
+    is removed when a later step fails (the error is raised again).
     """
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -297,6 +300,23 @@ def import_pipeline(
             f"{src}: the UNet cross-attends to width {pipe.unet.context_dim}, "
             f"but the text encoder gives {pipe.text.width}"
         )
+    created = not out.exists()
+    try:
+        return _write_runs(pipe, out, side, data, batch_size, batches, device)
+    except BaseException:
+        # What was written is removed (the three run folders did not exist before: checked above), so a failed
+        # import can be run again as it was; --out itself goes too when this import made it and it is empty.
+        for run in (out / "autoencoder", out / "text", out / "prior"):
+            shutil.rmtree(run, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write_runs(
+    pipe: Pipeline, out: Path, side: int, data: str, batch_size: int, batches: int, device: torch.device | str
+) -> dict:
+    """The three runs of `pipe` under `out` (see import_pipeline); a summary."""
     ae = import_autoencoder(
         pipe.vae,
         out / "autoencoder",
@@ -309,9 +329,9 @@ def import_pipeline(
     )
     text_dir = out / "text"
     text_dir.mkdir(parents=True)
-    model_json = (text_dir / "open_clip_config.json").resolve()  # the run's config.toml names it by absolute path
-    ckpt.write_json(model_json, pipe.text.model_config)
-    text_cfg = TextStageConfig(model=str(model_json), encoder=pipe.text.settings, image_tower=False)
+    # The open_clip config lives in the run, named relative to it (text.sources.run_model), so the run can move.
+    ckpt.write_json(text_dir / TEXT_MODEL_JSON, pipe.text.model_config)
+    text_cfg = TextStageConfig(model=TEXT_MODEL_JSON, encoder=pipe.text.settings, image_tower=False)
     imported = {"path": str(pipe.path.resolve()), "format": pipe.format, "family": pipe.family}
     ckpt.write_first_checkpoint(
         text_dir, "text", dumps_toml(to_dict(text_cfg)), pipe.text.model.state_dict(), {"imported_from": imported}

@@ -15,8 +15,19 @@ def build_parser() -> argparse.ArgumentParser:
         "each part must be one diffusers can build (SD's layouts).",
     )
     p.add_argument("run", help="prior run directory (trained or imported)")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (with --single-file: NAME.safetensors)")
+    p.add_argument(
+        "--single-file",
+        action="store_true",
+        help="write one safetensors checkpoint in SD's single-file layout (ComfyUI, AUTOMATIC1111) instead of a "
+        "folder; only for Stable Diffusion's scaled_linear schedule, which such a file assumes",
+    )
     p.add_argument("--no-ema", action="store_true", help="write the raw weights instead of the EMA ones")
+    p.add_argument(
+        "--decoder",
+        help="a `latentdiff train decoder` run to write as the VAE's decoder (it must have the autoencoder's "
+        "decoder architecture)",
+    )
     return p
 
 
@@ -24,13 +35,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     with cli_errors():
         from latentdiff.prior.pipeline import TextToImage
-        from latentdiff.prior.sd_export import write_diffusers_pipeline
+        from latentdiff.prior.sd_export import CLIP_SAMPLE_BACK, write_diffusers_pipeline, write_single_file
 
-        pipe = TextToImage.from_run(args.run, device="cpu", ema=not args.no_ema, precision="fp32")
-        summary = write_diffusers_pipeline(pipe, args.out)
-        print(f"exported {args.run} to {summary['out']} (scaling_factor={summary['scaling_factor']:.6g})")
-        if summary["note"]:
-            print(f"note: {summary['note']}")
+        pipe = TextToImage.from_run(args.run, device="cpu", ema=not args.no_ema, precision="fp32", decoder=args.decoder)
+        summary = (write_single_file if args.single_file else write_diffusers_pipeline)(pipe, args.out)
+        decoder = "" if summary["decoder"] == "autoencoder" else f", the VAE decoding with {summary['decoder']}"
+        print(
+            f"exported {args.run} to {summary['out']} (scaling_factor={summary['scaling_factor']:.6g}{decoder}); "
+            f"`latentdiff generate --sampler ddim --spacing {summary['spacing']}` makes diffusers' DDIM images"
+        )
+        if summary["clip_sample"] is not None:
+            print(
+                f"note: the prior clips z_0 to +-{summary['clip_sample']:.4g} while sampling; diffusers' "
+                f"StableDiffusionPipeline turns the scheduler's clip_sample off: after loading, {CLIP_SAMPLE_BACK}"
+            )
         return summary
 
 

@@ -349,6 +349,32 @@ def export_text_encoder(encoder: TextEncoder, text_encoder_dir: str | Path, toke
     write_clip_tokenizer(tokenizer_dir, pad=settings.pad, context_length=encoder.context_length)
 
 
+def single_file_text(encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """`encoder`'s tensors as a single-file SD checkpoint holds its text encoder (read back by read_single_file).
+
+    Padded with EOT and read at the last layer: SD 1.x's names (cond_stage_model.transformer., transformers'
+    CLIPTextModel under text_model.). Padded with 0: SD 2.x's (cond_stage_model.model., open_clip's), whose
+    readers take the penultimate block; an encoder read at its last layer (an SD 2.x folder's, or one
+    trained here) is written with a copy of its last block appended, so that penultimate block is its last
+    (the copy changes only CLIP's pooled embedding, which SD does not read). Raises ValueError (one line)
+    for a combination neither layout reads (EOT padding at the penultimate layer, attend = "to_end").
+    """
+    settings, state = encoder.settings, encoder.model.state_dict()
+    if settings.attend != "all":
+        raise ValueError(f'encoder.attend = "{settings.attend}": SD checkpoints are read attending to every position')
+    blocks = len(encoder.model.transformer.resblocks)
+    if settings.pad == "end":
+        if settings.layer != "last":
+            raise ValueError("EOT padding at the penultimate layer: SD 1.x's layout reads the last layer")
+        return {"cond_stage_model.transformer." + k: v for k, v in to_hf(state, blocks).items()}
+    tower = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if not k.startswith("visual.")}
+    if settings.layer == "last":
+        last = f"transformer.resblocks.{blocks - 1}."
+        for key in [k for k in tower if k.startswith(last)]:
+            tower[f"transformer.resblocks.{blocks}." + key[len(last) :]] = tower[key].clone()
+    return {"cond_stage_model.model." + k: v for k, v in tower.items()}
+
+
 def _bpe_merges() -> list[str]:
     """The merges open_clip's SimpleTokenizer reads from its BPE file (the same slice of lines, in order)."""
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:

@@ -135,19 +135,27 @@ def load_pretrained(
 # ---- text-stage run directories ------------------------------------------------------------
 
 
+def run_model(model: str, run_dir: str | Path) -> str:
+    """The model config a text run records, with a relative .json path read from the run directory (an imported
+    run keeps its open_clip config beside its weights: the run can move, and loads from any working directory)."""
+    if model.endswith(".json") and not Path(model).is_absolute():
+        return str(Path(run_dir) / model)
+    return model
+
+
 def load_text_run(run_dir: str | Path) -> TextEncoder:
     """The TextEncoder of a `latentdiff train text` run (EMA weights when it kept them), through core.runs.load_run."""
     from .stage import TextStageConfig  # what the run's config.toml holds
 
     def build(cfg: TextStageConfig, meta: dict) -> open_clip.CLIP:
-        return build_clip(load_model_config(cfg.model), image_tower=cfg.image_tower)
+        return build_clip(load_model_config(run_model(cfg.model, run_dir)), image_tower=cfg.image_tower)
 
     try:
         run = load_run(run_dir, "text", TextStageConfig, build)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (or a pretrained open_clip model: openclip:MODEL:PRETRAINED)") from None
     cfg = run.config
-    model_config = load_model_config(cfg.model)
+    model_config = load_model_config(run_model(cfg.model, run_dir))
     tokenizer = build_tokenizer(model_config)
     return TextEncoder(run.model, tokenizer, model_config=model_config, source=str(run_dir), settings=cfg.encoder)
 

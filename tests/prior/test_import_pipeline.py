@@ -262,3 +262,38 @@ def test_full_size_unet_layout_is_read_off_a_files_shapes(family):
     name = ldm_namer(want)
     config = unet_config_from_ldm({name(k): v for k, v in state.items()}, family, "sd.safetensors")
     assert config_from_diffusers(config, "read off the shapes") == want
+
+
+def test_imported_runs_move_with_their_folder(tmp_path, data, monkeypatch):
+    """The text run names its open_clip config relative to itself: DIR moved elsewhere still generates."""
+    build_pipeline(tmp_path / "sd", "sd1")
+    import_pipeline(tmp_path / "sd", tmp_path / "runs", str(data), **MEASURE)
+    assert 'model = "open_clip_config.json"' in (tmp_path / "runs" / "text" / "config.toml").read_text()
+    before = TextToImage.from_run(tmp_path / "runs" / "prior", device="cpu")(["a cat"], steps=2, seed=0, sampler="ddim")
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "sd")  # another working directory
+    after = TextToImage.from_run(tmp_path / "moved" / "prior", device="cpu")(["a cat"], steps=2, seed=0, sampler="ddim")
+    assert torch.equal(before, after)
+
+
+def test_a_failed_import_leaves_nothing(tmp_path, data, monkeypatch):
+    """A write that fails after the autoencoder and text runs are written removes them, and the --out it made."""
+    import latentdiff.prior.sd_import as sd_import
+
+    build_pipeline(tmp_path / "sd", "sd1")
+    records = sd_import.stage_records
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sd_import, "stage_records", fail)  # just before the prior run is written
+    with pytest.raises(OSError, match="disk full"):
+        import_pipeline(tmp_path / "sd", tmp_path / "runs", str(data), **MEASURE)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other-run").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        import_pipeline(tmp_path / "sd", tmp_path / "kept", str(data), **MEASURE)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other-run"]  # what was there before stays
+    monkeypatch.setattr(sd_import, "stage_records", records)
+    import_pipeline(tmp_path / "sd", tmp_path / "kept", str(data), **MEASURE)  # the same command now succeeds
