@@ -76,6 +76,6 @@ class LatentSpace:
         if diffs:
             raise CheckpointError(
                 f"{user} was trained on another latent space than autoencoder {autoencoder} has now "
-                f"({'; '.join(diffs)}): the autoencoder was retrained or its scale re-measured. Use the "
-                "autoencoder run it was trained with, or train a new prior on this one"
+                f"({'; '.join(diffs)}): another autoencoder run, or this one retrained or its scale re-measured. "
+                "Use the autoencoder run it was trained with, or train a new prior on this one"
             )

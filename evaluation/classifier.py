@@ -190,3 +190,22 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu", ema
     model = run.model
     model.weights_hash, model.meta, model.run_dir = run.weights_hash, run.meta, str(run_dir)
     return model
+
+
+WEAK_ACCURACY = 0.5  # below this share of val images right (every head), a classifier's verdicts mean little
+
+
+def weak_classifier_note(model: Classifier) -> str | None:
+    """A one-line note when `model` (from load_classifier) gets fewer than WEAK_ACCURACY of its val images right.
+
+    Its features then hardly tell images apart, so FID and KID in them are small whatever is compared,
+    and its prompt accuracy says little about the images; None for a classifier that did better.
+    """
+    accuracy = model.meta.get("val_accuracy")
+    if accuracy is None or accuracy >= WEAK_ACCURACY:
+        return None
+    return (
+        f"note: the classifier {model.run_dir} gets {100 * accuracy:.1f}% of its val images right (every head): "
+        "FID, KID and prompt accuracy through it say little; train it longer "
+        f"(latentdiff train classifier --resume {model.run_dir} --steps N)"
+    )

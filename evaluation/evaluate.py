@@ -42,11 +42,12 @@ from latentdiff.prior.pipeline import (
 )
 from latentdiff.prior.samplers import add_sampler_arguments, check_number, sampler_arguments
 
-from .classifier import load_classifier
+from .classifier import load_classifier, weak_classifier_note
 from .features import load_feature_space
 from .fid import KID_SCALE, StatisticsCache, format_kid, real_reference, score_images
 from .fid_command import MIN_REAL, add_feature_args, check_bootstrap, more_real_images, wanted_real
 from .images import load_image_set, match_size
+from .noise import fig
 from .plot import tradeoff_plot
 from .prompts import PromptSet, clip_scores, clip_summary, evaluation_prompts, prompt_hits, real_clip_reference
 
@@ -143,6 +144,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.features:
         space = load_feature_space(args.features, inception_weights=args.inception_weights, device=device)
     classifier = load_classifier(classifier_run, device) if classifier_run else None
+    if (
+        classifier is not None
+        and (note := weak_classifier_note(classifier))
+        and not (args.features or "").endswith(f"classifier:{classifier_run}")
+    ):
+        print(note)  # the same classifier as --features said it already
     clip = None
     if args.clip:
         from latentdiff.text.sources import load_text_encoder
@@ -170,7 +177,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         cache = StatisticsCache(cache_dir)
         ref = real_reference(real.images, n, space, cache, args.batch_size)
         print(
-            f"real reference: {ref.reference.n} images of {real.source}; floor FID {ref.floor_fid:.2f} "
+            f"real reference: {ref.reference.n} images of {real.source}; floor FID {fig(ref.floor_fid)} "
             f"({ref.floor_n} held-out real images) in {space.label}"
         )
         wanted = wanted_real(n, ref.reference.mu.shape[0])
@@ -259,8 +266,8 @@ def markdown_table(report: dict) -> str:
         cols.append(("prompt accuracy", lambda r: f"{r['prompt_accuracy']:.1%}"))
     if rows and "fid" in rows[0]:
         cols += [
-            ("FID [95%]" if rows[0].get("fid_interval") else "FID", lambda r: f"{r['fid']:.2f}{_span(r, 'fid')}"),
-            ("KID x1e3", lambda r: f"{r['kid'] * KID_SCALE:.2f}" + _kid_spread(r)),
+            ("FID [95%]" if rows[0].get("fid_interval") else "FID", lambda r: f"{fig(r['fid'])}{_span(r, 'fid')}"),
+            ("KID x1e3", lambda r: f"{fig(r['kid'] * KID_SCALE)}" + _kid_spread(r)),
         ]
     if rows and "clip_score" in rows[0]:
         cols.append(("CLIP score [95%]", lambda r: f"{r['clip_score']:.2f}{_span(r, 'clip_score')}"))
@@ -272,7 +279,7 @@ def markdown_table(report: dict) -> str:
             f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
             f"({report['sampler']}, {report['steps']} steps{_interval_words(report)}) vs {r['n_reference']} real "
             f"{report['data']} "
-            f"images; floor (FID of {r['n_floor']} held-out real images): {r['fid_floor']:.2f}"
+            f"images; floor (FID of {r['n_floor']} held-out real images): {fig(r['fid_floor'])}"
             f"{_span(r, 'fid_floor')}."
         )
         if r.get("fid_interval"):
@@ -296,11 +303,11 @@ def markdown_table(report: dict) -> str:
 def _span(row: dict, key: str) -> str:
     """ " [lo, hi]" from row[key + "_interval"], or "" without one."""
     span = row.get(f"{key}_interval")
-    return f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""
+    return f" [{fig(span[0])}, {fig(span[1])}]" if span else ""
 
 
 def _kid_spread(row: dict) -> str:
-    return f" +- {row['kid_std'] * KID_SCALE:.2f}" if row.get("kid_std") is not None else ""
+    return f" +- {fig(row['kid_std'] * KID_SCALE)}" if row.get("kid_std") is not None else ""
 
 
 def _clip_words(summary: dict) -> str:
@@ -322,7 +329,7 @@ def _row_line(row: dict, clip_real: dict | None = None) -> str:
         parts.append(f"prompt accuracy {100 * row['prompt_accuracy']:.1f}%")
     if "fid" in row:
         parts.append(
-            f"FID {row['fid']:.2f}{_span(row, 'fid')} (floor {row['fid_floor']:.2f}{_span(row, 'fid_floor')}; "
+            f"FID {fig(row['fid'])}{_span(row, 'fid')} (floor {fig(row['fid_floor'])}{_span(row, 'fid_floor')}; "
             f"{row['n_fake']} generated vs {row['n_reference']} real, {row['features']}) "
             f"{format_kid(row['kid'], row.get('kid_std'))}"
         )

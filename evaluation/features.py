@@ -35,7 +35,7 @@ from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.pixels import from_uint8
 from latentdiff.core.safe_load import read_tensor_file
 
-from .classifier import Classifier, load_classifier
+from .classifier import Classifier, load_classifier, weak_classifier_note
 from .images import as_uint8_rgb
 
 CLASSIFIER_EXTRACTOR = "latentdiff-classifier"
@@ -203,6 +203,8 @@ def load_feature_space(
     kind, _, arg = spec.partition(":")
     if kind == "classifier" and arg:
         classifier = load_classifier(arg, device)
+        if note := weak_classifier_note(classifier):
+            print(note)
         extractor = ClassifierFeatures(CLASSIFIER_EXTRACTOR, ["features"], classifier=classifier)
         # The input size is part of the key: the same weights see resized images differently.
         space = FeatureSpace(extractor, "features", spec, f"{classifier.weights_hash}-r{classifier.resolution}")

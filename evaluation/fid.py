@@ -47,6 +47,7 @@ from latentdiff.core.checkpoint import atomic_write
 from . import noise
 from .features import FeatureSpace
 from .images import UInt8Images, match_size, pixel_hash
+from .noise import fig
 
 KID_SUBSETS = 100  # torch-fidelity's default
 # torch-fidelity's default, lowered to half the smaller set: subsets as large as a set are all the whole
@@ -305,7 +306,7 @@ def describe(result: dict, what: str = "generated") -> str:
     """ "FID 48.10 [46.90, 49.30] (floor 8.00 [7.50, 8.50] from 1000 vs 9000 real) in classifier:RUN, ...; KID ...",
     then the equal-size excess and the notes, one a line."""
     text = (
-        f"FID {result['fid']:.2f}{_span_words(result, 'fid_interval')} (floor {result['fid_floor']:.2f}"
+        f"FID {fig(result['fid'])}{_span_words(result, 'fid_interval')} (floor {fig(result['fid_floor'])}"
         f"{_span_words(result, 'fid_floor_interval')} from {result['n_floor']} vs "
         f"{result['n_reference']} real) in {result['features']}, {result['n_fake']} {what} vs "
         f"{result['n_reference']} real; {format_kid(result['kid'], result['kid_std'])}"
@@ -314,7 +315,7 @@ def describe(result: dict, what: str = "generated") -> str:
         lo, hi = result["fid_excess_interval"]
         text += (
             f"; at equal size ({result['n_excess']} vs {result['n_excess']}) {what} minus real "
-            f"{result['fid_excess']:.2f} [{lo:.2f}, {hi:.2f}] (95%, {result['bootstraps']} bootstrap replicates)"
+            f"{fig(result['fid_excess'])} [{fig(lo)}, {fig(hi)}] (95%, {result['bootstraps']} bootstrap replicates)"
         )
     return "\n".join([text, *(f"  note: {note}" for note in result.get("notes", []))])
 
@@ -322,10 +323,10 @@ def describe(result: dict, what: str = "generated") -> str:
 def _span_words(result: dict, key: str) -> str:
     """ " [6.80, 9.20]": a 95% interval, or "" without one."""
     span = result.get(key)
-    return f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""
+    return f" [{fig(span[0])}, {fig(span[1])}]" if span else ""
 
 
 def format_kid(kid: float, kid_std: float | None = None) -> str:
     """ "KID x1e3 3.01 +- 0.12": KID with its scale, as every command prints it."""
-    text = f"KID x1e3 {kid * KID_SCALE:.2f}"
-    return text + (f" +- {kid_std * KID_SCALE:.2f}" if kid_std is not None else "")
+    text = f"KID x1e3 {fig(kid * KID_SCALE)}"
+    return text + (f" +- {fig(kid_std * KID_SCALE)}" if kid_std is not None else "")

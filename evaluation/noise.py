@@ -33,6 +33,8 @@ B = 50 replicates cost seconds, not minutes, in a 2048-dimensional Inception spa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FID_BOOTSTRAPS = 50  # replicates per FID; --bootstrap sets it, 0 skips the intervals
@@ -40,6 +42,17 @@ CONFIDENCE = 0.95
 Z = 1.959964  # two-sided 95% normal quantile
 NOISE_STDS = 2.0  # a KID within this many of its standard errors of 0 is within noise
 SAME = "indistinguishable from real at this sample size"
+
+
+def fig(x: float) -> str:
+    """An evaluation figure as printed: two decimals, or two significant digits under 0.1.
+
+    FID and KID in a feature space whose features hardly vary (a barely trained classifier's) are
+    tiny; printed with two decimals they would read 0.00, "the same as real".
+    """
+    if x == 0 or abs(x) >= 0.1:
+        return f"{x:.2f}"
+    return f"{x:.{min(8, 1 - math.floor(math.log10(abs(x))))}f}"  # 0.0023, 0.000071: fixed point, not 7.1e-05
 
 
 class _Reference:
@@ -188,7 +201,7 @@ def kid_note(kid: float, kid_std: float) -> str | None:
     """A sentence when KID is within NOISE_STDS standard errors of 0 (the value for real vs real), else None."""
     if kid_std <= 0 or kid >= NOISE_STDS * kid_std:
         return None
-    figure = f"KID x1e3 {kid * 1e3:.2f} +- {kid_std * 1e3:.2f}"
+    figure = f"KID x1e3 {fig(kid * 1e3)} +- {fig(kid_std * 1e3)}"
     if kid < 0:
         return (
             f"{figure} is below 0 by chance: KID is unbiased, so sets as close as real to real score below 0 "
@@ -205,14 +218,14 @@ def fid_notes(result: dict) -> list[str]:
     within = lo_hi is not None and lo_hi[0] <= 0
     if fid <= floor or within:
         head = (
-            f"FID {fid:.2f} is below the real-vs-real floor {floor:.2f}"
+            f"FID {fig(fid)} is below the real-vs-real floor {fig(floor)}"
             if fid <= floor
-            else f"FID {fid:.2f} is within the noise of the real-vs-real floor {floor:.2f}"
+            else f"FID {fig(fid)} is within the noise of the real-vs-real floor {fig(floor)}"
         )
         if lo_hi is not None:
             head += (
                 f" (at equal size, {h} generated vs {h} held-out real against one reference, generated minus "
-                f"real is {result['fid_excess']:.2f}, 95% [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}], which holds 0)"
+                f"real is {fig(result['fid_excess'])}, 95% [{fig(lo_hi[0])}, {fig(lo_hi[1])}], which holds 0)"
             )
         notes.append(f"{head}: {SAME}")
     if h < n_fake:

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     from latentdiff.autoencoder.load import load_autoencoder
-    from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance
+    from latentdiff.decoder.perceptual import load_lpips, lpips_available, lpips_distance, vgg16_weights_path
 
     check_bootstrap(args.bootstrap)
     rt = Runtime.setup(0, "fp32", args.device)
@@ -84,6 +84,11 @@ def evaluate_autoencoder(args: argparse.Namespace) -> dict:
     res = latent_space.resolution
     real = load_image_set(args.data, split=args.split, limit=args.n, resolution=res * upscale)
     use_lpips = args.lpips == "on" or (args.lpips == "auto" and lpips_available())
+    if not use_lpips and args.lpips == "auto":
+        print(
+            f"LPIPS: not computed, its VGG16 ImageNet weights are not at {vgg16_weights_path()} (nothing is "
+            "downloaded); copy them there for LPIPS, or pass --lpips off"
+        )
     lpips_model = load_lpips(without="evaluate without it: --lpips off").to(device) if use_lpips else None
     t0 = time.monotonic()
     psnrs, ssims, lpipss, recons = [], [], [], []

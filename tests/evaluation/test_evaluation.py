@@ -603,3 +603,33 @@ def test_evaluate_autoencoder_says_what_it_skips(ae_run, data: Path, tmp_path: P
         reconstruction.main([*args, "--lpips", "on"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--lpips off" in err and "loss.perceptual" not in err and "Traceback" not in err
+    # --lpips auto without them: evaluated without LPIPS, and the output says so and where the weights go.
+    report = reconstruction.main(args)
+    out = capsys.readouterr().out
+    assert report["lpips"] is None and f"LPIPS: not computed, its VGG16 ImageNet weights are not at {tmp_path}" in out
+
+
+def test_a_weak_classifier_is_named_and_small_figures_are_not_printed_as_zero(classifier_run, tmp_path: Path, capsys):
+    import json
+    import shutil
+
+    from latentdiff.evaluation.noise import fig
+
+    # A barely trained classifier's features hardly vary: its FIDs are ~1e-3, which two decimals print as 0.00.
+    assert [fig(x) for x in (0.0, 0.0023, 7.1e-5, 0.05, 0.1, 3.904)] == [
+        "0.00",
+        "0.0023",
+        "0.000071",
+        "0.050",
+        "0.10",
+        "3.90",
+    ]
+    for accuracy, named in ((0.2, True), (0.9, False)):
+        run = tmp_path / f"clf{accuracy}"
+        shutil.copytree(classifier_run[0], run)
+        meta = json.loads((run / ckpt.META).read_text())
+        (run / ckpt.META).write_text(json.dumps({**meta, "val_accuracy": accuracy}))
+        load_feature_space(f"classifier:{run}")
+        out = capsys.readouterr().out
+        assert (f"the classifier {run} gets 20.0% of its val images right" in out) is named, out
+        assert ("train classifier --resume" in out) is named

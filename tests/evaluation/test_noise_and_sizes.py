@@ -27,6 +27,7 @@ from latentdiff.evaluation.fid import (
     statistics,
 )
 from latentdiff.evaluation.images import load_image_set, match_size
+from latentdiff.evaluation.noise import fig
 from tests.evaluation.test_evaluation import _images, _tiny_space, classifier_run, shapes_data  # noqa: F401
 
 SAME = "indistinguishable from real at this sample size"
@@ -85,7 +86,7 @@ def test_bootstrap_can_be_switched_off():
     ref = real_reference(_images(40, 4), 20, space, StatisticsCache(None))
     result = score(statistics(extract_features(space, _images(20, 5))), ref, bootstraps=0)
     assert result["fid_interval"] is None and result["bootstraps"] == 0 and result["fid_excess"] is None
-    assert describe(result).startswith(f"FID {result['fid']:.2f} (floor {result['fid_floor']:.2f} from")
+    assert describe(result).startswith(f"FID {fig(result['fid'])} (floor {fig(result['fid_floor'])} from")
 
 
 # ---------------------------------------------------------------- KID
