@@ -500,11 +500,15 @@ def read_meta(run_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
 
 
 def amend(
-    run_dir: str | Path, weights: dict[str, dict[str, torch.Tensor]] | None = None, meta: dict | None = None
+    run_dir: str | Path,
+    weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    meta: dict | None = None,
+    config_toml: str | None = None,
 ) -> Path:
     """Commit a new checkpoint of a run's newest step with some weights files replaced and/or meta updated.
 
-    weights: {file name: state dict}; meta: keys to set in meta.json. Every other file is copied
+    weights: {file name: state dict}; meta: keys to set in meta.json; config_toml: a new config.toml (e.g.
+    sampling defaults chosen by an evaluation; the caller keeps it loadable). Every other file is copied
     from the newest checkpoint, which the new one replaces; older steps are kept. For
     hand-edited weights (a converted or patched model) and for facts measured after training.
     Returns the new checkpoint folder.
@@ -521,15 +525,19 @@ def amend(
             else [p.name for p in current.path.iterdir() if p.is_file() and _is_legacy_checkpoint_file(p.name)]
         )
         for name in names:
-            if name not in (weights or {}):
+            if name not in (weights or {}) and not (name == CONFIG and config_toml is not None):
                 shutil.copy2(current.file(name), staging / name)
     for name, state in (weights or {}).items():
         save_weights(staging / name, state)
+    if config_toml is not None:
+        write_text(staging / CONFIG, config_toml)
     full_meta.update(meta or {})
     full_meta["format_version"] = FORMAT_VERSION
     write_json(staging / META, full_meta)
     target = commit(run_dir, staging, int(full_meta.get("step", current.step if current else 0)), keep)
     write_json(run_dir / META, full_meta)
+    if config_toml is not None:
+        write_text(run_dir / CONFIG, config_toml)
     return target
 
 

@@ -7,7 +7,9 @@ prompt asked for. This classifier gives both:
 - heads: one per labelled attribute. Fashion-MNIST (info.json "classes", meta "label"): one head
   "class". Shapes (info.json "attributes", meta "shapes"): one head per attribute ("shape",
   "color", "size", "position") of the FIRST shape in meta["shapes"], the one the caption names
-  first (the left one when there are two). The second shape of a two-shape image is not scored.
+  first (the left one when there are two), and one per attribute of the SECOND shape
+  ("second_shape", ...), whose classes add "none" for an image with one shape; so prompt accuracy
+  scores both objects of a two-shape prompt.
 - features: the penultimate layer taken BEFORE its ReLU. After the ReLU some units are dead on
   real data, which makes the feature covariance singular (CALIBRATION.md); pre-ReLU they are not.
 
@@ -56,11 +58,16 @@ class ClassifierStageConfig:
 Heads = dict[str, list[str]]
 
 
+SECOND = "second_"  # prefix of the heads that read an image's second shape
+NONE = "none"  # the second-shape heads' class for an image with one shape
+
+
 def heads_from_info(info: dict[str, Any], where: str = "the dataset") -> Heads:
-    """The heads a dataset's info.json calls for: one per attribute (shapes) or one "class" head."""
+    """The heads a dataset's info.json calls for: per attribute of the first and second shape, or one "class" head."""
     attributes = info.get("attributes")
     if attributes:
-        return {name: list(values) for name, values in attributes.items()}
+        first = {name: list(values) for name, values in attributes.items()}
+        return {**first, **{SECOND + name: [*values, NONE] for name, values in first.items()}}
     classes = info.get("classes")
     if classes:
         return {"class": list(classes)}
@@ -72,7 +79,8 @@ def heads_from_info(info: dict[str, Any], where: str = "the dataset") -> Heads:
 
 
 def targets_from_meta(heads: Heads, metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Per-head class indices (B,) from the samples' json: meta["label"], or meta["shapes"][0][attribute]."""
+    """Per-head class indices (B,) from the samples' json: meta["label"], or meta["shapes"][0 or 1][attribute]
+    ("none" for a second-shape head of an image with one shape)."""
     out: dict[str, list[int]] = {name: [] for name in heads}
     for meta in metas:
         for name, values in heads.items():
@@ -84,9 +92,10 @@ def targets_from_meta(heads: Heads, metas: list[dict[str, Any]]) -> dict[str, to
                     raise ValueError(f"label {index} is outside the {len(values)} classes {values}")
             else:
                 shapes = meta.get("shapes")
-                if not shapes or name not in shapes[0]:
-                    raise ValueError(f"a sample's json has no shapes[0][{name!r}] for the {name!r} head: {meta}")
-                value = shapes[0][name]
+                slot, attr = (1, name[len(SECOND) :]) if name.startswith(SECOND) else (0, name)
+                if not shapes or attr not in shapes[0]:
+                    raise ValueError(f"a sample's json has no shapes[0][{attr!r}] for the {name!r} head: {meta}")
+                value = shapes[slot][attr] if slot < len(shapes) else NONE
                 if value not in values:
                     raise ValueError(f"{name} {value!r} is not one of the classifier's values {values}")
                 index = values.index(value)

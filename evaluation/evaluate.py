@@ -12,7 +12,10 @@ images; each set is scored against the real test images:
   for the comparison gets the command that makes it larger;
 - prompt accuracy by the classifier (--classifier, or the one named in --features);
 - CLIP score when --clip RUN is given, with its interval, beside the CLIP score of the real test
-  images with their own captions (prompts.real_clip_reference, cached).
+  images with their own captions (prompts.real_clip_reference, cached);
+- on `latentdiff data scenes` data: GenEval's six tasks and overall, seen and held-out prompts apart,
+  by the geometric reader of evaluation/scenes.py, beside its ceiling (the same reader on the real
+  test images with their own captions); neither --features nor --classifier is needed.
 Generated images of another size than the real ones are compared at the real size (resized,
 antialiased bilinear; images.match_size), and the report says so.
 Prompts: class prompts when the classifier has one class head and info.json lists classes
@@ -50,6 +53,7 @@ from .images import load_image_set, match_size
 from .noise import fig
 from .plot import tradeoff_plot
 from .prompts import PromptSet, clip_scores, clip_summary, evaluation_prompts, prompt_hits, real_clip_reference
+from .scenes import CEILING_GOAL, ceiling, holdout_flags, scenes_table, score, summarize
 
 
 def parse_guidance(text: str) -> list[float]:
@@ -120,7 +124,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     classifier_run = args.classifier or (
         args.features.partition(":")[2] if args.features and args.features.startswith("classifier:") else None
     )
-    if not args.features and not classifier_run:
+    scenes_data = read_info(args.data).get("source") == "scenes"
+    if not args.features and not classifier_run and not scenes_data:
         raise ValueError("give --features (classifier:RUN, clip:RUN or inception) and/or --classifier RUN")
     device = Runtime.setup(args.seed, "fp32", args.device).device
     out = Path(args.out or Path(args.run) / "eval")
@@ -164,6 +169,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         prompts = PromptSet(list(real.captions[: args.n]), {}, "captions")
     n = len(prompts.prompts)
+    scenes_ceiling = None
+    if scenes_data:  # the reader on the real test images with their own captions: the ceiling of every score
+        palette = info["palette"]
+        scenes_ceiling = ceiling(real.images, real.captions, palette, holdout_flags(real.metas))
+        overall = scenes_ceiling["all"]["overall"]
+        print(f"scenes reader on {len(real)} real test images (the ceiling): overall {overall:.3f}")
+        if scenes_ceiling["all"]["overall"] < CEILING_GOAL:
+            print(
+                f"note: the reader's ceiling is below {CEILING_GOAL:.0%} (at 32 px small shapes are ambiguous; use 64)"
+            )
 
     cache = ref = None
     advice = None
@@ -202,6 +217,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             row["prompt_accuracy"] = hits["all"].float().mean().item()
             if len(hits) > 2:
                 row.update({f"prompt_accuracy_{k}": v.float().mean().item() for k, v in hits.items() if k != "all"})
+        if scenes_data:
+            hits = score(images, prompts.prompts, palette)
+            row["scenes"] = summarize(hits, prompts.prompts, holdout_flags(real.metas[:n]))
         if space is not None:
             row.update(score_images(space, images, ref, args.batch_size, bootstraps=args.bootstrap))
         if clip is not None:
@@ -242,6 +260,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "real_images_advice": advice,
         "results": rows,
     }
+    if scenes_ceiling is not None:
+        report["scenes_ceiling"] = scenes_ceiling
     if space is not None and (classifier is not None or clip is not None):
         report["plot"] = str(
             tradeoff_plot(
@@ -250,6 +270,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         )
     write_json(out / "report.json", report)
     table = markdown_table(report)
+    if scenes_ceiling is not None:
+        table += "\n\nGenEval's six tasks (share of images showing their prompt; overall: mean over the tasks):\n\n"
+        table += scenes_table(rows, scenes_ceiling)
     (out / "report.md").write_text(table + "\n")
     print(table)
     plot = f"; plot: {report['plot']}" if "plot" in report else ""
@@ -333,6 +356,10 @@ def _row_line(row: dict, clip_real: dict | None = None) -> str:
             f"{row['n_fake']} generated vs {row['n_reference']} real, {row['features']}) "
             f"{format_kid(row['kid'], row.get('kid_std'))}"
         )
+    if "scenes" in row:
+        seen, held = row["scenes"]["seen"]["overall"], row["scenes"]["held_out"]["overall"]
+        words = [f"{v:.3f} {name}" for v, name in ((seen, "seen"), (held, "held-out")) if v is not None]
+        parts.append("scenes overall " + ", ".join(words))
     if "clip_score" in row:
         real = f" (real images with their captions {_clip_words(clip_real)})" if clip_real else ""
         parts.append(f"CLIP score {row['clip_score']:.2f}{_span(row, 'clip_score')}{real}")

@@ -1,8 +1,9 @@
 """Prompt faithfulness: does a generated image show what its prompt asked for?
 
 - prompt accuracy: the fraction of generated images the classifier assigns to the prompted class
-  (Fashion-MNIST), or, for shapes, whose first shape the classifier reads with every prompted
-  attribute right (shape, colour, size, position); per-head accuracies are reported too.
+  (Fashion-MNIST), or, for shapes, whose shapes the classifier reads with every prompted attribute
+  right (shape, colour, size, position of the first and, in a two-shape prompt, the second; "none"
+  for the second of a one-shape prompt); per-head accuracies are reported too.
 - CLIP score (Hessel et al. 2021): 100 * max(cos(E_image, E_text), 0), averaged, in the space
   of a CLIP given on the command line, with its 95% interval. A CLIP score means little alone
   (a tiny CLIP on 32x32 images scores far below a web-scale one on photos), so it comes with its

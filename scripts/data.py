@@ -2,6 +2,7 @@
 
 latentdiff data fashion-mnist --out datasets/fmnist
 latentdiff data shapes --out datasets/shapes --n 20000 --holdout "blue triangle"
+latentdiff data scenes --out datasets/scenes --n 20000 --holdout "blue star" "four rings" "circle above square"
 latentdiff data folder photos/ --out data/photos --resolution 64
 
 The dataset is written into a staging folder inside --out and swapped in when complete; with
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentdiff.core.outputs import OutputFolder
-from latentdiff.data import fashion_mnist, folder, shapes
+from latentdiff.data import fashion_mnist, folder, scenes, shapes
 from latentdiff.data.images import DEFAULT_MAX_PIXELS
 from latentdiff.data.metadata import DEFAULT_CAPTION_COLUMN
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, INFO_FILE, SPLITS
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
 
-    def common(p: argparse.ArgumentParser, resolution_required: bool = False) -> None:
+    def common(p: argparse.ArgumentParser, resolution_required: bool = False, resolution: int = 32) -> None:
         p.add_argument("--out", required=True, help="dataset directory to write (shards + info.json), new or empty")
         p.add_argument(
             "--overwrite",
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         if resolution_required:
             p.add_argument("--resolution", type=int, required=True, help="output images are R x R")
         else:
-            p.add_argument("--resolution", type=int, default=32, help="output images are R x R (default 32)")
+            p.add_argument(
+                "--resolution", type=int, default=resolution, help=f"output images are R x R (default {resolution})"
+            )
         p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard")
         p.add_argument("--seed", type=int, default=0, help="seed of captions, attributes or the split")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -55,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--holdout", nargs="+", action="extend", default=[], metavar="COMBO",
         help='attribute combinations kept out of train, e.g. "blue triangle" or "triangle"',
+    )  # fmt: skip
+
+    p = sub.add_parser("scenes", help="GenEval's six tasks on 1-4 shapes: counting, position, colour binding")
+    common(p, resolution=64)
+    p.add_argument("--n", type=int, required=True, help="number of training images")
+    p.add_argument("--val-n", type=int, default=None, help="validation images (default n // 10)")
+    p.add_argument("--test-n", type=int, default=None, help="test images (default n // 10)")
+    p.add_argument(
+        "--holdout", nargs="+", action="extend", default=[], metavar="COMBO",
+        help='combinations kept out of train: "blue star", "four rings", "circle above square"',
     )  # fmt: skip
 
     p = sub.add_parser(
@@ -94,6 +107,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
         args.fractions = folder.check_fractions(args.val_fraction, args.test_fraction)
         args.caption_ext = folder.check_caption_ext(args.caption_ext)
+    if args.command == "scenes":
+        scenes.parse_holdout(args.holdout)
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -102,6 +117,11 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         return fashion_mnist.convert(out, args.source_dir, args.resolution, args.maxcount, args.seed, progress=progress)
     if args.command == "shapes":
         return shapes.build(
+            out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
+            args.maxcount, progress=progress,
+        )  # fmt: skip
+    if args.command == "scenes":
+        return scenes.build(
             out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
             args.maxcount, progress=progress,
         )  # fmt: skip

@@ -1,0 +1,33 @@
+"""bench.compositional end to end at toy size (--smoke): data, three stages, evaluation, defaults, table, plot."""
+
+from __future__ import annotations
+
+import json
+
+from bench import compositional
+from latentdiff.data.scenes import TASKS
+from latentdiff.prior.pipeline import TextToImage
+
+
+def test_compositional_smoke_writes_table_plot_and_prior_defaults(tmp_path):
+    runs = tmp_path / "runs"
+    figures = compositional.main(["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json")])
+    assert [r["guidance"] for r in figures["rows"]] == [1.0, 3.0]
+    assert figures["ceiling"]["all"]["overall"] == 1.0 and set(figures["ceiling"]["all"]["tasks"]) == set(TASKS)
+    assert figures["held_out_prompts"] >= 1 and figures["smoke"]
+    assert set(figures["autoencoder_reconstructions"]["all"]["tasks"]) == set(TASKS)
+    best = compositional.recommend(figures["rows"])
+    settings = TextToImage.from_run(runs / "prior").settings(["a star"], n=1)
+    assert (settings.sampler, settings.steps, settings.guidance) == ("dpmpp-2m", 2, best["guidance"])
+    assert (runs / "tasks_vs_guidance.png").read_bytes().startswith(b"\x89PNG")
+    table = (runs / "table.md").read_text()
+    assert "real (ceiling)" in table and "held-out" in table
+    assert json.loads((tmp_path / "c.json").read_text())["figures"]["recommended"]["guidance"] == best["guidance"]
+
+
+def test_recommend_takes_the_best_seen_overall_and_the_lower_guidance_on_a_tie():
+    def row(w, seen):
+        return {"guidance": w, "scenes": {"seen": {"overall": seen}}}
+
+    assert compositional.recommend([row(1, 0.5), row(3, 0.8), row(5, 0.8)])["guidance"] == 3
+    assert compositional.recommend([row(1, 0.9), row(3, 0.2)])["guidance"] == 1
