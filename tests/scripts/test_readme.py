@@ -73,6 +73,9 @@ SKIPPED = {
     r"^python -m bench\.model_step\b": "times training steps into runs/bench (tests/bench/test_bench.py runs it small)",
     r"^python -m bench\.sd_layout\b": "builds SD 1.5's full layout (4 GB on disk, 9 GB of memory, minutes); "
     "tests/bench/test_sd_layout.py runs its toy layout",
+    r"^python -m bench\.compositional\b": "trains three stages for up to 40 minutes; tests/bench/test_compositional.py "
+    "runs it with --smoke",
+    r"runs/compositional/": "reads python -m bench.compositional's runs, which this test does not make",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
     r"--preset base\b": "SD 1.5's 860M UNet (a GPU preset), with pretrained CLIP weights that are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
