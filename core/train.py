@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import run_directory
 from .config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from .ema import EMA
-from .errors import Stopped, cli_errors
+from .errors import Stopped, UserError, cli_errors
 from .faults import NonFiniteError, OutOfMemory, StopSignals, nonfinite_weights, out_of_memory_message
 from .logger import progress
 from .run_directory import RunDirectory, close_open_runs, worker_positions
@@ -65,6 +65,9 @@ class TrainConfig:
     lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: to 10% of lr at `steps`
     weight_decay: NonNegativeFloat = 0.0  # AdamW decoupled weight decay, not applied to norms and biases
     betas: tuple[Decay, Decay] = (0.9, 0.999)  # AdamW betas
+    # "adamw8bit": bitsandbytes' AdamW8bit (Dettmers et al. 2022), its two moments in 8 bits: 2 bytes per parameter
+    # instead of 8 (docs/finetuning.md); refused in one line when bitsandbytes is not installed
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0: no clipping)
     ema_decay: Decay = 0.0  # EMA of the weights (0: none)
     ema_warmup: bool = True  # ramp the EMA decay up as min(ema_decay, (1+n)/(10+n)) over the first n updates
@@ -151,13 +154,36 @@ def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, segmen
     return 1.0  # "constant"
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and convolutions only (not norms, biases, embeddings' scales)."""
+def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and convolutions only (not norms, biases, embeddings' scales).
+
+    lr: the peak learning rate of these parameters (default train.lr; a LoRA run's adapters take lora.lr); the
+    groups carry it as "peak_lr", which the lr schedule scales (Run.lr_schedule).
+    train.optimizer "adamw8bit": bitsandbytes' AdamW8bit over the same groups (UserError when not installed).
+    """
+    lr = cfg.lr if lr is None else lr
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return adamw(groups, lr=cfg.lr, betas=cfg.betas)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "peak_lr": lr},
+    ]
+    if cfg.optimizer == "adamw8bit":
+        return adamw8bit(groups, lr=lr, betas=cfg.betas)
+    return adamw(groups, lr=lr, betas=cfg.betas)
+
+
+def adamw8bit(groups: list[dict], **options) -> torch.optim.Optimizer:
+    """bitsandbytes.optim.AdamW8bit (block-wise 8-bit moments, Dettmers et al. 2022) over `groups`."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(
+            'train.optimizer = "adamw8bit" needs bitsandbytes, which is not installed: pip install bitsandbytes '
+            '(or train.optimizer = "adamw")'
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(groups, **options)
 
 
 FUSED_DEVICES = ("cuda",)  # where every optimizer takes AdamW's fused kernel (adamw)
@@ -246,7 +272,7 @@ class Run(RunDirectory):
         """
         cfg = self.config.train
         for group in optimizer.param_groups:
-            group["initial_lr"] = cfg.lr
+            group["initial_lr"] = group.get("peak_lr", cfg.lr)  # make_optimizer's lr for the group
         extended = self._extension()
         self._t0 = time.monotonic()  # the budget's clock, so the first lr is the one at the start
         self._schedule = LambdaLR(

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from latentdiff.core.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Range
+from latentdiff.core.config import (
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Range,
+)
 from latentdiff.core.train import TrainConfig
 
 from .samplers import SAMPLERS
@@ -31,6 +39,9 @@ class DiffusionConfig:
     # Sampling clamps the predicted z_0 to [-c, c]: "latent" takes c from the autoencoder's latent space (the
     # largest |z| it measured, in prior units), "off" never clamps, a number > 0 is c itself.
     clip_x0: float | Literal["latent", "off"] = "latent"
+    # Offset noise (Guttenberg 2023): eps += noise_offset * N(0, 1) drawn per (sample, channel) and broadcast over
+    # H, W, so the model learns to move a latent's mean (very dark or bright images). SD fine-tunes use ~0.05-0.1.
+    noise_offset: NonNegativeFloat = 0.0
 
     def __post_init__(self):
         # At abar_T = 0 the network input is pure noise, so x0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar) is
@@ -72,12 +83,33 @@ class SamplingConfig:
     per_prompt: PositiveInt = 4  # images per prompt in training-time grids
 
 
+LoraTarget = Literal["attn", "ff", "conv"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters W + (alpha / rank) B A on the UNet's layers (Hu et al. 2021), trained through peft."""
+
+    rank: NonNegativeInt = 0  # r, the adapters' rank (0: off, the whole UNet trains)
+    alpha: PositiveFloat = 8.0  # alpha: the update is scaled by alpha / rank (kohya's and diffusers' convention)
+    dropout: Probability = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+    # which layers get adapters: "attn" = q, k, v, out of self- and cross-attention; "ff" = the feed-forward
+    # linears of the transformers; "conv" = the ResBlocks' convolutions (conv1, conv2, the 1x1 skip)
+    targets: tuple[LoraTarget, ...] = ("attn",)
+    lr: PositiveFloat = 1e-4  # peak learning rate of the adapters (train.lr is the base's, unused by a LoRA run)
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ConfigError('lora.targets is empty; name at least one of "attn", "ff", "conv"')
+
+
 @dataclass(frozen=True)
 class PriorConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # off unless lora.rank > 0 (needs --init)
     caption_dropout: Probability = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
     # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
     resolution: PositiveInt = 32

@@ -75,6 +75,8 @@ def generate_command(
         words += ["--resample", str(settings.resample)]
     if settings.checkpoint is not None:
         words += ["--checkpoint", str(settings.checkpoint)]
+    for file, scale in settings.loras:
+        words += _option("--lora", f"{file}:{scale!r}")
     if settings.batch_size != 64:
         words += ["--batch-size", str(settings.batch_size)]
     if settings.negative_prompt:

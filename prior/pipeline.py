@@ -19,6 +19,7 @@ the autoencoder's LatentSpace must equal the one the prior recorded, the text en
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core.checkpoint import CheckpointError
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.logger import progress
-from latentdiff.core.runs import load_run
 from latentdiff.core.runtime import SAMPLING_PRECISIONS, pick_device, sampling_dtype
 from latentdiff.decoder.load import load_decoder
 
@@ -36,7 +36,9 @@ from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
 from .guidance import check_interval
 from .img2img import composite, feathered, load_image, load_mask, start_timestep
+from .init import load_prior
 from .latent_sampling import clip_bound, sample_latents
+from .lora import merge, parse_lora, read_lora_file
 from .samplers import check_number, check_sampler_steps, levels, number_of_evaluations, resolve_options
 from .text_conditioning import guided_conditioning
 from .unet import UNet
@@ -67,6 +69,7 @@ class GenerationSettings:
     feather: int = 0  # inpainting: pixels of the repainted region over which it fades in (img2img.feathered)
     resample: int = 1  # inpainting: RePaint's U, each step taken U times (img2img.sample_repaint); 1: off
     checkpoint: int | None = None  # the step of the run's checkpoint sampled (None: a run without step folders)
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, absolute path; scale) merged into the UNet, in order
 
 
 class TextToImage:
@@ -93,6 +96,7 @@ class TextToImage:
         self.precision = precision
         self.decoder_run = decoder_run  # where `decoder` came from, recorded in the settings
         self.checkpoint = checkpoint  # the step of the prior's weights, recorded in the settings
+        self.loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged into `unet` (from_run), in the settings
 
     @classmethod
     def from_run(
@@ -106,6 +110,7 @@ class TextToImage:
         decoder: str | Path | None = None,
         precision: str = "auto",
         checkpoint: int | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
     ) -> TextToImage:
         """Load a prior run and the autoencoder and text encoder it records (or the ones given, if they match).
 
@@ -115,11 +120,16 @@ class TextToImage:
         must have been trained on this autoencoder's latent space (same encoder hash).
         precision: the UNet's while sampling, "auto" | "fp32" | "bf16" (core.runtime.sampling_dtype).
         checkpoint: the step of the checkpoint to load (one the run still keeps); None: the newest.
+        loras: (LoRA file, scale) pairs merged into the UNet in order, W + scale (alpha / r) B A each
+        (prior/lora.py); UserError for a file made for another UNet. A LoRA run loads as its base with its
+        adapters merged (prior/init.load_prior).
         """
         run = Path(run)
         device = pick_device(device)
         folder, step = checkpoint_folder(run, checkpoint)
-        prior = load_run(folder, "prior", PriorConfig, lambda cfg, meta: UNet(cfg.model), device=device, ema=ema)
+        prior = load_prior(folder, device=device, ema=ema)
+        for file, scale in loras:
+            merge(prior.model, read_lora_file(file, prior.config.model), scale, str(file))
         stages = load_frozen_stages(*recorded_stages(prior.meta, run, autoencoder, text), device)
         check_recorded(stages, prior.meta, run)
         check_prior_fits(prior.config, stages, str(run))
@@ -133,7 +143,7 @@ class TextToImage:
                     f"(encoder hash {stages.latent_space.encoder_hash}); "
                     f"train a decoder with --autoencoder {stages.autoencoder_path}"
                 )
-        return cls(
+        pipe = cls(
             prior.model,
             prior.config,
             stages.text,
@@ -145,6 +155,8 @@ class TextToImage:
             decoder_run=None if decoder is None else str(Path(decoder).resolve()),
             checkpoint=step,
         )
+        pipe.loras = tuple((str(Path(file).resolve()), float(scale)) for file, scale in loras)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -363,6 +375,7 @@ class TextToImage:
             feather,
             resample,
             self.checkpoint,
+            self.loras,
         )
 
 
@@ -383,6 +396,24 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
         help="the prior's text encoder (run or openclip:MODEL:PRETRAINED), if "
         "not where the run recorded it (same weights, checked by hash)",
     )
+    add_lora_argument(p)
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """--lora FILE[:SCALE], repeatable: from_run's `loras` (parse with lora_arguments)."""
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA file (kohya / diffusers-SD keys, e.g. a LoRA run's lora.safetensors) into the prior's "
+        "UNet at SCALE (default 1): W + SCALE (alpha / rank) B A; repeat to stack several",
+    )
+
+
+def lora_arguments(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values as (file, scale) pairs (UserError for a scale that is not a number)."""
+    return [parse_lora(text) for text in getattr(args, "lora", None) or []]
 
 
 def add_precision_argument(p: argparse.ArgumentParser) -> None:
@@ -449,4 +480,5 @@ def pipeline_from_arguments(args: argparse.Namespace, device: torch.device | str
         autoencoder=args.autoencoder,
         text=args.text,
         checkpoint=getattr(args, "checkpoint", None),
+        loras=lora_arguments(args),
     )

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from latentdiff.core.checkpoint import read_meta
 from latentdiff.core.ema import EMA
+from latentdiff.core.errors import UserError
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.latent_space import LatentSpace
 from latentdiff.core.pixels import from_uint8_to
@@ -38,7 +40,9 @@ from .frozen_stages import (
     recorded_stages,
     stage_records,
 )
+from .init import InitSource, check_init_hash, init_config, init_source, load_prior
 from .latent_cache import LatentCache
+from .lora import Adapters, add_adapters, layers_from_adapters, lora_metadata, write_lora_file
 from .losses import diffusion_loss
 from .parameters import generate_command, save_settings_grid
 from .pipeline import TextToImage
@@ -55,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, "prior", presets=PRESETS)
     p.add_argument("--autoencoder", help="run directory of `latentdiff train autoencoder` (frozen)")
     p.add_argument("--text", help="run directory of `latentdiff train text`, or openclip:MODEL:PRETRAINED (frozen)")
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start from the weights of this prior run (trained here, imported, or a LoRA run's merged ones; its "
+        "EMA when kept), with its [model], [diffusion], autoencoder and text encoder; a fresh optimizer and lr "
+        "schedule. Needed by lora.rank > 0 (docs/finetuning.md)",
+    )
     p.add_argument(
         "--cache-latents",
         action="store_true",
@@ -89,6 +100,18 @@ def batch_latents(batch: dict, ae, space: LatentSpace, cached: bool, device: tor
     return space.to_prior(ae.encode(from_uint8_to(batch["image"], device)).sample())
 
 
+def offset_noise(z0: torch.Tensor, offset: float) -> torch.Tensor:
+    """eps ~ N(0, I) shaped like z0 (B, C, H, W), plus offset * N(0, 1) per (sample, channel) (Guttenberg 2023).
+
+    The offset is one draw per (b, c), broadcast over H and W: noise whose mean the model must also learn to
+    remove. offset 0 draws exactly what it always drew (one randn_like), so runs without it keep their numbers.
+    """
+    eps = torch.randn_like(z0)
+    if offset > 0:
+        eps = eps + offset * torch.randn(*z0.shape[:2], 1, 1, device=z0.device, dtype=z0.dtype)  # (B, C, 1, 1)
+    return eps
+
+
 def prior_loss(
     net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str], rt
 ) -> torch.Tensor:
@@ -97,7 +120,7 @@ def prior_loss(
         states, mask, pooled = text_conditioning(encoder, drop_captions(captions, cfg.caption_dropout))
     B = z0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=z0.device)
-    eps = torch.randn_like(z0)
+    eps = offset_noise(z0, cfg.diffusion.noise_offset)
     z_t = schedule.q_sample(z0, t, eps)
     target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
     with rt.autocast():
@@ -169,7 +192,36 @@ def _autoencoder_resolution(args: argparse.Namespace):
     return follow(args, "resolution", recorded.get("resolution"))
 
 
+def _derive(args: argparse.Namespace, source: InitSource | None):
+    """A new run's derive step: the --init source's [model] and [diffusion], then its autoencoder's resolution."""
+    default = build_parser().get_default("preset")
+
+    def derive(cfg: PriorConfig) -> PriorConfig:
+        if source is not None:
+            cfg = init_config(cfg, source, args, default)
+        return _autoencoder_resolution(args)(cfg)
+
+    return derive
+
+
+def _sampled(unet: UNet, adapters: Adapters | None, ema: EMA):
+    """(the network previews and the end of the run sample, a context in which it holds the weights to sample).
+
+    A full run samples the EMA copy (or the model); a LoRA run its own UNet with the EMA's adapters held in.
+    """
+    if adapters is not None:
+        return unet, adapters.holding(ema.weights() if ema.enabled else {})
+    return full_module(ema.module if ema.enabled else unwrap(unet)), nullcontext()
+
+
 def train(args: argparse.Namespace) -> dict:
+    source = None
+    if args.init:
+        if args.resume:
+            raise UserError("--init starts a new run from a prior's weights; a resumed run keeps its own: leave it out")
+        source = InitSource.read(args.init)
+        # The source's frozen stages, unless given (then they must be the same ones: check_recorded below).
+        args.autoencoder, args.text = recorded_stages(source.meta, source.path, args.autoencoder, args.text)
     run = Run.start(
         args,
         PriorConfig,
@@ -177,11 +229,13 @@ def train(args: argparse.Namespace) -> dict:
         stage="prior",
         from_run=FROM_RUN,
         required=("data", "autoencoder", "text"),
-        derive=lambda cfg: _autoencoder_resolution(args)(cfg),
+        derive=_derive(args, source),
     )
     cfg, rt = run.config, run.runtime
     tcfg = cfg.train
     stages = load_frozen_stages(args.autoencoder, args.text, rt.device)
+    if source is not None:  # the latents and text states the source learned, as a resume checks its own
+        check_recorded(stages, source.meta, source.path)
     if run.recorded is not None:
         check_recorded(stages, run.recorded, run.path)
     check_prior_fits(cfg, stages, f"prior preset {args.preset}" if run.recorded is None else str(run.path))
@@ -192,12 +246,36 @@ def train(args: argparse.Namespace) -> dict:
         "data": record_path(args.data, run.path),
         "cache_latents": bool(args.cache_latents),
     }
+    recorded_init = (run.recorded or {}).get("init")
+    lora = cfg.lora.rank > 0
+    if lora and source is None and recorded_init is None:
+        raise UserError(
+            "lora.rank > 0 trains adapters on a trained prior: pass --init RUN (a prior trained here or imported "
+            "with `latentdiff import pipeline`); LoRA on random weights learns next to nothing"
+        )
+    if lora and tcfg.parallel == "fsdp":
+        raise UserError('lora.rank > 0 trains a few adapters: use train.parallel = "ddp" (fsdp shards whole weights)')
 
     unet = UNet(cfg.model).to(rt.device)
-    ema = EMA(unet, tcfg.ema_decay, tcfg.ema_warmup)
+    if source is not None or (lora and recorded_init is not None):
+        # The base weights: a new run's source, or the one a resumed LoRA run recorded (its checkpoints hold only
+        # the adapters). A resumed full fine-tune restores the whole UNet from its own checkpoint instead.
+        if source is not None:
+            base = source.load(rt.device)
+        else:
+            base = load_prior(init_source(run.recorded, run.path), device=rt.device)
+            check_init_hash(base, recorded_init, run.path)
+        unet.load_state_dict(base.model.state_dict())
+        meta["init"] = source.record(base, run.path) if source is not None else recorded_init
+        del base
+    adapters = add_adapters(unet, cfg.lora) if lora else None
+    trained = adapters if adapters is not None else unet  # what the optimizer, the EMA and the checkpoints hold
+    if lora:
+        meta["lora"] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
+    ema = EMA(trained, tcfg.ema_decay, tcfg.ema_warmup)
     shard_model(unet, rt, tcfg.parallel, ema)  # fsdp: in place, before the optimizer takes the parameters
-    opt = make_optimizer(unet.parameters(), tcfg)
-    scheduler = run.begin({"model": unet}, {"model": opt}, ema, meta=meta)
+    opt = make_optimizer(trained.parameters(), tcfg, lr=cfg.lora.lr if lora else None)
+    scheduler = run.begin({"model": trained}, {"model": opt}, ema, meta=meta)
     net = run.wrap(unet)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
@@ -226,46 +304,63 @@ def train(args: argparse.Namespace) -> dict:
         loss = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or math.inf))
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), tcfg.grad_clip or math.inf))
         if run.finite(step, loss, grad_norm):
             opt.step()
         run.advance(z0.shape[0], batch.get("skipped", 0))
-        ema.update(unet)
+        ema.update(trained)
 
         if run.every(tcfg.log_every, step):
             run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
         if run.every(tcfg.sample_every, step):
             # On every rank: gathering sharded (fsdp) weights for rank 0 to sample from is a collective.
-            sampled = full_module(ema.module if ema.enabled else unwrap(unet))
+            sampled, holding = _sampled(unet, adapters, ema)
             saved = run.every(tcfg.ckpt_every, step) or step + 1 == tcfg.steps  # the weights of a checkpoint
-            run.sample(
-                step,
-                lambda: sample_grid(
-                    sampled,
-                    cfg,
-                    encoder,
-                    ae,
-                    space,
-                    run.path,
-                    prompts,
-                    run.path / "samples" / f"step_{step + 1:07d}.png",
-                    seed=tcfg.seed,
-                    step=step + 1,
-                    saved=saved,
-                ),
-            )
+
+            def preview(sampled=sampled, holding=holding, step=step, saved=saved):
+                with holding:
+                    return sample_grid(
+                        sampled,
+                        cfg,
+                        encoder,
+                        ae,
+                        space,
+                        run.path,
+                        prompts,
+                        run.path / "samples" / f"step_{step + 1:07d}.png",
+                        seed=tcfg.seed,
+                        step=step + 1,
+                        saved=saved,
+                    )
+
+            run.sample(step, preview)
         if run.every(tcfg.ckpt_every, step):
             run.checkpoint(step + 1)
 
     # Captions longer than the text context were warned about once; the count is a figure of the run.
     summary = {"truncated_captions": encoder.truncated}
-    final = full_module(ema.final(unet))  # on every rank, as above
+    final, holding = _sampled(unet, adapters, ema)  # on every rank, as above
     if rt.is_main:
-        grid = sample_grid(
-            final, cfg, encoder, ae, space, run.path, prompts, run.path / "samples.png", seed=tcfg.seed, step=run.done
-        )  # run.finish saves the checkpoint of these weights
+        with holding:
+            grid = sample_grid(
+                final,
+                cfg,
+                encoder,
+                ae,
+                space,
+                run.path,
+                prompts,
+                run.path / "samples.png",
+                seed=tcfg.seed,
+                step=run.done,
+            )  # run.finish saves the checkpoint of these weights
         summary["sample_grid"] = str(grid)
         run.image("samples", run.done, grid)
+        if adapters is not None:  # the file diffusers and ComfyUI load: the adapters sampled above
+            weights = ema.weights() if ema.enabled else adapters.state_dict()
+            layers = layers_from_adapters(weights, cfg.lora.alpha)
+            info = lora_metadata(cfg, run.meta, run.path, run.done, "ema" if ema.enabled else "model")
+            summary["lora_file"] = str(write_lora_file(run.path / "lora.safetensors", layers, cfg.model, info))
     return run.finish(summary)
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     ("export", "autoencoder"): ("latentdiff.scripts.export_autoencoder", "an autoencoder run as a diffusers folder"),
     ("import", "pipeline"): ("latentdiff.scripts.import_pipeline", "SD 1.x/2.x (diffusers or one file) as 3 runs"),
     ("export", "pipeline"): ("latentdiff.scripts.export_pipeline", "a prior run as a diffusers SD pipeline folder"),
+    ("export", "lora"): ("latentdiff.scripts.export_lora", "a LoRA prior run's adapters as a kohya/diffusers file"),
     ("evaluate-autoencoder",): ("latentdiff.evaluation.reconstruction", "PSNR, SSIM, LPIPS and rFID of an autoencoder"),
 }
 

@@ -28,16 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a `latentdiff train decoder` run to write as the VAE's decoder (it must have the autoencoder's "
         "decoder architecture)",
     )
+    from latentdiff.prior.pipeline import add_lora_argument
+
+    add_lora_argument(p)  # merged into the exported UNet
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     with cli_errors():
-        from latentdiff.prior.pipeline import TextToImage
+        from latentdiff.prior.pipeline import TextToImage, lora_arguments
         from latentdiff.prior.sd_export import CLIP_SAMPLE_BACK, write_diffusers_pipeline, write_single_file
 
-        pipe = TextToImage.from_run(args.run, device="cpu", ema=not args.no_ema, precision="fp32", decoder=args.decoder)
+        pipe = TextToImage.from_run(
+            args.run,
+            device="cpu",
+            ema=not args.no_ema,
+            precision="fp32",
+            decoder=args.decoder,
+            loras=lora_arguments(args),
+        )
         summary = (write_single_file if args.single_file else write_diffusers_pipeline)(pipe, args.out)
         decoder = "" if summary["decoder"] == "autoencoder" else f", the VAE decoding with {summary['decoder']}"
         print(

@@ -178,6 +178,7 @@ def from_png_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser
     args.run = args.run or found["run"]
     args.decoder = args.decoder or found.get("decoder")
     args.checkpoint = found.get("checkpoint")  # the weights it was made with (absent before: the newest)
+    args.lora = [f"{file}:{scale!r}" for file, scale in found.get("loras") or []]  # merged as it was made
     if args.precision == "auto":  # the precision it was made in, unless asked otherwise
         args.precision = found.get("precision", "auto")
     return call_arguments(found)

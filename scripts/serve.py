@@ -8,7 +8,7 @@ import sys
 
 from latentdiff.core.errors import UserError, cli_errors
 from latentdiff.core.runtime import announce, sampling_precision
-from latentdiff.prior.pipeline import add_precision_argument
+from latentdiff.prior.pipeline import TextToImage, add_lora_argument, add_precision_argument, lora_arguments
 from latentdiff.serve.access import MAX_QUEUE, MAX_UPLOAD, Access
 
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decoder", help="a `latentdiff train decoder` run to decode with (same latent space)")
     p.add_argument("--device", help="force a device (default: cuda if available, else cpu)")
+    add_lora_argument(p)
     add_precision_argument(p)
     return p
 
@@ -67,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 "latentdiff serve needs gradio: pip install 'latentdiff[serve]' (make setup installs it)"
             ) from None
+        pipe = None
+        if args.lora:  # the prior with the LoRA files merged; loaded here as start() would load it
+            loras = lora_arguments(args)
+            pipe = TextToImage.from_run(
+                args.run, device=args.device, decoder=args.decoder, precision=args.precision, loras=loras
+            )
         server = start(
             args.run,
+            pipe=pipe,
             host=args.host,
             port=args.port,
             decoder=args.decoder,

@@ -76,6 +76,11 @@ SKIPPED = {
     r"^python -m bench\.compositional\b": "trains three stages for up to 40 minutes; tests/bench/test_compositional.py "
     "runs it with --smoke",
     r"runs/compositional/": "reads python -m bench.compositional's runs, which this test does not make",
+    r"--init runs/sd15/prior\b": "fine-tunes the imported SD 1.5 at 512 px for 2,000 steps; "
+    "tests/prior/test_lora_diffusers.py fine-tunes an imported SD-style pipeline with LoRA and checks diffusers' image",
+    r"runs/sd15-(lora|full)\b": "reads the fine-tuned SD 1.5 runs above, which are skipped",
+    r"^python -m bench\.lora_concept\b": "trains a shapes prior and fine-tunes it (minutes even at --scale toy); "
+    "tests/bench/test_finetune_bench.py tests its parts",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
     r"--preset base\b": "SD 1.5's 860M UNet (a GPU preset), with pretrained CLIP weights that are not on disk",
     r"--run runs/prior-sd\b": "generates from the base-preset prior above, which is skipped",
