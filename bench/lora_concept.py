@@ -72,20 +72,32 @@ def prompt_sets(out: Path, n: int, seed: int) -> dict[str, Path]:
     return sets
 
 
-def user_folder(out: Path, n: int, seed: int) -> Path:
-    """n images whose every shape is purple, as a user's folder (PNG + .txt), then `latentdiff data folder`."""
-    folder, dataset = out / "purple_folder", out / "purple_data"
+def user_folder(out: Path, n: int, seed: int, replay: int = 0) -> Path:
+    """n images whose every shape is purple, as a user's folder (PNG + .txt), then `latentdiff data folder`.
+
+    replay: as many images again of what the prior already draws (shapes without purple, with their captions)
+    in the same folder: fine-tuning on the new concept alone teaches the prior to draw it everywhere; mixing in
+    the old data is the usual remedy (DreamBooth's prior preservation, Ruiz et al. 2023, uses the model's own
+    samples; here they are real images of the old colours).
+    """
+    suffix = f"_replay{replay}" if replay else ""
+    folder, dataset = out / f"purple_folder{suffix}", out / f"purple_data{suffix}"
     if (dataset / "info.json").exists():
         return dataset
     folder.mkdir(parents=True, exist_ok=True)
-    kept = 0
-    for sample in shapes.generate_shapes(200 * n, seed=seed + 3, split="val"):
-        if all(s["color"] == COLOUR for s in sample.meta["shapes"]):
-            sample.image.save(folder / f"{kept:05d}.png")
-            (folder / f"{kept:05d}.txt").write_text(sample.caption)
-            kept += 1
-            if kept == n:
-                break
+    kept = old = 0
+    for sample in shapes.generate_shapes(200 * (n + replay), seed=seed + 3, split="val"):
+        colours = [s["color"] for s in sample.meta["shapes"]]
+        if all(c == COLOUR for c in colours) and kept < n:
+            name, kept = f"{kept:05d}", kept + 1
+        elif COLOUR not in colours and old < replay:
+            name, old = f"old{old:05d}", old + 1
+        else:
+            continue
+        sample.image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(sample.caption)
+        if kept == n and old == replay:
+            break
     run(["data", "folder", str(folder), "--out", str(dataset), "--resolution", "32", "--quiet",
          "--val-fraction", "0.05", "--test-fraction", "0.05"])  # fmt: skip
     return dataset
@@ -108,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, help="folder for datasets and runs (default: runs/bench/lora_concept_SCALE)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora.rank)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=0,
+        help="also put this many images of the old colours in the user's folder (see user_folder; default 0)",
+    )
     args = p.parse_args(argv)
     s = SCALES[args.scale]
     work = args.work or OUT / f"lora_concept_{args.scale}"
@@ -128,25 +146,26 @@ def main(argv: list[str] | None = None) -> dict:
     train("prior", prior, held, s["prior"], "--autoencoder", str(work / "ae"), "--text", str(work / "text"), *batch)
 
     sets = prompt_sets(work, s["eval_n"], args.seed)
-    purple_data = user_folder(work, s["folder"], args.seed)
+    replay = round(args.replay * s["folder"] / SCALES["full"]["folder"]) if args.scale == "toy" else args.replay
+    purple_data = user_folder(work, s["folder"], args.seed, replay)
     tune = ["--set", "sampling.per_prompt=1", *batch]
-    train("prior", work / "lora", purple_data, s["tune"], "--init", str(prior), "--set", f"lora.rank={args.rank}",
+    suffix = f"_replay{replay}" if replay else ""
+    lora, full = work / f"lora{suffix}", work / f"full{suffix}"
+    train("prior", lora, purple_data, s["tune"], "--init", str(prior), "--set", f"lora.rank={args.rank}",
           "--set", f"lora.alpha={args.rank}", "--set", "lora.lr=1e-3", *tune)  # fmt: skip
-    train("prior", work / "full", purple_data, s["tune"], "--init", str(prior), "--lr", "3e-4", *tune)
+    train("prior", full, purple_data, s["tune"], "--init", str(prior), "--lr", "3e-4", *tune)
 
     rows = []
-    for name, run_dir in (("before (the prior)", prior), ("LoRA", work / "lora"), ("full fine-tune", work / "full")):
+    for name, run_dir in (("before (the prior)", prior), ("LoRA", lora), ("full fine-tune", full)):
         tag = run_dir.name
         row = {"model": name}
         for key, data in sets.items():
             row[key] = accuracy(work / f"eval_{tag}_{key}", run_dir, data, work / "classifier", s["eval_n"], s["steps"])
         rows.append(row)
     sizes = {
-        "LoRA file": (work / "lora" / "lora.safetensors").stat().st_size,
+        "LoRA file": (lora / "lora.safetensors").stat().st_size,
         "full fine-tune UNet (EMA or model)": max(
-            f.stat().st_size
-            for f in (work / "full").rglob("*.safetensors")
-            if f.name in ("ema.safetensors", "model.safetensors")
+            f.stat().st_size for f in full.rglob("*.safetensors") if f.name in ("ema.safetensors", "model.safetensors")
         ),
     }
     minutes = (time.monotonic() - t0) / 60
@@ -160,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| file | bytes |\n|---|---|")
     for name, size in sizes.items():
         print(f"| {name} | {size:,} |")
-    result = {"scale": args.scale, "budgets": s, "rank": args.rank, "rows": rows, "sizes": sizes, "minutes": minutes}
+    result = {"scale": args.scale, "budgets": s, "rank": args.rank, "replay": replay, "rows": rows, "sizes": sizes}
+    result["minutes"] = minutes
     out = Path(args.out) if args.out else OUT / f"lora_concept_{args.scale}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -47,6 +47,11 @@ def test_the_users_folder_and_the_prompt_sets_split_on_the_colour(tmp_path):
     captions = sorted((tmp_path / "purple_folder").glob("*.txt"))
     assert len(captions) == 20 and all("purple" in c.read_text() for c in captions)
     assert (data / "info.json").exists()
+    # --replay: the old colours mixed into the same folder, none of them purple.
+    lora_concept.user_folder(tmp_path, 20, seed=0, replay=10)
+    mixed = sorted((tmp_path / "purple_folder_replay10").glob("*.txt"))
+    old = [c for c in mixed if c.name.startswith("old")]
+    assert len(mixed) == 30 and len(old) == 10 and not any("purple" in c.read_text() for c in old)
 
 
 @pytest.mark.slow
