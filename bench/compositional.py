@@ -7,7 +7,7 @@
 1. `latentdiff data scenes` with held-out combinations of all three kinds (DEFAULT_HOLDOUT: two
    colour-shape pairs, two count-shape pairs, two relations; >= 30 distinct held-out test prompts).
 2. `latentdiff train autoencoder`, `train text`, `train prior` (tiny presets, --set flags below),
-   each stopped by --max-minutes: --minutes split by BUDGET_SPLIT. The scorer needs no training:
+   each stopped by --max-minutes: --minutes split by BUDGET_SPLIT (or --split). The scorer needs no training:
    it is evaluation/scenes.py's geometric reader, exact on real images (its ceiling is reported).
 3. `latentdiff evaluate` over --guidance: the six tasks and overall, seen and held-out apart; and
    the same scorer on the autoencoder's reconstructions of the test images (posterior means): what a
@@ -44,11 +44,13 @@ DEFAULT_HOLDOUT = (
 )
 BUDGET_SPLIT = {"autoencoder": 0.2, "text": 0.1, "prior": 0.7}  # the demo's split, rounded (scripts/demo.py)
 # Stage flags beyond the tiny presets. At 64 px a fourth autoencoder level (f = 8) keeps the prior on the
-# tiny preset's 8x8 latents, so a prior step costs what the demo's does (CALIBRATION.md); not raced.
+# tiny preset's 8x8 latents, so a prior step costs what the demo's does (CALIBRATION.md). Eight latent channels
+# instead of four: at the same autoencoder budget its reconstructions score higher (colors and color_attr most),
+# +2 dB PSNR, and the prior's step costs the same (one wider input conv); docs/scenes.md, "What was raced".
 STAGE_FLAGS = {
-    "autoencoder": ["--set", "model.channels=[16, 16, 32, 32]"],
+    "autoencoder": ["--set", "model.channels=[16, 16, 32, 32]", "--set", "model.latent_channels=8"],
     "text": [],
-    "prior": [],
+    "prior": ["--set", "model.in_channels=8"],
 }
 # --smoke: toy sizes and a few steps per stage (tests/bench), the plumbing only.
 SMOKE_FLAGS = {
@@ -65,6 +67,19 @@ def run(words: list[str]) -> None:
     code = cli.main(words)
     if code:
         raise SystemExit(f"compositional: `latentdiff {shlex.join(words)}` exited {code}")
+
+
+def budget_split(text: str) -> dict[str, float]:
+    """--split "0.3,0.1,0.6" -> {"autoencoder": 0.3, "text": 0.1, "prior": 0.6}; raises ArgumentTypeError."""
+    import argparse
+
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != len(BUDGET_SPLIT) or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"three positive shares that sum to 1, e.g. 0.2,0.1,0.7; got {text!r}")
+    return dict(zip(BUDGET_SPLIT, shares, strict=True))
 
 
 def held_out_prompts(data: Path, holdout: list[str]) -> int:
@@ -156,8 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sampler", default="dpmpp-2m", help="sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")
+    p.add_argument(
+        "--split",
+        type=budget_split,
+        default=BUDGET_SPLIT,
+        metavar="AE,TEXT,PRIOR",
+        help="shares of --minutes for the autoencoder, text encoder and prior (default: 0.2,0.1,0.7)",
+    )
     for stage in BUDGET_SPLIT:
-        p.add_argument(f"--{stage}-flags", default="", metavar="FLAGS", help=f"more `train {stage}` flags")
+        p.add_argument(
+            f"--{stage}-flags",
+            default="",
+            metavar="FLAGS",
+            help=f"more `train {stage}` flags (one flag alone needs '=': --{stage}-flags=--cache-latents)",
+        )
     p.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps per stage: checks the plumbing only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -175,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {}
     inputs = {"autoencoder": [], "text": [], "prior": ["--autoencoder", str(runs / "ae"), "--text", str(runs / "text")]}
     names = {"autoencoder": "ae", "text": "text", "prior": "prior"}
-    for stage, share in BUDGET_SPLIT.items():
+    for stage, share in args.split.items():
         budget = [] if args.smoke else ["--max-minutes", f"{args.minutes * share:g}"]
         flags = (SMOKE_FLAGS if args.smoke else STAGE_FLAGS)[stage] + shlex.split(getattr(args, f"{stage}_flags"))
         seconds[stage] = train_stage(
@@ -226,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "holdout": list(args.holdout),
         "train_seconds": seconds,
         "minutes": args.minutes,
+        "split": args.split,
         "smoke": args.smoke,
         "total_seconds": round(time.monotonic() - t_start, 1),
         "plot": str(png),

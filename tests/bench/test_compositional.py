@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+
+import pytest
 
 from bench import compositional
 from latentdiff.data.scenes import TASKS
@@ -31,3 +34,10 @@ def test_recommend_takes_the_best_seen_overall_and_the_lower_guidance_on_a_tie()
 
     assert compositional.recommend([row(1, 0.5), row(3, 0.8), row(5, 0.8)])["guidance"] == 3
     assert compositional.recommend([row(1, 0.9), row(3, 0.2)])["guidance"] == 1
+
+
+def test_split_parses_three_shares_and_refuses_the_rest():
+    assert compositional.budget_split("0.3,0.1,0.6") == {"autoencoder": 0.3, "text": 0.1, "prior": 0.6}
+    for bad in ("0.5,0.5", "0.5,0.6,0.1", "0,0.3,0.7", "a,b,c"):
+        with pytest.raises(argparse.ArgumentTypeError, match="sum to 1"):
+            compositional.budget_split(bad)
