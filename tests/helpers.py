@@ -124,3 +124,52 @@ def decoded(encoded: bytes):
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+
+def run_killed_child(main, argv: list[str], kill_at: int | None, count_file: Path | None = None) -> int:
+    """Run `main(argv)` in a forked process that SIGKILLs itself at its `kill_at`-th event; its exit code.
+
+    Events: every step (each Run.every call), before and after every file's bytes are written (before
+    its fsync and rename), and before every rename: so kills land mid-step, mid-file, between the files
+    of a save, between commit and pruning, and mid-prune. kill_at None: run to the end; count_file, when
+    given, then receives the number of events the run made (to draw kill points from).
+    """
+    import multiprocessing
+    import os
+    import signal
+
+    from latentdiff.core import train as core_train
+
+    def child() -> None:
+        count = 0
+
+        def event() -> None:
+            nonlocal count
+            count += 1
+            if kill_at is not None and count >= kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        real_replace, real_atomic, real_every = os.replace, ckpt.atomic_write, core_train.Run.every
+
+        def replace(*a, **k):
+            event()
+            return real_replace(*a, **k)
+
+        def atomic_write(path, write):
+            event()
+            real_atomic(path, lambda tmp: (write(tmp), event()))
+
+        def every(self, interval, step):
+            event()
+            return real_every(self, interval, step)
+
+        os.replace, ckpt.atomic_write, core_train.Run.every = replace, atomic_write, every
+        main(argv)
+        if count_file is not None:
+            Path(count_file).write_text(str(count))
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode is not None, "a training child hung"
+    return proc.exitcode

@@ -28,7 +28,7 @@ from latentdiff.data import reader
 from latentdiff.data.shards import Sample, write_info, write_split
 from latentdiff.evaluation import classifier_stage
 from latentdiff.evaluation.classifier import load_classifier
-from tests.helpers import SUBPROCESS_TIMEOUT  # noqa: E402
+from tests.helpers import SUBPROCESS_TIMEOUT, run_killed_child  # noqa: E402
 
 STEPS = 10
 CLF = [
@@ -144,46 +144,8 @@ def test_ema_over_integer_buffers_averages_floats_and_copies_counts():
 # ---------------------------------------------------------------- kills
 
 
-def _child(argv: list[str], kill_at: int | None, count_file: str) -> None:
-    """Train in a forked process that SIGKILLs itself at its `kill_at`-th event.
-
-    Events: every step (each Run.every call), before and after every file's bytes are written
-    (before its fsync and rename), and before every rename: so kills land mid-step, mid-file,
-    between the files of a save, between commit and pruning, and mid-prune.
-    """
-    count = 0
-
-    def event() -> None:
-        nonlocal count
-        count += 1
-        if kill_at is not None and count >= kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    real_replace, real_atomic, real_every = os.replace, ckpt.atomic_write, core_train.Run.every
-
-    def replace(*a, **k):
-        event()
-        return real_replace(*a, **k)
-
-    def atomic_write(path, write):
-        event()
-        real_atomic(path, lambda tmp: (write(tmp), event()))
-
-    def every(self, interval, step):
-        event()
-        return real_every(self, interval, step)
-
-    os.replace, ckpt.atomic_write, core_train.Run.every = replace, atomic_write, every
-    classifier_stage.main(argv)
-    Path(count_file).write_text(str(count))
-
-
 def _run_child(argv: list[str], kill_at: int | None, count_file: Path) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(argv, kill_at, str(count_file)))
-    proc.start()
-    proc.join(timeout=300)
-    assert proc.exitcode is not None, "a training child hung"
-    return proc.exitcode
+    return run_killed_child(classifier_stage.main, argv, kill_at, count_file)
 
 
 def test_sigkill_anywhere_then_resume_equals_the_straight_run(noisy_data, straight, tmp_path):

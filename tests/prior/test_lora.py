@@ -8,8 +8,6 @@ is in test_lora_diffusers.py.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from latentdiff.core import checkpoint as ckpt
-from latentdiff.core import train as core_train
 from latentdiff.core.errors import UserError
 from latentdiff.prior.config import LoraConfig
 from latentdiff.prior.init import load_prior
@@ -30,7 +27,7 @@ from latentdiff.prior.parameters import read_png
 from latentdiff.prior.pipeline import TextToImage
 from latentdiff.prior.stage import main as prior_main
 from latentdiff.prior.unet import UNet, UNetConfig
-from tests.helpers import PRIOR_ARGS, RESUME_LR, assert_same_weights, cli_exit_2
+from tests.helpers import PRIOR_ARGS, RESUME_LR, assert_same_weights, cli_exit_2, run_killed_child
 
 pytest.importorskip("peft")
 
@@ -241,36 +238,8 @@ def test_gradient_checkpointing_and_bf16_work_with_adapters():
 # ---------------------------------------------------------------- SIGKILL and resume
 
 
-def _child(argv: list[str], kill_at: int | None) -> None:
-    """Train in a forked process that SIGKILLs itself at its `kill_at`-th step event (Run.every) or file write."""
-    count = 0
-
-    def event() -> None:
-        nonlocal count
-        count += 1
-        if kill_at is not None and count >= kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    real_atomic, real_every = ckpt.atomic_write, core_train.Run.every
-
-    def atomic_write(path, write):
-        event()
-        real_atomic(path, lambda tmp: (write(tmp), event()))
-
-    def every(self, interval, step):
-        event()
-        return real_every(self, interval, step)
-
-    ckpt.atomic_write, core_train.Run.every = atomic_write, every
-    prior_main(argv)
-
-
 def _run_child(argv: list[str], kill_at: int | None) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(argv, kill_at))
-    proc.start()
-    proc.join(timeout=300)
-    assert proc.exitcode is not None, "a training child hung"
-    return proc.exitcode
+    return run_killed_child(prior_main, argv, kill_at)
 
 
 def test_sigkill_and_resume_with_lora_equals_the_straight_run(prior_run, data, tmp_path):
