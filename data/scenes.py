@@ -40,6 +40,7 @@ from PIL import Image
 
 from latentdiff.data.captions import with_article
 from latentdiff.data.shapes import COLORS as SHAPES_COLORS
+from latentdiff.data.shapes import split_counts
 from latentdiff.data.shards import DEFAULT_MAXCOUNT, SPLITS, Sample, write_info, write_split
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
@@ -466,16 +467,7 @@ def build(
 ) -> dict[str, Any]:
     """Write train (n), val and test (default n // 10 each, at least 1) shards and info.json (with the palette)."""
     parse_holdout(holdout)  # fail before writing anything
-    if min(n, val_n or 0, test_n or 0) < 0 or resolution < 16:
-        raise ValueError(
-            f"need counts >= 0 and resolution >= 16, got n={n}, val_n={val_n}, test_n={test_n}, resolution={resolution}"
-        )
-    default_eval = max(1, n // 10)
-    counts = {
-        "train": n,
-        "val": default_eval if val_n is None else val_n,
-        "test": default_eval if test_n is None else test_n,
-    }
+    counts = split_counts(n, val_n, test_n, resolution, min_resolution=16)
     for split, count in counts.items():
         samples = generate_scenes(count, seed, resolution, holdout, split)
         counts[split] = write_split(out_dir, split, samples, maxcount=maxcount, progress="scenes" if progress else "",

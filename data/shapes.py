@@ -212,6 +212,24 @@ def generate_shapes(
         )
 
 
+def split_counts(n: int, val_n: int | None, test_n: int | None, resolution: int, min_resolution: int) -> dict[str, int]:
+    """{"train": n, "val", "test"} of a procedural source (val and test default to n // 10, at least 1).
+
+    Raises ValueError for a negative count or a resolution under `min_resolution` (the source's smallest).
+    """
+    if min(n, val_n or 0, test_n or 0) < 0 or resolution < min_resolution:
+        raise ValueError(
+            f"need counts >= 0 and resolution >= {min_resolution}, got n={n}, val_n={val_n}, test_n={test_n}, "
+            f"resolution={resolution}"
+        )
+    default_eval = max(1, n // 10)
+    return {
+        "train": n,
+        "val": default_eval if val_n is None else val_n,
+        "test": default_eval if test_n is None else test_n,
+    }
+
+
 def build(
     out_dir: str | os.PathLike,
     n: int,
@@ -225,16 +243,7 @@ def build(
 ) -> dict[str, Any]:
     """Write train (n), val and test (default n // 10 each, at least 1) shards and info.json."""
     parse_holdout(holdout)  # fail before writing anything
-    if min(n, val_n or 0, test_n or 0) < 0 or resolution < 4:
-        raise ValueError(
-            f"need counts >= 0 and resolution >= 4, got n={n}, val_n={val_n}, test_n={test_n}, resolution={resolution}"
-        )
-    default_eval = max(1, n // 10)
-    counts = {
-        "train": n,
-        "val": default_eval if val_n is None else val_n,
-        "test": default_eval if test_n is None else test_n,
-    }
+    counts = split_counts(n, val_n, test_n, resolution, min_resolution=4)
     for split, count in counts.items():
         samples = generate_shapes(count, seed, resolution, holdout, split)
         label = "shapes" if progress else ""
