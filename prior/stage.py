@@ -210,7 +210,7 @@ def _sampled(unet: UNet, adapters: Adapters | None, ema: EMA):
     A full run samples the EMA copy (or the model); a LoRA run its own UNet with the EMA's adapters held in.
     """
     if adapters is not None:
-        return unet, adapters.holding(ema.weights() if ema.enabled else {})
+        return unet, adapters.holding(ema.weights())  # {} without an EMA: the trained adapters as they are
     return full_module(ema.module if ema.enabled else unwrap(unet)), nullcontext()
 
 
