@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from latentdiff.prior.config import DiffusionConfig, PriorConfig, make_schedule
 from latentdiff.prior.interchange import config_from_diffusers, from_diffusers
 from latentdiff.prior.pipeline import TextToImage
 from latentdiff.prior.samplers import check_options, levels
-from latentdiff.prior.sd_export import write_diffusers_pipeline
+from latentdiff.prior.sd_export import pipeline_problems, write_diffusers_pipeline
 from latentdiff.prior.unet import UNet
 from latentdiff.scripts.export_pipeline import main as export_pipeline_main
 from latentdiff.text.interchange import read_diffusers, write_clip_tokenizer
@@ -230,14 +231,31 @@ def test_written_pipeline_loads_in_diffusers_and_makes_image_zero(sd_folder, tmp
         write_diffusers_pipeline(ours, tmp_path / "out")
 
 
-def test_export_command_refuses_the_tiny_preset_in_one_line(prior_run, tmp_path, capsys):
-    """The tiny presets' GroupNorms (gcd(32, width) groups), autoencoder and text mask are not diffusers';
-    the one line names each field (docs/stable-diffusion.md says which settings export); nothing is written."""
-    with pytest.raises(SystemExit) as e:
-        export_pipeline_main([str(prior_run[0]), "--out", str(tmp_path / "out")])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("latentdiff: error: cannot write a StableDiffusionPipeline: UNet:") and "\n" not in err
-    for field in ("model.norm_groups = 32", "model.downsample_padding", "model.upsample_narrows", "encoder.attend"):
+def test_export_refuses_the_layouts_before_the_tiny_presets_exported(pipe, tmp_path):
+    """The tiny presets' layouts before 2026-12-06 (GroupNorms of gcd(32, width) groups, symmetric padding, the
+    upsampling conv narrowing, the text mask up to EOT) are not diffusers': the one line names each field
+    (docs/stable-diffusion.md); nothing is written. The runs keep their own layout (the `pipe` fixture's
+    configs are restored after the test)."""
+    unet, autoencoder, encoder = pipe.unet.cfg, pipe.autoencoder.cfg, pipe.encoder.settings
+    assert not pipeline_problems(pipe)  # today's tiny presets export
+    pipe.unet.cfg = replace(unet, norm_groups=32)  # widths 16, 32; the up path's 48 and 64
+    pipe.autoencoder.cfg = replace(autoencoder, downsample_padding="symmetric", upsample_narrows=True)
+    pipe.encoder.settings = replace(encoder, attend="to_end")
+    try:
+        with pytest.raises(UserError) as e:
+            write_diffusers_pipeline(pipe, tmp_path / "out")
+    finally:
+        pipe.unet.cfg, pipe.autoencoder.cfg, pipe.encoder.settings = unet, autoencoder, encoder
+    err = str(e.value)
+    assert err.startswith("cannot write a StableDiffusionPipeline: UNet:") and "\n" not in err
+    for field in ("model.norm_groups = 32 does not divide the widths [16, 48]", "model.downsample_padding",
+                  "model.upsample_narrows", "encoder.attend"):  # fmt: skip
         assert field in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_command_writes_a_tiny_run(prior_run, tmp_path):
+    """`latentdiff export pipeline` on conftest's tiny-preset runs writes a folder diffusers reads."""
+    summary = export_pipeline_main([str(prior_run[0]), "--out", str(tmp_path / "out")])
+    assert summary["decoder"] == "autoencoder"
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"

@@ -1,12 +1,12 @@
 """A pipeline trained here from scratch exports, and diffusers makes the same image (#25 §4-§5).
 
-Three tiny runs are trained in the test, as `latentdiff train` makes them, with the fields that make each
-stage one diffusers can build (docs/stable-diffusion.md, "Which runs export"): the autoencoder with
-LDM's padding, decoder depth and upsampling, the text run attending to every position, the prior with
-GroupNorm groups that divide every width. The prior keeps the tiny preset's cosine schedule with zero
-terminal SNR, v prediction and z_0 clipping: the exported DDIMScheduler carries them as trained_betas,
-"trailing" timesteps and clip_sample. `latentdiff generate --sampler ddim --spacing trailing` and
-StableDiffusionPipeline on the exported folder, with a CPU torch.Generator, then make the same image.
+Three tiny runs are trained in the test, as `latentdiff train --preset tiny` makes them (narrower, as every
+test's): the tiny presets are layouts diffusers can build (docs/stable-diffusion.md, "Runs trained here"):
+the autoencoder with LDM's padding, decoder depth and upsampling, the text run attending to every position,
+the prior with one GroupNorm group count that divides every width. The prior keeps the tiny preset's cosine
+schedule with zero terminal SNR, v prediction and z_0 clipping: the exported DDIMScheduler carries them as
+trained_betas, "trailing" timesteps and clip_sample. `latentdiff generate --sampler ddim --spacing trailing`
+and StableDiffusionPipeline on the exported folder, with a CPU torch.Generator, then make the same image.
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ from tests.prior.test_diffusers_equality import psnr
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-# The autoencoder fields diffusers' AutoencoderKL has (autoencoder.convert.export_problems), at AE_ARGS' widths.
-SD_AUTOENCODER = ["--set", 'model.downsample_padding="asymmetric"', "--set", "model.decoder_res_blocks=2",
-                  "--set", "model.upsample_narrows=false", "--set", "model.norm_groups=8"]  # fmt: skip
-SD_TEXT = ["--set", 'encoder.attend="all"']  # diffusers' pipeline passes no text mask
-SD_PRIOR = ["--set", "model.norm_groups=16"]  # divides 16, 32 and the up path's 48 and 64
 PROMPT, NEGATIVE = "a red circle", "a blue square"
 STEPS = 8  # divides T = 1000: diffusers' DDIM steps back T // N from each "trailing" timestep
 
@@ -51,14 +46,14 @@ def _no_hub_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, data) -> Path:
-    """A prior run trained here (3 steps) on an autoencoder and a text run trained here, all three exportable."""
+    """A prior run trained here (3 steps) on an autoencoder and a text run trained here, tiny presets as they are."""
     root = tmp_path_factory.mktemp("scratch")
-    autoencoder_main(["--data", str(data), "--out", str(root / "ae"), "--steps", "2", *AE_ARGS, *SD_AUTOENCODER])
+    autoencoder_main(["--data", str(data), "--out", str(root / "ae"), "--steps", "2", *AE_ARGS])
     text_main(["--data", str(data), "--out", str(root / "text"), "--steps", "2", "--batch-size", "8",
-               "--set", "eval_images=8", *SD_TEXT])  # fmt: skip
+               "--set", "eval_images=8"])  # fmt: skip
     # As conftest's prior: no warm-up and a short EMA, so 3 steps move the zero-initialised output convolutions.
     prior_main(["--data", str(data), "--autoencoder", str(root / "ae"), "--text", str(root / "text"),
-                "--out", str(root / "prior"), "--steps", "3", *PRIOR_ARGS, *SD_PRIOR, "--set", "train.warmup_steps=0",
+                "--out", str(root / "prior"), "--steps", "3", *PRIOR_ARGS, "--set", "train.warmup_steps=0",
                 "--set", "train.ema_decay=0.5"])  # fmt: skip
     return root / "prior"
 

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from latentdiff.core.runtime import sampling_dtype
 from latentdiff.prior.text_conditioning import guided_conditioning, text_conditioning
+from latentdiff.text.encoder import TextEncoder
 
 
-def test_cut_padding_leaves_the_unet_output_unchanged(pipe):
+@pytest.fixture(scope="module")
+def to_end(pipe) -> TextEncoder:
+    """The pipe's text encoder with the mask up to EOT (encoder.attend = "to_end", the tiny preset's before
+    2026-12-06, which runs trained then keep): positions after every prompt's EOT are masked, so they may be cut."""
+    e = pipe.encoder
+    return TextEncoder(e.model, e.tokenizer, e.model_config, settings=replace(e.settings, attend="to_end")).frozen()
+
+
+def test_tiny_preset_attends_to_every_position(pipe):
+    out = text_conditioning(pipe.encoder, ["a red circle", ""])
+    assert pipe.encoder.settings.attend == "all" and out[1].all() and out[0].shape[1] == pipe.encoder.context_length
+
+
+def test_cut_padding_leaves_the_unet_output_unchanged(pipe, to_end):
     prompts = ["a red circle", "a small blue square at the top left", ""]
-    short = text_conditioning(pipe.encoder, prompts)
-    full = text_conditioning(pipe.encoder, prompts, length=pipe.encoder.context_length)
+    short = text_conditioning(to_end, prompts)
+    full = text_conditioning(to_end, prompts, length=to_end.context_length)
     lengths = full[1].sum(dim=1)
     assert short[0].shape[1] == int(lengths.max()) < full[0].shape[1]  # cut after the longest prompt
     assert torch.equal(short[1].sum(dim=1), lengths)  # no real token lost
@@ -24,8 +40,8 @@ def test_cut_padding_leaves_the_unet_output_unchanged(pipe):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_guided_halves_share_one_length(pipe):
-    cond, uncond = guided_conditioning(pipe.encoder, ["a large green triangle at the bottom"] * 2, ["", ""])
+def test_guided_halves_share_one_length(to_end):
+    cond, uncond = guided_conditioning(to_end, ["a large green triangle at the bottom"] * 2, ["", ""])
     assert cond[0].shape == uncond[0].shape and cond[1].shape == uncond[1].shape
     assert uncond[1].sum(dim=1).tolist() == [2, 2]  # "" is SOT, EOT
 
