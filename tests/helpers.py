@@ -55,6 +55,10 @@ PRIOR_ARGS = [
     "--set",
     "sampling.per_prompt=1",
 ]
+# The tiny autoencoder preset's layout before 2026-12-06 (its own padding, decoder depth and upsampling, gcd(32, width)
+# GroupNorm groups), which runs trained then record; the preset is diffusers' AutoencoderKL layout since.
+OLD_TINY_AUTOENCODER = ["--set", 'model.downsample_padding="symmetric"', "--set", "model.decoder_res_blocks=1",
+                        "--set", "model.upsample_narrows=true", "--set", "model.norm_groups=32"]  # fmt: skip
 # The lr must not depend on train.steps for "2 steps, then resume to 4" to equal "4 steps": with
 # cosine decay the first invocation (steps=2) would decay faster. Warm-up crosses the resume point.
 RESUME_LR = ["--set", "train.warmup_steps=3", "--set", 'train.lr_decay="constant"']

@@ -24,7 +24,7 @@ from latentdiff.core.config import ConfigError, load_preset, load_toml
 from latentdiff.core.errors import UserError
 from latentdiff.scripts import cli
 from latentdiff.scripts.import_autoencoder import main as import_main
-from tests.helpers import AE_ARGS, PRIOR_ARGS  # noqa: E402
+from tests.helpers import AE_ARGS, OLD_TINY_AUTOENCODER, PRIOR_ARGS  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -272,9 +272,8 @@ def test_a_run_in_latentdiffs_own_layout_is_not_exported(ae_run, data, tmp_path,
     assert cli.main(["export", "autoencoder", str(ae_run[0]), "--out", str(tmp_path / "tiny")]) == 0
     assert json.loads((tmp_path / "tiny" / "config.json").read_text())["norm_num_groups"] == 8
     own = tmp_path / "own"
-    before = ["--set", 'model.downsample_padding="symmetric"', "--set", "model.upsample_narrows=true"]
     cli.main(["train", "autoencoder", "--data", str(data), "--out", str(own), "--preset", "tiny", "--steps", "1",
-              *AE_ARGS, *before])  # fmt: skip
+              *AE_ARGS, *OLD_TINY_AUTOENCODER])  # fmt: skip
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "autoencoder", str(own), "--out", str(tmp_path / "x")])

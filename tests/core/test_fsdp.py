@@ -26,6 +26,7 @@ from latentdiff.prior.unet import UNet
 from tests.helpers import (
     AE_ARGS,
     GAN_ARGS,
+    OLD_TINY_AUTOENCODER,
     PRIOR_ARGS,
     RESUME_LR,
     SUBPROCESS_TIMEOUT,
@@ -64,15 +65,11 @@ def _assert_close_weights(a, b, name: str, rtol: float) -> None:
     assert diff / norm < rtol, f"{name}: the runs differ by {diff / norm:.3g} (relative)"
 
 
-# The tiny autoencoder's layout before 2026-12-06. With today's (diffusers') layout as the frozen autoencoder, the
-# first resumed step's gradients differ from the straight run's by an ulp or two (losses, latents, RNG and
-# optimizer state bit-identical; measured 2026-12-06; the one-process resume stays bit-exact with it,
-# tests/prior/test_stage.py): the cause is not found, and docs/reliability.md says so.
-OLD_TINY_AUTOENCODER = ["--set", 'model.downsample_padding="symmetric"', "--set", "model.decoder_res_blocks=1",
-                        "--set", "model.upsample_narrows=true", "--set", "model.norm_groups=32"]  # fmt: skip
-
-
 def test_fsdp_prior_resumes_exactly_and_writes_a_one_process_checkpoint(data, text_run, prior_run, tmp_path):
+    # On the tiny autoencoder's layout before 2026-12-06: with today's (diffusers') layout as the frozen stage, the
+    # first resumed step's gradients differ from the straight run's by an ulp or two (losses, latents, RNG and
+    # optimizer state bit-identical; measured 2026-12-06; the one-process resume stays bit-exact with it,
+    # tests/prior/test_stage.py): the cause is not found, and docs/devices.md says so.
     ae = tmp_path / "ae"
     _torchrun("latentdiff.autoencoder.stage", ["--data", str(data), "--out", str(ae), "--steps", "2", *AE_ARGS,
                                                *OLD_TINY_AUTOENCODER])  # fmt: skip
