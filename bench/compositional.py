@@ -47,10 +47,12 @@ BUDGET_SPLIT = {"autoencoder": 0.2, "text": 0.1, "prior": 0.7}  # the demo's spl
 # tiny preset's 8x8 latents, so a prior step costs what the demo's does (CALIBRATION.md). Eight latent channels
 # instead of four: at the same autoencoder budget its reconstructions score higher (colors and color_attr most),
 # +2 dB PSNR, and the prior's step costs the same (one wider input conv); docs/scenes.md, "What was raced".
+# The prior at lr 2e-3 decayed by a cosine over its budget: at the tiny preset's constant 3e-3 (raced for the demo's
+# 7 minutes) the 28-minute prior diverged after 2,250 steps, seen overall 0.18 against 0.64 (docs/scenes.md).
 STAGE_FLAGS = {
     "autoencoder": ["--set", "model.channels=[16, 16, 32, 32]", "--set", "model.latent_channels=8"],
     "text": [],
-    "prior": ["--set", "model.in_channels=8"],
+    "prior": ["--set", "model.in_channels=8", "--set", "train.lr=2e-3", "--set", 'train.lr_decay="cosine"'],
 }
 # --smoke: toy sizes and a few steps per stage (tests/bench), the plumbing only.
 SMOKE_FLAGS = {
@@ -234,13 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append([w, f"{group.replace('_', '-')} ({sum(s['n'].values())})", *cells, f"{s['overall']:.2f}"])
     png = plot(rows, runs / "tasks_vs_guidance.png", f"scenes, {args.sampler} {args.steps} steps")
     trained = {k: v for k, v in seconds.items() if v is not None}
+    done = {stage: json.loads((runs / names[stage] / "summary.json").read_text()) for stage in names}
+    jumps = done["prior"].get("loss_jumps")  # None: a prior trained before the loss was watched
+    steps = ", ".join(f"{stage} {summary['steps']:,}" for stage, summary in done.items())
     text = table(["guidance", "prompts", *TASKS, "overall"], lines) + (
         f"\n\n{args.test_n} test prompts ({held_prompts} distinct held-out: {', '.join(args.holdout)}), one image "
         f"each, {args.sampler} {args.steps} steps; scorer: evaluation/scenes.py's geometric reader (no training), "
         "its ceiling on the real test images in the last rows; above them the same scorer on the autoencoder's "
         f"reconstructions of those images. Training: {args.minutes:g} min budget "
         f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in trained.items()) or 'runs reused'}"
-        f"{', smoke sizes' if args.smoke else ''}). Recommended and recorded as the prior's defaults: "
+        f"{', smoke sizes' if args.smoke else ''}; steps: {steps}"
+        f"{'' if jumps is None else f'; the prior loss jumped {jumps} times (train.loss_jump)'}). "
+        "Recommended and recorded as the prior's defaults: "
         f"{args.sampler}, {args.steps} steps, guidance {best['guidance']:g}. Plot: {png}."
     )
     (runs / "table.md").write_text(text + "\n")
@@ -252,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         "held_out_prompts": held_prompts,
         "holdout": list(args.holdout),
         "train_seconds": seconds,
+        "steps": {k: v["steps"] for k, v in done.items()},
+        "prior_loss_jumps": jumps,
         "minutes": args.minutes,
         "split": args.split,
         "smoke": args.smoke,

@@ -71,6 +71,7 @@ class RunDirectory:
         self.skipped = 0  # samples the data reader skipped (bad images, empty captions)
         self.nonfinite_steps = 0  # optimizer steps skipped because a loss or gradient norm was not finite
         self.sample_errors = 0  # periodic sample grids that failed (the run went on)
+        self.loss_jumps = 0  # divergences noticed (core.train.LossWatch; stages that watch their loss)
         self.start_step = 0
         self.done = 0  # steps done so far: the step the next checkpoint records
         self._in_a_row: dict[str, int] = {}
@@ -292,6 +293,7 @@ class RunDirectory:
             self._note(f"resume: {note}")
         self.skipped = int(state.get("skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.loss_jumps = int(state.get("loss_jumps", 0))
         if self._new_data is not None:  # positions in the old data's shards mean nothing in the new ones
             self._data_position, self._positions = None, {}
         self._lr_state = {k: state.get(k) for k in ("lr_segment", "stopped_by")}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -90,10 +91,73 @@ class TrainConfig:
     ckpt_every: NonNegativeInt = 500  # steps between checkpoints (0: none; always one at the end)
     max_nonfinite_steps: PositiveInt = 10  # non-finite losses or gradient norms in a row before the run stops
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept in RUN/checkpoints
+    # A stage whose loss has a floor (the prior's denoising loss) warns when the median of its last 4 logged
+    # losses rises above this many times the lowest such median: a divergence, which a run left alone for
+    # days would otherwise hide (LossWatch). 0: off. Other stages ignore it.
+    loss_jump: NonNegativeFloat = 3.0
     # Deterministic kernels (core.runtime.use_deterministic_kernels; --deterministic): the same numbers on the
     # same GPU and software, so a GPU run resumes bit for bit. Off: CPU kernels are deterministic without it,
     # and on GPUs it costs speed (docs/devices.md).
     deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class LossJump:
+    """A loss that rose and stayed up (LossWatch.see): at `step`, the median `loss` against its lowest, `best`."""
+
+    step: int  # steps done when it was noticed
+    loss: float  # the median of the last logged losses there
+    best: float  # the lowest such median before
+    best_step: int  # where that lowest median was seen
+
+    @property
+    def ratio(self) -> float:
+        return self.loss / self.best
+
+    def message(self, window: int) -> str:
+        return (
+            f"step {self.step}: the loss jumped to {self.loss:.3g} (median of the last {window} logs), "
+            f"{self.ratio:.1f} times its lowest ({self.best:.3g} at step {self.best_step}): training has likely "
+            'diverged and goes on; lower train.lr or set train.lr_decay = "cosine" (docs/reliability.md)'
+        )
+
+
+class LossWatch:
+    """Notices a loss that jumps and stays up: a divergence, which no non-finite check sees.
+
+    Each logged loss is kept; once `window` are in, their median is compared with the lowest median seen
+    so far, and a median above `factor` times it is a jump (one LossJump, then none until the median is
+    back under the threshold). For losses with a floor, as the denoising loss has (the irreducible error
+    of predicting eps or v): they fall, then wander within a fraction of their level, so a sustained rise
+    by a factor is not noise; the median ignores one bad batch. Seen in a prior at lr 3e-3 that collapsed
+    after 2,250 steps, its loss 0.025 -> 0.2 for good (docs/scenes.md). A loss that falls towards 0 (a
+    classifier's) would rise by factors through noise alone: those stages do not watch.
+    """
+
+    def __init__(self, factor: float, window: int = 4):
+        if factor <= 1:
+            raise ValueError(f"a loss jump is a factor above 1, got {factor!r}")
+        self.factor, self.window = factor, window
+        self._recent: deque[float] = deque(maxlen=window)
+        self._best, self._best_step, self._up = math.inf, 0, False
+
+    def see(self, step: int, loss: float) -> LossJump | None:
+        """Take the loss logged after `step` steps; a LossJump when this is where the median first exceeds the bound."""
+        if not math.isfinite(loss):
+            return None  # non-finite steps are Run.finite's
+        self._recent.append(loss)
+        if len(self._recent) < self.window:
+            return None
+        median = statistics.median(self._recent)
+        if median < self._best:
+            self._best, self._best_step = median, step
+        if median <= self.factor * self._best:
+            self._up = False
+            return None
+        if self._up:
+            return None
+        self._up = True
+        return LossJump(step, median, self._best, self._best_step)
 
 
 FLOOR = 0.1  # where a cosine decay ends, as a fraction of the peak lr
@@ -212,14 +276,17 @@ def adamw(params, **options) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, **options, **adamw_kernel({t.device.type for t in tensors}))
 
 
-def steps_within_budget(start: int, step: int, elapsed_s: float, max_minutes: float, max_steps: int) -> int:
+def steps_within_budget(
+    start: int, step: int, elapsed_s: float, max_minutes: float, max_steps: int, spent_s: float = 0.0
+) -> int:
     """The step a budgeted run is expected to end at: its pace so far carried to the end of the budget.
 
     start: the step this invocation started from; step: the steps done so far (absolute);
-    elapsed_s: seconds since the start. Never beyond max_steps (train.steps), never before step.
+    elapsed_s: seconds since the loop started; spent_s: seconds of the budget spent before it (Run.spend).
+    Never beyond max_steps (train.steps), never before step.
     """
     pace = (step - start) / max(elapsed_s, 1e-9)  # steps per second in this invocation
-    projected = start + round(pace * max_minutes * 60)
+    projected = start + round(pace * max(0.0, max_minutes * 60 - spent_s))
     return int(min(max_steps, max(step, projected)))
 
 
@@ -230,6 +297,8 @@ class Run(RunDirectory):
     _segment: LrSegment | None = None  # the extension the lr follows (LrSegment), if any
     _stopped_by: str | None = None  # why the loop ended: "steps", "budget" or "signal" (recorded in the state)
     _voted: tuple[bool, bool] | None = None  # (out of time, signalled) as the ranks agreed in this step's vote
+    _loss_watch: LossWatch | None = None  # set by watch_loss: the logged "loss" is checked for jumps
+    _spent_s: float = 0.0  # seconds of this invocation's time budget spent before the loop (`spend`)
 
     def begin(self, modules: dict, optimizers: dict, ema: EMA | None = None, meta: dict | None = None) -> LambdaLR:
         """RunDirectory.begin (name what is checkpointed; check and restore when resuming), then the lr schedule.
@@ -357,7 +426,7 @@ class Run(RunDirectory):
         """
         cfg = self.config.train
         self._bar = progress(cfg.steps, f"train {self.stage}", initial=self.start_step, enabled=self.runtime.is_main)
-        self._t0 = time.monotonic()
+        self._t0 = time.monotonic() - self._spent_s
         step = self.start_step
         with StopSignals(self._note) as signals:
             self._signals = signals
@@ -376,9 +445,9 @@ class Run(RunDirectory):
                     step += 1
                     self.done = step
                     if cfg.max_minutes > 0:  # the bar's total and time left follow the budget, not train.steps
-                        elapsed = time.monotonic() - self._t0
+                        elapsed = time.monotonic() - self._t0 - self._spent_s  # the loop's own seconds
                         self._bar.total = steps_within_budget(
-                            self.start_step, step, elapsed, cfg.max_minutes, cfg.steps
+                            self.start_step, step, elapsed, cfg.max_minutes, cfg.steps, self._spent_s
                         )
                     self._bar.update(1)
             finally:
@@ -514,6 +583,8 @@ class Run(RunDirectory):
             )
         self.meta.update(meta or {})
         state = {"nonfinite_steps": self.nonfinite_steps}
+        if self._loss_watch is not None:
+            state["loss_jumps"] = self.loss_jumps
         if self._last_progress is not None:
             state["lr_progress"] = self._last_progress
         if self._segment is not None:
@@ -560,8 +631,33 @@ class Run(RunDirectory):
         """True after step `step` when `interval` steps have passed (counting steps from 1)."""
         return interval > 0 and (step + 1) % interval == 0
 
+    def spend(self, seconds: float) -> None:
+        """Count `seconds` of work done for the loop before it starts (a latent cache's encoding) in max_minutes.
+
+        train.max_minutes is this invocation's budget: work that only exists to make the steps cheaper must
+        come out of it, or a budgeted comparison would favour whoever moves work outside the loop.
+        """
+        self._spent_s += max(0.0, seconds)
+
+    def watch_loss(self) -> None:
+        """Check every logged "loss" for a jump (LossWatch at train.loss_jump; 0: off), for a loss with a floor.
+
+        A jump is noted in one line, logged as metrics "loss_jump" (the factor) and counted: summary.json's
+        "loss_jumps". The run goes on: the loss may come back, and the budget is the user's to spend. After a
+        resume the watch starts afresh (the count goes on). Raises UserError for a factor in (0, 1].
+        """
+        factor = self.config.train.loss_jump
+        if 0 < factor <= 1:
+            raise UserError(f"train.loss_jump is a factor above 1 (3: a threefold rise), or 0 for off; got {factor:g}")
+        self._loss_watch = LossWatch(factor) if factor > 0 else None
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        elapsed = max(1e-9, time.monotonic() - self._t0)
+        jump = self._loss_watch.see(step + 1, metrics["loss"]) if self._loss_watch and "loss" in metrics else None
+        if jump is not None:
+            self.loss_jumps += 1
+            metrics = {**metrics, "loss_jump": jump.ratio}
+            self._note(jump.message(self._loss_watch.window))
+        elapsed = max(1e-9, time.monotonic() - self._t0 - self._spent_s)  # images_per_s: the loop's pace
         metrics = {
             **metrics,
             "images_per_s": self._images * self.runtime.world_size / elapsed,
@@ -589,6 +685,7 @@ class Run(RunDirectory):
             "skipped_samples": self.skipped,
             "nonfinite_steps": self.nonfinite_steps,
             "sample_errors": self.sample_errors,
+            **({"loss_jumps": self.loss_jumps} if self._loss_watch is not None else {}),
         }
         if self.runtime.is_main:
             ckpt.write_json(self.path / "summary.json", summary)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-latents",
         action="store_true",
-        help="encode the training set once (posterior moments, run_dir/latent_cache) and train from it",
+        help="encode the training set once (posterior moments, run_dir/latent_cache) and train from it; the "
+        "encoding counts in --max-minutes",
     )
     return p
 
@@ -276,14 +278,17 @@ def train(args: argparse.Namespace) -> dict:
     shard_model(unet, rt, tcfg.parallel, ema)  # fsdp: in place, before the optimizer takes the parameters
     opt = make_optimizer(trained.parameters(), tcfg, lr=cfg.lora.lr if lora else None)
     scheduler = run.begin({"model": trained}, {"model": opt}, ema, meta=meta)
+    run.watch_loss()  # the denoising loss has a floor: a sustained jump is a divergence (train.loss_jump)
     net = run.wrap(unet)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     if args.cache_latents:
+        t_cache = time.monotonic()
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
             cache = LatentCache.build(
                 ae, args.data, run.path / "latent_cache", space.resolution, rt, num_workers=tcfg.num_workers
             )
+        run.spend(time.monotonic() - t_cache)  # --max-minutes counts the encoding (a reused cache: next to nothing)
         loader = cache.loader(tcfg.batch_size, seed=tcfg.seed, rank=rt.rank, world_size=rt.world_size)
     else:
         loader = make_loader(

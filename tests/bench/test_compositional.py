@@ -25,6 +25,8 @@ def test_compositional_smoke_writes_table_plot_and_prior_defaults(tmp_path):
     assert (runs / "tasks_vs_guidance.png").read_bytes().startswith(b"\x89PNG")
     table = (runs / "table.md").read_text()
     assert "real (ceiling)" in table and "held-out" in table
+    assert figures["steps"] == {"autoencoder": 2, "text": 2, "prior": 2} and figures["prior_loss_jumps"] == 0
+    assert "steps: autoencoder 2, text 2, prior 2; the prior loss jumped 0 times" in table
     assert json.loads((tmp_path / "c.json").read_text())["figures"]["recommended"]["guidance"] == best["guidance"]
 
 

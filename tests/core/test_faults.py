@@ -24,10 +24,10 @@ from latentdiff.core import checkpoint as ckpt
 from latentdiff.core import runtime as runtime_module
 from latentdiff.core.faults import NonFiniteError, RunLock
 from latentdiff.core.runtime import Runtime
-from latentdiff.core.train import Run, TrainConfig, lr_factor
+from latentdiff.core.train import LossJump, LossWatch, Run, TrainConfig, lr_factor
 from latentdiff.decoder.losses import PatchDiscriminator
 from latentdiff.evaluation.classifier_stage import main as classifier_main
-from tests.helpers import AE_ARGS, GAN_ARGS, RESUME_LR  # noqa: E402
+from tests.helpers import AE_ARGS, GAN_ARGS, PRIOR_ARGS, RESUME_LR, cli_exit_2  # noqa: E402
 
 SMALL = [*AE_ARGS, "--set", "eval_images=4", "--set", "scale_batches=1"]
 
@@ -453,3 +453,71 @@ def test_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step(data, tmp_path
     assert state["step"] == step and state["world_size"] == 2
     assert ckpt.load_state(ckpt.committed_file(run, "rng_rank1.pt"))["step"] == step  # both ranks saved it
     assert f"stopped at step {step}; resume with --resume {run}" in err
+
+
+# ---------------------------------------------------------------- a loss that jumps and stays up
+
+
+def test_loss_watch_names_the_step_where_a_loss_jumps_and_stays_up():
+    watch = LossWatch(3.0)
+    noisy = [0.4, 0.2, 0.1, 0.06, 0.05, 0.03, 0.025, 0.032, 0.022, 0.026, 0.024, 0.03, 0.021, 0.027]
+    assert [watch.see(25 * (i + 1), v) for i, v in enumerate(noisy)] == [None] * len(noisy)
+    jumps = [watch.see(25 * (i + 15), v) for i, v in enumerate([0.2, 0.3, 0.31, 0.28, 0.3])]
+    # The lowest median of 4 is 0.025 (0.022, 0.026, 0.024, 0.03 up to step 275); the second high log lifts the
+    # median to (0.027 + 0.2) / 2, above 3 x 0.025.
+    assert jumps[0] is None and jumps[2:] == [None] * 3
+    jump = jumps[1]
+    assert isinstance(jump, LossJump) and jump.step == 400 and jump.best_step == 275
+    assert jump.best == pytest.approx(0.025) and jump.loss == pytest.approx((0.027 + 0.2) / 2)
+    assert "step 400: the loss jumped" in jump.message(4) and f"{jump.ratio:.1f} times" in jump.message(4)
+
+
+def test_loss_watch_ignores_one_bad_batch_and_sees_a_second_jump_after_recovering():
+    watch = LossWatch(3.0)
+    seen = [watch.see(i + 1, v) for i, v in enumerate([0.03] * 6 + [5.0] + [0.03] * 5)]
+    assert seen == [None] * 12  # one spike: the median of 4 never moves
+    seen = [watch.see(i + 13, v) for i, v in enumerate([0.3] * 4 + [0.03] * 4 + [0.3] * 4)]
+    assert [s is not None for s in seen] == [False, True, False, False, False, False, False, False] + [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert watch.see(30, float("nan")) is None and watch.see(31, float("inf")) is None
+    with pytest.raises(ValueError, match="factor above 1"):
+        LossWatch(1.0)
+
+
+def test_a_prior_whose_loss_jumps_is_warned_about_logged_and_counted(
+    data, ae_run, text_run, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("LATENTDIFF_DEBUG", raising=False)
+    from latentdiff.prior import stage as prior_stage
+
+    loss = prior_stage.prior_loss
+    steps = iter(range(10**6))
+
+    def jumping(*args, **kwargs):  # from the 7th step on, ten times the loss: a divergence as the log shows it
+        return loss(*args, **kwargs) * (10.0 if next(steps) >= 6 else 1.0)
+
+    run = tmp_path / "prior"
+    argv = ["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), "--out", str(run),
+            "--steps", "12", *PRIOR_ARGS, "--set", "train.log_every=1", "--set", "train.sample_every=0"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prior_stage, "prior_loss", jumping)
+        summary = prior_stage.main(argv)
+    assert summary["loss_jumps"] == 1
+    assert json.loads((run / "summary.json").read_text())["loss_jumps"] == 1
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    flagged = [m["step"] for m in logged if "loss_jump" in m]
+    assert len(flagged) == 1 and 8 <= flagged[0] <= 9  # the 2nd or 3rd log after the jump (the median of 4)
+    assert "the loss jumped" in capsys.readouterr().out
+    # Off with train.loss_jump = 0: nothing watched, nothing counted.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prior_stage, "prior_loss", jumping)
+        steps = iter(range(10**6))
+        quiet = prior_stage.main([*argv[:7], str(tmp_path / "quiet"), *argv[8:], "--set", "train.loss_jump=0"])
+    assert "loss_jumps" not in quiet
+    message = cli_exit_2(capsys, ["train", "prior", *argv[:7], str(tmp_path / "bad"), *argv[8:], "--set",
+                                  "train.loss_jump=0.5"])  # fmt: skip
+    assert "train.loss_jump is a factor above 1" in message and not (tmp_path / "bad").exists()

@@ -4,6 +4,7 @@ seeded and CLI generation, mismatched runs refused."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,21 @@ def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     # Two ranks split an epoch (4 batches of 8 each): together they hold every cached latent once.
     shares = [torch.cat([b["mean"] for b in take(4, seed=3, rank=r, world_size=2)]) for r in (0, 1)]
     assert sorted(map(tuple, torch.cat(shares).flatten(1).tolist())) == sorted(map(tuple, flat.tolist()))
+
+
+def test_the_latent_cache_encoding_counts_in_the_time_budget(data, ae_run, text_run, tmp_path, monkeypatch):
+    build = LatentCache.build
+
+    def slow_build(cls, *args, **kwargs):  # an encoding that takes 1.5 s, more than the whole budget (0.6 s)
+        time.sleep(1.5)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(LatentCache, "build", classmethod(slow_build))
+    common = ["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), "--steps", "50",
+              "--max-minutes", "0.01", *PRIOR_ARGS]  # fmt: skip
+    assert prior_main([*common, "--cache-latents", "--out", str(tmp_path / "cached")])["steps"] == 0
+    # The same budget without the cache trains: the clock is the invocation's, and only the cache spent it.
+    assert prior_main([*common, "--out", str(tmp_path / "direct")])["steps"] > 0
 
 
 def test_generation_is_seeded(pipe):
