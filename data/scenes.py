@@ -32,7 +32,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -416,8 +416,60 @@ def _fits(rule: Holdout, task: str) -> bool:
     ]
 
 
-def scene_meta(scene: Scene, rules: Sequence[Holdout]) -> dict[str, Any]:
-    """The sample's json: task, objects (shape, color, center (x, y) and side as fractions), relation, holdout."""
+def hard_negatives(scene: Scene, rules: Sequence[Holdout], rng: np.random.Generator) -> list[str]:
+    """Two captions of the scene's template that are false for its image, the nearest kind of wrong per task.
+
+    For contrastive text training with hard negatives (NegCLIP, Yuksekgonul et al. 2023, Sec. 4): a CLIP
+    trained on batches alone can tell "a red star and a blue ring" from "a red ring and a blue star" no
+    better than a bag of words, because no batch makes it. Per task:
+    single_object: two other shapes; colors: another colour, another shape; two_object: either shape
+    replaced by one not drawn; counting: the two other counts; position: the relation flipped, the two
+    shapes swapped; color_attr: the colours swapped, the first colour replaced by a third.
+    A negative that names a held-out combination is left out (train never names one), so a list can be shorter.
+    """
+    objs, task = scene.objects, scene.task
+    others = lambda taken, pool: [x for x in pool if x not in taken]  # noqa: E731
+    pick = lambda pool: pool[int(rng.integers(len(pool)))]  # noqa: E731
+
+    def recolored(obj: SceneObject, color: str) -> SceneObject:
+        return replace(obj, color=color)
+
+    def reshaped(obj: SceneObject, shape: str) -> SceneObject:
+        return replace(obj, shape=shape)
+
+    first = objs[0]
+    if task == "single_object":
+        two = rng.choice(others([first.shape], SHAPES), 2, replace=False)
+        wrong = [Scene(task, (reshaped(first, str(s)),)) for s in two]
+    elif task == "colors":
+        wrong = [
+            Scene(task, (recolored(first, pick(others([first.color], list(COLORS)))),)),
+            Scene(task, (reshaped(first, pick(others([first.shape], SHAPES))),)),
+        ]
+    elif task == "two_object":
+        free = others([o.shape for o in objs], SHAPES)
+        wrong = [
+            Scene(task, (reshaped(objs[0], pick(free)), objs[1])),
+            Scene(task, (objs[0], reshaped(objs[1], pick(free)))),
+        ]
+    elif task == "counting":
+        wrong = [Scene(task, (first,) * n) for n in NUMBERS if n != len(objs)]
+    elif task == "position":
+        wrong = [Scene(task, objs, CONVERSE[scene.relation]), Scene(task, objs[::-1], scene.relation)]
+    elif task == "color_attr":
+        third = pick(others([o.color for o in objs], list(COLORS)))
+        wrong = [
+            Scene(task, (recolored(objs[0], objs[1].color), recolored(objs[1], objs[0].color))),
+            Scene(task, (recolored(objs[0], third), objs[1])),
+        ]
+    else:
+        raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    return [caption_for(w) for w in wrong if not names_holdout(prompt_of(w), rules)]
+
+
+def scene_meta(scene: Scene, rules: Sequence[Holdout], negatives: Sequence[str] = ()) -> dict[str, Any]:
+    """The sample's json: task, objects (shape, color, center (x, y) and side as fractions), relation, holdout,
+    and the hard-negative captions (`hard_negatives`)."""
     return {
         "source": "scenes",
         "task": scene.task,
@@ -428,6 +480,7 @@ def scene_meta(scene: Scene, rules: Sequence[Holdout]) -> dict[str, Any]:
         ],
         "relation": scene.relation,
         "holdout": names_holdout(prompt_of(scene), rules),
+        "negatives": list(negatives),
     }
 
 
@@ -441,6 +494,7 @@ def generate_scenes(
         raise ValueError(f"need n >= 0 and resolution >= 16, got n={n}, resolution={resolution}")
     rules = parse_holdout(holdout)
     rng = np.random.default_rng([seed % 2**63, SPLITS.index(split), 32])
+    negatives_rng = np.random.default_rng([seed % 2**63, SPLITS.index(split), 33])  # apart: images stay as they were
     order: list[int] = []
     for i in range(n):
         if not order:  # every block of six samples holds each task once: tasks uniform over any split
@@ -450,7 +504,7 @@ def generate_scenes(
             key=f"{split}_{i:08d}",
             image=render(scene.objects, resolution),
             caption=caption_for(scene),
-            meta=scene_meta(scene, rules),
+            meta=scene_meta(scene, rules, hard_negatives(scene, rules, negatives_rng)),
         )
 
 

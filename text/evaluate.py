@@ -112,3 +112,38 @@ def retrieval_metrics(
         out[f"i2t_top{k}"] = (i2t_rank < k).float().mean().item()
         out[f"t2i_top{k}"] = (t2i_rank < k).float().mean().item()
     return out
+
+
+@torch.inference_mode()
+def hard_negative_accuracy(encoder: TextEncoder, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Share of images whose own caption scores above every caption its json lists as "negatives".
+
+    Batches are reader dicts ("image", "caption", "meta"); images without negatives are not counted. The
+    probe of compositional benchmarks such as ARO and SugarCrepe (Yuksekgonul et al. 2023; Hsieh et al.
+    2023): a bag-of-words text encoder scores about chance (1 / (1 + negatives)) on swapped colours or
+    relations. Returns {"hard_negative_accuracy": a, "hard_negative_images": n} and, where the json names
+    a "task", "hard_negative_accuracy_<task>" per task; {} when no image has negatives.
+    """
+    hits: dict[str, list[bool]] = {}
+    for batch in batches:
+        metas = [m or {} for m in batch["meta"]]
+        keep = [i for i, m in enumerate(metas) if m.get("negatives")]
+        if not keep:
+            continue
+        images = from_uint8_to(batch["image"][keep], encoder.device)
+        image_emb = encoder.encode_image(images, normalize=True).float()  # (b, E)
+        groups = [[batch["caption"][i], *metas[i]["negatives"]] for i in keep]
+        text_emb = encoder.encode([t for g in groups for t in g]).normalized_pooled().float()  # (sum, E)
+        start = 0
+        for row, i in enumerate(keep):
+            scores = text_emb[start : start + len(groups[row])] @ image_emb[row]  # own caption first, then negatives
+            start += len(groups[row])
+            hit = bool((scores[0] > scores[1:]).all())
+            hits.setdefault("", []).append(hit)
+            if "task" in metas[i]:
+                hits.setdefault(f"_{metas[i]['task']}", []).append(hit)
+    if not hits:
+        return {}
+    out = {f"hard_negative_accuracy{k}": sum(v) / len(v) for k, v in sorted(hits.items())}
+    out["hard_negative_images"] = len(hits[""])
+    return out

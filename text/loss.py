@@ -1,5 +1,6 @@
 """The CLIP contrastive loss (Radford et al. 2021, Fig. 3): the text stage calls open_clip.ClipLoss on
 the model's normalised features and keeps the learned temperature in range with `clamp_logit_scale`.
+With hard negatives it adds `hard_negative_loss`, each image against its own caption and its negatives.
 
 Unlike the other stages' losses this returns one value for the batch, not one per sample:
 every term's softmax runs over the whole batch (and, under DDP, over all ranks' features
@@ -15,6 +16,7 @@ import math
 
 import open_clip
 import torch
+import torch.nn.functional as F
 
 # CLIP clips the learned temperature so logits are scaled by at most 100 (Radford et al. 2021, Sec. 2.5).
 MAX_LOGIT_SCALE = math.log(100)
@@ -24,3 +26,45 @@ MAX_LOGIT_SCALE = math.log(100)
 def clamp_logit_scale(model: open_clip.CLIP) -> None:
     """Keep the learned temperature in [0, ln 100]; call after each optimizer step, as open_clip's trainer does."""
     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def hard_negative_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    negative_features: torch.Tensor,
+    counts: list[int],
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy of each image over its own caption and its hard-negative captions.
+
+    image_features, text_features: (B, E) normalised, row i a pair; negative_features: (N, E) normalised,
+    image i's counts[i] negatives in turn (N = sum(counts)); logit_scale: the scale itself (exp of the
+    learned log). Returns the mean over the images with at least one negative (0 when none has).
+
+    The batch's own contrast (ClipLoss) rarely holds a caption that differs from the right one by a swapped
+    colour or relation; this term always does (hard negatives, NegCLIP: Yuksekgonul et al. 2023, Sec. 4,
+    which appends them to the batch's captions; here they compete with their own image's caption only, so a
+    negative that is another image's true caption is never counted against that image).
+    """
+    if len(counts) != image_features.shape[0] or sum(counts) != negative_features.shape[0]:
+        raise ValueError(
+            f"counts {counts} do not match {image_features.shape[0]} images and {negative_features.shape[0]} negatives"
+        )
+    has = [i for i, n in enumerate(counts) if n > 0]
+    if not has:
+        return image_features.sum() * 0  # keeps the graph: a batch without negatives adds nothing
+    width = max(counts)
+    padded = negative_features.new_zeros(len(counts), width, negative_features.shape[1])
+    valid = torch.zeros(len(counts), width, dtype=torch.bool, device=negative_features.device)
+    start = 0
+    for i, n in enumerate(counts):
+        padded[i, :n] = negative_features[start : start + n]
+        valid[i, :n] = True
+        start += n
+    positive = (image_features * text_features).sum(-1, keepdim=True)  # (B, 1)
+    negative = torch.einsum("be,bke->bk", image_features, padded)  # (B, K)
+    scores = torch.cat([positive, negative], dim=1)  # (B, 1 + K): the own caption first
+    present = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+    # Masked after scaling: -inf times the scale would give the scale a NaN gradient.
+    logits = (logit_scale * scores).masked_fill(~present, -math.inf)[has]
+    return F.cross_entropy(logits, torch.zeros(len(has), dtype=torch.long, device=logits.device))

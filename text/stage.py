@@ -2,7 +2,8 @@
 
 The symmetric InfoNCE objective of CLIP (Radford et al. 2021, Fig. 3) through open_clip's
 ClipLoss, with the learnable temperature clamped at 100 as CLIP does. The prior later reads
-this model's text tower; evaluation uses its image tower for CLIP score.
+this model's text tower; evaluation uses its image tower for CLIP score. With `hard_negatives`,
+each image is also contrasted with the near-miss captions its json lists (text.loss.hard_negative_loss).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info, read_once
 
 from .encoder import TextEncoder, TextEncoderConfig
-from .evaluate import retrieval_metrics, zero_shot_accuracy
-from .loss import clamp_logit_scale
+from .evaluate import hard_negative_accuracy, retrieval_metrics, zero_shot_accuracy
+from .loss import clamp_logit_scale, hard_negative_loss
 from .model import build_clip, load_model_config, preprocess_images
 from .tokens import build_tokenizer
 
@@ -42,6 +43,9 @@ class TextStageConfig:
     # Which states, padding and mask later stages read (Stable Diffusion's encoders: text.encoder.SD1 / SD2).
     encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image_tower: bool = True  # False: the weights hold the text tower only (an imported SD text encoder)
+    # Also contrast each image with the captions its sample's json lists as "negatives" (false for it, near its
+    # own: `latentdiff data scenes` writes them), text.loss.hard_negative_loss; docs/text-encoder.md.
+    hard_negatives: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str, float]:
-    """Zero-shot accuracy over the class prompts (labelled data) and retrieval recall@1/5 on val."""
+    """Zero-shot accuracy over the class prompts (labelled data), retrieval recall@1/5 on val and, where
+    the samples list "negatives", how often an image's own caption beats them (per task where named)."""
 
     def val_batches():
         loader = read_once(data, "val", 250, cfg.resolution, device=encoder.device)
@@ -79,7 +84,20 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     image_emb, text_emb = torch.cat(images)[:1000], torch.cat(texts)[:1000]
     metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions=captions[:1000]).items()})
     metrics["val_retrieval_candidates"] = image_emb.shape[0]
+    metrics.update({f"val_{k}": v for k, v in hard_negative_accuracy(encoder, val_batches()).items()})
     return metrics
+
+
+def require_negatives(data: str, cfg: TextStageConfig) -> None:
+    """With hard_negatives on, ValueError unless the first train sample's json lists "negatives"."""
+    if not cfg.hard_negatives:
+        return
+    first = next(iter(read_once(data, "train", 1, cfg.resolution)))
+    if "negatives" not in (first["meta"][0] or {}):
+        raise ValueError(
+            f'hard_negatives = true, but the samples of {data} list no "negatives" in their json '
+            "(`latentdiff data scenes` writes them); remake the data or leave hard_negatives off"
+        )
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -87,12 +105,15 @@ def train(args: argparse.Namespace) -> dict:
     # records a model config given as a .json path resolved, so the run rebuilds from any directory.
     def derive(cfg: TextStageConfig) -> TextStageConfig:
         cfg = follow(args, "resolution", lambda: read_info(args.data).get("resolution"))(cfg)
+        require_negatives(args.data, cfg)
         return replace(cfg, model=str(Path(cfg.model).resolve())) if cfg.model.endswith(".json") else cfg
 
     run = Run.start(args, TextStageConfig, PRESETS, stage="text", derive=derive)
     cfg, rt = run.config, run.runtime
     if not cfg.image_tower:
         raise ValueError("image_tower = false: contrastive training needs CLIP's image tower; remove the setting")
+    if args.resume:  # a new run was checked before its folder was made
+        require_negatives(args.data, cfg)
     tcfg = cfg.train
     model_config = load_model_config(cfg.model)
     model = build_clip(model_config).to(rt.device)
@@ -117,12 +138,20 @@ def train(args: argparse.Namespace) -> dict:
     batches = run.batches(loader)  # a resumed run skips what it has seen
     for step in run.steps():
         batch = next(batches)
-        tokens = encoder.tokenize(batch["caption"])
+        captions = batch["caption"]
+        negatives = [(m or {}).get("negatives", []) if cfg.hard_negatives else [] for m in batch["meta"]]
+        # One forward for captions and negatives: the towers run apart, so the text side may be longer.
+        tokens = encoder.tokenize(captions + [c for n in negatives for c in n])
         images = preprocess_images(from_uint8_to(batch["image"], rt.device), model)
         lr = scheduler.get_last_lr()[0]
         with rt.autocast():
-            image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E) each
-            loss = clip_loss(image_features, text_features, logit_scale)  # one value: the softmax spans the batch
+            image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E), (B + N, E)
+            own, negative = text_features[: len(captions)], text_features[len(captions) :]
+            clip = clip_loss(image_features, own, logit_scale)  # one value: the softmax spans the batch
+            loss = clip
+            if cfg.hard_negatives:
+                hard = hard_negative_loss(image_features, own, negative, [len(n) for n in negatives], logit_scale)
+                loss = clip + hard
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
@@ -140,6 +169,7 @@ def train(args: argparse.Namespace) -> dict:
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "logit_scale": model.logit_scale.exp().item(),
+                    **({"clip_loss": clip.item(), "hard_negative_loss": hard.item()} if cfg.hard_negatives else {}),
                 },
             )
         if run.every(tcfg.ckpt_every, step):

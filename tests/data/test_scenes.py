@@ -143,3 +143,48 @@ def test_cli_writes_palette_and_refuses_bad_holdout(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "blue blob" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_hard_negatives_are_false_for_their_image_and_never_held_out():
+    """Every listed negative is a caption of the sample's own template, false for its image (the exact scorer
+    reads the pixels), and in train never names a held-out combination; the image itself still matches."""
+    from latentdiff.evaluation.scenes import score
+
+    rules = scenes.parse_holdout(HOLDOUT)
+    for split in ("train", "test"):
+        samples = list(scenes.generate_scenes(300, seed=3, resolution=RES, holdout=HOLDOUT, split=split))
+        kinds = Counter()
+        for s in samples:
+            negatives = s.meta["negatives"]
+            # in test a held-out sample's negatives can all name its held-out combination: none is left
+            assert (1 if split == "train" else 0) <= len(negatives) <= 2 and s.caption not in negatives, s.caption
+            image = np.asarray(s.image)[None]  # (1, H, W, 3)
+            assert score(image, [s.caption], COLORS).all(), s.caption
+            for negative in negatives:
+                prompt = parse_caption(negative)
+                assert prompt.task == s.meta["task"], (s.caption, negative)
+                assert not score(image, [negative], COLORS).any(), (s.caption, negative)
+                assert not scenes.names_holdout(prompt, rules), (s.caption, negative)
+                kinds[s.meta["task"]] += 1
+        assert set(kinds) == set(TASKS) and sum(kinds.values()) >= 0.9 * 2 * len(samples)
+    # the nearest kinds of wrong, as the docstring lists them
+    position = next(s for s in samples if s.meta["task"] == "position")
+    (first, _), (second, _) = parse_caption(position.caption).objects
+    rel = position.meta["relation"]
+    flipped = parse_caption(position.meta["negatives"][0])
+    assert flipped.relation == scenes.CONVERSE[rel] and flipped.objects == ((first, None), (second, None))
+    pair = next(s for s in samples if s.meta["task"] == "color_attr" and len(s.meta["negatives"]) == 2)
+    (s0, c0), (s1, c1) = parse_caption(pair.caption).objects
+    assert parse_caption(pair.meta["negatives"][0]).objects == ((s0, c1), (s1, c0))
+
+
+def test_hard_negatives_leave_the_images_and_captions_as_they_were():
+    """The negatives draw from a generator of their own: a seed's images, captions and json are unchanged."""
+    import hashlib
+
+    samples = list(scenes.generate_scenes(60, seed=0, resolution=RES, split="train"))
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(np.asarray(s.image).tobytes() + s.caption.encode())
+    # recorded before the negatives existed (commit 692f532): the bench's figures are on these very images
+    assert digest.hexdigest() == "1ceaeeeb9f27f5ce576d428390b44b445d0386ccc68b4df7235c6001a6d5ba81"
