@@ -27,9 +27,11 @@ def guided_conditioning(
 ) -> tuple[Conditioning, Conditioning]:
     """Conditioning for the prompts and for their negative (or empty) prompts, cut to one length.
 
-    Classifier-free guidance runs both halves as one batch, so they must have the same length.
+    Classifier-free guidance runs both halves as one batch, so they must have the same length. Each
+    distinct prompt is encoded alone (`TextEncoder.encode_each`), so an image's conditioning does not
+    depend on the other prompts of its batch.
     """
-    cond, uncond = encoder.encode(prompts), encoder.encode(negative)
+    cond, uncond = encoder.encode_each(prompts), encoder.encode_each(negative)
     length = max(_longest(cond), _longest(uncond))
     return _cut(cond, length), _cut(uncond, length)
 

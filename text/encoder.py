@@ -254,6 +254,28 @@ class TextEncoder(nn.Module):
             self.clear_cache()  # the memory goes back at once
         return out
 
+    @torch.no_grad()
+    def encode_each(self, prompts: Sequence[str]) -> TextOutput:
+        """`encode` with every distinct prompt in a forward of its own (batch 1), rows in the order given.
+
+        A prompt's states then depend neither on the prompts that share its call nor on the cache (matrix
+        products are not batch-invariant, and a cached row may come from a training batch). Sampling uses
+        it, so that an image remade alone (`--from-png`, a preview's recorded command) equals the one made
+        in a batch: under bf16 a last-bit difference in the states can move a pixel by a level. One forward
+        per distinct prompt.
+        """
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return self.forward(prompts)
+        alone = {p: self.forward([p]) for p in dict.fromkeys(prompts)}
+        rows = [alone[p] for p in prompts]
+        return TextOutput(
+            states=torch.cat([r.states for r in rows]),
+            mask=torch.cat([r.mask for r in rows]),
+            pooled=torch.cat([r.pooled for r in rows]),
+            lengths=tuple(n for r in rows for n in r.lengths),
+        )
+
     def _empty(self) -> TextOutput:
         T, dev = self.context_length, self.device
         return TextOutput(

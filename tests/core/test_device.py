@@ -296,7 +296,11 @@ def test_generate_prints_the_line(prior_run, tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert any(line.startswith("running on cpu") and "fp32" in line for line in out.splitlines()), out
+    # The precision `auto` picks for this CPU: bf16 where it has AMX tiles, else fp32.
+    from latentdiff.core.runtime import sampling_dtype
+
+    expected = "bf16" if sampling_dtype(torch.device("cpu")) == torch.bfloat16 else "fp32"
+    assert any(line.startswith("running on cpu") and f"precision {expected}" in line for line in out.splitlines()), out
 
 
 # ---------------------------------------------------------------- 4. deterministic kernels

@@ -73,3 +73,20 @@ def test_bf16_sampling_stays_close_to_fp32(pipe):
     assert fast.dtype == torch.float32 and fast.shape == ref.shape
     assert not torch.equal(fast, ref)  # bf16 really ran
     assert (fast - ref).abs().mean() < 0.02  # images in [-1, 1]
+
+
+def test_sampling_conditioning_does_not_depend_on_the_other_prompts_of_its_batch(text_run):
+    """guided_conditioning encodes each distinct prompt alone: a prompt's row is the same, bit for bit, in
+    any batch and through a warm cache (an image remade alone must equal itself made in a batch)."""
+    from latentdiff.text.sources import load_text_encoder
+
+    encoder = load_text_encoder(text_run[0]).frozen(cache_size=64)
+    prompt = "a small red circle on the left"
+    others = ["a large blue square", "a green triangle at the top", "", "a yellow star"]
+    encoder.encode(others + [prompt])  # the cache now holds the prompt as a batch of five made it
+    cond, uncond = guided_conditioning(encoder, [*others, prompt, prompt], [""] * 6)
+    cond_alone, uncond_alone = guided_conditioning(load_text_encoder(text_run[0]), [prompt], [""])
+    for batched, alone in ((cond, cond_alone), (uncond, uncond_alone)):
+        for row in (4, 5):
+            assert torch.equal(batched[0][row], alone[0][0]) and torch.equal(batched[2][row], alone[2][0])
+            assert torch.equal(batched[1][row], alone[1][0])
