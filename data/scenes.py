@@ -24,6 +24,8 @@ centre from its box. Objects keep at least GAP of the image between their boxes 
 train image holds a blue star), a count-shape pair ("four rings"), an ordered relation ("circle
 above square": no train caption says so, in either wording). Val and test contain them; a
 sample whose caption names one is marked `holdout: true`. Tasks are uniform over every split.
+Each sample's json also lists `negatives`, two captions of its template that are false for its image
+(`hard_negatives`), for contrastive text training with hard negatives.
 """
 
 from __future__ import annotations

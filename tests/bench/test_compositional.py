@@ -26,6 +26,7 @@ def test_compositional_smoke_writes_table_plot_and_prior_defaults(tmp_path):
     table = (runs / "table.md").read_text()
     assert "real (ceiling)" in table and "held-out" in table
     assert figures["steps"] == {"autoencoder": 2, "text": 2, "prior": 2} and figures["prior_loss_jumps"] == 0
+    assert any((runs / "prior" / "latent_cache").iterdir())  # the prior trains on cached latents, as the default
     assert "steps: autoencoder 2, text 2, prior 2; the prior loss jumped 0 times" in table
     assert json.loads((tmp_path / "c.json").read_text())["figures"]["recommended"]["guidance"] == best["guidance"]
 
