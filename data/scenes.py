@@ -433,26 +433,20 @@ def hard_negatives(scene: Scene, rules: Sequence[Holdout], rng: np.random.Genera
     others = lambda taken, pool: [x for x in pool if x not in taken]  # noqa: E731
     pick = lambda pool: pool[int(rng.integers(len(pool)))]  # noqa: E731
 
-    def recolored(obj: SceneObject, color: str) -> SceneObject:
-        return replace(obj, color=color)
-
-    def reshaped(obj: SceneObject, shape: str) -> SceneObject:
-        return replace(obj, shape=shape)
-
     first = objs[0]
     if task == "single_object":
         two = rng.choice(others([first.shape], SHAPES), 2, replace=False)
-        wrong = [Scene(task, (reshaped(first, str(s)),)) for s in two]
+        wrong = [Scene(task, (replace(first, shape=str(s)),)) for s in two]
     elif task == "colors":
         wrong = [
-            Scene(task, (recolored(first, pick(others([first.color], list(COLORS)))),)),
-            Scene(task, (reshaped(first, pick(others([first.shape], SHAPES))),)),
+            Scene(task, (replace(first, color=pick(others([first.color], list(COLORS)))),)),
+            Scene(task, (replace(first, shape=pick(others([first.shape], SHAPES))),)),
         ]
     elif task == "two_object":
         free = others([o.shape for o in objs], SHAPES)
         wrong = [
-            Scene(task, (reshaped(objs[0], pick(free)), objs[1])),
-            Scene(task, (objs[0], reshaped(objs[1], pick(free)))),
+            Scene(task, (replace(objs[0], shape=pick(free)), objs[1])),
+            Scene(task, (objs[0], replace(objs[1], shape=pick(free)))),
         ]
     elif task == "counting":
         wrong = [Scene(task, (first,) * n) for n in NUMBERS if n != len(objs)]
@@ -461,8 +455,8 @@ def hard_negatives(scene: Scene, rules: Sequence[Holdout], rng: np.random.Genera
     elif task == "color_attr":
         third = pick(others([o.color for o in objs], list(COLORS)))
         wrong = [
-            Scene(task, (recolored(objs[0], objs[1].color), recolored(objs[1], objs[0].color))),
-            Scene(task, (recolored(objs[0], third), objs[1])),
+            Scene(task, (replace(objs[0], color=objs[1].color), replace(objs[1], color=objs[0].color))),
+            Scene(task, (replace(objs[0], color=third), objs[1])),
         ]
     else:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")

@@ -53,14 +53,14 @@ def hard_negative_loss(
     has = [i for i, n in enumerate(counts) if n > 0]
     if not has:
         return image_features.sum() * 0  # keeps the graph: a batch without negatives adds nothing
-    width = max(counts)
-    padded = negative_features.new_zeros(len(counts), width, negative_features.shape[1])
-    valid = torch.zeros(len(counts), width, dtype=torch.bool, device=negative_features.device)
-    start = 0
-    for i, n in enumerate(counts):
-        padded[i, :n] = negative_features[start : start + n]
-        valid[i, :n] = True
-        start += n
+    # Negative j of image i goes to row i, column j of a (B, K) grid; the rest is padding.
+    n = torch.tensor(counts, device=negative_features.device)
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=n.device), n)  # (N,)
+    cols = torch.arange(len(rows), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    padded = negative_features.new_zeros(len(counts), max(counts), negative_features.shape[1])
+    padded[rows, cols] = negative_features
+    valid = torch.zeros(len(counts), max(counts), dtype=torch.bool, device=n.device)
+    valid[rows, cols] = True
     positive = (image_features * text_features).sum(-1, keepdim=True)  # (B, 1)
     negative = torch.einsum("be,bke->bk", image_features, padded)  # (B, K)
     scores = torch.cat([positive, negative], dim=1)  # (B, 1 + K): the own caption first

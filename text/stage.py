@@ -76,15 +76,18 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     if classes:
         metrics["val_zero_shot_accuracy"] = zero_shot_accuracy(encoder, val_batches(), classes, class_prompt)
     images, texts, captions = [], [], []
+    with_negatives = []  # kept from the same pass, so data without negatives is not read again
     for batch in val_batches():
         images.append(encoder.encode_image(from_uint8_to(batch["image"], encoder.device), normalize=True).float())
         texts.append(encoder.encode(batch["caption"]).normalized_pooled().float())
         captions += batch["caption"]
+        if any((m or {}).get("negatives") for m in batch["meta"]):
+            with_negatives.append(batch)
     # Retrieval among 1000 candidates; a candidate with the same caption text is a match too.
     image_emb, text_emb = torch.cat(images)[:1000], torch.cat(texts)[:1000]
     metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions=captions[:1000]).items()})
     metrics["val_retrieval_candidates"] = image_emb.shape[0]
-    metrics.update({f"val_{k}": v for k, v in hard_negative_accuracy(encoder, val_batches()).items()})
+    metrics.update({f"val_{k}": v for k, v in hard_negative_accuracy(encoder, with_negatives).items()})
     return metrics
 
 
