@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.data.scenes import TASKS, names_holdout, parse_caption, parse_holdout
+from latentdiff.data.reader import read_info
+from latentdiff.data.scenes import TASKS, names_holdout, parse_caption, parse_holdout, parse_task_weights
 from latentdiff.scripts import cli
 
 from .common import ROOT, parser, report, table
@@ -124,7 +125,6 @@ def reconstruction_ceiling(ae_run: Path, data: Path) -> dict:
     """The scorer on the autoencoder's reconstructions (posterior mean) of the test images: summarize()'s dict."""
     from latentdiff.autoencoder.load import load_autoencoder
     from latentdiff.core.pixels import from_uint8
-    from latentdiff.data.reader import read_info
     from latentdiff.evaluation.images import load_image_set
     from latentdiff.evaluation.scenes import holdout_flags, score, summarize
 
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-n", type=int, default=600, help="test images = prompts scored (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=64, help="image side (default: %(default)s)")
     p.add_argument("--holdout", nargs="+", default=list(DEFAULT_HOLDOUT), metavar="COMBO", help="held-out combinations")
+    p.add_argument(
+        "--task-weights",
+        default="",
+        metavar="TASK=N,...",
+        help="the data's train mix (`data scenes --task-weights`; default: uniform); a new --runs builds it",
+    )
     p.add_argument("--guidance", default="1,2,3,4,6", help="guidance scales swept (default: %(default)s)")
     p.add_argument("--sampler", default="dpmpp-2m", help="sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
@@ -193,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     p.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps per stage: checks the plumbing only")
     args = p.parse_args(argv)
+    try:
+        weights = parse_task_weights(args.task_weights)
+    except ValueError as e:
+        p.error(str(e))
     if args.smoke:
         args.n, args.test_n, args.guidance, args.steps = 48, 24, "1,3", 2
     runs = Path(args.runs)
@@ -201,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data / "info.json").exists():
         run(["data", "scenes", "--out", str(data), "--n", str(args.n), "--val-n", str(max(6, args.n // 50)),
              "--test-n", str(args.test_n), "--resolution", str(args.resolution), "--seed", str(args.seed), "--quiet",
-             "--holdout", *args.holdout])  # fmt: skip
+             "--holdout", *args.holdout, "--task-weights", args.task_weights])  # fmt: skip
+    mix = read_info(data).get("task_weights", dict.fromkeys(TASKS, 1))  # data written before the mix: uniform
+    if mix != weights:
+        raise SystemExit(f"compositional: {data} was built with the train mix {mix}, not {weights}; use a new --runs")
     held_prompts = held_out_prompts(data, args.holdout)
     print(f"{held_prompts} distinct held-out test prompts", flush=True)
 
@@ -226,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_sampling_defaults(prior, args.sampler, args.steps, best["guidance"])
 
     lines = []
+    uniform = set(weights.values()) == {1}
+    mix_words = "" if uniform else f"train mix {', '.join(f'{k} {v}' for k, v in weights.items())}; "
     extra = [
         {"guidance": "autoencoder reconstructions", "scenes": recon},
         {"guidance": "real (ceiling)", "scenes": ceiling},
@@ -245,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = ", ".join(f"{stage} {summary['steps']:,}" for stage, summary in done.items())
     text = table(["guidance", "prompts", *TASKS, "overall"], lines) + (
         f"\n\n{args.test_n} test prompts ({held_prompts} distinct held-out: {', '.join(args.holdout)}), one image "
-        f"each, {args.sampler} {args.steps} steps; scorer: evaluation/scenes.py's geometric reader (no training), "
+        f"each, {args.sampler} {args.steps} steps; {mix_words}"
+        "scorer: evaluation/scenes.py's geometric reader (no training), "
         "its ceiling on the real test images in the last rows; above them the same scorer on the autoencoder's "
         f"reconstructions of those images. Training: {args.minutes:g} min budget "
         f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in trained.items()) or 'runs reused'}"
@@ -262,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recommended": {"sampler": args.sampler, "steps": args.steps, "guidance": best["guidance"]},
         "held_out_prompts": held_prompts,
         "holdout": list(args.holdout),
+        "task_weights": weights,
         "train_seconds": seconds,
         "steps": {k: v["steps"] for k, v in done.items()},
         "prior_loss_jumps": jumps,

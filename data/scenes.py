@@ -23,7 +23,8 @@ centre from its box. Objects keep at least GAP of the image between their boxes 
 `holdout` keeps combinations of three kinds out of train: a colour-shape pair ("blue star": no
 train image holds a blue star), a count-shape pair ("four rings"), an ordered relation ("circle
 above square": no train caption says so, in either wording). Val and test contain them; a
-sample whose caption names one is marked `holdout: true`. Tasks are uniform over every split.
+sample whose caption names one is marked `holdout: true`. Tasks are uniform over val and test; over
+train too unless `task_weights` gives a train mix (`parse_task_weights`: "position=3,color_attr=3").
 Each sample's json also lists `negatives`, two captions of its template that are false for its image
 (`hard_negatives`), for contrastive text training with hard negatives.
 """
@@ -480,22 +481,53 @@ def scene_meta(scene: Scene, rules: Sequence[Holdout], negatives: Sequence[str] 
     }
 
 
+def parse_task_weights(text: str) -> dict[str, int]:
+    """The train mix from "position=3,color_attr=3": each task's weight (unnamed ones 1); raises ValueError.
+
+    A weight is a whole number >= 0 (0: the task is never trained, still tested); at least one is > 0.
+    """
+    weights = dict.fromkeys(TASKS, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, _, value = item.partition("=")
+        task = task.strip()
+        if task not in weights or not value.strip().isdigit():
+            names = ", ".join(TASKS)
+            raise ValueError(f"task weights are TASK=N, N a whole number >= 0 and TASK one of {names}; got {item!r}")
+        weights[task] = int(value)
+    if not any(weights.values()):
+        raise ValueError(f"task weights {text!r} leave no task to train")
+    return weights
+
+
 def generate_scenes(
-    n: int, seed: int = 0, resolution: int = 64, holdout: Sequence[str] = (), split: str = "train"
+    n: int,
+    seed: int = 0,
+    resolution: int = 64,
+    holdout: Sequence[str] = (),
+    split: str = "train",
+    task_weights: dict[str, int] | None = None,
 ) -> Iterator[Sample]:
-    """`n` samples of `split`, a pure function of (seed, split); task i % 6 (after a seeded shuffle of each 6)."""
+    """`n` samples of `split`, a pure function of (seed, split, task_weights).
+
+    Tasks come in blocks, each a seeded shuffle of every task once (uniform), or in train of every task as many
+    times as `task_weights` gives (`parse_task_weights`; val and test stay uniform, as GenEval's prompts are).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0 or resolution < 16:
         raise ValueError(f"need n >= 0 and resolution >= 16, got n={n}, resolution={resolution}")
     rules = parse_holdout(holdout)
+    weights = task_weights if split == "train" and task_weights else dict.fromkeys(TASKS, 1)
+    block = [task for task in TASKS for _ in range(weights.get(task, 0))]
+    if not block or set(weights) - set(TASKS):
+        raise ValueError(f"task weights name the tasks {', '.join(TASKS)}, one > 0; got {weights}")
     rng = np.random.default_rng([seed % 2**63, SPLITS.index(split), 32])
     negatives_rng = np.random.default_rng([seed % 2**63, SPLITS.index(split), 33])  # apart: images stay as they were
     order: list[int] = []
     for i in range(n):
-        if not order:  # every block of six samples holds each task once: tasks uniform over any split
-            order = list(rng.permutation(len(TASKS)))
-        scene = sample_scene(rng, resolution, TASKS[order.pop()], rules, train=split == "train")
+        if not order:  # every block holds each task its weight's times: the mix holds over any split's length
+            order = list(rng.permutation(len(block)))
+        scene = sample_scene(rng, resolution, block[order.pop()], rules, train=split == "train")
         yield Sample(
             key=f"{split}_{i:08d}",
             image=render(scene.objects, resolution),
@@ -514,12 +546,14 @@ def build(
     holdout: Sequence[str] = (),
     maxcount: int = DEFAULT_MAXCOUNT,
     progress: bool = False,
+    task_weights: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Write train (n), val and test (default n // 10 each, at least 1) shards and info.json (with the palette)."""
+    """Write train (n), val and test (default n // 10 each, at least 1) shards and info.json (with the palette,
+    and the train mix when `task_weights` gives one)."""
     parse_holdout(holdout)  # fail before writing anything
     counts = split_counts(n, val_n, test_n, resolution, min_resolution=16)
     for split, count in counts.items():
-        samples = generate_scenes(count, seed, resolution, holdout, split)
+        samples = generate_scenes(count, seed, resolution, holdout, split, task_weights)
         counts[split] = write_split(out_dir, split, samples, maxcount=maxcount, progress="scenes" if progress else "",
                                     total=count)  # fmt: skip
     return write_info(
@@ -531,6 +565,7 @@ def build(
         shapes=list(SHAPES),
         palette={name: list(rgb) for name, rgb in COLORS.items()},
         holdout=list(holdout),
+        task_weights=dict(task_weights or dict.fromkeys(TASKS, 1)),  # the train mix; val and test are uniform
         seed=seed,
         skipped=0,
     )

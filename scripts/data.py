@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         "--holdout", nargs="+", action="extend", default=[], metavar="COMBO",
         help='combinations kept out of train: "blue star", "four rings", "circle above square"',
     )  # fmt: skip
+    p.add_argument(
+        "--task-weights", default="", metavar="TASK=N,...",
+        help='the train mix, e.g. "position=3,color_attr=3" (unnamed tasks 1; val and test stay uniform)',
+    )  # fmt: skip
 
     p = sub.add_parser(
         "folder", help="images with a same-named caption file beside each, or a diffusers metadata.jsonl / .csv"
@@ -109,6 +113,7 @@ def _check(args: argparse.Namespace) -> None:
         args.caption_ext = folder.check_caption_ext(args.caption_ext)
     if args.command == "scenes":
         scenes.parse_holdout(args.holdout)
+        args.task_weights = scenes.parse_task_weights(args.task_weights)
 
 
 def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -123,7 +128,7 @@ def _run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.command == "scenes":
         return scenes.build(
             out, args.n, args.val_n, args.test_n, args.seed, args.resolution, args.holdout,
-            args.maxcount, progress=progress,
+            args.maxcount, progress=progress, task_weights=args.task_weights,
         )  # fmt: skip
     return folder.convert(
         args.src, out, args.resolution, args.seed, fractions=args.fractions, maxcount=args.maxcount,

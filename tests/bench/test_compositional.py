@@ -44,3 +44,16 @@ def test_split_parses_three_shares_and_refuses_the_rest():
     for bad in ("0.5,0.5", "0.5,0.6,0.1", "0,0.3,0.7", "a,b,c"):
         with pytest.raises(argparse.ArgumentTypeError, match="sum to 1"):
             compositional.budget_split(bad)
+
+
+def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
+    from latentdiff.scripts import data as data_cli
+
+    data = tmp_path / "runs" / "data"
+    assert data_cli.main(["scenes", "--out", str(data), "--n", "6", "--test-n", "6", "--quiet"]) == 0
+    argv = ["--smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "c.json")]
+    with pytest.raises(SystemExit, match="train mix"):
+        compositional.main([*argv, "--task-weights", "position=3"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]  # nothing trained
+    with pytest.raises(SystemExit):  # argparse's one-line error: exits 2 before anything
+        compositional.main([*argv, "--task-weights", "position=x"])

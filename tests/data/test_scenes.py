@@ -188,3 +188,49 @@ def test_hard_negatives_leave_the_images_and_captions_as_they_were():
         digest.update(np.asarray(s.image).tobytes() + s.caption.encode())
     # recorded before the negatives existed (commit 692f532): the bench's figures are on these very images
     assert digest.hexdigest() == "1ceaeeeb9f27f5ce576d428390b44b445d0386ccc68b4df7235c6001a6d5ba81"
+
+
+def test_task_weights_parse_and_refuse_in_one_line():
+    assert scenes.parse_task_weights("") == dict.fromkeys(TASKS, 1)
+    assert scenes.parse_task_weights("position=3, color_attr=0") == {
+        **dict.fromkeys(TASKS, 1),
+        "position": 3,
+        "color_attr": 0,
+    }
+    for bad, words in [
+        ("relation=2", "TASK one of"),
+        ("position=1.5", "whole number"),
+        ("position=-1", "whole number"),
+        ("position", "whole number"),
+        (",".join(f"{t}=0" for t in TASKS), "no task"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            scenes.parse_task_weights(bad)
+
+
+def test_train_mix_follows_the_weights_and_leaves_val_and_test_uniform():
+    weights = scenes.parse_task_weights("position=3,color_attr=3,counting=0")
+    block = sum(weights.values())  # 9: every block of 9 train samples holds each task its weight's times
+    train = list(scenes.generate_scenes(2 * block, seed=3, resolution=RES, split="train", task_weights=weights))
+    for part in (train[:block], train[block:]):
+        assert Counter(s.meta["task"] for s in part) == {t: w for t, w in weights.items() if w}
+    for split in ("val", "test"):  # the same samples as the uniform mix's
+        mixed = scenes.generate_scenes(12, seed=3, resolution=RES, split=split, task_weights=weights)
+        uniform = scenes.generate_scenes(12, seed=3, resolution=RES, split=split)
+        assert [(s.caption, s.meta) for s in mixed] == [(s.caption, s.meta) for s in uniform]
+    # all ones is the uniform mix: the same samples as no weights (whose images are pinned above)
+    ones = scenes.generate_scenes(12, seed=3, resolution=RES, split="train", task_weights=dict.fromkeys(TASKS, 1))
+    plain = scenes.generate_scenes(12, seed=3, resolution=RES, split="train")
+    assert [(s.caption, s.meta) for s in ones] == [(s.caption, s.meta) for s in plain]
+
+
+def test_cli_records_the_train_mix_and_refuses_a_bad_one(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    args = ["scenes", "--out", str(out), "--n", "8", "--test-n", "6", "--quiet", "--task-weights", "position=7"]
+    assert data_cli.main(args) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["task_weights"] == {**dict.fromkeys(TASKS, 1), "position": 7}
+    assert data_cli.main(["scenes", "--out", str(tmp_path / "bad"), "--n", "5", "--task-weights", "place=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "place=2" in err
+    assert not (tmp_path / "bad").exists()
