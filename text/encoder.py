@@ -197,12 +197,18 @@ class TextEncoder(nn.Module):
                 pooled = m.text_projection(pooled)
             else:
                 pooled = pooled @ m.text_projection  # (B, E)
-        eot_pos = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)  # (B,) first EOT
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        mask = positions[None, :] <= eot_pos[:, None]  # (B, T)
+        mask = self.word_mask(tokens, ends=True)  # (B, T): SOT..EOT
         if self.settings.attend == "all":
             mask = torch.ones_like(mask)
         return TextOutput(states=states, mask=mask, pooled=pooled)
+
+    def word_mask(self, tokens: torch.Tensor, ends: bool = False) -> torch.Tensor:
+        """(B, T) bool for token ids (B, T): True at the words, between SOT and the first EOT; ends=True: SOT..EOT."""
+        eot_pos = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)  # (B,) first EOT
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, T)
+        if ends:
+            return positions <= eot_pos[:, None]
+        return (positions >= 1) & (positions < eot_pos[:, None])
 
     def forward(self, prompts: Sequence[str]) -> TextOutput:
         """Encode prompts (differentiable). "" is the unconditional prompt: just SOT, EOT."""

@@ -147,3 +147,26 @@ def hard_negative_accuracy(encoder: TextEncoder, batches: Iterable[dict[str, Any
     out = {f"hard_negative_accuracy{k}": sum(v) / len(v) for k, v in sorted(hits.items())}
     out["hard_negative_images"] = len(hits[""])
     return out
+
+
+@torch.inference_mode()
+def token_identity_accuracy(encoder: TextEncoder, captions: Sequence[str]) -> dict[str, float]:
+    """How often a word's per-token state is nearer (cosine) its own token embedding than any other word's.
+
+    Over the distinct `captions`' words (SOT, EOT and padding left out), the candidates being every distinct
+    word among them: near 1 when the states the prior reads keep each word apart, near chance when context
+    swamps the word (text.loss.token_identity_loss says why that matters). Returns {"token_identity_accuracy": a,
+    "token_identity_words": n}; {} when the captions hold no word.
+    """
+    distinct = sorted(set(captions))
+    if not distinct:
+        return {}
+    tokens = encoder.tokenize(distinct)
+    words = encoder.word_mask(tokens)
+    if not words.any():
+        return {}
+    states = torch.cat([encoder.forward_tokens(tokens[i : i + 256]).states for i in range(0, len(tokens), 256)])
+    vocab, target = torch.unique(tokens[words], return_inverse=True)
+    keys = F.normalize(encoder.model.token_embedding.weight[vocab].float(), dim=-1)
+    nearest = (F.normalize(states[words].float(), dim=-1) @ keys.T).argmax(dim=-1)
+    return {"token_identity_accuracy": (nearest == target).float().mean().item(), "token_identity_words": len(target)}

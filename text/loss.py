@@ -1,6 +1,7 @@
 """The CLIP contrastive loss (Radford et al. 2021, Fig. 3): the text stage calls open_clip.ClipLoss on
 the model's normalised features and keeps the learned temperature in range with `clamp_logit_scale`.
-With hard negatives it adds `hard_negative_loss`, each image against its own caption and its negatives.
+With hard negatives it adds `hard_negative_loss`, each image against its own caption and its negatives;
+with `token_identity` > 0, `token_identity_loss` keeps each word's own identity in the per-token states.
 
 Unlike the other stages' losses this returns one value for the batch, not one per sample:
 every term's softmax runs over the whole batch (and, under DDP, over all ranks' features
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 # CLIP clips the learned temperature so logits are scaled by at most 100 (Radford et al. 2021, Sec. 2.5).
 MAX_LOGIT_SCALE = math.log(100)
+TOKEN_IDENTITY_TEMPERATURE = 0.07  # CLIP's initial temperature (Radford et al. 2021, Sec. 2.5), fixed here
 
 
 @torch.no_grad()
@@ -68,3 +70,33 @@ def hard_negative_loss(
     # Masked after scaling: -inf times the scale would give the scale a NaN gradient.
     logits = (logit_scale * scores).masked_fill(~present, -math.inf)[has]
     return F.cross_entropy(logits, torch.zeros(len(has), dtype=torch.long, device=logits.device))
+
+
+def token_identity_loss(
+    states: torch.Tensor,
+    tokens: torch.Tensor,
+    words: torch.Tensor,
+    embedding: torch.Tensor,
+    temperature: float = TOKEN_IDENTITY_TEMPERATURE,
+) -> torch.Tensor:
+    """Cross-entropy of each word's state over the batch's distinct words, its own token embedding the answer.
+
+    states: (B, T, D) the per-token states the prior reads; tokens: (B, T) their ids; words: (B, T) bool, the
+    positions to score (`encoder.word_mask`: SOT, EOT and padding left out); embedding: (V, D) the token
+    embedding table, tied as the output layer (no new weights). Cosine logits over `temperature`.
+    Returns one value, the mean over the words; 0 (keeping the graph) when no position is a word.
+
+    Why: CLIP's contrastive loss reads only the pooled EOT state, and in a small CLIP trained from scratch the
+    word's own embedding (norm ~0.25) is swamped by the residual stream (norm ~30) after the first block, so
+    "to the left of" and "to the right of" reach the prior as states of cosine 0.965 at the word and >= 0.998
+    after it (docs/scenes.md). A word identity term on the states keeps the word apart, as a language-model
+    encoder's token states do (T5 in Imagen, Saharia et al. 2022, Sec. 2.1).
+    """
+    if states.shape[:2] != tokens.shape or words.shape != tokens.shape:
+        raise ValueError(f"states {tuple(states.shape)}, tokens {tuple(tokens.shape)} and words {tuple(words.shape)}")
+    if not words.any():
+        return states.sum() * 0
+    vocab, target = torch.unique(tokens[words], return_inverse=True)  # (U,), (N,) index into vocab
+    queries = F.normalize(states[words].float(), dim=-1)  # (N, D)
+    keys = F.normalize(embedding[vocab].float(), dim=-1)  # (U, D)
+    return F.cross_entropy(queries @ keys.T / temperature, target)

@@ -4,6 +4,8 @@ The symmetric InfoNCE objective of CLIP (Radford et al. 2021, Fig. 3) through op
 ClipLoss, with the learnable temperature clamped at 100 as CLIP does. The prior later reads
 this model's text tower; evaluation uses its image tower for CLIP score. With `hard_negatives`,
 each image is also contrasted with the near-miss captions its json lists (text.loss.hard_negative_loss).
+With `token_identity` > 0, each word's per-token state is also trained to name its own word among the
+batch's words (text.loss.token_identity_loss), so the states the prior reads keep "left" apart from "right".
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from latentdiff.core.config import PositiveInt
+from latentdiff.core.config import NonNegativeFloat, PositiveInt
 from latentdiff.core.ema import EMA
 from latentdiff.core.flags import add_train_args
 from latentdiff.core.pixels import from_uint8_to
@@ -26,8 +30,8 @@ from latentdiff.data.captions import class_prompt
 from latentdiff.data.reader import make_loader, read_info, read_once
 
 from .encoder import TextEncoder, TextEncoderConfig
-from .evaluate import hard_negative_accuracy, retrieval_metrics, zero_shot_accuracy
-from .loss import clamp_logit_scale, hard_negative_loss
+from .evaluate import hard_negative_accuracy, retrieval_metrics, token_identity_accuracy, zero_shot_accuracy
+from .loss import clamp_logit_scale, hard_negative_loss, token_identity_loss
 from .model import build_clip, load_model_config, preprocess_images
 from .tokens import build_tokenizer
 
@@ -46,6 +50,28 @@ class TextStageConfig:
     # Also contrast each image with the captions its sample's json lists as "negatives" (false for it, near its
     # own: `latentdiff data scenes` writes them), text.loss.hard_negative_loss; docs/text-encoder.md.
     hard_negatives: bool = False
+    # Weight of the word identity term on the per-token states (text.loss.token_identity_loss; 0: off, the
+    # contrastive loss alone); docs/text-encoder.md, "Word identity in the token states".
+    token_identity: NonNegativeFloat = 0.0
+
+
+class TowersWithStates(nn.Module):
+    """CLIP's forward (normalised image and text features, the logit scale) and the text's per-token states as
+    the prior reads them, in one call, so DDP sees one pass. Same computation as open_clip's CLIP.forward."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        out = self.encoder.forward_tokens(tokens)
+        model = self.encoder.model
+        return (
+            model.encode_image(images, normalize=True),
+            F.normalize(out.pooled, dim=-1),
+            model.logit_scale.exp(),
+            out.states,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +114,7 @@ def evaluate(encoder: TextEncoder, data: str, cfg: TextStageConfig) -> dict[str,
     metrics.update({f"val_{k}": v for k, v in retrieval_metrics(image_emb, text_emb, captions=captions[:1000]).items()})
     metrics["val_retrieval_candidates"] = image_emb.shape[0]
     metrics.update({f"val_{k}": v for k, v in hard_negative_accuracy(encoder, with_negatives).items()})
+    metrics.update({f"val_{k}": v for k, v in token_identity_accuracy(encoder, captions).items()})
     return metrics
 
 
@@ -125,7 +152,7 @@ def train(args: argparse.Namespace) -> dict:
     opt = make_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     scheduler = run.begin({"model": model}, {"model": opt}, ema, meta={"data": record_path(args.data, run.path)})
-    net = run.wrap(model)
+    net = run.wrap(TowersWithStates(encoder) if cfg.token_identity else model)
     # Under DDP, ClipLoss gathers every rank's features so each rank contrasts against the global batch.
     clip_loss = open_clip.ClipLoss(gather_with_grad=rt.distributed, rank=rt.rank, world_size=rt.world_size)
 
@@ -148,13 +175,21 @@ def train(args: argparse.Namespace) -> dict:
         images = preprocess_images(from_uint8_to(batch["image"], rt.device), model)
         lr = scheduler.get_last_lr()[0]
         with rt.autocast():
-            image_features, text_features, logit_scale = net(images, tokens)  # normalised (B, E), (B + N, E)
+            # normalised (B, E), (B + N, E); with token_identity also the states (B + N, T, D)
+            image_features, text_features, logit_scale, *states = net(images, tokens)
             own, negative = text_features[: len(captions)], text_features[len(captions) :]
             clip = clip_loss(image_features, own, logit_scale)  # one value: the softmax spans the batch
-            loss = clip
+            terms, loss = {"clip_loss": clip}, clip  # terms: logged apart when there is more than one
             if cfg.hard_negatives:
-                hard = hard_negative_loss(image_features, own, negative, [len(n) for n in negatives], logit_scale)
-                loss = clip + hard
+                counts = [len(n) for n in negatives]
+                terms["hard_negative_loss"] = hard_negative_loss(image_features, own, negative, counts, logit_scale)
+                loss = loss + terms["hard_negative_loss"]
+            if cfg.token_identity:
+                words = encoder.word_mask(tokens)
+                terms["token_identity_loss"] = token_identity_loss(
+                    states[0], tokens, words, model.token_embedding.weight
+                )
+                loss = loss + cfg.token_identity * terms["token_identity_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
@@ -172,7 +207,7 @@ def train(args: argparse.Namespace) -> dict:
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "logit_scale": model.logit_scale.exp().item(),
-                    **({"clip_loss": clip.item(), "hard_negative_loss": hard.item()} if cfg.hard_negatives else {}),
+                    **({k: v.item() for k, v in terms.items()} if len(terms) > 1 else {}),
                 },
             )
         if run.every(tcfg.ckpt_every, step):
