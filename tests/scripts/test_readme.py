@@ -83,7 +83,7 @@ SKIPPED = {
     "tests/bench/test_finetune_bench.py tests its parts",
     r"^OMP_NUM_THREADS=1 python -m bench\.compositional\b": "the races of docs/scenes.md: minutes to an hour each; "
     "tests/bench/test_compositional.py runs the bench with --smoke",
-    r"--data runs/A2/data\b": "an autoencoder race on the data of a bench.compositional race run, "
+    r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
     "which this test does not make",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
     r"--preset base\b": "SD 1.5's 860M UNet (a GPU preset), with pretrained CLIP weights that are not on disk",
