@@ -177,3 +177,20 @@ def run_killed_child(main, argv: list[str], kill_at: int | None, count_file: Pat
     proc.join(timeout=300)
     assert proc.exitcode is not None, "a training child hung"
     return proc.exitcode
+
+
+def train_text_on_scenes(
+    tmp_path: Path, *sets: str, holdout: tuple[str, ...] = ()
+) -> tuple[dict, list[dict], list[str]]:
+    """A 3-step `train text` on 48 scenes at 32 px with `--set` overrides: (summary, logged metrics, the flags)."""
+    import json
+
+    from latentdiff.data import scenes
+    from latentdiff.text.stage import main as text_main
+
+    scenes.build(tmp_path / "scenes", 48, val_n=12, test_n=6, seed=0, resolution=32, holdout=list(holdout))
+    flags = ["--steps", "3", "--batch-size", "8", "--set", "eval_images=12", "--set", "train.log_every=1"]
+    overrides = [word for value in sets for word in ("--set", value)]
+    summary = text_main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "run"), *flags, *overrides])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return summary, logged, flags

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from latentdiff.core.pixels import from_uint8_to
 from latentdiff.text.encoder import TextEncoder
+from latentdiff.text.loss import word_cosines
 
 
 @torch.inference_mode()
@@ -166,7 +167,6 @@ def token_identity_accuracy(encoder: TextEncoder, captions: Sequence[str]) -> di
     if not words.any():
         return {}
     states = torch.cat([encoder.forward_tokens(tokens[i : i + 256]).states for i in range(0, len(tokens), 256)])
-    vocab, target = torch.unique(tokens[words], return_inverse=True)
-    keys = F.normalize(encoder.model.token_embedding.weight[vocab].float(), dim=-1)
-    nearest = (F.normalize(states[words].float(), dim=-1) @ keys.T).argmax(dim=-1)
+    cosines, target = word_cosines(states, tokens, words, encoder.model.token_embedding.weight)
+    nearest = cosines.argmax(dim=-1)
     return {"token_identity_accuracy": (nearest == target).float().mean().item(), "token_identity_words": len(target)}

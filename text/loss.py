@@ -87,16 +87,26 @@ def token_identity_loss(
     Returns one value, the mean over the words; 0 (keeping the graph) when no position is a word.
 
     Why: CLIP's contrastive loss reads only the pooled EOT state, and in a small CLIP trained from scratch the
-    word's own embedding (norm ~0.25) is swamped by the residual stream (norm ~30) after the first block, so
+    word's own embedding (norm ~0.25) is small against the residual stream (norm ~30 at the last block) and is
+    swamped from the first block on, so
     "to the left of" and "to the right of" reach the prior as states of cosine 0.965 at the word and >= 0.998
     after it (docs/scenes.md). A word identity term on the states keeps the word apart, as a language-model
     encoder's token states do (T5 in Imagen, Saharia et al. 2022, Sec. 2.1).
     """
+    cosines, target = word_cosines(states, tokens, words, embedding)  # checks the shapes first
+    if not len(target):
+        return states.sum() * 0
+    return F.cross_entropy(cosines / temperature, target)
+
+
+def word_cosines(
+    states: torch.Tensor, tokens: torch.Tensor, words: torch.Tensor, embedding: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of each word's state (N of them, where `words`) with each distinct word's token embedding (U):
+    (N, U) float32, and (N,) the column of each state's own word. Shapes as in token_identity_loss."""
     if states.shape[:2] != tokens.shape or words.shape != tokens.shape:
         raise ValueError(f"states {tuple(states.shape)}, tokens {tuple(tokens.shape)} and words {tuple(words.shape)}")
-    if not words.any():
-        return states.sum() * 0
     vocab, target = torch.unique(tokens[words], return_inverse=True)  # (U,), (N,) index into vocab
     queries = F.normalize(states[words].float(), dim=-1)  # (N, D)
     keys = F.normalize(embedding[vocab].float(), dim=-1)  # (U, D)
-    return F.cross_entropy(queries @ keys.T / temperature, target)
+    return queries @ keys.T, target

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from latentdiff.text.evaluate import hard_negative_accuracy
 from latentdiff.text.loss import hard_negative_loss
-from tests.helpers import cli_exit_2
+from tests.helpers import cli_exit_2, train_text_on_scenes
 
 
 def _unit(*shape: int) -> torch.Tensor:
@@ -79,14 +78,8 @@ def test_hard_negative_accuracy_counts_an_image_only_when_its_caption_beats_ever
 
 def test_text_stage_trains_with_hard_negatives_on_scenes_and_refuses_data_without_them(tmp_path, data, capsys):
     from latentdiff.data import scenes
-    from latentdiff.text.stage import main as text_main
 
-    scenes.build(tmp_path / "scenes", 48, val_n=12, test_n=6, seed=0, resolution=32, holdout=["blue star"])
-    flags = ["--steps", "3", "--batch-size", "8", "--set", "eval_images=12", "--set", "train.log_every=1"]
-    summary = text_main(
-        ["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "run"), *flags, "--set", "hard_negatives=true"]
-    )
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    summary, logged, flags = train_text_on_scenes(tmp_path, "hard_negatives=true", holdout=("blue star",))
     steps = [m for m in logged if "hard_negative_loss" in m]
     assert len(steps) == 3
     for m in steps:  # the logged loss is the batch's contrast plus the hard-negative term

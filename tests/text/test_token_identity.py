@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from latentdiff.text.evaluate import token_identity_accuracy
 from latentdiff.text.loss import token_identity_loss
 from latentdiff.text.model import build_clip, load_model_config
 from latentdiff.text.tokens import build_tokenizer
+from tests.helpers import train_text_on_scenes
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +74,7 @@ def test_probe_reads_states_that_keep_their_word_and_states_that_do_not(encoder,
 
 
 def test_text_stage_trains_the_word_identity_term_on_scenes(tmp_path):
-    from latentdiff.data import scenes
-    from latentdiff.text.stage import main as text_main
-
-    scenes.build(tmp_path / "scenes", 48, val_n=12, test_n=6, seed=0, resolution=32)
-    flags = ["--steps", "3", "--batch-size", "8", "--set", "eval_images=12", "--set", "train.log_every=1"]
-    summary = text_main(
-        ["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "run"), *flags, "--set", "token_identity=0.5"]
-    )
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    summary, logged, _ = train_text_on_scenes(tmp_path, "token_identity=0.5")
     steps = [m for m in logged if "token_identity_loss" in m]
     assert len(steps) == 3
     for m in steps:  # the logged loss is the contrast plus half the word identity term
