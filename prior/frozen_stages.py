@@ -120,6 +120,12 @@ def check_prior_fits(cfg: PriorConfig, stages: FrozenStages, where: str) -> None
             f"but the text encoder gives {encoder.embed_dim}; "
             f"--set model.pooled_dim={encoder.embed_dim}"
         )
+    if unet_cfg.context_positions and unet_cfg.context_positions < encoder.context_length:
+        raise ConfigError(
+            f"{where}: the UNet embeds the positions of {unet_cfg.context_positions} text tokens, "
+            f"but the text encoder gives {encoder.context_length}; "
+            f"--set model.context_positions={encoder.context_length}"
+        )
     if unet_cfg.in_channels != space.channels:
         raise CheckpointError(
             f"{where}: the UNet has {unet_cfg.in_channels} input channels, but the autoencoder's "

@@ -312,6 +312,12 @@ def export_problems(cfg: UNetConfig) -> list[str]:
     problems = []
     if cfg.pooled_dim:
         problems.append(f"model.pooled_dim = {cfg.pooled_dim} (diffusers' UNet adds no pooled text embedding)")
+    if cfg.context_positions:
+        problems.append(
+            f"model.context_positions = {cfg.context_positions} (diffusers' UNet adds no positions to the text states)"
+        )
+    if cfg.context_layers:
+        problems.append(f"model.context_layers = {cfg.context_layers} (diffusers' UNet has no layers over the text)")
     # latentdiff takes gcd(norm_groups, width) groups per layer; diffusers takes norm_groups everywhere, so each
     # width a GroupNorm sees (the levels and, on the way up, each level plus its skip) must be a multiple.
     widths = sorted({*cfg.channels, *(a + b for a in cfg.channels for b in cfg.channels)})

@@ -48,6 +48,12 @@ class UNetConfig:
     norm_groups: PositiveInt = 32  # GroupNorm groups, at most: gcd(norm_groups, width) per layer
     norm_eps: PositiveFloat = 1e-6  # eps of the ResBlocks' and the output's GroupNorms (SD: 1e-5; transformers: 1e-6)
     pooled_dim: NonNegativeInt = 0  # width E of the pooled text embedding added to the time embedding (0: not used)
+    # learned embeddings of the token index added to the text states the cross-attention reads (0: none; else
+    # at least the text encoder's context length): where each word stands, for the keys and values
+    context_positions: NonNegativeInt = 0
+    # transformer layers over the text tokens (self-attention, feed-forward; zero-initialised residuals, so
+    # they start as the identity) that the prior trains with its own loss before cross-attending (0: none)
+    context_layers: NonNegativeInt = 0
     dropout: Probability = 0.0  # dropout inside ResBlocks
     attention: AttentionBackend = "auto"  # attention backend: auto (= sdpa) | sdpa | xformers | math
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -73,6 +79,11 @@ class UNetConfig:
         if bad:
             shown = list(self.heads) if isinstance(self.heads, tuple) else self.heads
             raise ConfigError(f"heads {shown} does not divide the attention widths: {', '.join(bad)}")
+        if self.context_layers and self.context_dim % self.level_heads(levels - 1):
+            raise ConfigError(
+                f"context_layers attend over the text with the middle block's {self.level_heads(levels - 1)} "
+                f"heads, which do not divide context_dim {self.context_dim}"
+            )
 
     def level_heads(self, level: int) -> int:
         """The attention heads at `level` (0 = full latent resolution); the middle block uses the last level's."""
@@ -106,6 +117,28 @@ class TransformerBlock(nn.Module):
         x = x + self.self_attn(self.norm1(x))
         x = x + self.cross_attn(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
+
+
+class TextLayer(nn.Module):
+    """Self-attention over the text tokens, then a feed-forward; pre-norm residuals that start at zero.
+
+    The prior's own layers on the frozen encoder's states (model.context_layers): each word's state can
+    take in the others' (which shape a colour or a relation belongs to) under the prior's loss.
+    """
+
+    def __init__(self, dim: int, heads: int, backend: str):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, backend=backend)
+        self.ff = FeedForward(dim)
+        zero_module(self.attn.to_out)
+        zero_module(self.ff.proj_out)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D) text states; mask (B, T) bool, True at the tokens that may be attended."""
+        h = self.norm1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.ff(self.norm2(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -163,6 +196,15 @@ class UNet(nn.Module):
         emb_dim = 4 * ch[0]
         self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_embed = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        # Zero at the start: the model first reads the states as they are (Vaswani et al. 2017, §3.5: learned
+        # positional embeddings, here on the keys' and values' side of the cross-attention only).
+        self.context_position = (
+            nn.Parameter(torch.zeros(cfg.context_positions, cfg.context_dim)) if cfg.context_positions else None
+        )
+        heads = cfg.level_heads(len(cfg.channels) - 1)
+        self.context_layers = nn.ModuleList(
+            TextLayer(cfg.context_dim, heads, cfg.attention) for _ in range(cfg.context_layers)
+        )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -208,7 +250,11 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z_t (B, c, h, w); t (B,) timesteps (may be fractional); context (B, T, D); mask (B, T) bool."""
+        """z_t (B, c, h, w); t (B,) timesteps (may be fractional); context (B, T, D); mask (B, T) bool.
+
+        Raises ValueError for a latent side the levels cannot halve, a missing pooled embedding (pooled_dim > 0),
+        or a context longer than context_positions (when > 0).
+        """
         levels = len(self.cfg.channels) - 1
         if z_t.shape[-1] % 2**levels or z_t.shape[-2] % 2**levels:
             raise ValueError(
@@ -221,6 +267,15 @@ class UNet(nn.Module):
                 raise ValueError("this UNet was built with pooled_dim > 0 and needs the pooled text embedding")
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))
         context = context.to(z_t.dtype)
+        if self.context_position is not None:
+            if context.shape[1] > len(self.context_position):
+                raise ValueError(
+                    f"the text has {context.shape[1]} tokens but this UNet embeds the positions of "
+                    f"{len(self.context_position)} (model.context_positions)"
+                )
+            context = context + self.context_position[: context.shape[1]].to(context.dtype)
+        for layer in self.context_layers:
+            context = layer(context, context_mask)
 
         h = self.conv_in(z_t)
         hs = [h]
