@@ -85,6 +85,8 @@ SKIPPED = {
     "tests/bench/test_compositional.py runs the bench with --smoke",
     r"^python -m bench\.relations\b": "reads the priors and text runs of bench.compositional races, which this "
     "test does not make; tests/bench/test_relations.py runs it on a tiny text run and real scenes",
+    r"runs/pcl/": "continues a bench.compositional race's prior (runs/pc) for 28 minutes, which this test does not "
+    "make",
     r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
     "which this test does not make",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
