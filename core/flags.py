@@ -37,7 +37,8 @@ def add_train_args(
         choices=EXTEND_LR,
         help="with --resume past the run's end (more --steps, another --max-minutes) or with a changed "
         "horizon: continue (default) = a new cosine from the lr the run stopped at down to its floor over "
-        "the extension; rewarm = warm up again to the peak lr, then a new cosine; hold = keep the lr it stopped at",
+        "the extension; rewarm = warm up again to the peak lr, then a new cosine (a trained model can diverge at its "
+        "peak lr again: docs/scenes.md); hold = keep the lr it stopped at",
     )
     names = sorted(p.stem for p in (Path(presets) / "presets").glob("*.toml")) if presets else []
     listed = f"{', '.join(names)}, " if names else ""
