@@ -29,7 +29,7 @@ import torch
 from latentdiff.data.scenes import MIN_OFFSET, RELATIONS, SHAPES, Scene, SceneObject, caption_for, parse_caption
 from latentdiff.evaluation.scenes import _to_hwc, detect
 
-from .common import parser, report, table
+from .common import device, parser, report, table
 
 
 def position_caption(first: str, second: str, relation: str) -> str:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         from latentdiff.prior.pipeline import TextToImage
 
         palette = read_info(args.data)["palette"]
-        pipe = TextToImage.from_run(args.prior, device="cpu")
+        pipe = TextToImage.from_run(args.prior, device=device())
         captions = position_captions()
         options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
         images = pipe(captions, n=args.n, seed=args.seed, **options)
