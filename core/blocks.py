@@ -127,12 +127,18 @@ def xformers_available(device_type: str) -> bool:
         return False
 
 
-def _math_attention(q, k, v, mask):
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) (Vaswani et al. 2017, eq. 1): (B, heads, Tq, Tk), each row summing to 1 over the
+    keys; q (B, heads, Tq, d), k (B, heads, Tk, d), mask as `attention`'s."""
     scale = q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, heads, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    return scores.softmax(dim=-1)
+
+
+def _math_attention(q, k, v, mask):
+    return torch.matmul(attention_probabilities(q, k, mask), v)
 
 
 XFORMERS_KEY_MULTIPLE = 8  # xformers refuses an attention bias whose key length is not a multiple of this
@@ -209,17 +215,37 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None):
+        """q, k, v (B, heads, T, d) and the key mask (B, 1, 1, Tk) or None."""
         B, T, C = x.shape
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, T, C) -> (B, heads, T, d)
         q, k, v = (y.reshape(B, y.shape[1], self.heads, C // self.heads).transpose(1, 2) for y in (q, k, v))
         mask = context_mask[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
-        out = attention(q, k, v, mask, self.backend)  # (B, heads, T, d)
-        return self.to_out(out.transpose(1, 2).reshape(B, T, C))
+        return q, k, v, mask
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        B, heads, T, d = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(B, T, heads * d))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C); context (B, Tk, context_dim) or None (self-attention); context_mask (B, Tk) bool."""
+        q, k, v, mask = self._project(x, context, context_mask)
+        return self._merge(attention(q, k, v, mask, self.backend))  # (B, T, C)
+
+    def with_probabilities(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's output, computed on the math path, and its attention probabilities (B, heads, T, Tk).
+
+        For losses on where the attention goes (prior/grounding.py); the fused kernels never form them.
+        """
+        q, k, v, mask = self._project(x, context, context_mask)
+        probs = attention_probabilities(q, k, mask)
+        return self._merge(torch.matmul(probs, v)), probs
 
 
 class SpatialSelfAttention(nn.Module):

@@ -111,10 +111,18 @@ class PriorConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # off unless lora.rank > 0 (needs --init)
     caption_dropout: Probability = 0.1  # fraction of captions replaced by "" so the model also learns p(z) (CFG)
+    # weight of the token grounding loss (prior/grounding.py, after TokenCompose): each word's cross-attention
+    # goes to the pixels of the object it names; needs samples whose json lists the objects (scenes). 0: off
+    grounding: NonNegativeFloat = 0.0
     # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
     resolution: PositiveInt = 32
 
     def __post_init__(self):
+        if self.grounding > 0 and self.model.gradient_checkpointing:
+            raise ConfigError(
+                "grounding > 0 reads the cross-attention maps of the forward pass, which gradient checkpointing "
+                "recomputes without them: set model.gradient_checkpointing = false or grounding = 0"
+            )
         if self.sampling.steps > self.diffusion.timesteps:
             raise ConfigError(
                 f"sampling.steps {self.sampling.steps} is more than diffusion.timesteps "

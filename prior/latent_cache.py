@@ -3,7 +3,7 @@
 The frozen encoder's q(z|x) never changes during prior training, so encoding every image
 at every step is wasted work (CALIBRATION.md: 60k images take 37 s to encode). The cache keeps
 the posterior mean and std of each training image (sampling z = mean + std * eps afresh
-each time, as on the fly) with its caption, keyed by the encoder's content hash, the data's
+each time, as on the fly) with its caption and json, keyed by the encoder's content hash, the data's
 fingerprint (core.runs.data_fingerprint), the resolution and the precision, so a dataset rebuilt
 in place is encoded again.
 
@@ -19,9 +19,9 @@ keeps its finished parts, and the next one encodes only the shards that are miss
 Files under the cache folder:
     cache.json                 {"key", "count", "skipped"}: the commit record, written last
     latents.safetensors        "mean", "std": (N, C, h, w) float32, in shard order
-    captions.json              {"captions": [N strings]}
+    captions.json              {"captions": [N strings], "meta": [N dicts, each sample's json]}
     parts/key.json             the key the parts being built belong to
-    parts/shard-000003.safetensors   one shard's "mean" and "std"; its captions and skips in the metadata
+    parts/shard-000003.safetensors   one shard's "mean" and "std"; its captions, json and skips in the metadata
 
 Every rank reads latents.safetensors through safetensors' memory map, so the ranks of one node
 share the page cache instead of each holding the cache in its own memory (docs/reliability.md,
@@ -55,8 +55,8 @@ POLL_S = 0.5  # how often a rank that waits for another's files looks for them
 
 
 class LatentCache:
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str]):
-        self.mean, self.std, self.captions = mean, std, captions
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], meta: list[dict]):
+        self.mean, self.std, self.captions, self.meta = mean, std, captions, meta
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -89,6 +89,7 @@ class LatentCache:
             "data_fingerprint": _fingerprint(data),
             "resolution": resolution,
             "precision": rt.precision,  # bf16 autocast encodes other moments than float32
+            "sample_json": True,  # each sample's json is kept beside its caption (the grounding loss reads it)
         }
         (build,) = rt.any_rank(rt.is_main and _prepare(path, key, data))
         if build:
@@ -100,8 +101,8 @@ class LatentCache:
                 _wait_for(lambda: (path / CACHE_INFO).is_file())
         # safetensors maps the file: tensors backed by the page cache, which the ranks of a node share
         tensors = ckpt.load_weights(path / LATENTS)
-        captions = ckpt.read_json(path / CAPTIONS)["captions"]
-        return cls(tensors["mean"], tensors["std"], captions)
+        listed = ckpt.read_json(path / CAPTIONS)
+        return cls(tensors["mean"], tensors["std"], listed["captions"], listed["meta"])
 
     def loader(self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
         """Endless batches over seeded per-epoch permutations; each rank takes every world_size-th item."""
@@ -118,6 +119,7 @@ class LatentCache:
                     "mean": self.mean[idx],
                     "std": self.std[idx],
                     "caption": [self.captions[j] for j in idx.tolist()],
+                    "meta": [self.meta[j] for j in idx.tolist()],
                     "skipped": 0,
                 }
             epoch += 1
@@ -137,6 +139,7 @@ WHY = {
     "data_fingerprint": "{data} changed since (rebuilt or replaced)",
     "resolution": "the resolution is another",
     "precision": "it was encoded at another precision (or by an earlier latentdiff)",
+    "sample_json": "it holds no sample json (made by an earlier latentdiff)",
 }
 
 
@@ -219,19 +222,20 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Moments:
-    """One shard's posterior moments and captions as its batches arrive."""
+    """One shard's posterior moments, captions and sample json as its batches arrive."""
 
     def __init__(self) -> None:
         self.mean: list[torch.Tensor] = []
         self.std: list[torch.Tensor] = []
         self.captions: list[str] = []
+        self.meta: list[dict] = []
         self.skipped = 0
 
     def save(self, path: Path) -> None:
         # An empty shard still gets its part (a 0-element tensor), so the others know it is done.
         mean = torch.cat(self.mean) if self.mean else torch.zeros(0)
         std = torch.cat(self.std) if self.std else torch.zeros(0)
-        meta = {"captions": json.dumps(self.captions), "skipped": self.skipped}
+        meta = {"captions": json.dumps(self.captions), "meta": json.dumps(self.meta), "skipped": self.skipped}
         ckpt.save_weights(path, {"mean": mean, "std": std}, metadata=meta)
 
 
@@ -263,6 +267,7 @@ def _encode_share(ae, shards: list[str], parts: Path, resolution: int, rt, batch
             moments.mean.append(post.mean.float().cpu())
             moments.std.append(post.std.float().cpu())
             moments.captions += item["caption"]
+            moments.meta += item["meta"]
             moments.skipped += item["skipped"]
             if progress is not None:
                 progress.add(len(item["caption"]) + item["skipped"])
@@ -324,14 +329,15 @@ def _merge(path: Path, key: dict, n_shards: int, data: str) -> None:
     then remove the parts. The parts are memory-mapped, so the merge never holds the cache in memory."""
     parts = [_part(path / PARTS, i) for i in range(n_shards)]
     tensors = [ckpt.load_weights(p) for p in parts]
-    metas = [_part_metadata(p) for p in parts]
+    infos = [_part_metadata(p) for p in parts]
     full = [t for t in tensors if t["mean"].numel()]
     if not full:
         raise ValueError(f"the train split of {data} has no readable sample to cache (see the skip warnings)")
     _write_concatenated(path / LATENTS, {name: [t[name] for t in full] for name in ("mean", "std")})
-    captions = [c for m in metas for c in json.loads(m["captions"])]
-    ckpt.write_json(path / CAPTIONS, {"captions": captions})
-    skipped = sum(int(m["skipped"]) for m in metas)
+    captions = [c for m in infos for c in json.loads(m["captions"])]
+    meta = [x for m in infos for x in json.loads(m["meta"])]
+    ckpt.write_json(path / CAPTIONS, {"captions": captions, "meta": meta})
+    skipped = sum(int(m["skipped"]) for m in infos)
     ckpt.write_json(path / CACHE_INFO, {"key": key, "count": len(captions), "skipped": skipped})
     shutil.rmtree(path / PARTS)
 

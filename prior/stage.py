@@ -41,6 +41,7 @@ from .frozen_stages import (
     recorded_stages,
     stage_records,
 )
+from .grounding import Grounding, check_grounding_data
 from .init import InitSource, check_init_hash, init_config, init_source, load_prior
 from .latent_cache import LatentCache
 from .lora import Adapters, add_adapters, layers_from_adapters, lora_metadata, write_lora_file
@@ -115,20 +116,30 @@ def offset_noise(z0: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 def prior_loss(
-    net: torch.nn.Module, schedule, cfg: PriorConfig, encoder, z0: torch.Tensor, captions: list[str], rt
-) -> torch.Tensor:
-    """The objective above (Alg. 1) for a batch of scaled latents, one value per sample: (B,)."""
+    net: torch.nn.Module,
+    schedule,
+    cfg: PriorConfig,
+    encoder,
+    z0: torch.Tensor,
+    captions: list[str],
+    rt,
+    grounding: tuple[UNet, Grounding, list] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The objective above (Alg. 1) for a batch of scaled latents, one value per sample: (B,); and the grounding
+    loss (a scalar, prior/grounding.py) when `grounding` = (the UNet inside net, Grounding, the samples' json)."""
+    captions = drop_captions(captions, cfg.caption_dropout)
     with torch.no_grad():
-        states, mask, pooled = text_conditioning(encoder, drop_captions(captions, cfg.caption_dropout))
+        states, mask, pooled = text_conditioning(encoder, captions)
     B = z0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=z0.device)
     eps = offset_noise(z0, cfg.diffusion.noise_offset)
     z_t = schedule.q_sample(z0, t, eps)
     target = schedule.target(cfg.diffusion.prediction, z0, eps, t)
-    with rt.autocast():
+    with rt.autocast(), grounding[0].cross_attention_maps() if grounding else nullcontext() as maps:
         out = net(z_t, t.float(), states, mask, pooled)
     d = cfg.diffusion
-    return diffusion_loss(out, target, t, schedule, d.loss_weighting, d.min_snr_gamma, d.prediction, d.min_snr_floor)
+    loss = diffusion_loss(out, target, t, schedule, d.loss_weighting, d.min_snr_gamma, d.prediction, d.min_snr_floor)
+    return loss, (grounding[1].loss(maps, captions, grounding[2]) if grounding else None)
 
 
 @torch.no_grad()
@@ -282,6 +293,13 @@ def train(args: argparse.Namespace) -> dict:
     net = run.wrap(unet)
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
+    grounding = None
+    if cfg.grounding > 0:
+        try:
+            check_grounding_data(read_info(args.data), args.data)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        grounding = Grounding(encoder.tokenizer)
     if args.cache_latents:
         t_cache = time.monotonic()
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it
@@ -306,9 +324,11 @@ def train(args: argparse.Namespace) -> dict:
         batch = next(batches)
         lr = scheduler.get_last_lr()[0]
         z0 = batch_latents(batch, ae, space, args.cache_latents, rt.device)
-        loss = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
+        grounded = (unet, grounding, batch["meta"]) if grounding is not None else None
+        loss, ground = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt, grounded)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if ground is None else loss + cfg.grounding * ground).backward()
         grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), tcfg.grad_clip or math.inf))
         if run.finite(step, loss, grad_norm):
             opt.step()
@@ -316,7 +336,8 @@ def train(args: argparse.Namespace) -> dict:
         ema.update(trained)
 
         if run.every(tcfg.log_every, step):
-            run.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()})
+            metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+            run.log(step, metrics if ground is None else {**metrics, "grounding": ground.item()})
         if run.every(tcfg.sample_every, step):
             # On every rank: gathering sharded (fsdp) weights for rank 0 to sample from is a collective.
             sampled, holding = _sampled(unet, adapters, ema)

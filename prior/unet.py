@@ -12,6 +12,8 @@ Stable Diffusion 1.x and 2.x; prior/interchange.py maps the configs and weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,10 +114,18 @@ class TransformerBlock(nn.Module):
         self.self_attn = Attention(dim, heads, backend=backend)
         self.cross_attn = Attention(dim, heads, context_dim=context_dim, backend=backend)
         self.ff = FeedForward(dim)
+        # UNet.cross_attention_maps sets a list here: each forward then appends its cross-attention
+        # probabilities, averaged over the heads (B, positions, text tokens)
+        self.maps: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), context, mask)
+        if self.maps is None:
+            x = x + self.cross_attn(self.norm2(x), context, mask)
+        else:
+            out, probs = self.cross_attn.with_probabilities(self.norm2(x), context, mask)
+            self.maps.append(probs.mean(dim=1))
+            x = x + out
         return x + self.ff(self.norm3(x))
 
 
@@ -236,6 +246,23 @@ class UNet(nn.Module):
         self.norm_out = group_norm(in_ch, cfg.norm_groups, cfg.norm_eps)
         # Zero-init the output conv: the untrained model predicts 0, a stable starting point.
         self.conv_out = zero_module(nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1))
+
+    @contextmanager
+    def cross_attention_maps(self) -> Iterator[list[torch.Tensor]]:
+        """Within it, every forward pass appends each cross-attention's probabilities to the list it yields:
+        (B, h * w, T) per transformer, averaged over heads, rows over the text tokens summing to 1, positions
+        in row-major order of that level's (h, w) grid. They come from the math path (Attention.with_probabilities),
+        not the fused kernels, so keep it to the passes that need them (a training loss on them).
+        """
+        blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
+        maps: list[torch.Tensor] = []
+        for block in blocks:
+            block.maps = maps
+        try:
+            yield maps
+        finally:
+            for block in blocks:
+                block.maps = None
 
     def _run(self, layer: nn.Module, *args):
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -58,7 +58,12 @@ def _rank(rank: int, world_size: int, init_file: str, data: str, ae_dir: str, ou
     counts = _counting(ae, SLOW_S if rank == 0 else 0.0)
     rt = Runtime(torch.device("cpu"), rank=rank, world_size=world_size)
     cache = LatentCache.build(ae, data, Path(out) / "cache", space.resolution, rt, batch_size=BATCH, num_workers=2)
-    row = {"encoded": counts[0], "captions": cache.captions, "mean_sum": cache.mean.double().sum().item()}
+    row = {
+        "encoded": counts[0],
+        "captions": cache.captions,
+        "meta": cache.meta,
+        "mean_sum": cache.mean.double().sum().item(),
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
 
@@ -83,6 +88,7 @@ def test_two_ranks_share_the_encoding_and_build_what_one_builds(data, ae_run, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     for r in ranks:  # every rank reads the whole cache
         assert r["captions"] == one.captions and r["mean_sum"] == one.mean.double().sum().item()
+        assert r["meta"] == one.meta and len(one.meta) == N_TRAIN
     assert not (two / "cache" / "parts").exists()  # the parts were merged and removed
 
 

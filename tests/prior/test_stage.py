@@ -101,6 +101,8 @@ def test_cache_latents_training_and_loader(data, ae_run, text_run, tmp_path):
     torch.testing.assert_close(latents["mean"], torch.cat([p.mean for p in post]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(latents["std"], torch.cat([p.std for p in post]), rtol=1e-5, atol=1e-5)
     assert captions == [c for b in batches for c in b["caption"]]
+    # ... and each sample's json beside its caption (the grounding loss reads the objects from it)
+    assert json.loads((cache_dir / "captions.json").read_text())["meta"] == [m for b in batches for m in b["meta"]]
     # Loading again reuses the files, and the loader is a pure function of (seed, rank, world_size).
     before = (cache_dir / "latents.safetensors").stat().st_mtime_ns
     cache = LatentCache.build(ae, str(data), cache_dir, 32, Runtime(torch.device("cpu")))

@@ -1,0 +1,185 @@
+"""The token grounding loss (prior/grounding.py): which words name which object, where each object lies on the
+latent grid, the loss on cross-attention maps, and a prior trained with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from open_clip import SimpleTokenizer
+
+from latentdiff.data import scenes
+from latentdiff.data.scenes import COLORS, NUMBERS, PLURALS, TASKS, caption_for, sample_scene, scene_meta, shape_mask
+from latentdiff.prior.grounding import Grounding, cell_cover, object_words, word_token_positions
+from latentdiff.prior.stage import main as prior_main
+from latentdiff.prior.unet import UNet, UNetConfig
+from tests.helpers import PRIOR_ARGS
+
+TOKENIZER = SimpleTokenizer()
+
+
+def _scenes(per_task: int = 6, resolution: int = 64):
+    rng = np.random.default_rng(0)
+    return [sample_scene(rng, resolution, task) for task in TASKS for _ in range(per_task)]
+
+
+def test_every_template_names_each_object_by_its_own_words():
+    for scene in _scenes():
+        caption, meta = caption_for(scene), scene_meta(scene, [])
+        words = caption.split()
+        named = object_words(caption, meta)
+        for i, objs in named:
+            for o in objs:
+                obj = scene.objects[o]
+                # each word names an object it describes: its colour, its shape, or (counting) the count and plural
+                assert words[i] in (obj.color, obj.shape, PLURALS[obj.shape], NUMBERS.get(len(scene.objects)))
+        # every object is named by a shape word, and a colour the caption says is grounded on its object only
+        for o, obj in enumerate(scene.objects):
+            assert any(o in objs and words[i] in (obj.shape, PLURALS[obj.shape]) for i, objs in named)
+            if scene.task in ("colors", "color_attr"):
+                assert [i for i, objs in named if objs == (o,) and words[i] in COLORS] == [words.index(obj.color)]
+        assert {i for i, _ in named} <= set(range(len(words)))
+    # The relation words, articles and "and" name nothing; the second shape of a relation is the second object.
+    assert object_words("a star to the left of a ring", {"objects": [{}, {}]}) == [(1, (0,)), (7, (1,))]
+    assert object_words("", {"objects": [{}]}) == [] and object_words("a star", {}) == []
+
+
+def test_word_token_positions_are_where_the_encoder_puts_each_word():
+    for scene in _scenes(per_task=2):
+        caption = caption_for(scene)
+        ids = [TOKENIZER.sot_token_id, *TOKENIZER.encode(caption), TOKENIZER.eot_token_id]
+        spans = word_token_positions(TOKENIZER, caption)
+        assert len(spans) == len(caption.split())
+        for word, span in zip(caption.split(), spans):
+            assert [ids[j] for j in span] == TOKENIZER.encode(word)
+        assert spans[-1][-1] == len(ids) - 2  # the last word ends just before [EOT]
+
+
+def test_cell_cover_is_the_object_area_on_each_cell():
+    for grid in (4, 8):  # the prior's attention grids at 64 px (8x8 latents)
+        errors = []
+        for scene in _scenes(per_task=4):
+            for obj in scene.objects:
+                cover = cell_cover(obj.shape, tuple(obj.center), obj.side, grid)
+                assert cover.shape == (grid, grid) and cover.min() >= 0 and cover.max() <= 1
+                fine = shape_mask(obj.shape, (obj.center[0] * 512, obj.center[1] * 512), obj.side * 512, 512)
+                errors.append(abs(cover.mean() - fine.mean()) / fine.mean())
+                row, col = int(obj.center[1] * grid), int(obj.center[0] * grid)
+                if obj.shape != "ring":  # a ring's centre is its hole
+                    assert cover[row, col] > 0  # x is the column, y the row
+                outside = np.ones((grid, grid), bool)
+                lo = np.floor((np.array(obj.center) - obj.side / 2) * grid).astype(int).clip(0, grid - 1)
+                hi = np.floor((np.array(obj.center) + obj.side / 2) * grid).astype(int).clip(0, grid - 1)
+                outside[lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = False
+                assert not cover[outside].any()  # nothing outside the cells its square touches
+        # The share of the image each object covers, as a 512-px render counts it: counted on 8 x 8 points a
+        # cell, within 8% on average and 25% at worst (a 4x4 grid counts a 14-px object on a 32-px lattice).
+        assert np.mean(errors) < 0.08 and max(errors) < 0.25
+
+
+def _maps(words: torch.Tensor, cover: torch.Tensor, on: str) -> torch.Tensor:
+    """(B, P, T) attention maps: at each covered position all the mass on the words of the object there
+    ("right"), of another object ("swapped"), or spread evenly over the tokens ("even")."""
+    B, n_obj, T = words.shape
+    probs = torch.full((B, cover.shape[2], T), 1.0 / T)
+    for b in range(B):
+        for o in range(n_obj):
+            if not words[b, o].any():
+                continue
+            target = o if on == "right" else (o + 1) % n_obj
+            if on == "even" or not words[b, target].any():
+                continue
+            at = cover[b, o] > 0
+            probs[b, at] = words[b, target] / words[b, target].sum()
+    return probs
+
+
+def test_the_loss_is_zero_on_the_right_words_and_high_on_the_other_objects():
+    rng = np.random.default_rng(1)
+    batch = []
+    while len(batch) < 8:
+        scene = sample_scene(rng, 64, ["position", "color_attr", "two_object"][len(batch) % 3])
+        covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
+        if not (covers[0] & covers[1]).any():
+            batch.append(scene)
+    captions = [caption_for(s) for s in batch]
+    metas = [scene_meta(s, []) for s in batch]
+    g = Grounding(TOKENIZER)
+    T = 12
+    words, cover = g.targets(captions, metas, T, 4)
+    assert words.shape == (8, 2, T) and cover.shape == (8, 2, 16)
+    right = g.loss([_maps(words, cover, "right")], captions, metas)
+    swapped = g.loss([_maps(words, cover, "swapped")], captions, metas)
+    even = g.loss([_maps(words, cover, "even")], captions, metas)
+    assert right.item() == pytest.approx(0.0, abs=1e-5)
+    assert swapped.item() > 10
+    assert np.log(T / 2) - 1e-4 <= even.item() <= np.log(T) + 1e-4
+    assert g.loss([_maps(words, cover, "even")], [""] * 8, metas).item() == 0.0
+
+
+def test_unet_cross_attention_maps_match_the_forward_and_reset():
+    cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
+                     context_dim=8, norm_groups=8)  # fmt: skip
+    model = UNet(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    z, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        plain = model(z, t, context, mask)
+        with model.cross_attention_maps() as maps:
+            recorded = model(z, t, context, mask)
+    torch.testing.assert_close(recorded, plain)  # the math path computes the same function
+    # down 8x8, down 4x4, middle 4x4, up 4x4 twice, up 8x8 twice
+    assert [m.shape for m in maps] == [(2, 64, 5)] + [(2, 16, 5)] * 4 + [(2, 64, 5)] * 2
+    for m in maps:
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:2]))
+        assert m[1, :, 3:].max() < 1e-6  # masked tokens get nothing
+    before = len(maps)
+    with torch.no_grad():
+        model(z, t, context, mask)
+    assert len(maps) == before  # outside the context nothing is recorded
+
+
+@pytest.fixture(scope="module")
+def scenes_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    scenes.build(out, 16, val_n=4, test_n=4, seed=0, resolution=32)
+    return out
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_prior_trains_with_grounding_and_logs_it(scenes_data, ae_run, text_run, tmp_path, cached):
+    out = tmp_path / "prior"
+    argv = ["--data", str(scenes_data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), "--out", str(out),
+            "--steps", "3", *PRIOR_ARGS, "--set", "grounding=0.5", "--set", "train.log_every=1",
+            "--set", "train.sample_every=0", "--set", "caption_dropout=0.0"]  # fmt: skip
+    prior_main(argv + (["--cache-latents"] if cached else []))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ground = [m["grounding"] for m in logged if "grounding" in m]
+    assert len(ground) == 3 and all(np.isfinite(ground)) and min(ground) > 0
+    if cached:  # the cache keeps each sample's json beside its caption, in the caption's order
+        listed = json.loads((out / "latent_cache" / "captions.json").read_text())
+        assert len(listed["meta"]) == len(listed["captions"]) == 16
+        for caption, meta in zip(listed["captions"], listed["meta"]):
+            assert caption_for_meta(meta) == caption
+
+
+def caption_for_meta(meta: dict) -> str:
+    objects = tuple(scenes.SceneObject(o["shape"], o["color"], tuple(o["center"]), o["side"]) for o in meta["objects"])
+    return caption_for(scenes.Scene(meta["task"], objects, meta["relation"]))
+
+
+def test_grounding_on_data_without_objects_is_refused_in_one_line(data, ae_run, text_run, tmp_path, capsys):
+    out = tmp_path / "prior"
+    argv = ["--data", str(data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]),
+            "--out", str(out), "--steps", "1", *PRIOR_ARGS, "--set", "grounding=0.5"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        prior_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grounding > 0 needs samples whose json lists each object" in err[0]
+    assert "'shapes' dataset" in err[0] and not (out / "checkpoints").exists()
