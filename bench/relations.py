@@ -11,6 +11,10 @@ and do a text run's token states say which shape was named first?
    image, positive in the direction asked. A prior that ignores the relation scores a mean of 0 and holds
    as often as flipped (the position task's rule: offset >= MIN_OFFSET; flipped: <= -MIN_OFFSET); the
    task's hit rate cannot tell that from a weak preference, the mean and its standard error can.
+   With --attention, also where the prior's cross-attention reads each named shape at the sampler's first
+   step (t = T - 1 on pure noise, where nothing is drawn yet): per transformer, the signed offset of the
+   first shape word's attention centroid from the second's, on the relation's axis, in fractions of the
+   image, averaged over the 120 captions. 0 when the attention places the words regardless of the relation.
 2. --text: the cosine between a shape's state where it is named first ("a star above a ring") and where
    it is named second ("a ring above a star"), against two different shapes in the same slot, averaged
    over the same 120 captions. Near 1 against near 0: a state says which word it is, not where it stands,
@@ -80,6 +84,41 @@ def offset_summary(offsets: np.ndarray) -> dict:
     }
 
 
+@torch.no_grad()
+def attention_offsets(unet, encoder, latent_shape: Sequence[int], t: int, seed: int = 0) -> list[float]:
+    """Per transformer of `unet` (in forward order), the mean over position_captions() of the signed offset of
+    the first shape word's cross-attention centroid from the second's, at timestep t on z ~ N(0, I) (module
+    docstring, 1: t = T - 1, the sampler's first step). Centroids over each transformer's (h, w) grid, cell
+    centres in fractions of the image. latent_shape: (c, h, w); unet and encoder (a TextEncoder) on one device."""
+    from latentdiff.prior.grounding import word_token_positions
+    from latentdiff.prior.text_conditioning import text_conditioning
+
+    captions = position_captions()
+    states, mask, pooled = text_conditioning(encoder, captions)
+    z = torch.randn(len(captions), *latent_shape, generator=torch.Generator().manual_seed(seed)).to(states.device)
+    with unet.cross_attention_maps() as maps:
+        unet(z, torch.full((len(captions),), float(t), device=states.device), states, mask, pooled)
+    words, axes, signs = [], [], []
+    for caption in captions:
+        spans = word_token_positions(encoder.tokenizer, caption)  # "a FIRST <relation> a SECOND"
+        words.append((spans[1], spans[-1]))
+        _, axis, sign = RELATIONS[parse_caption(caption).relation]
+        axes.append(axis)
+        signs.append(sign)
+    out = []
+    for m in maps:  # (N, h * w, T)
+        grid = int(round(m.shape[1] ** 0.5))
+        rows, cols = np.divmod(np.arange(m.shape[1]), grid)
+        xy = torch.tensor(np.stack([cols, rows], 1) + 0.5, dtype=torch.float32) / grid  # (P, 2): x, y
+        offsets = []
+        for k, (first, second) in enumerate(words):
+            a, b = (m[k][:, w].float().sum(dim=1).cpu() for w in (first, second))  # (P,) attention on each word
+            centre_a, centre_b = (a @ xy) / a.sum(), (b @ xy) / b.sum()
+            offsets.append(signs[k] * float(centre_a[axes[k]] - centre_b[axes[k]]))
+        out.append(round(float(np.mean(offsets)), 4))
+    return out
+
+
 def _slot(ids: list[int], word: list[int], start: int) -> int:
     """The index of the first token of `word` at or after `start` in `ids`; raises ValueError if absent."""
     for i in range(start, len(ids) - len(word) + 1):
@@ -118,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, help="default: the prior's [sampling] guidance")
     p.add_argument("--steps", type=int, help="default: the prior's [sampling] steps")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--attention", action="store_true", help="with --prior: where its cross-attention reads "
+                   "each shape word at the sampler's first step (module docstring, 1)")  # fmt: skip
     args = p.parse_args(argv)
     if not args.prior and not args.text:
         p.error("give --prior RUN --data DATA, --text RUN, or both")
@@ -137,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
         settings = pipe.settings(captions[:1], n=1, **options)
         figures["prior"] = {"run": args.prior, "sampler": settings.sampler, "steps": settings.steps,
                             "guidance": settings.guidance, **offset_summary(offsets)}  # fmt: skip
+        if args.attention:
+            figures["prior"]["attention_offsets"] = attention_offsets(
+                pipe.unet, pipe.encoder, pipe.latent_shape, pipe.schedule.T - 1, seed=args.seed
+            )
         s = figures["prior"]
         rows.append([f"prior {args.prior} (w = {s['guidance']:g})", s["images"], s["both_found"],
                      f"{s.get('mean_offset', float('nan')):+.3f} ± {s.get('sem', float('nan')):.3f}",
@@ -150,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     parts = []
     if rows:
         parts.append(table(["images of", "images", "both shapes found", "mean offset ± sem", "holds", "flipped"], rows))
+        if "attention_offsets" in figures["prior"]:
+            offsets = figures["prior"]["attention_offsets"]
+            parts.append(table(["cross-attention, first step", *(f"transformer {i}" for i in range(len(offsets)))],
+                               [["first word's centroid - second's", *(f"{o:+.3f}" for o in offsets)]]))  # fmt: skip
     if text_rows:
         parts.append(table(["states of", "same shape, other slot", "other shape, same slot"], text_rows))
     report("relations", "Position: signed offsets and slot similarity", "\n\n".join(parts), figures, args.out)

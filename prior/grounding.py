@@ -1,16 +1,19 @@
 """Token grounding: the cross-attention of each word that names an object goes to that object's pixels.
 
-A training loss on the prior's cross-attention maps, after TokenCompose (Wang et al. 2024, CVPR, §3.2),
-which supervises Stable Diffusion's maps with object masks. Here the masks come exactly from a sample's
-json (the scenes source lists each object's shape, centre and side), and the loss is a cross-entropy: at
-every latent position p an object o covers, the attention mass on the words that name o should be 1,
+A training loss on the prior's cross-attention maps, TokenCompose's token loss (Wang et al. 2024, CVPR,
+eq. 3), which supervises Stable Diffusion's maps with object masks. Here the masks come exactly from a
+sample's json (the scenes source lists each object's shape, centre and side): of the attention the words
+naming object o receive over the whole map, the share that falls on o's positions should be 1,
 
-    L_ground = mean_{l, o}  sum_p m_o(p) * -log( sum_{j in S_o} A_l(p, j) )  /  sum_p m_o(p)
+    L_ground = mean_{l, o} ( 1 - sum_p M_o(p) a_{l,o}(p) / sum_p a_{l,o}(p) )^2,   a_{l,o}(p) = sum_{j in S_o} A_l(p, j)
 
 A_l (B, h*w, T): transformer l's cross-attention probabilities, averaged over heads (UNet.cross_attention_maps);
-m_o(p) in [0, 1]: the share of position p's cell of the image that object o covers; S_o: the token positions
-of o's words (its colour and its shape; in a counting caption, the number and the plural name every object).
-Positions that show background are left free.
+M_o(p) = 1 where object o covers any of position p's cell of the image; S_o: the token positions of o's words
+(its colour and its shape; in a counting caption, the number and the plural name every object). It constrains
+where a word is read, not what a position reads: a position may still attend to the start and end tokens (a
+causal encoder's end token carries the whole caption). The diffusion loss says which object goes where only
+through the few pixels a wrong guess costs; this names the place of every word at every noise level, the
+binding that docs/scenes.md found the prior slowest to learn (which side, which colour belongs to which shape).
 """
 
 from __future__ import annotations
@@ -121,11 +124,11 @@ class Grounding:
         return words, cover
 
     def loss(self, maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict | None]) -> torch.Tensor:
-        """L_ground (a scalar; 0 when no sample of the batch names an object) from a forward pass's maps.
+        """L_ground (a scalar in [0, 1]; 0 when no sample of the batch names an object) from a forward's maps.
 
         maps: UNet.cross_attention_maps' list, each (B, h * w, T) on a square grid.
         """
-        total, terms = None, 0
+        terms = []
         cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for probs in maps:
             B, positions, T = probs.shape
@@ -134,19 +137,15 @@ class Grounding:
                 words, cover = self.targets(captions, metas, T, grid)
                 cache[grid] = (words.to(probs.device), cover.to(probs.device))
             words, cover = cache[grid]
-            if words.shape[1] == 0:
+            present = cover.sum(dim=2) > 0  # (B, O): objects named and drawn
+            if not present.any():
                 continue
-            mass = torch.bmm(probs.float(), words.transpose(1, 2))  # (B, positions, O): attention on o's words
-            area = cover.sum(dim=2)  # (B, O)
-            nll = -(mass.clamp_min(1e-6).log().transpose(1, 2) * cover).sum(dim=2)  # (B, O)
-            present = area > 0
-            if present.any():
-                term = (nll[present] / area[present]).mean()
-                total = term if total is None else total + term
-                terms += 1
-        if total is None:
-            return maps[0].new_zeros(()).float() if maps else torch.zeros(())
-        return total / terms
+            mass = torch.bmm(words, probs.float().transpose(1, 2))  # (B, O, positions): a_o(p)
+            inside = (mass * (cover > 0)).sum(dim=2) / mass.sum(dim=2).clamp_min(1e-12)  # (B, O)
+            terms.append(((1 - inside[present]) ** 2).mean())
+        if not terms:
+            return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
+        return torch.stack(terms).mean()
 
 
 def check_grounding_data(info: dict[str, Any], data: str) -> None:

@@ -80,3 +80,44 @@ def test_main_on_a_text_run_writes_its_figures(text_run, tmp_path):
     assert json.loads(out.read_text())["figures"] == figures
     with pytest.raises(SystemExit):
         relations.main(["--prior", "runs/none"])  # --prior without --data
+
+
+class _PlacingUNet:
+    """A stand-in UNet with one transformer on a 4x4 grid whose cross-attention reads the first shape word at
+    the cell on the side the caption asks (`sign` 1), or the other side (-1), and the second word opposite."""
+
+    def __init__(self, encoder, sign: int):
+        from latentdiff.prior.grounding import word_token_positions
+
+        self.sign, self.maps = sign, None
+        self.words = [word_token_positions(encoder.tokenizer, c) for c in relations.position_captions()]
+
+    def cross_attention_maps(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def recording():
+            self.maps = []
+            yield self.maps
+
+        return recording()
+
+    def __call__(self, z, t, states, mask, pooled):
+        captions = relations.position_captions()
+        maps = torch.zeros(len(captions), 16, states.shape[1])
+        for k, caption in enumerate(captions):
+            _, axis, direction = RELATIONS[relations.parse_caption(caption).relation]
+            # cells 0..15 row-major: the first word at one end of the axis (its negative end when the relation
+            # asks for a negative offset), the second at the other; centres 0.125 and 0.875
+            low, high = (0, 3) if axis == 0 else (0, 12)
+            first, second = (low, high) if direction * self.sign < 0 else (high, low)
+            maps[k, first, self.words[k][1]] = 1.0
+            maps[k, second, self.words[k][-1]] = 1.0
+        self.maps.append(maps)
+
+
+def test_attention_offsets_are_signed_as_asked(text_run):
+    encoder = load_text_encoder(text_run[0])
+    for sign in (1, -1):
+        offsets = relations.attention_offsets(_PlacingUNet(encoder, sign), encoder, (4, 8, 8), t=999)
+        assert offsets == [pytest.approx(sign * 0.75)]

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from open_clip import SimpleTokenizer
 
 from latentdiff.data import scenes
@@ -79,25 +80,30 @@ def test_cell_cover_is_the_object_area_on_each_cell():
         assert np.mean(errors) < 0.08 and max(errors) < 0.25
 
 
-def _maps(words: torch.Tensor, cover: torch.Tensor, on: str) -> torch.Tensor:
-    """(B, P, T) attention maps: at each covered position all the mass on the words of the object there
-    ("right"), of another object ("swapped"), or spread evenly over the tokens ("even")."""
+def _maps(words: torch.Tensor, cover: torch.Tensor, on: str, start_share: float = 0.0) -> torch.Tensor:
+    """(B, P, T) attention maps: every position on the start token (0), except those an object covers, which
+    put 1 - start_share on the words of that object ("right") or of another one ("swapped"); "even": every
+    position spreads evenly over the T tokens."""
     B, n_obj, T = words.shape
-    probs = torch.full((B, cover.shape[2], T), 1.0 / T)
+    if on == "even":
+        return torch.full((B, cover.shape[2], T), 1.0 / T)
+    probs = torch.zeros(B, cover.shape[2], T)
+    probs[:, :, 0] = 1.0
     for b in range(B):
         for o in range(n_obj):
-            if not words[b, o].any():
-                continue
             target = o if on == "right" else (o + 1) % n_obj
-            if on == "even" or not words[b, target].any():
+            if not words[b, o].any() or not words[b, target].any():
                 continue
             at = cover[b, o] > 0
-            probs[b, at] = words[b, target] / words[b, target].sum()
+            probs[b, at] = start_share * F.one_hot(torch.tensor(0), T).float()
+            probs[b, at] += (1 - start_share) * words[b, target] / words[b, target].sum()
     return probs
 
 
-def test_the_loss_is_zero_on_the_right_words_and_high_on_the_other_objects():
+def test_the_loss_is_zero_on_each_object_s_own_place_and_one_on_the_other_s():
     rng = np.random.default_rng(1)
+    # Two objects apart on a 4x4 grid (at 64 px a cell is 16 px: a gap can still share one), so each
+    # covered cell has one object.
     batch = []
     while len(batch) < 8:
         scene = sample_scene(rng, 64, ["position", "color_attr", "two_object"][len(batch) % 3])
@@ -111,11 +117,20 @@ def test_the_loss_is_zero_on_the_right_words_and_high_on_the_other_objects():
     words, cover = g.targets(captions, metas, T, 4)
     assert words.shape == (8, 2, T) and cover.shape == (8, 2, 16)
     right = g.loss([_maps(words, cover, "right")], captions, metas)
-    swapped = g.loss([_maps(words, cover, "swapped")], captions, metas)
+    assert right.item() == pytest.approx(0.0, abs=1e-6)
+    # A position an object covers may also read the start token: only where the object's words go counts.
+    assert g.loss([_maps(words, cover, "right", start_share=0.5)], captions, metas).item() == pytest.approx(0, abs=1e-6)
+    # The negative control: each object's words read only at the other object's place.
+    assert g.loss([_maps(words, cover, "swapped")], captions, metas).item() == pytest.approx(1.0, abs=1e-6)
+    # Even attention: each object's words get the share of the map its cells are.
+    cells = (cover > 0).sum(dim=2).float() / 16  # (B, O)
+    expected = ((1 - cells) ** 2).mean()
     even = g.loss([_maps(words, cover, "even")], captions, metas)
-    assert right.item() == pytest.approx(0.0, abs=1e-5)
-    assert swapped.item() > 10
-    assert np.log(T / 2) - 1e-4 <= even.item() <= np.log(T) + 1e-4
+    assert even.item() == pytest.approx(expected.item(), abs=1e-6)
+    # Two maps (two transformers): the mean of their losses.
+    both = g.loss([_maps(words, cover, "right"), _maps(words, cover, "swapped")], captions, metas)
+    assert both.item() == pytest.approx(0.5, abs=1e-6)
+    # Dropped captions ("") and samples with no objects leave nothing to ground: zero, not NaN.
     assert g.loss([_maps(words, cover, "even")], [""] * 8, metas).item() == 0.0
 
 

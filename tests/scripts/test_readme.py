@@ -87,8 +87,8 @@ SKIPPED = {
     "test does not make; tests/bench/test_relations.py runs it on a tiny text run and real scenes",
     r"runs/pcl/": "continues a bench.compositional race's prior (runs/pc) for 28 minutes, which this test does not "
     "make",
-    r"runs/(a8|lo|pol|sh)/": "28-minute priors on a bench.compositional race's data and stages (links and copies of "
-    "runs/po and runs/pc), which this test does not make",
+    r"runs/(a8|lo|pol|sh|gl|gn)/": "28-minute priors on a bench.compositional race's data and stages (links and copies "
+    "of runs/po and runs/pc), which this test does not make",
     r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
     "which this test does not make",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
