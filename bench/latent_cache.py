@@ -40,7 +40,7 @@ def loop_rate(batches, cached: bool, ae, unet, opt, schedule, cfg, encoder, rt, 
     def one():
         batch = next(batches)
         z0 = batch_latents(batch, ae, untrained_latent_space(ae, cfg.resolution), cached, rt.device)
-        loss = prior_loss(unet, schedule, cfg, encoder, z0, batch["caption"], rt).mean()
+        loss = prior_loss(unet, schedule, cfg, encoder, z0, batch["caption"], rt)[0].mean()
         optimizer_step(loss, unet, opt, cfg.train.grad_clip)
         return z0.shape[0]
 

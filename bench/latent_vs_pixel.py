@@ -44,7 +44,7 @@ def step_seconds(cfg, in_channels: int, make_z0, encoder, rt, repeats: int) -> t
     captions = make_z0.captions
 
     def step():
-        loss = prior_loss(unet, schedule, cfg, encoder, make_z0(), captions, rt).mean()
+        loss = prior_loss(unet, schedule, cfg, encoder, make_z0(), captions, rt)[0].mean()
         optimizer_step(loss, unet, opt, cfg.train.grad_clip)
 
     return time_it(step, warmup=1, repeats=repeats, device=rt.device), sum(p.numel() for p in unet.parameters())
