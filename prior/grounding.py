@@ -8,8 +8,10 @@ naming object o receive over the whole map, the share that falls on o's position
     L_ground = mean_{l, o} ( 1 - sum_p M_o(p) a_{l,o}(p) / sum_p a_{l,o}(p) )^2,   a_{l,o}(p) = sum_{j in S_o} A_l(p, j)
 
 A_l (B, h*w, T): transformer l's cross-attention probabilities, averaged over heads (UNet.cross_attention_maps);
-M_o(p) = 1 where object o covers any of position p's cell of the image; S_o: the token positions of o's words
-(its colour and its shape; in a counting caption, the number and the plural name every object). It constrains
+o runs over the groups of objects the caption names by the same words: one object each (its colour and its
+shape), except a counting caption's, whose number and plural name all its objects at once, so their union is
+the place ("three stars": the three stars' cells); M_o(p) = 1 where the group covers any of position p's cell
+of the image; S_o: the token positions of the group's words. It constrains
 where a word is read, not what a position reads: a position may still attend to the start and end tokens (a
 causal encoder's end token carries the whole caption). The diffusion loss says which object goes where only
 through the few pixels a wrong guess costs; this names the place of every word at every noise level, the
@@ -101,26 +103,29 @@ class Grounding:
     def targets(
         self, captions: Sequence[str], metas: Sequence[dict | None], tokens: int, grid: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(words (B, O, T) float, 1 at the tokens naming object o; cover (B, O, grid * grid)) for a batch.
+        """(words (B, G, T) float, 1 at the tokens naming group g; cover (B, G, grid * grid)) for a batch.
 
-        O is the most objects a sample has; a missing object (fewer, or none named) has no tokens and no cover.
-        Tokens past `tokens` (the cut context) are dropped.
+        A group is the objects a caption names by the same words, in the order first named: one object each,
+        or all of a counting caption's, whose cover is then the union of theirs. G is the most groups a sample
+        has; a missing group (fewer, or none named) has no tokens and no cover. Tokens past `tokens` (the cut
+        context) are dropped.
         """
         named = [object_words(c, m) for c, m in zip(captions, metas)]
-        n_obj = max((len((m or {}).get("objects") or []) for m, w in zip(metas, named) if w), default=0)
-        words = torch.zeros(len(captions), n_obj, tokens)
-        cover = torch.zeros(len(captions), n_obj, grid * grid)
+        groups = [list(dict.fromkeys(objs for _, objs in pairs)) for pairs in named]
+        words = torch.zeros(len(captions), max(map(len, groups), default=0), tokens)
+        cover = torch.zeros(len(captions), words.shape[1], grid * grid)
         for b, (caption, meta, pairs) in enumerate(zip(captions, metas, named)):
             spans = self._token_positions(caption) if pairs else None
             if spans is None:
                 continue
             for i, objs in pairs:
-                for o in objs:
-                    words[b, o, [j for j in spans[i] if j < tokens]] = 1.0
-            for o, obj in enumerate(meta["objects"]):
-                if words[b, o].any():
-                    c = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid)
-                    cover[b, o] = torch.from_numpy(c).flatten()
+                words[b, groups[b].index(objs), [j for j in spans[i] if j < tokens]] = 1.0
+            for g, objs in enumerate(groups[b]):
+                if words[b, g].any():
+                    for o in objs:
+                        obj = meta["objects"][o]
+                        c = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid)
+                        cover[b, g] = torch.maximum(cover[b, g], torch.from_numpy(c).flatten())
         return words, cover
 
     def loss(self, maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict | None]) -> torch.Tensor:
@@ -137,11 +142,11 @@ class Grounding:
                 words, cover = self.targets(captions, metas, T, grid)
                 cache[grid] = (words.to(probs.device), cover.to(probs.device))
             words, cover = cache[grid]
-            present = cover.sum(dim=2) > 0  # (B, O): objects named and drawn
+            present = cover.sum(dim=2) > 0  # (B, G): groups named and drawn
             if not present.any():
                 continue
-            mass = torch.bmm(words, probs.float().transpose(1, 2))  # (B, O, positions): a_o(p)
-            inside = (mass * (cover > 0)).sum(dim=2) / mass.sum(dim=2).clamp_min(1e-12)  # (B, O)
+            mass = torch.bmm(words, probs.float().transpose(1, 2))  # (B, G, positions): a_o(p)
+            inside = (mass * (cover > 0)).sum(dim=2) / mass.sum(dim=2).clamp_min(1e-12)  # (B, G)
             terms.append(((1 - inside[present]) ** 2).mean())
         if not terms:
             return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())

@@ -134,6 +134,34 @@ def test_the_loss_is_zero_on_each_object_s_own_place_and_one_on_the_other_s():
     assert g.loss([_maps(words, cover, "even")], [""] * 8, metas).item() == 0.0
 
 
+def test_a_counting_caption_grounds_its_number_and_plural_on_all_its_objects():
+    rng = np.random.default_rng(2)
+    scenes_ = [sample_scene(rng, 64, "counting") for _ in range(6)]
+    captions = [caption_for(s) for s in scenes_]
+    metas = [scene_meta(s, []) for s in scenes_]
+    g = Grounding(TOKENIZER)
+    T = 12
+    words, cover = g.targets(captions, metas, T, 4)
+    # One group per caption: the number and the plural name every object, so the place is their union.
+    assert words.shape == (6, 1, T) and cover.shape == (6, 1, 16)
+    for b, scene in enumerate(scenes_):
+        union = np.max([cell_cover(o.shape, tuple(o.center), o.side, 4) for o in scene.objects], axis=0)
+        assert torch.equal(cover[b, 0], torch.from_numpy(union).flatten())
+        spans = word_token_positions(TOKENIZER, captions[b])
+        assert words[b, 0].nonzero().flatten().tolist() == spans[0] + spans[1]
+    # Attention of the words on all the objects' cells is right (0); on one object's only it is too: the
+    # words say "all of them", not which one, so any share inside the union counts.
+    assert g.loss([_maps(words, cover, "right")], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
+    first = torch.stack(
+        [torch.from_numpy(cell_cover(s.objects[0].shape, tuple(s.objects[0].center), s.objects[0].side, 4)).flatten()
+         for s in scenes_]
+    )[:, None]  # fmt: skip
+    assert g.loss([_maps(words, first, "right")], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
+    # Off every object (on the start token's places only): 1.
+    outside = (cover == 0).float()
+    assert g.loss([_maps(words, outside, "right")], captions, metas).item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_unet_cross_attention_maps_match_the_forward_and_reset():
     cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
                      context_dim=8, norm_groups=8)  # fmt: skip
