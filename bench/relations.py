@@ -3,6 +3,7 @@ and do a text run's token states say which shape was named first?
 
     python -m bench.relations --prior runs/compositional/prior --data runs/compositional/data
     python -m bench.relations --text runs/compositional/text          # the text states alone
+    python -m bench.relations --prior runs/compositional/prior --data runs/compositional/data --checkpoint 500
 
 1. --prior: every ordered pair of two different shapes under every relation ("a star to the left of a
    ring": 30 x 4 = 120 prompts, --n images each, the prior's sampling defaults unless --guidance/--steps
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, help="default: the prior's [sampling] guidance")
     p.add_argument("--steps", type=int, help="default: the prior's [sampling] steps")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--checkpoint", type=int, help="with --prior: the step of a checkpoint the run keeps "
+                   "(default: its newest)")  # fmt: skip
     p.add_argument("--attention", action="store_true", help="with --prior: where its cross-attention reads "
                    "each shape word at the sampler's first step (module docstring, 1)")  # fmt: skip
     args = p.parse_args(argv)
@@ -170,20 +173,22 @@ def main(argv: list[str] | None = None) -> dict:
         from latentdiff.prior.pipeline import TextToImage
 
         palette = read_info(args.data)["palette"]
-        pipe = TextToImage.from_run(args.prior, device=device())
+        pipe = TextToImage.from_run(args.prior, device=device(), checkpoint=args.checkpoint)
         captions = position_captions()
         options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
         images = pipe(captions, n=args.n, seed=args.seed, **options)
         offsets = signed_offsets(images, [c for c in captions for _ in range(args.n)], palette)
         settings = pipe.settings(captions[:1], n=1, **options)
-        figures["prior"] = {"run": args.prior, "sampler": settings.sampler, "steps": settings.steps,
-                            "guidance": settings.guidance, **offset_summary(offsets)}  # fmt: skip
+        figures["prior"] = {"run": args.prior, "checkpoint": pipe.checkpoint, "sampler": settings.sampler,
+                            "steps": settings.steps, "guidance": settings.guidance,
+                            **offset_summary(offsets)}  # fmt: skip
         if args.attention:
             figures["prior"]["attention_offsets"] = attention_offsets(
                 pipe.unet, pipe.encoder, pipe.latent_shape, pipe.schedule.T - 1, seed=args.seed
             )
         s = figures["prior"]
-        rows.append([f"prior {args.prior} (w = {s['guidance']:g})", s["images"], s["both_found"],
+        at = f", step {s['checkpoint']}" if s["checkpoint"] is not None else ""
+        rows.append([f"prior {args.prior} (w = {s['guidance']:g}{at})", s["images"], s["both_found"],
                      f"{s.get('mean_offset', float('nan')):+.3f} ± {s.get('sem', float('nan')):.3f}",
                      s.get("holds", "-"), s.get("flipped", "-")])  # fmt: skip
     text_rows = []

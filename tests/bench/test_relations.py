@@ -82,6 +82,20 @@ def test_main_on_a_text_run_writes_its_figures(text_run, tmp_path):
         relations.main(["--prior", "runs/none"])  # --prior without --data
 
 
+def test_main_on_a_kept_checkpoint_of_a_prior(prior_run, tmp_path):
+    from latentdiff.core.checkpoint import CheckpointError
+    from latentdiff.data import scenes
+
+    data = tmp_path / "scenes"  # the palette's source
+    scenes.build(data, 4, val_n=2, test_n=2, seed=0, resolution=32)
+    step = prior_run[1]["steps"]
+    args = ["--prior", str(prior_run[0]), "--data", str(data), "--steps", "1", "--guidance", "1"]
+    figures = relations.main([*args, "--checkpoint", str(step), "--out", str(tmp_path / "r.json")])
+    assert figures["prior"]["checkpoint"] == step and figures["prior"]["images"] == 120
+    with pytest.raises(CheckpointError, match=f"keeps no checkpoint of step {step + 1000}"):
+        relations.main([*args, "--checkpoint", str(step + 1000)])
+
+
 class _PlacingUNet:
     """A stand-in UNet with one transformer on a 4x4 grid whose cross-attention reads the first shape word at
     the cell on the side the caption asks (`sign` 1), or the other side (-1), and the second word opposite."""
