@@ -15,6 +15,9 @@
 4. The guidance with the best seen overall (the lower one on a tie) and the sampler become the
    prior's sampling defaults (a new checkpoint with that config.toml; `latentdiff generate`
    without flags then uses them).
+With --prior-first WEIGHTS the prior is trained as a curriculum: --prior-first-share of its minutes on a second
+scenes dataset of that train mix (RUNS/data_first: the same seed, sizes and held-out combinations), then the
+rest resumed on the main data (`train prior --resume --new-data`, a new cosine from where the lr was).
 Writes runs under --runs (default runs/compositional/), the table (stdout, --out JSON,
 RUNS/table.md) and RUNS/tasks_vs_guidance.png. A run already trained (RUN/summary.json) is reused.
 """
@@ -108,6 +111,49 @@ def train_stage(stage: str, run_dir: Path, flags: list[str]) -> float | None:
     return round(time.monotonic() - t0, 1)
 
 
+def build_scenes(out: Path, args, task_weights: str) -> None:
+    """`latentdiff data scenes` at `out` (args' sizes, seed and held-out combinations, this train mix) unless it
+    holds data already; SystemExit when the data there was built with another mix."""
+    if not (out / "info.json").exists():
+        run(["data", "scenes", "--out", str(out), "--n", str(args.n), "--val-n", str(max(6, args.n // 50)),
+             "--test-n", str(args.test_n), "--resolution", str(args.resolution), "--seed", str(args.seed), "--quiet",
+             "--holdout", *args.holdout, "--task-weights", task_weights])  # fmt: skip
+    mix = read_info(out).get("task_weights", dict.fromkeys(TASKS, 1))  # data written before the mix: uniform
+    if mix != parse_task_weights(task_weights):
+        raise SystemExit(
+            f"compositional: {out} was built with the train mix {mix}, not {parse_task_weights(task_weights)}; "
+            "use a new --runs"
+        )
+
+
+def trained_on(run_dir: Path) -> Path | None:
+    """The data a finished run trained on last (its meta.json's), None when it has not finished."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    return Path(json.loads((run_dir / "meta.json").read_text())["data"]["path"]).resolve()
+
+
+def train_prior_curriculum(
+    run_dir: Path, first: Path, data: Path, flags: list[str], minutes: float | None, share: float
+) -> float | None:
+    """The prior trained `share` of `minutes` on `first`, then the rest resumed on `data`; seconds (None: reused).
+
+    flags: `train prior`'s flags but --data and the budget. minutes None (--smoke): 2 steps, then 2 more.
+    A run that finished its first part resumes; one that finished both is reused.
+    """
+    if trained_on(run_dir) == data.resolve():
+        print(f"prior: reusing {run_dir}", flush=True)
+        return None
+    t0 = time.monotonic()
+    if trained_on(run_dir) != first.resolve():
+        budget = [] if minutes is None else ["--max-minutes", f"{minutes * share:g}"]
+        run(["train", "prior", "--out", str(run_dir), "--preset", "tiny", "--data", str(first), *flags, *budget])
+    rest = ["--steps", "4"] if minutes is None else ["--max-minutes", f"{minutes * (1 - share):g}"]
+    cache = ["--cache-latents"] if "--cache-latents" in flags else []
+    run(["train", "prior", "--resume", str(run_dir), "--data", str(data), "--new-data", *rest, *cache])
+    return round(time.monotonic() - t0, 1)
+
+
 def set_sampling_defaults(run_dir: Path, sampler: str, steps: int, guidance: float) -> None:
     """Commit the prior's checkpoint again with [sampling] sampler, steps and guidance as its defaults."""
     from latentdiff.core import checkpoint as ckpt
@@ -179,6 +225,19 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="TASK=N,...",
         help="the data's train mix (`data scenes --task-weights`; default: uniform); a new --runs builds it",
     )
+    p.add_argument(
+        "--prior-first",
+        default="",
+        metavar="TASK=N,...",
+        help="train the prior first on scenes of this train mix (a curriculum; module docstring); default: off",
+    )
+    p.add_argument(
+        "--prior-first-share",
+        type=float,
+        default=1 / 3,
+        metavar="F",
+        help="with --prior-first: the share of the prior's minutes spent on that mix (default: 1/3)",
+    )
     p.add_argument("--guidance", default="1,2,3,4,6", help="guidance scales swept (default: %(default)s)")
     p.add_argument("--sampler", default="dpmpp-2m", help="sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
@@ -201,20 +260,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         weights = parse_task_weights(args.task_weights)
+        first_weights = parse_task_weights(args.prior_first) if args.prior_first else None
     except ValueError as e:
         p.error(str(e))
+    if not 0 < args.prior_first_share < 1:
+        p.error(f"--prior-first-share is a share of the prior's minutes, between 0 and 1; got {args.prior_first_share}")
     if args.smoke:
         args.n, args.test_n, args.guidance, args.steps = 48, 24, "1,3", 2
     runs = Path(args.runs)
     data = runs / "data"
     t_start = time.monotonic()
-    if not (data / "info.json").exists():
-        run(["data", "scenes", "--out", str(data), "--n", str(args.n), "--val-n", str(max(6, args.n // 50)),
-             "--test-n", str(args.test_n), "--resolution", str(args.resolution), "--seed", str(args.seed), "--quiet",
-             "--holdout", *args.holdout, "--task-weights", args.task_weights])  # fmt: skip
-    mix = read_info(data).get("task_weights", dict.fromkeys(TASKS, 1))  # data written before the mix: uniform
-    if mix != weights:
-        raise SystemExit(f"compositional: {data} was built with the train mix {mix}, not {weights}; use a new --runs")
+    build_scenes(data, args, args.task_weights)
+    if first_weights:
+        build_scenes(runs / "data_first", args, args.prior_first)
     held_prompts = held_out_prompts(data, args.holdout)
     print(f"{held_prompts} distinct held-out test prompts", flush=True)
 
@@ -224,6 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     for stage, share in args.split.items():
         budget = [] if args.smoke else ["--max-minutes", f"{args.minutes * share:g}"]
         flags = (SMOKE_FLAGS if args.smoke else STAGE_FLAGS)[stage] + shlex.split(getattr(args, f"{stage}_flags"))
+        if stage == "prior" and first_weights:
+            seconds[stage] = train_prior_curriculum(
+                runs / names[stage], runs / "data_first", data, ["--seed", str(args.seed), *inputs[stage], *flags],
+                None if args.smoke else args.minutes * share, args.prior_first_share,
+            )  # fmt: skip
+            continue
         seconds[stage] = train_stage(
             stage, runs / names[stage], ["--data", str(data), "--seed", str(args.seed), *inputs[stage], *budget, *flags]
         )
@@ -241,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines = []
     uniform = set(weights.values()) == {1}
     mix_words = "" if uniform else f"train mix {', '.join(f'{k} {v}' for k, v in weights.items())}; "
+    if first_weights:
+        mix_words += (f"the prior first {args.prior_first_share:.0%} of its minutes on the mix "
+                      f"{', '.join(f'{k} {v}' for k, v in first_weights.items())}; ")  # fmt: skip
     extra = [
         {"guidance": "autoencoder reconstructions", "scenes": recon},
         {"guidance": "real (ceiling)", "scenes": ceiling},
@@ -279,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         "held_out_prompts": held_prompts,
         "holdout": list(args.holdout),
         "task_weights": weights,
+        "prior_first": {"task_weights": first_weights, "share": args.prior_first_share} if first_weights else None,
         "train_seconds": seconds,
         "steps": {k: v["steps"] for k, v in done.items()},
         "prior_loss_jumps": jumps,

@@ -57,3 +57,19 @@ def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]  # nothing trained
     with pytest.raises(SystemExit):  # argparse's one-line error: exits 2 before anything
         compositional.main([*argv, "--task-weights", "position=x"])
+
+
+def test_a_curriculum_trains_the_prior_first_on_its_own_mix_then_on_the_data(tmp_path):
+    runs = tmp_path / "runs"
+    first = "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=0"
+    argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--guidance", "1"]
+    figures = compositional.main([*argv, "--prior-first", first])
+    info = json.loads((runs / "data_first" / "info.json").read_text())
+    assert info["task_weights"] == dict.fromkeys(TASKS, 0) | {"position": 1}
+    assert json.loads((runs / "data" / "info.json").read_text())["task_weights"] == dict.fromkeys(TASKS, 1)
+    # 2 steps on the first mix, then resumed on the main data to step 4: the run's records name the main data
+    assert figures["steps"]["prior"] == 4 and compositional.trained_on(runs / "prior") == (runs / "data").resolve()
+    assert figures["prior_first"] == {"task_weights": info["task_weights"], "share": pytest.approx(1 / 3)}
+    assert "the prior first 33% of its minutes on the mix" in (runs / "table.md").read_text()
+    with pytest.raises(SystemExit):  # a share outside (0, 1): argparse's one-line error
+        compositional.main([*argv, "--prior-first", first, "--prior-first-share", "1"])
