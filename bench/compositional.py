@@ -16,8 +16,9 @@
    prior's sampling defaults (a new checkpoint with that config.toml; `latentdiff generate`
    without flags then uses them).
 With --prior-first WEIGHTS the prior is trained as a curriculum: --prior-first-share of its minutes on a second
-scenes dataset of that train mix (RUNS/data_first: the same seed, sizes and held-out combinations), then the
-rest resumed on the main data (`train prior --resume --new-data`, a new cosine from where the lr was).
+scenes dataset of that train mix (RUNS/data_first: the same seed, sizes and held-out combinations), under the
+lr schedule of all its minutes, paused there (train.pause_minutes); then the rest resumed on the main data
+(`train prior --resume --new-data`: a new cosine from where the pause left the lr over the minutes left).
 Writes runs under --runs (default runs/compositional/), the table (stdout, --out JSON,
 RUNS/table.md) and RUNS/tasks_vs_guidance.png. A run already trained (RUN/summary.json) is reused.
 """
@@ -146,11 +147,16 @@ def train_prior_curriculum(
         return None
     t0 = time.monotonic()
     if trained_on(run_dir) != first.resolve():
-        budget = [] if minutes is None else ["--max-minutes", f"{minutes * share:g}"]
+        # the whole budget's schedule, paused at its share (train.pause_minutes): the lr is where the cosine over
+        # all the minutes has it, not at a floor of its own
+        budget = [] if minutes is None else ["--max-minutes", f"{minutes:g}", "--set",
+                                             f"train.pause_minutes={minutes * share:g}"]  # fmt: skip
         run(["train", "prior", "--out", str(run_dir), "--preset", "tiny", "--data", str(first), *flags, *budget])
+    # the rest: a new cosine from the lr the pause left, over the minutes left (--extend-lr continue)
     rest = ["--steps", "4"] if minutes is None else ["--max-minutes", f"{minutes * (1 - share):g}"]
     cache = ["--cache-latents"] if "--cache-latents" in flags else []
-    run(["train", "prior", "--resume", str(run_dir), "--data", str(data), "--new-data", *rest, *cache])
+    run(["train", "prior", "--resume", str(run_dir), "--data", str(data), "--new-data", *rest, *cache,
+         "--set", "train.pause_minutes=0"])  # fmt: skip
     return round(time.monotonic() - t0, 1)
 
 

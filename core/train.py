@@ -60,6 +60,10 @@ from .sharding import Parallel
 class TrainConfig:
     steps: PositiveInt = 1000  # optimizer steps; the run ends at `steps` or `max_minutes`, whichever comes first
     max_minutes: NonNegativeFloat = 0.0  # wall-clock budget for this invocation (0: none); stops cleanly and saves
+    # Stop this invocation after this many minutes as a signal would (0: never): the lr schedule keeps max_minutes'
+    # horizon, so a resume continues it where it was (a curriculum: the first part of a budget on other data).
+    # Counted as max_minutes is; one at or past max_minutes never comes.
+    pause_minutes: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 64  # per rank
     lr: PositiveFloat = 1e-3  # peak learning rate (AdamW)
     warmup_steps: NonNegativeInt = 0  # linear warm-up from 0 to lr
@@ -295,7 +299,7 @@ class Run(RunDirectory):
 
     _schedule: LambdaLR | None = None  # the lr schedule `advance` moves on after each step
     _segment: LrSegment | None = None  # the extension the lr follows (LrSegment), if any
-    _stopped_by: str | None = None  # why the loop ended: "steps", "budget" or "signal" (recorded in the state)
+    _stopped_by: str | None = None  # why the loop ended: "steps", "budget", "pause" or "signal" (recorded in the state)
     _voted: tuple[bool, bool] | None = None  # (out of time, signalled) as the ranks agreed in this step's vote
     _loss_watch: LossWatch | None = None  # set by watch_loss: the logged "loss" is checked for jumps
     _spent_s: float = 0.0  # seconds of this invocation's time budget spent before the loop (`spend`)
@@ -437,6 +441,13 @@ class Run(RunDirectory):
                     if signalled:
                         stopped_by = "signal"
                         break
+                    if out_of_time and self._pauses():
+                        self._note(
+                            f"paused after {cfg.pause_minutes} min (train.pause_minutes) at step {step}; saving: "
+                            f"a resume continues the lr schedule of the {cfg.max_minutes}-min budget"
+                        )
+                        stopped_by = "pause"
+                        break
                     if out_of_time:
                         self._note(f"time budget of {cfg.max_minutes} min spent at step {step}; saving")
                         stopped_by = "budget"
@@ -458,9 +469,15 @@ class Run(RunDirectory):
             if self._should_stop(signals)[1]:
                 raise Stopped(f"stopped at step {self.done}; resume with --resume {self.path}", signals.received or 15)
 
+    def _pauses(self) -> bool:
+        """Whether this invocation's clock stops it at train.pause_minutes rather than at max_minutes."""
+        cfg = self.config.train
+        return cfg.pause_minutes > 0 and (cfg.max_minutes == 0 or cfg.pause_minutes < cfg.max_minutes)
+
     def _stop_flags(self) -> tuple[bool, bool]:
-        """This rank's own (budget spent, signal received), before the ranks agree."""
-        budget = self.config.train.max_minutes
+        """This rank's own (budget spent or pause reached, signal received), before the ranks agree."""
+        cfg = self.config.train
+        budget = cfg.pause_minutes if self._pauses() else cfg.max_minutes
         over = budget > 0 and time.monotonic() - self._t0 > budget * 60
         signalled = self._signals is not None and self._signals.received is not None
         return over, signalled

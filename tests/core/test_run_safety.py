@@ -392,3 +392,19 @@ def test_another_time_budget_on_a_run_that_spent_its_own_is_an_extension(noisy, 
     (extension,) = ckpt.read_meta(run)["lr_extensions"]
     assert extension["from_step"] == done and extension["lr"] == pytest.approx(0.01)
     assert _logged_lrs(run)[done] == pytest.approx(0.01, rel=0.02)
+
+
+def test_a_pause_stops_early_and_a_resume_continues_the_budget_s_schedule(noisy, tmp_path, capsys):
+    run = tmp_path / "run"
+    # A 10-minute cosine paused after 0.12 s: the lr there is still near the peak (0.01), not the floor (0.001).
+    _clf(noisy, run, 100000, "--max-minutes", "10", "--set", "train.pause_minutes=0.002")
+    assert ckpt.load_state(ckpt.committed_file(run, ckpt.STATE))["stopped_by"] == "pause"
+    assert "paused after 0.002 min" in capsys.readouterr().out
+    done = ckpt.read_meta(run)["step"]
+    assert 0 < done < 100000 and (run / "summary.json").exists()  # a pause ends the invocation as a success
+    # Resumed with the rest of a budget: a new cosine from where the pause left the lr (continue), near the peak,
+    # where a run that spent its budget would go on from the floor.
+    classifier_stage.main(["--resume", str(run), "--max-minutes", "0.003", "--set", "train.pause_minutes=0"])
+    (extension,) = ckpt.read_meta(run)["lr_extensions"]
+    assert extension["from_step"] == done and extension["policy"] == "continue"
+    assert extension["lr"] > 0.009 and _logged_lrs(run)[done] == pytest.approx(extension["lr"], rel=0.02)
