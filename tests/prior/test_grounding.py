@@ -100,6 +100,14 @@ def _maps(words: torch.Tensor, cover: torch.Tensor, on: str, start_share: float 
     return probs
 
 
+def _targets(batch, tokens: int = 12, grid: int = 4):
+    """(Grounding, captions, metas, words, cover) of scenes: Grounding.targets on their captions and json."""
+    captions = [caption_for(s) for s in batch]
+    metas = [scene_meta(s, []) for s in batch]
+    g = Grounding(TOKENIZER)
+    return (g, captions, metas, *g.targets(captions, metas, tokens, grid))
+
+
 def test_the_loss_is_zero_on_each_object_s_own_place_and_one_on_the_other_s():
     rng = np.random.default_rng(1)
     # Two objects apart on a 4x4 grid (at 64 px a cell is 16 px: a gap can still share one), so each
@@ -110,12 +118,8 @@ def test_the_loss_is_zero_on_each_object_s_own_place_and_one_on_the_other_s():
         covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
         if not (covers[0] & covers[1]).any():
             batch.append(scene)
-    captions = [caption_for(s) for s in batch]
-    metas = [scene_meta(s, []) for s in batch]
-    g = Grounding(TOKENIZER)
-    T = 12
-    words, cover = g.targets(captions, metas, T, 4)
-    assert words.shape == (8, 2, T) and cover.shape == (8, 2, 16)
+    g, captions, metas, words, cover = _targets(batch)
+    assert words.shape == (8, 2, 12) and cover.shape == (8, 2, 16)
     right = g.loss([_maps(words, cover, "right")], captions, metas)
     assert right.item() == pytest.approx(0.0, abs=1e-6)
     # A position an object covers may also read the start token: only where the object's words go counts.
@@ -137,13 +141,9 @@ def test_the_loss_is_zero_on_each_object_s_own_place_and_one_on_the_other_s():
 def test_a_counting_caption_grounds_its_number_and_plural_on_all_its_objects():
     rng = np.random.default_rng(2)
     scenes_ = [sample_scene(rng, 64, "counting") for _ in range(6)]
-    captions = [caption_for(s) for s in scenes_]
-    metas = [scene_meta(s, []) for s in scenes_]
-    g = Grounding(TOKENIZER)
-    T = 12
-    words, cover = g.targets(captions, metas, T, 4)
+    g, captions, metas, words, cover = _targets(scenes_)
     # One group per caption: the number and the plural name every object, so the place is their union.
-    assert words.shape == (6, 1, T) and cover.shape == (6, 1, 16)
+    assert words.shape == (6, 1, 12) and cover.shape == (6, 1, 16)
     for b, scene in enumerate(scenes_):
         union = np.max([cell_cover(o.shape, tuple(o.center), o.side, 4) for o in scene.objects], axis=0)
         assert torch.equal(cover[b, 0], torch.from_numpy(union).flatten())
