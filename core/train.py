@@ -444,7 +444,8 @@ class Run(RunDirectory):
                     if out_of_time and self._pauses():
                         self._note(
                             f"paused after {cfg.pause_minutes} min (train.pause_minutes) at step {step}; saving: "
-                            f"a resume continues the lr schedule of the {cfg.max_minutes}-min budget"
+                            f"a resume continues the lr schedule of the {cfg.max_minutes}-min budget (with "
+                            "--set train.pause_minutes=0, or it pauses again)"
                         )
                         stopped_by = "pause"
                         break
