@@ -120,11 +120,9 @@ def build_scenes(out: Path, args, task_weights: str) -> None:
              "--test-n", str(args.test_n), "--resolution", str(args.resolution), "--seed", str(args.seed), "--quiet",
              "--holdout", *args.holdout, "--task-weights", task_weights])  # fmt: skip
     mix = read_info(out).get("task_weights", dict.fromkeys(TASKS, 1))  # data written before the mix: uniform
-    if mix != parse_task_weights(task_weights):
-        raise SystemExit(
-            f"compositional: {out} was built with the train mix {mix}, not {parse_task_weights(task_weights)}; "
-            "use a new --runs"
-        )
+    wanted = parse_task_weights(task_weights)
+    if mix != wanted:
+        raise SystemExit(f"compositional: {out} was built with the train mix {mix}, not {wanted}; use a new --runs")
 
 
 def trained_on(run_dir: Path) -> Path | None:
@@ -142,11 +140,12 @@ def train_prior_curriculum(
     flags: `train prior`'s flags but --data and the budget. minutes None (--smoke): 2 steps, then 2 more.
     A run that finished its first part resumes; one that finished both is reused.
     """
-    if trained_on(run_dir) == data.resolve():
+    last = trained_on(run_dir)
+    if last == data.resolve():
         print(f"prior: reusing {run_dir}", flush=True)
         return None
     t0 = time.monotonic()
-    if trained_on(run_dir) != first.resolve():
+    if last != first.resolve():
         # the whole budget's schedule, paused at its share (train.pause_minutes): the lr is where the cosine over
         # all the minutes has it, not at a floor of its own
         budget = [] if minutes is None else ["--max-minutes", f"{minutes:g}", "--set",
@@ -310,10 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     lines = []
     uniform = set(weights.values()) == {1}
-    mix_words = "" if uniform else f"train mix {', '.join(f'{k} {v}' for k, v in weights.items())}; "
+
+    def listed(mix: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in mix.items())
+
+    mix_words = "" if uniform else f"train mix {listed(weights)}; "
     if first_weights:
-        mix_words += (f"the prior first {args.prior_first_share:.0%} of its minutes on the mix "
-                      f"{', '.join(f'{k} {v}' for k, v in first_weights.items())}; ")  # fmt: skip
+        mix_words += f"the prior first {args.prior_first_share:.0%} of its minutes on the mix {listed(first_weights)}; "
     extra = [
         {"guidance": "autoencoder reconstructions", "scenes": recon},
         {"guidance": "real (ceiling)", "scenes": ceiling},
