@@ -114,6 +114,9 @@ class PriorConfig:
     # weight of the token grounding loss (prior/grounding.py, after TokenCompose): each word's cross-attention
     # goes to the pixels of the object it names; needs samples whose json lists the objects (scenes). 0: off
     grounding: NonNegativeFloat = 0.0
+    # the grounding loss per word (TokenCompose's per token) rather than per group of words naming the same
+    # objects: a colour word's own attention must fall on its object, not only its group's (prior/grounding.py)
+    grounding_per_word: bool = False
     # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
     resolution: PositiveInt = 32
 

@@ -11,7 +11,10 @@ A_l (B, h*w, T): transformer l's cross-attention probabilities, averaged over he
 o runs over the groups of objects the caption names by the same words: one object each (its colour and its
 shape), except a counting caption's, whose number and plural name all its objects at once, so their union is
 the place ("three stars": the three stars' cells); M_o(p) = 1 where the group covers any of position p's cell
-of the image; S_o: the token positions of the group's words. It constrains
+of the image; S_o: the token positions of the group's words. With `per_word` (config grounding_per_word), as
+in TokenCompose's per-token loss, o runs over the words instead: each word's own attention must fall on the
+objects it names, so a colour word is not let off by its shape word's mass ("a red star and a blue ring":
+"red" on the star, not wherever; grouped, the shape word's mass can carry the group's share). It constrains
 where a word is read, not what a position reads: a position may still attend to the start and end tokens (a
 causal encoder's end token carries the whole caption). The diffusion loss says which object goes where only
 through the few pixels a wrong guess costs; this names the place of every word at every noise level, the
@@ -91,8 +94,9 @@ def cell_cover(shape: str, center: tuple[float, float], side: float, grid: int) 
 class Grounding:
     """The grounding loss of a training step, from its captions (after caption dropout) and their json."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, per_word: bool = False):
         self.tokenizer = tokenizer
+        self.per_word = per_word
         self._positions: dict[str, list[list[int]] | None] = {}
 
     def _token_positions(self, caption: str) -> list[list[int]] | None:
@@ -106,12 +110,14 @@ class Grounding:
         """(words (B, G, T) float, 1 at the tokens naming group g; cover (B, G, grid * grid)) for a batch.
 
         A group is the objects a caption names by the same words, in the order first named: one object each,
-        or all of a counting caption's, whose cover is then the union of theirs. G is the most groups a sample
-        has; a missing group (fewer, or none named) has no tokens and no cover. Tokens past `tokens` (the cut
-        context) are dropped.
+        or all of a counting caption's, whose cover is then the union of theirs; with per_word, one group a word
+        (the objects it names). G is the most groups a sample has; a missing group (fewer, or none named) has no
+        tokens and no cover. Tokens past `tokens` (the cut context) are dropped.
         """
         named = [object_words(c, m) for c, m in zip(captions, metas)]
-        groups = [list(dict.fromkeys(objs for _, objs in pairs)) for pairs in named]
+        # a group's key: the objects named, or with per_word the word's index as well (two words, two groups)
+        key = (lambda i, objs: (i, objs)) if self.per_word else (lambda i, objs: (None, objs))
+        groups = [list(dict.fromkeys(key(i, objs) for i, objs in pairs)) for pairs in named]
         words = torch.zeros(len(captions), max(map(len, groups), default=0), tokens)
         cover = torch.zeros(len(captions), words.shape[1], grid * grid)
         for b, (caption, meta, pairs) in enumerate(zip(captions, metas, named)):
@@ -119,8 +125,8 @@ class Grounding:
             if spans is None:
                 continue
             for i, objs in pairs:
-                words[b, groups[b].index(objs), [j for j in spans[i] if j < tokens]] = 1.0
-            for g, objs in enumerate(groups[b]):
+                words[b, groups[b].index(key(i, objs)), [j for j in spans[i] if j < tokens]] = 1.0
+            for g, (_, objs) in enumerate(groups[b]):
                 if words[b, g].any():
                     for o in objs:
                         obj = meta["objects"][o]

@@ -299,7 +299,7 @@ def train(args: argparse.Namespace) -> dict:
             check_grounding_data(read_info(args.data), args.data)
         except ValueError as e:
             raise UserError(str(e)) from None
-        grounding = Grounding(encoder.tokenizer)
+        grounding = Grounding(encoder.tokenizer, per_word=cfg.grounding_per_word)
     if args.cache_latents:
         t_cache = time.monotonic()
         with rt.fork_rng():  # encoding happens on a fresh run only; keep the RNG as a resumed run has it

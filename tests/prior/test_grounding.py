@@ -162,6 +162,44 @@ def test_a_counting_caption_grounds_its_number_and_plural_on_all_its_objects():
     assert g.loss([_maps(words, outside, "right")], captions, metas).item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_per_word_grounding_holds_each_colour_word_to_its_own_object():
+    rng = np.random.default_rng(3)
+    batch = []
+    while len(batch) < 4:  # colour attribution scenes whose objects share no cell and leave cells free
+        scene = sample_scene(rng, 64, "color_attr")
+        covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
+        if not (covers[0] & covers[1]).any() and (covers[0] | covers[1]).sum() < 16:
+            batch.append(scene)
+    captions = [caption_for(s) for s in batch]
+    metas = [scene_meta(s, []) for s in batch]
+    grouped, each = Grounding(TOKENIZER), Grounding(TOKENIZER, per_word=True)
+    words, cover = each.targets(captions, metas, 12, 4)
+    # Four groups a caption, one a word: colour and shape of the first object, then of the second.
+    assert words.shape == (4, 4, 12) and cover.shape == (4, 4, 16)
+    assert torch.equal(cover[:, 0], cover[:, 1]) and torch.equal(cover[:, 2], cover[:, 3])
+    # Maps where each shape word is read on its object's cells only, and each colour word on the free cells
+    # only (a bag of colours), at a tenth of the shape words' mass.
+    probs = torch.zeros(4, 16, 12)
+    probs[:, :, 0] = 1.0
+    for b in range(4):
+        free = (cover[b] == 0).all(dim=0)
+        for g in (1, 3):  # the shape words
+            probs[b, cover[b, g] > 0] = words[b, g]
+        colours = words[b, 0] + words[b, 2]
+        probs[b, free] = 0.1 * colours / colours.sum() + 0.9 * F.one_hot(torch.tensor(0), 12).float()
+    # Per word, each colour word is wholly off its object (1) and each shape word on it (0): 0.5.
+    assert each.loss([probs], captions, metas).item() == pytest.approx(0.5, abs=1e-6)
+    # Grouped, the shape words' mass carries their group: the colour words' place costs far less.
+    assert grouped.loss([probs], captions, metas).item() < 0.1
+    # Colour words on their own objects only: 0 either way.
+    for b in range(4):
+        probs[b, (cover[b] == 0).all(dim=0)] = F.one_hot(torch.tensor(0), 12).float()
+        for g in (0, 2):
+            probs[b, cover[b, g] > 0] = (words[b, g] + words[b, g + 1]) / 2
+    assert each.loss([probs], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
+    assert grouped.loss([probs], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_unet_cross_attention_maps_match_the_forward_and_reset():
     cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
                      context_dim=8, norm_groups=8)  # fmt: skip
