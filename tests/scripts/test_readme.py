@@ -89,8 +89,10 @@ SKIPPED = {
     "make",
     r"runs/(a8|lo|pol|sh|gl|gn)/": "28-minute priors on a bench.compositional race's data and stages (links and copies "
     "of runs/po and runs/pc), which this test does not make",
-    r"runs/(xp|cu|c0)/": "position-first priors on the stages of a bench.compositional race (runs/wg): 20,000 scenes "
-    "and 28 minutes of prior, which this test does not make",
+    r"^python -m bench\.attributes\b": "reads the priors of bench.compositional races, which this test does not "
+    "make; tests/bench/test_attributes.py runs it on a tiny prior and real scenes",
+    r"runs/(xp|cu|c0|cw)/": "position-first priors on the stages of a bench.compositional race (runs/wg): 20,000 "
+    "scenes and 28 minutes of prior, which this test does not make",
     r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
     "which this test does not make",
     r"^python -m bench\.gpu$": "needs a CUDA GPU; tests/bench/test_gpu_bench.py runs it at toy sizes (--cpu-smoke)",
