@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     palette = read_info(args.data)["palette"]
     pipe = TextToImage.from_run(args.prior, device=device(), checkpoint=args.checkpoint)
     options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
-    settings = pipe.settings(colour_captions()[:1], n=1, **options)
+    captions = colour_captions()
+    settings = pipe.settings(captions[:1], n=1, **options)
     figures = {"run": args.prior, "checkpoint": pipe.checkpoint, "sampler": settings.sampler,
                "steps": settings.steps, "guidance": settings.guidance}  # fmt: skip
 
-    captions = colour_captions()
     images = pipe(captions, n=args.n, seed=args.seed, **options)
     per_image = [c for c in captions for _ in range(args.n)]
     figures["colors"] = colours = colour_summary(drawn_colours(images, per_image, palette), per_image)
