@@ -117,14 +117,17 @@ class PriorConfig:
     # the grounding loss per word (TokenCompose's per token) rather than per group of words naming the same
     # objects: a colour word's own attention must fall on its object, not only its group's (prior/grounding.py)
     grounding_per_word: bool = False
+    # weight of TokenCompose's pixel loss (Grounding.pixel_loss): each object's positions read each of its words,
+    # its colour word included, and not the other objects'; needs the scenes source as grounding does. 0: off
+    grounding_pixel: NonNegativeFloat = 0.0
     # image side: a new run takes its autoencoder's (LatentSpace); set by hand, it must equal it
     resolution: PositiveInt = 32
 
     def __post_init__(self):
-        if self.grounding > 0 and self.model.gradient_checkpointing:
+        if (self.grounding > 0 or self.grounding_pixel > 0) and self.model.gradient_checkpointing:
             raise ConfigError(
-                "grounding > 0 reads the cross-attention maps of the forward pass, which gradient checkpointing "
-                "recomputes without them: set model.gradient_checkpointing = false or grounding = 0"
+                "grounding > 0 and grounding_pixel > 0 read the cross-attention maps of the forward pass, which "
+                "gradient checkpointing recomputes without them: set model.gradient_checkpointing = false or both to 0"
             )
         if self.sampling.steps > self.diffusion.timesteps:
             raise ConfigError(

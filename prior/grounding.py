@@ -19,6 +19,12 @@ where a word is read, not what a position reads: a position may still attend to 
 causal encoder's end token carries the whole caption). The diffusion loss says which object goes where only
 through the few pixels a wrong guess costs; this names the place of every word at every noise level, the
 binding that docs/scenes.md found the prior slowest to learn (which side, which colour belongs to which shape).
+
+Grounding.pixel_loss (config grounding_pixel) is TokenCompose's other term, eq. 4: what each position reads. A
+prior grounded by L_ground alone reads an object's positions from its shape word (0.6 to 0.9 of their attention
+on real colour attribution scenes, docs/scenes.md) and next to nothing from its colour word (0.01 to 0.03), so
+the colour reaches the object only through the shape word's state, which in a causal encoder carries every
+colour named before it.
 """
 
 from __future__ import annotations
@@ -105,18 +111,25 @@ class Grounding:
         return self._positions[caption]
 
     def targets(
-        self, captions: Sequence[str], metas: Sequence[dict | None], tokens: int, grid: int
+        self,
+        captions: Sequence[str],
+        metas: Sequence[dict | None],
+        tokens: int,
+        grid: int,
+        per_word: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(words (B, G, T) float, 1 at the tokens naming group g; cover (B, G, grid * grid)) for a batch.
 
         A group is the objects a caption names by the same words, in the order first named: one object each,
         or all of a counting caption's, whose cover is then the union of theirs; with per_word, one group a word
         (the objects it names). G is the most groups a sample has; a missing group (fewer, or none named) has no
-        tokens and no cover. Tokens past `tokens` (the cut context) are dropped.
+        tokens and no cover. Tokens past `tokens` (the cut context) are dropped. per_word: None for the
+        Grounding's own setting.
         """
+        per_word = self.per_word if per_word is None else per_word
         named = [object_words(c, m) for c, m in zip(captions, metas)]
         # a group's key: the objects named, or with per_word the word's index as well (two words, two groups)
-        key = (lambda i, objs: (i, objs)) if self.per_word else (lambda i, objs: (None, objs))
+        key = (lambda i, objs: (i, objs)) if per_word else (lambda i, objs: (None, objs))
         groups = [list(dict.fromkeys(key(i, objs) for i, objs in pairs)) for pairs in named]
         words = torch.zeros(len(captions), max(map(len, groups), default=0), tokens)
         cover = torch.zeros(len(captions), words.shape[1], grid * grid)
@@ -134,26 +147,59 @@ class Grounding:
                         cover[b, g] = torch.maximum(cover[b, g], torch.from_numpy(c).flatten())
         return words, cover
 
+    def _batch_targets(self, maps, captions, metas, per_word: bool | None) -> list[tuple]:
+        """(probs, words, cover) per map, targets made once a grid."""
+        out, cache = [], {}
+        for probs in maps:
+            B, positions, T = probs.shape
+            grid = int(round(positions**0.5))
+            if grid not in cache:
+                words, cover = self.targets(captions, metas, T, grid, per_word)
+                cache[grid] = (words.to(probs.device), cover.to(probs.device))
+            out.append((probs, *cache[grid]))
+        return out
+
     def loss(self, maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict | None]) -> torch.Tensor:
         """L_ground (a scalar in [0, 1]; 0 when no sample of the batch names an object) from a forward's maps.
 
         maps: UNet.cross_attention_maps' list, each (B, h * w, T) on a square grid.
         """
         terms = []
-        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for probs in maps:
-            B, positions, T = probs.shape
-            grid = int(round(positions**0.5))
-            if grid not in cache:
-                words, cover = self.targets(captions, metas, T, grid)
-                cache[grid] = (words.to(probs.device), cover.to(probs.device))
-            words, cover = cache[grid]
+        for probs, words, cover in self._batch_targets(maps, captions, metas, None):
             present = cover.sum(dim=2) > 0  # (B, G): groups named and drawn
             if not present.any():
                 continue
             mass = torch.bmm(words, probs.float().transpose(1, 2))  # (B, G, positions): a_o(p)
             inside = (mass * (cover > 0)).sum(dim=2) / mass.sum(dim=2).clamp_min(1e-12)  # (B, G)
             terms.append(((1 - inside[present]) ** 2).mean())
+        if not terms:
+            return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
+        return torch.stack(terms).mean()
+
+    def pixel_loss(
+        self, maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict | None]
+    ) -> torch.Tensor:
+        """L_pixel (a scalar >= 0; 0 when no sample of the batch names an object): TokenCompose's pixel loss
+        (Wang et al. 2024, eq. 4), a binary cross-entropy between each word's attention probability at every
+        position and its objects' cover of that position, per word whatever `per_word` says,
+
+            L_pixel = -mean_{l, w, p} [ M_w(p) log a_{l,w}(p) + (1 - M_w(p)) log(1 - a_{l,w}(p)) ],
+
+        a_{l,w}(p) = sum_{j in S_w} A_l(p, j), the share of position p's attention that word w's tokens take;
+        M_w(p) in [0, 1] the share of p's cell its objects cover. Where L_ground says where a word is read, this
+        says what a position reads: an object's positions must take their share from each of its words, the
+        colour word included, and none from the other objects' (at best half each for "red" and "star" on
+        the red star). Probabilities clamped to [1e-6, 1 - 1e-6] in the logs. maps: as loss's.
+        """
+        terms = []
+        for probs, words, cover in self._batch_targets(maps, captions, metas, True):
+            present = cover.sum(dim=2) > 0  # (B, G)
+            if not present.any():
+                continue
+            a = torch.bmm(words, probs.float().transpose(1, 2)).clamp(1e-6, 1 - 1e-6)  # (B, G, positions)
+            m = cover.clamp(0, 1)
+            bce = -(m * a.log() + (1 - m) * (1 - a).log()).mean(dim=2)  # (B, G)
+            terms.append(bce[present].mean())
         if not terms:
             return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
         return torch.stack(terms).mean()

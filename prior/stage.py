@@ -124,9 +124,10 @@ def prior_loss(
     captions: list[str],
     rt,
     grounding: tuple[UNet, Grounding, list] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """The objective above (Alg. 1) for a batch of scaled latents, one value per sample: (B,); and the grounding
-    loss (a scalar, prior/grounding.py) when `grounding` = (the UNet inside net, Grounding, the samples' json)."""
+    losses (prior/grounding.py: {"grounding": L_ground, "grounding_pixel": L_pixel when cfg.grounding_pixel > 0},
+    scalars) when `grounding` = (the UNet inside net, Grounding, the samples' json)."""
     captions = drop_captions(captions, cfg.caption_dropout)
     with torch.no_grad():
         states, mask, pooled = text_conditioning(encoder, captions)
@@ -139,7 +140,13 @@ def prior_loss(
         out = net(z_t, t.float(), states, mask, pooled)
     d = cfg.diffusion
     loss = diffusion_loss(out, target, t, schedule, d.loss_weighting, d.min_snr_gamma, d.prediction, d.min_snr_floor)
-    return loss, (grounding[1].loss(maps, captions, grounding[2]) if grounding else None)
+    if not grounding:
+        return loss, None
+    _, g, metas = grounding
+    terms = {"grounding": g.loss(maps, captions, metas)}
+    if cfg.grounding_pixel > 0:
+        terms["grounding_pixel"] = g.pixel_loss(maps, captions, metas)
+    return loss, terms
 
 
 @torch.no_grad()
@@ -294,7 +301,7 @@ def train(args: argparse.Namespace) -> dict:
     prompts = list(cfg.sampling.prompts) or default_prompts(args.data)
 
     grounding = None
-    if cfg.grounding > 0:
+    if cfg.grounding > 0 or cfg.grounding_pixel > 0:
         try:
             check_grounding_data(read_info(args.data), args.data)
         except ValueError as e:
@@ -328,7 +335,8 @@ def train(args: argparse.Namespace) -> dict:
         loss, ground = prior_loss(net, schedule, cfg, encoder, z0, batch["caption"], rt, grounded)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
-        (loss if ground is None else loss + cfg.grounding * ground).backward()
+        weights = {"grounding": cfg.grounding, "grounding_pixel": cfg.grounding_pixel}
+        (loss + sum(weights[k] * v for k, v in (ground or {}).items())).backward()
         grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), tcfg.grad_clip or math.inf))
         if run.finite(step, loss, grad_norm):
             opt.step()
@@ -337,7 +345,7 @@ def train(args: argparse.Namespace) -> dict:
 
         if run.every(tcfg.log_every, step):
             metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
-            run.log(step, metrics if ground is None else {**metrics, "grounding": ground.item()})
+            run.log(step, {**metrics, **{k: v.item() for k, v in (ground or {}).items()}})
         if run.every(tcfg.sample_every, step):
             # On every rank: gathering sharded (fsdp) weights for rank 0 to sample from is a collective.
             sampled, holding = _sampled(unet, adapters, ema)

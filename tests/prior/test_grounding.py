@@ -200,6 +200,48 @@ def test_per_word_grounding_holds_each_colour_word_to_its_own_object():
     assert grouped.loss([probs], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _attribution_batch(n: int = 4) -> tuple[list[str], list[dict]]:
+    """Colour attribution captions and json whose two objects share no cell of the 4x4 grid and leave cells free."""
+    rng = np.random.default_rng(3)
+    batch = []
+    while len(batch) < n:
+        scene = sample_scene(rng, 64, "color_attr")
+        covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
+        if not (covers[0] & covers[1]).any() and (covers[0] | covers[1]).sum() < 16:
+            batch.append(scene)
+    return [caption_for(s) for s in batch], [scene_meta(s, []) for s in batch]
+
+
+def test_the_pixel_loss_wants_each_object_read_from_its_colour_and_shape_words_alike():
+    captions, metas = _attribution_batch()
+    g = Grounding(TOKENIZER)
+    words, cover = g.targets(captions, metas, 12, 4, per_word=True)  # colour, shape; colour, shape
+
+    def maps(colour_share: float, swapped: bool = False) -> torch.Tensor:
+        """Each object's cells read colour_share from a colour word (its own, or with swapped the other
+        object's) and the rest from its shape word; free cells read the start token."""
+        probs = F.one_hot(torch.zeros(4, 16, dtype=torch.long), 12).float()
+        for b in range(4):
+            for o in (0, 1):
+                colour, shape = words[b, 2 * (1 - o) if swapped else 2 * o], words[b, 2 * o + 1]
+                # a word may be more than one token: its mass spread over them
+                mix = colour_share * colour / colour.sum() + (1 - colour_share) * shape / shape.sum()
+                probs[b, cover[b, 2 * o] > 0] = mix
+        return probs
+
+    shares = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
+    losses = [g.pixel_loss([maps(a)], captions, metas).item() for a in shares]
+    # Read from the shape word alone (where a grounded prior ends up): the colour word's cells cost most.
+    assert losses[0] == max(losses) and losses[0] > 3 * losses[3]
+    # Half from each word is the best split, and the loss rises on either side.
+    assert min(losses) == losses[3] and losses[2] < losses[1] and losses[4] < losses[5]
+    # The other object's colour word read instead of its own: as bad as not reading a colour at all.
+    assert g.pixel_loss([maps(0.5, swapped=True)], captions, metas).item() > 3 * losses[3]
+    # The same whatever per_word says (it is per word by definition), and 0 with nothing named.
+    assert Grounding(TOKENIZER, per_word=True).pixel_loss([maps(0.5)], captions, metas).item() == losses[3]
+    assert g.pixel_loss([maps(0.5)], ["", "", "", ""], [None] * 4).item() == 0.0
+
+
 def test_unet_cross_attention_maps_match_the_forward_and_reset():
     cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
                      context_dim=8, norm_groups=8)  # fmt: skip
@@ -237,12 +279,14 @@ def scenes_data(tmp_path_factory):
 def test_a_prior_trains_with_grounding_and_logs_it(scenes_data, ae_run, text_run, tmp_path, cached):
     out = tmp_path / "prior"
     argv = ["--data", str(scenes_data), "--autoencoder", str(ae_run[0]), "--text", str(text_run[0]), "--out", str(out),
-            "--steps", "3", *PRIOR_ARGS, "--set", "grounding=0.5", "--set", "train.log_every=1",
-            "--set", "train.sample_every=0", "--set", "caption_dropout=0.0"]  # fmt: skip
+            "--steps", "3", *PRIOR_ARGS, "--set", "grounding=0.5", "--set", "grounding_pixel=0.1",
+            "--set", "train.log_every=1", "--set", "train.sample_every=0", "--set", "caption_dropout=0.0"]  # fmt: skip
     prior_main(argv + (["--cache-latents"] if cached else []))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ground = [m["grounding"] for m in logged if "grounding" in m]
     assert len(ground) == 3 and all(np.isfinite(ground)) and min(ground) > 0
+    pixel = [m["grounding_pixel"] for m in logged if "grounding_pixel" in m]
+    assert len(pixel) == 3 and all(np.isfinite(pixel)) and min(pixel) > 0
     if cached:  # the cache keeps each sample's json beside its caption, in the caption's order
         listed = json.loads((out / "latent_cache" / "captions.json").read_text())
         assert len(listed["meta"]) == len(listed["captions"]) == 16
