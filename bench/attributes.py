@@ -3,6 +3,7 @@ attribution whether both colours are right, swapped between the objects, or one 
 
     python -m bench.attributes --prior runs/compositional/prior --data runs/compositional/data
     python -m bench.attributes --prior runs/compositional/prior --data runs/compositional/data --checkpoint 500
+    python -m bench.attributes --prior runs/compositional/prior --data runs/compositional/data --reading
 
 1. Colours: every colour with every shape ("a red star": 8 x 6 = 48 prompts, --n images each, the prior's
    sampling defaults unless --guidance/--steps say otherwise). For each image where the reader
@@ -16,6 +17,14 @@ attribution whether both colours are right, swapped between the objects, or one 
    apart, the share where both objects have one colour. A prior that reads the colours as a bag, without
    binding them to their shapes, scores swapped as often as right; the task's hit rate cannot tell that from
    colours it cannot draw at all, these can.
+3. With --reading, what each object is read from: on up to --scenes real colour attribution test scenes of
+   --data, encoded by the prior's autoencoder and noised to t = 0.9, 0.6 and 0.3 of T (one forward each, no
+   sampling), the cross-attention at each object's positions (the cells of each transformer's grid that it
+   covers half or more of, else its most covered cell), summed over the tokens of its own colour word, the
+   other object's colour word, its own shape word, the other's shape word and the rest (start, end, "a",
+   "and"); the mean over objects, per transformer. A prior that binds by attention reads each object from
+   its own words; one that reads only the shape word gets the colour from the shape word's state, which
+   (a causal encoder) carries every colour named before it.
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ import torch
 from latentdiff.data.scenes import COLORS, SHAPES, Scene, SceneObject, caption_for, parse_caption
 from latentdiff.evaluation.scenes import _to_hwc, detect
 
-from .common import device, parser, report, table
+from .common import add_scenes_prior_flags, load_scenes_prior, parser, prior_name, report, table
 
 OUTCOMES = ("right", "swapped", "first only", "second only", "neither")
+READS = ("own colour", "other colour", "own shape", "other shape", "rest")
+READ_AT = (0.9, 0.6, 0.3)  # the timesteps of --reading, as fractions of T
 
 
 def _caption(task: str, named: Sequence[tuple[str, str]]) -> str:
@@ -119,40 +130,92 @@ def attribution_summary(drawn: Sequence[list[str | None]], captions: Sequence[st
     }
 
 
+def reading_shares(maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict], tokenizer) -> dict:
+    """What each object's positions read, per transformer: {"objects": count read, "shares": [{READS: share}]}.
+
+    maps: UNet.cross_attention_maps' list, each (B, h * w, T); captions and metas: B colour attribution scenes
+    (their json lists the objects in naming order). An object's positions: the cells of the map's grid it
+    covers half or more of, else its most covered one; a share is the attention those positions give the
+    words' tokens, averaged over them, then over objects. Captions the tokenizer splits otherwise are skipped.
+    """
+    from latentdiff.prior.grounding import cell_cover, object_words, word_token_positions
+
+    spans = [word_token_positions(tokenizer, caption) for caption in captions]
+    shares, objects = [], 0
+    for probs in maps:
+        grid = int(round(probs.shape[1] ** 0.5))
+        rows, objects = [], 0
+        for b, (caption, meta, words) in enumerate(zip(captions, metas, spans)):
+            if words is None:
+                continue
+            named = object_words(caption, meta)  # [(colour word, (0,)), (shape word, (0,)), then object 1's]
+            colour, shape = (words[named[0][0]], words[named[2][0]]), (words[named[1][0]], words[named[3][0]])
+            for o, obj in enumerate(meta["objects"]):
+                cover = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid).flatten()
+                cells = np.nonzero(cover >= 0.5)[0] if (cover >= 0.5).any() else [int(cover.argmax())]
+                read = probs[b, cells].float().mean(dim=0).cpu()  # (T,)
+                own = [float(read[w].sum()) for w in (colour[o], colour[1 - o], shape[o], shape[1 - o])]
+                rows.append([*own, 1.0 - sum(own)])
+                objects += 1
+        mean = np.mean(rows, axis=0) if rows else [float("nan")] * len(READS)
+        shares.append({k: round(float(v), 3) for k, v in zip(READS, mean)})
+    return {"objects": objects, "shares": shares}
+
+
+@torch.no_grad()
+def reading(pipe, test, keep: Sequence[int], seed: int) -> dict:
+    """reading_shares on the real colour attribution scenes `keep` (indices) of the ImageSet `test`, at each of
+    READ_AT: {"scenes": n, "objects": k, "t": {t: [per transformer {READS: share}]}}."""
+    from latentdiff.core.pixels import from_uint8
+    from latentdiff.prior.text_conditioning import text_conditioning
+
+    captions, metas = [test.captions[i] for i in keep], [test.metas[i] for i in keep]
+    unet = pipe.unet
+    dev = next(unet.parameters()).device
+    x = from_uint8(test.images[keep]).to(dev)
+    z0 = pipe.latent_space.to_prior(pipe.autoencoder.encode(x).mean)
+    states, mask, pooled = text_conditioning(pipe.encoder, captions)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out: dict = {"scenes": len(keep), "t": {}}
+    for fraction in READ_AT:
+        t = torch.full((len(keep),), int(fraction * pipe.schedule.T), device=dev)
+        eps = torch.randn(z0.shape, generator=generator).to(dev)
+        with unet.cross_attention_maps() as maps:
+            unet(pipe.schedule.q_sample(z0, t, eps), t.float(), states, mask, pooled)
+        read = reading_shares(maps, captions, metas, pipe.encoder.tokenizer)
+        out["objects"], out["t"][int(t[0])] = read["objects"], read["shares"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser("attributes", __doc__)
-    p.add_argument("--prior", required=True, help="a scenes prior run")
-    p.add_argument("--data", required=True, help="the scenes data it was trained on (its info.json's palette)")
-    p.add_argument("--n", type=int, default=2, help="images per colours caption (default: %(default)s)")
+    add_scenes_prior_flags(p, n=2)  # --n: images per colours caption
     p.add_argument("--pairs", type=int, default=4, help="colour pairs per shape pair (default: %(default)s)")
-    p.add_argument("--guidance", type=float, help="default: the prior's [sampling] guidance")
-    p.add_argument("--steps", type=int, help="default: the prior's [sampling] steps")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--checkpoint", type=int, help="the step of a checkpoint the run keeps (default: its newest)")
+    p.add_argument("--reading", action="store_true", help="also what each object's positions read (3. above)")
+    p.add_argument("--scenes", type=int, default=80, help="test scenes --reading reads (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         pair_captions = attribution_captions(args.pairs, args.seed)
     except ValueError as e:
         p.error(str(e))
-    from latentdiff.data.reader import read_info
-    from latentdiff.prior.pipeline import TextToImage
+    if args.reading:  # refused before any model is loaded
+        from latentdiff.evaluation.images import load_image_set
 
-    palette = read_info(args.data)["palette"]
-    pipe = TextToImage.from_run(args.prior, device=device(), checkpoint=args.checkpoint)
-    options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
+        if args.scenes < 1:
+            p.error(f"--scenes is the test scenes --reading reads, at least 1; got {args.scenes}")
+        test = load_image_set(args.data, split="test")
+        keep = [i for i, m in enumerate(test.metas) if (m or {}).get("task") == "color_attr"][: args.scenes]
+        if not keep:
+            p.error(f"{args.data} has no colour attribution scene in its test split for --reading")
+    pipe, palette, options, figures = load_scenes_prior(args)
     captions = colour_captions()
-    settings = pipe.settings(captions[:1], n=1, **options)
-    figures = {"run": args.prior, "checkpoint": pipe.checkpoint, "sampler": settings.sampler,
-               "steps": settings.steps, "guidance": settings.guidance}  # fmt: skip
-
     images = pipe(captions, n=args.n, seed=args.seed, **options)
     per_image = [c for c in captions for _ in range(args.n)]
     figures["colors"] = colours = colour_summary(drawn_colours(images, per_image, palette), per_image)
     images = pipe(pair_captions, n=1, seed=args.seed, **options)
     figures["color_attr"] = attr = attribution_summary(drawn_colours(images, pair_captions, palette), pair_captions)
 
-    at = f", step {figures['checkpoint']}" if figures["checkpoint"] is not None else ""
-    name = f"{args.prior} (w = {figures['guidance']:g}{at})"
+    name = prior_name(figures)
     confusion = [[asked, sum(row.values()), row.get(asked, 0),
                   ", ".join(f"{d} {k}" for d, k in sorted(row.items(), key=lambda x: -x[1]) if d != asked) or "-"]
                  for asked, row in colours["confusion"].items()]  # fmt: skip
@@ -163,6 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
         table(["colour attribution: prior", "images", "both shapes found", *OUTCOMES, "one colour on both"],
               [[name, attr["images"], attr["both_found"], *(attr[o] for o in OUTCOMES), attr["same_colour"]]]),
     ]  # fmt: skip
+    if args.reading:
+        figures["reading"] = read = reading(pipe, test, keep, args.seed)
+        parts.append(table(
+            [f"what an object reads ({read['scenes']} real scenes, {read['objects']} objects)", "transformer", *READS],
+            [[f"t = {t}", k, *(row[r] for r in READS)] for t, rows in read["t"].items() for k, row in enumerate(rows)],
+        ))  # fmt: skip
     report("attributes", "Colour: what is drawn for a named colour, and colour binding", "\n\n".join(parts),
            figures, args.out)  # fmt: skip
     return figures

@@ -3,6 +3,7 @@
     python -m bench.compositional                      # 40 minutes of training in all (2 CPU cores)
     python -m bench.compositional --minutes 10         # a shorter budget
     python -m bench.compositional --smoke              # toy sizes, a few steps: checks the plumbing only
+    python -m bench.compositional --recipe uniform     # the uniform train mix, no curriculum, no grounding
 
 1. `latentdiff data scenes` with held-out combinations of all three kinds (DEFAULT_HOLDOUT: two
    colour-shape pairs, two count-shape pairs, two relations; >= 30 distinct held-out test prompts).
@@ -15,7 +16,8 @@
 4. The guidance with the best seen overall (the lower one on a tie) and the sampler become the
    prior's sampling defaults (a new checkpoint with that config.toml; `latentdiff generate`
    without flags then uses them).
-With --prior-first WEIGHTS the prior is trained as a curriculum: --prior-first-share of its minutes on a second
+--recipe names the train mix, the curriculum and the stage flags beyond STAGE_FLAGS (RECIPES; flags given refine
+it). With --prior-first WEIGHTS the prior is trained as a curriculum: --prior-first-share of its minutes on a second
 scenes dataset of that train mix (RUNS/data_first: the same seed, sizes and held-out combinations), under the
 lr schedule of all its minutes, paused there (train.pause_minutes); then the rest resumed on the main data
 (`train prior --resume --new-data`: a new cosine from where the pause left the lr over the minutes left).
@@ -62,6 +64,24 @@ STAGE_FLAGS = {
     "prior": ["--set", "model.in_channels=8", "--set", "train.lr=2e-3", "--set", 'train.lr_decay="cosine"',
               "--cache-latents"],
 }  # fmt: skip
+# Recipes: the data's train mix, the prior's curriculum and stage flags beyond STAGE_FLAGS (--recipe). A
+# --task-weights or --prior-first given replaces the recipe's; --STAGE-flags given come after its flags (the
+# later --set wins). Measured in docs/scenes.md, "Figures":
+# - uniform: the uniform mix, no grounding: seen overall 0.71 and 0.68 at two seeds, position at chance.
+# - binding (the default): word identity in the text states; a third of the prior's minutes on position scenes,
+#   then a mix weighted 3:3 to position and colour attribution; token positions, two text layers, a pooled text
+#   embedding and both grounding losses (TokenCompose's token and pixel terms) in the prior.
+RECIPES = {
+    "uniform": {},
+    "binding": {
+        "text": "--set token_identity=1.0",
+        "task_weights": "position=3,color_attr=3",
+        "prior_first": "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=0",
+        "prior": "--set model.context_positions=32 --set model.context_layers=2 --set model.pooled_dim=128 "
+        "--set grounding=0.1 --set grounding_pixel=0.05",
+    },
+}
+DEFAULT_RECIPE = "binding"  # seen overall 0.76 and 0.72 at two seeds, held-out 0.53 and 0.65 (docs/scenes.md)
 # --smoke: toy sizes and a few steps per stage (tests/bench), the plumbing only.
 SMOKE_FLAGS = {
     "autoencoder": ["--steps", "2", "--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
@@ -225,16 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=64, help="image side (default: %(default)s)")
     p.add_argument("--holdout", nargs="+", default=list(DEFAULT_HOLDOUT), metavar="COMBO", help="held-out combinations")
     p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="train mix, curriculum and stage flags (RECIPES; default: %(default)s); the flags below refine it",
+    )
+    p.add_argument(
         "--task-weights",
-        default="",
         metavar="TASK=N,...",
-        help="the data's train mix (`data scenes --task-weights`; default: uniform); a new --runs builds it",
+        help="the data's train mix (`data scenes --task-weights`; default: the recipe's); a new --runs builds it",
     )
     p.add_argument(
         "--prior-first",
-        default="",
         metavar="TASK=N,...",
-        help="train the prior first on scenes of this train mix (a curriculum; module docstring); default: off",
+        help="train the prior first on scenes of this train mix (a curriculum; module docstring; default: the "
+        "recipe's; '' for none)",
     )
     p.add_argument(
         "--prior-first-share",
@@ -263,6 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     p.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps per stage: checks the plumbing only")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    for key in ("task_weights", "prior_first"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, ""))
     try:
         weights = parse_task_weights(args.task_weights)
         first_weights = parse_task_weights(args.prior_first) if args.prior_first else None
@@ -286,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = {"autoencoder": "ae", "text": "text", "prior": "prior"}
     for stage, share in args.split.items():
         budget = [] if args.smoke else ["--max-minutes", f"{args.minutes * share:g}"]
-        flags = (SMOKE_FLAGS if args.smoke else STAGE_FLAGS)[stage] + shlex.split(getattr(args, f"{stage}_flags"))
+        flags = (SMOKE_FLAGS if args.smoke else STAGE_FLAGS)[stage] + shlex.split(recipe.get(stage, ""))
+        flags += shlex.split(getattr(args, f"{stage}_flags"))
         if stage == "prior" and first_weights:
             seconds[stage] = train_prior_curriculum(
                 runs / names[stage], runs / "data_first", data, ["--seed", str(args.seed), *inputs[stage], *flags],
@@ -353,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recommended": {"sampler": args.sampler, "steps": args.steps, "guidance": best["guidance"]},
         "held_out_prompts": held_prompts,
         "holdout": list(args.holdout),
+        "recipe": args.recipe,
         "task_weights": weights,
         "prior_first": {"task_weights": first_weights, "share": args.prior_first_share} if first_weights else None,
         "train_seconds": seconds,

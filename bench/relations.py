@@ -34,7 +34,7 @@ import torch
 from latentdiff.data.scenes import MIN_OFFSET, RELATIONS, SHAPES, Scene, SceneObject, caption_for, parse_caption
 from latentdiff.evaluation.scenes import _to_hwc, detect
 
-from .common import device, parser, report, table
+from .common import add_scenes_prior_flags, load_scenes_prior, parser, prior_name, report, table
 
 
 def position_caption(first: str, second: str, relation: str) -> str:
@@ -151,15 +151,8 @@ def slot_similarity(encoder) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser("relations", __doc__)
-    p.add_argument("--prior", help="a scenes prior run: the signed offsets of its images")
-    p.add_argument("--data", help="the scenes data it was trained on (its info.json's palette)")
+    add_scenes_prior_flags(p, n=1, required=False)  # --prior: the signed offsets of its images
     p.add_argument("--text", action="append", default=[], help="a text run (repeatable): the slot similarity")
-    p.add_argument("--n", type=int, default=1, help="images per caption (default: 1)")
-    p.add_argument("--guidance", type=float, help="default: the prior's [sampling] guidance")
-    p.add_argument("--steps", type=int, help="default: the prior's [sampling] steps")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--checkpoint", type=int, help="with --prior: the step of a checkpoint the run keeps "
-                   "(default: its newest)")  # fmt: skip
     p.add_argument("--attention", action="store_true", help="with --prior: where its cross-attention reads "
                    "each shape word at the sampler's first step (module docstring, 1)")  # fmt: skip
     args = p.parse_args(argv)
@@ -169,26 +162,17 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--prior needs --data (the scenes data's info.json holds the palette)")
     figures, rows = {}, []
     if args.prior:
-        from latentdiff.data.reader import read_info
-        from latentdiff.prior.pipeline import TextToImage
-
-        palette = read_info(args.data)["palette"]
-        pipe = TextToImage.from_run(args.prior, device=device(), checkpoint=args.checkpoint)
+        pipe, palette, options, loaded = load_scenes_prior(args)
         captions = position_captions()
-        options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
         images = pipe(captions, n=args.n, seed=args.seed, **options)
         offsets = signed_offsets(images, [c for c in captions for _ in range(args.n)], palette)
-        settings = pipe.settings(captions[:1], n=1, **options)
-        figures["prior"] = {"run": args.prior, "checkpoint": pipe.checkpoint, "sampler": settings.sampler,
-                            "steps": settings.steps, "guidance": settings.guidance,
-                            **offset_summary(offsets)}  # fmt: skip
+        figures["prior"] = {**loaded, **offset_summary(offsets)}
         if args.attention:
             figures["prior"]["attention_offsets"] = attention_offsets(
                 pipe.unet, pipe.encoder, pipe.latent_shape, pipe.schedule.T - 1, seed=args.seed
             )
         s = figures["prior"]
-        at = f", step {s['checkpoint']}" if s["checkpoint"] is not None else ""
-        rows.append([f"prior {args.prior} (w = {s['guidance']:g}{at})", s["images"], s["both_found"],
+        rows.append([f"prior {prior_name(s)}", s["images"], s["both_found"],
                      f"{s.get('mean_offset', float('nan')):+.3f} ± {s.get('sem', float('nan')):.3f}",
                      s.get("holds", "-"), s.get("flipped", "-")])  # fmt: skip
     text_rows = []

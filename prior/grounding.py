@@ -22,7 +22,8 @@ binding that docs/scenes.md found the prior slowest to learn (which side, which 
 
 Grounding.pixel_loss (config grounding_pixel) is TokenCompose's other term, eq. 4: what each position reads. A
 prior grounded by L_ground alone reads an object's positions from its shape word (0.6 to 0.9 of their attention
-on real colour attribution scenes, docs/scenes.md) and next to nothing from its colour word (0.01 to 0.03), so
+on real colour attribution scenes at t <= 0.6 T, docs/scenes.md) and next to nothing from its colour word (0 to
+0.03), so
 the colour reaches the object only through the shape word's state, which in a causal encoder carries every
 colour named before it.
 """

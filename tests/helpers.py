@@ -194,3 +194,15 @@ def train_text_on_scenes(
     summary = text_main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "run"), *flags, *overrides])
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return summary, logged, flags
+
+
+def rendered_scenes(task: str, n: int = 24, resolution: int = 64) -> tuple[list, torch.Tensor]:
+    """n scenes of `task` drawn with seed 0 (data/scenes.py) and their images, (n, 3, H, W) uint8."""
+    import numpy as np
+
+    from latentdiff.data.scenes import render, sample_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, resolution, task) for _ in range(n)]
+    images = [torch.from_numpy(np.array(render(s.objects, resolution))).permute(2, 0, 1) for s in scenes]
+    return scenes, torch.stack(images)

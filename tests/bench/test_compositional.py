@@ -14,7 +14,8 @@ from latentdiff.prior.pipeline import TextToImage
 
 def test_compositional_smoke_writes_table_plot_and_prior_defaults(tmp_path):
     runs = tmp_path / "runs"
-    figures = compositional.main(["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json")])
+    argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--recipe", "uniform"]
+    figures = compositional.main(argv)
     assert [r["guidance"] for r in figures["rows"]] == [1.0, 3.0]
     assert figures["ceiling"]["all"]["overall"] == 1.0 and set(figures["ceiling"]["all"]["tasks"]) == set(TASKS)
     assert figures["held_out_prompts"] >= 1 and figures["smoke"]
@@ -51,7 +52,7 @@ def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
 
     data = tmp_path / "runs" / "data"
     assert data_cli.main(["scenes", "--out", str(data), "--n", "6", "--test-n", "6", "--quiet"]) == 0
-    argv = ["--smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "c.json")]
+    argv = ["--smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "c.json"), "--recipe", "uniform"]
     with pytest.raises(SystemExit, match="train mix"):
         compositional.main([*argv, "--task-weights", "position=3"])
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]  # nothing trained
@@ -62,7 +63,7 @@ def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
 def test_a_curriculum_trains_the_prior_first_on_its_own_mix_then_on_the_data(tmp_path):
     runs = tmp_path / "runs"
     first = "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=0"
-    argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--guidance", "1"]
+    argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--guidance", "1", "--recipe", "uniform"]
     figures = compositional.main([*argv, "--prior-first", first])
     info = json.loads((runs / "data_first" / "info.json").read_text())
     assert info["task_weights"] == dict.fromkeys(TASKS, 0) | {"position": 1}
@@ -73,3 +74,26 @@ def test_a_curriculum_trains_the_prior_first_on_its_own_mix_then_on_the_data(tmp
     assert "the prior first 33% of its minutes on the mix" in (runs / "table.md").read_text()
     with pytest.raises(SystemExit):  # a share outside (0, 1): argparse's one-line error
         compositional.main([*argv, "--prior-first", first, "--prior-first-share", "1"])
+
+
+def test_the_default_binding_recipe_sets_the_mix_curriculum_and_flags_and_given_flags_refine_it(tmp_path):
+    import tomllib
+
+    runs = tmp_path / "runs"
+    argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--guidance", "1"]
+    figures = compositional.main([*argv, "--prior-flags", "--set grounding_pixel=0.2"])
+    assert figures["recipe"] == "binding"
+    weights = json.loads((runs / "data" / "info.json").read_text())["task_weights"]
+    assert weights == dict.fromkeys(TASKS, 1) | {"position": 3, "color_attr": 3}
+    first = json.loads((runs / "data_first" / "info.json").read_text())["task_weights"]
+    assert first == dict.fromkeys(TASKS, 0) | {"position": 1} and figures["steps"]["prior"] == 4
+    prior = tomllib.loads((runs / "prior" / "config.toml").read_text())
+    assert (prior["grounding"], prior["grounding_pixel"]) == (0.1, 0.2)  # the recipe's, then the flag given
+    model = prior["model"]
+    assert (model["pooled_dim"], model["context_positions"], model["context_layers"]) == (128, 32, 2)
+    assert tomllib.loads((runs / "text" / "config.toml").read_text())["token_identity"] == 1.0
+    # --prior-first '' turns the recipe's curriculum off (the rest of it kept)
+    alone = tmp_path / "alone"
+    figures = compositional.main([*argv, "--runs", str(alone), "--prior-first", ""])
+    assert figures["prior_first"] is None and figures["steps"]["prior"] == 2 and not (alone / "data_first").exists()
+    assert tomllib.loads((alone / "prior" / "config.toml").read_text())["grounding_pixel"] == 0.05

@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from bench import relations
-from latentdiff.data.scenes import COLORS, CONVERSE, RELATIONS, SHAPES, caption_for, render, sample_scene
+from latentdiff.data.scenes import COLORS, CONVERSE, RELATIONS, SHAPES, caption_for
 from latentdiff.text.sources import load_text_encoder
-
-
-def _position_scenes(n: int = 24):
-    rng = np.random.default_rng(0)
-    scenes = [sample_scene(rng, 64, "position") for _ in range(n)]
-    images = torch.stack([torch.from_numpy(np.array(render(s.objects, 64))).permute(2, 0, 1) for s in scenes])
-    return scenes, images
+from tests.helpers import rendered_scenes
 
 
 def test_real_scenes_hold_and_their_flipped_captions_do_not():
-    scenes, images = _position_scenes()
+    scenes, images = rendered_scenes("position")
     true = relations.offset_summary(relations.signed_offsets(images, [caption_for(s) for s in scenes], COLORS))
     assert true["both_found"] == 1.0 and true["holds"] == 1.0 and true["flipped"] == 0.0 and true["mean_offset"] > 0.15
     converse = [
@@ -35,7 +29,7 @@ def test_real_scenes_hold_and_their_flipped_captions_do_not():
 
 
 def test_a_shape_the_image_lacks_is_not_an_offset():
-    scenes, images = _position_scenes(4)
+    scenes, images = rendered_scenes("position", 4)
     absent = [next(x for x in SHAPES if x not in {o.shape for o in s.objects}) for s in scenes]
     missing = [relations.position_caption(s.objects[0].shape, x, s.relation) for x, s in zip(absent, scenes)]
     offsets = relations.signed_offsets(images, missing, COLORS)

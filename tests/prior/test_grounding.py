@@ -162,16 +162,20 @@ def test_a_counting_caption_grounds_its_number_and_plural_on_all_its_objects():
     assert g.loss([_maps(words, outside, "right")], captions, metas).item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_per_word_grounding_holds_each_colour_word_to_its_own_object():
+def _attribution_batch(n: int = 4) -> tuple[list[str], list[dict]]:
+    """Colour attribution captions and json whose two objects share no cell of the 4x4 grid and leave cells free."""
     rng = np.random.default_rng(3)
     batch = []
-    while len(batch) < 4:  # colour attribution scenes whose objects share no cell and leave cells free
+    while len(batch) < n:
         scene = sample_scene(rng, 64, "color_attr")
         covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
         if not (covers[0] & covers[1]).any() and (covers[0] | covers[1]).sum() < 16:
             batch.append(scene)
-    captions = [caption_for(s) for s in batch]
-    metas = [scene_meta(s, []) for s in batch]
+    return [caption_for(s) for s in batch], [scene_meta(s, []) for s in batch]
+
+
+def test_per_word_grounding_holds_each_colour_word_to_its_own_object():
+    captions, metas = _attribution_batch()
     grouped, each = Grounding(TOKENIZER), Grounding(TOKENIZER, per_word=True)
     words, cover = each.targets(captions, metas, 12, 4)
     # Four groups a caption, one a word: colour and shape of the first object, then of the second.
@@ -198,18 +202,6 @@ def test_per_word_grounding_holds_each_colour_word_to_its_own_object():
             probs[b, cover[b, g] > 0] = (words[b, g] + words[b, g + 1]) / 2
     assert each.loss([probs], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
     assert grouped.loss([probs], captions, metas).item() == pytest.approx(0.0, abs=1e-6)
-
-
-def _attribution_batch(n: int = 4) -> tuple[list[str], list[dict]]:
-    """Colour attribution captions and json whose two objects share no cell of the 4x4 grid and leave cells free."""
-    rng = np.random.default_rng(3)
-    batch = []
-    while len(batch) < n:
-        scene = sample_scene(rng, 64, "color_attr")
-        covers = [cell_cover(o.shape, tuple(o.center), o.side, 4) > 0 for o in scene.objects]
-        if not (covers[0] & covers[1]).any() and (covers[0] | covers[1]).sum() < 16:
-            batch.append(scene)
-    return [caption_for(s) for s in batch], [scene_meta(s, []) for s in batch]
 
 
 def test_the_pixel_loss_wants_each_object_read_from_its_colour_and_shape_words_alike():

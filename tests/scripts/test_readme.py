@@ -91,6 +91,8 @@ SKIPPED = {
     "of runs/po and runs/pc), which this test does not make",
     r"^python -m bench\.attributes\b": "reads the priors of bench.compositional races, which this test does not "
     "make; tests/bench/test_attributes.py runs it on a tiny prior and real scenes",
+    r"^python -m bench\.counting\b": "reads the priors of bench.compositional races, which this test does not "
+    "make; tests/bench/test_counting.py runs it on a tiny prior and real scenes",
     r"runs/(xp|cu|c0|cw)/": "position-first priors on the stages of a bench.compositional race (runs/wg): 20,000 "
     "scenes and 28 minutes of prior, which this test does not make",
     r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
