@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     def listed(mix: dict[str, int]) -> str:
         return ", ".join(f"{k} {v}" for k, v in mix.items())
 
-    mix_words = "" if uniform else f"train mix {listed(weights)}; "
+    mix_words = f"recipe {args.recipe}; " + ("" if uniform else f"train mix {listed(weights)}; ")
     if first_weights:
         mix_words += f"the prior first {args.prior_first_share:.0%} of its minutes on the mix {listed(first_weights)}; "
     extra = [

@@ -82,7 +82,7 @@ def test_the_default_binding_recipe_sets_the_mix_curriculum_and_flags_and_given_
     runs = tmp_path / "runs"
     argv = ["--smoke", "--runs", str(runs), "--out", str(tmp_path / "c.json"), "--guidance", "1"]
     figures = compositional.main([*argv, "--prior-flags", "--set grounding_pixel=0.2"])
-    assert figures["recipe"] == "binding"
+    assert figures["recipe"] == "binding" and "recipe binding; train mix" in (runs / "table.md").read_text()
     weights = json.loads((runs / "data" / "info.json").read_text())["task_weights"]
     assert weights == dict.fromkeys(TASKS, 1) | {"position": 3, "color_attr": 3}
     first = json.loads((runs / "data_first" / "info.json").read_text())["task_weights"]
