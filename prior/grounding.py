@@ -210,7 +210,7 @@ def check_grounding_data(info: dict[str, Any], data: str) -> None:
     """Raise ValueError unless the dataset's samples list their objects (the scenes source)."""
     if info.get("source") != "scenes":
         raise ValueError(
-            f"grounding > 0 needs samples whose json lists each object's shape and place, as the scenes source's "
-            f"do (`latentdiff data scenes`); {data} is a {info.get('source') or 'dataset without a source'!r} "
-            "dataset: set grounding = 0"
+            f"grounding > 0 (or grounding_pixel) needs samples whose json lists each object's shape and place, as "
+            f"the scenes source's do (`latentdiff data scenes`); {data} is a "
+            f"{info.get('source') or 'dataset without a source'!r} dataset: set grounding = 0 and grounding_pixel = 0"
         )

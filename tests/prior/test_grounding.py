@@ -298,5 +298,5 @@ def test_grounding_on_data_without_objects_is_refused_in_one_line(data, ae_run, 
     with pytest.raises(SystemExit):
         prior_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "grounding > 0 needs samples whose json lists each object" in err[0]
+    assert len(err) == 1 and "grounding > 0 (or grounding_pixel) needs samples whose json lists each object" in err[0]
     assert "'shapes' dataset" in err[0] and not (out / "checkpoints").exists()
