@@ -130,6 +130,15 @@ def attribution_summary(drawn: Sequence[list[str | None]], captions: Sequence[st
     }
 
 
+def object_cells(obj: dict, grid: int) -> np.ndarray:
+    """The cells (row-major indices of a grid x grid map) where --reading reads an object of a scenes json: those
+    it covers half or more of, else its most covered one."""
+    from latentdiff.prior.grounding import cell_cover
+
+    cover = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid).flatten()
+    return np.nonzero(cover >= 0.5)[0] if (cover >= 0.5).any() else np.array([int(cover.argmax())])
+
+
 def reading_shares(maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict], tokenizer) -> dict:
     """What each object's positions read, per transformer: {"objects": count read, "shares": [{READS: share}]}.
 
@@ -138,7 +147,7 @@ def reading_shares(maps: Sequence[torch.Tensor], captions: Sequence[str], metas:
     covers half or more of, else its most covered one; a share is the attention those positions give the
     words' tokens, averaged over them, then over objects. Captions the tokenizer splits otherwise are skipped.
     """
-    from latentdiff.prior.grounding import cell_cover, object_words, word_token_positions
+    from latentdiff.prior.grounding import object_words, word_token_positions
 
     spans = [word_token_positions(tokenizer, caption) for caption in captions]
     shares, objects = [], 0
@@ -151,9 +160,7 @@ def reading_shares(maps: Sequence[torch.Tensor], captions: Sequence[str], metas:
             named = object_words(caption, meta)  # [(colour word, (0,)), (shape word, (0,)), then object 1's]
             colour, shape = (words[named[0][0]], words[named[2][0]]), (words[named[1][0]], words[named[3][0]])
             for o, obj in enumerate(meta["objects"]):
-                cover = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid).flatten()
-                cells = np.nonzero(cover >= 0.5)[0] if (cover >= 0.5).any() else [int(cover.argmax())]
-                read = probs[b, cells].float().mean(dim=0).cpu()  # (T,)
+                read = probs[b, object_cells(obj, grid)].float().mean(dim=0).cpu()  # (T,)
                 own = [float(read[w].sum()) for w in (colour[o], colour[1 - o], shape[o], shape[1 - o])]
                 rows.append([*own, 1.0 - sum(own)])
                 objects += 1

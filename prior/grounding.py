@@ -23,9 +23,8 @@ binding that docs/scenes.md found the prior slowest to learn (which side, which 
 Grounding.pixel_loss (config grounding_pixel) is TokenCompose's other term, eq. 4: what each position reads. A
 prior grounded by L_ground alone reads an object's positions from its shape word (0.6 to 0.9 of their attention
 on real colour attribution scenes at t <= 0.6 T, docs/scenes.md) and next to nothing from its colour word (0 to
-0.03), so
-the colour reaches the object only through the shape word's state, which in a causal encoder carries every
-colour named before it.
+0.03), so the colour reaches the object only through the shape word's state, which in a causal encoder carries
+every colour named before it.
 """
 
 from __future__ import annotations
@@ -173,9 +172,7 @@ class Grounding:
             mass = torch.bmm(words, probs.float().transpose(1, 2))  # (B, G, positions): a_o(p)
             inside = (mass * (cover > 0)).sum(dim=2) / mass.sum(dim=2).clamp_min(1e-12)  # (B, G)
             terms.append(((1 - inside[present]) ** 2).mean())
-        if not terms:
-            return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
-        return torch.stack(terms).mean()
+        return _mean(terms, maps)
 
     def pixel_loss(
         self, maps: Sequence[torch.Tensor], captions: Sequence[str], metas: Sequence[dict | None]
@@ -201,9 +198,14 @@ class Grounding:
             m = cover.clamp(0, 1)
             bce = -(m * a.log() + (1 - m) * (1 - a).log()).mean(dim=2)  # (B, G)
             terms.append(bce[present].mean())
-        if not terms:
-            return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
-        return torch.stack(terms).mean()
+        return _mean(terms, maps)
+
+
+def _mean(terms: list[torch.Tensor], maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of a loss's per-map terms; 0 (on the maps' device) when no map had a named object."""
+    if not terms:
+        return maps[0].new_zeros((), dtype=torch.float32) if maps else torch.zeros(())
+    return torch.stack(terms).mean()
 
 
 def check_grounding_data(info: dict[str, Any], data: str) -> None:

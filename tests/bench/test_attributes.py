@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
 from bench import attributes
 from latentdiff.data.scenes import COLORS, SHAPES, caption_for, parse_caption, scene_meta
-from latentdiff.prior.grounding import cell_cover
 from tests.helpers import rendered_scenes
 
 
@@ -75,11 +73,6 @@ def test_captions_cover_every_colour_shape_and_ordered_shape_pair():
             attributes.attribution_captions(pairs=bad)
 
 
-def _cells(obj: dict, grid: int) -> np.ndarray:
-    cover = cell_cover(obj["shape"], tuple(obj["center"]), float(obj["side"]), grid).flatten()
-    return np.nonzero(cover >= 0.5)[0] if (cover >= 0.5).any() else np.array([cover.argmax()])
-
-
 def test_reading_shares_say_which_words_each_object_is_read_from():
     from open_clip import SimpleTokenizer
 
@@ -88,7 +81,8 @@ def test_reading_shares_say_which_words_each_object_is_read_from():
     tokenizer = SimpleTokenizer()
     scenes, _ = rendered_scenes("color_attr", n=40)
     captions, metas = [caption_for(s) for s in scenes], [scene_meta(s, []) for s in scenes]
-    apart = [b for b, m in enumerate(metas) if not set(_cells(m["objects"][0], 4)) & set(_cells(m["objects"][1], 4))]
+    cells = attributes.object_cells
+    apart = [b for b, m in enumerate(metas) if not set(cells(m["objects"][0], 4)) & set(cells(m["objects"][1], 4))]
     captions, metas = [captions[b] for b in apart], [metas[b] for b in apart]
     assert len(captions) >= 10
 
@@ -101,8 +95,8 @@ def test_reading_shares_say_which_words_each_object_is_read_from():
             spans = word_token_positions(tokenizer, caption)
             for o, obj in enumerate(meta["objects"]):
                 tokens = spans[word_of(o)]
-                probs[b, _cells(obj, 4)] = 0.0
-                probs[b, _cells(obj, 4)[:, None], tokens] = 1.0 / len(tokens)
+                probs[b, cells(obj, 4)] = 0.0
+                probs[b, cells(obj, 4)[:, None], tokens] = 1.0 / len(tokens)
         return probs
 
     def shares(word_of) -> dict:
