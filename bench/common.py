@@ -144,36 +144,40 @@ def parser(name: str, doc: str | None, data: bool = False) -> argparse.ArgumentP
 
 def add_scenes_prior_flags(p: argparse.ArgumentParser, n: int, required: bool = True) -> None:
     """The flags of a benchmark that samples a scenes prior and reads its images (bench.attributes, .counting,
-    .relations): --prior, --data (the palette), --n images per caption, --guidance, --steps, --seed, --checkpoint."""
+    .relations): --prior, --data (the palette), --n images per caption, --guidance, --steps, --binding, --seed,
+    --checkpoint."""
     p.add_argument("--prior", required=required, help="a scenes prior run")
     p.add_argument("--data", required=required, help="the scenes data it was trained on (its info.json's palette)")
     p.add_argument("--n", type=int, default=n, help="images per caption (default: %(default)s)")
     p.add_argument("--guidance", type=float, help="default: the prior's [sampling] guidance")
     p.add_argument("--steps", type=int, help="default: the prior's [sampling] steps")
+    p.add_argument("--binding", type=float, metavar="STEP", help="default: the prior's [sampling] binding")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--checkpoint", type=int, help="the step of a checkpoint the prior run keeps (default: its newest)")
 
 
 def load_scenes_prior(args: argparse.Namespace) -> tuple[Any, dict, dict, dict[str, Any]]:
     """(pipeline, palette, sampling options, figures) for add_scenes_prior_flags' args: the prior at --checkpoint
-    on device(), the scenes palette of --data, the --guidance/--steps given (else the prior's defaults), and
-    {run, checkpoint, sampler, steps, guidance} as it samples."""
+    on device(), the scenes palette of --data, the --guidance/--steps/--binding given (else the prior's defaults),
+    and {run, checkpoint, sampler, steps, guidance, binding} as it samples."""
     from latentdiff.data.reader import read_info
     from latentdiff.prior.pipeline import TextToImage
 
     palette = read_info(args.data)["palette"]
     pipe = TextToImage.from_run(args.prior, device=device(), checkpoint=args.checkpoint)
-    options = {k: v for k, v in {"guidance": args.guidance, "steps": args.steps}.items() if v is not None}
+    given = {"guidance": args.guidance, "steps": args.steps, "binding": args.binding}
+    options = {k: v for k, v in given.items() if v is not None}
     settings = pipe.settings(["a star"], n=1, **options)
     figures = {"run": args.prior, "checkpoint": pipe.checkpoint, "sampler": settings.sampler,
-               "steps": settings.steps, "guidance": settings.guidance}  # fmt: skip
+               "steps": settings.steps, "guidance": settings.guidance, "binding": settings.binding}  # fmt: skip
     return pipe, palette, options, figures
 
 
 def prior_name(figures: dict[str, Any]) -> str:
-    """A table's name for load_scenes_prior's figures: "RUN (w = 3, step 2850)"."""
+    """A table's name for load_scenes_prior's figures: "RUN (w = 3, binding 0.3, step 2850)"."""
     at = f", step {figures['checkpoint']}" if figures["checkpoint"] is not None else ""
-    return f"{figures['run']} (w = {figures['guidance']:g}{at})"
+    bound = f", binding {figures['binding']:g}" if figures.get("binding") else ""
+    return f"{figures['run']} (w = {figures['guidance']:g}{bound}{at})"
 
 
 # ---- inputs -------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@
 3. `latentdiff evaluate` over --guidance: the six tasks and overall, seen and held-out apart; and
    the same scorer on the autoencoder's reconstructions of the test images (posterior means): what a
    prior can reach through this autoencoder.
-4. The guidance with the best seen overall (the lower one on a tie) and the sampler become the
+   With --binding (the binding recipe's default) every image is sampled with attention binding (prior/binding.py).
+4. The guidance with the best seen overall (the lower one on a tie), the sampler and the binding become the
    prior's sampling defaults (a new checkpoint with that config.toml; `latentdiff generate`
    without flags then uses them).
 --recipe names the train mix, the curriculum and the stage flags beyond STAGE_FLAGS (RECIPES; flags given refine
@@ -70,7 +71,8 @@ STAGE_FLAGS = {
 # - uniform: the uniform mix, no grounding: seen overall 0.71 and 0.68 at two seeds, position at chance.
 # - binding (the default): word identity in the text states; a third of the prior's minutes on position scenes,
 #   then a mix weighted 3:3 to position and colour attribution; token positions, two text layers, a pooled text
-#   embedding and both grounding losses (TokenCompose's token and pixel terms) in the prior.
+#   embedding and both grounding losses (TokenCompose's token and pixel terms) in the prior; attention binding
+#   (prior/binding.py) while sampling, step 0.3 at t >= 0.5 T.
 RECIPES = {
     "uniform": {},
     "binding": {
@@ -79,9 +81,10 @@ RECIPES = {
         "prior_first": "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=0",
         "prior": "--set model.context_positions=32 --set model.context_layers=2 --set model.pooled_dim=128 "
         "--set grounding=0.1 --set grounding_pixel=0.05",
+        "binding": 0.3,
     },
 }
-DEFAULT_RECIPE = "binding"  # seen overall 0.76 and 0.72 at two seeds, held-out 0.53 and 0.65 (docs/scenes.md)
+DEFAULT_RECIPE = "binding"  # seen overall 0.79 at two seeds, held-out 0.73 and 0.54 (docs/scenes.md)
 # --smoke: toy sizes and a few steps per stage (tests/bench), the plumbing only.
 SMOKE_FLAGS = {
     "autoencoder": ["--steps", "2", "--batch-size", "4", "--set", "eval_images=8", "--set", "scale_batches=2",
@@ -179,15 +182,16 @@ def train_prior_curriculum(
     return round(time.monotonic() - t0, 1)
 
 
-def set_sampling_defaults(run_dir: Path, sampler: str, steps: int, guidance: float) -> None:
-    """Commit the prior's checkpoint again with [sampling] sampler, steps and guidance as its defaults."""
+def set_sampling_defaults(run_dir: Path, sampler: str, steps: int, guidance: float, **more) -> None:
+    """Commit the prior's checkpoint again with [sampling] sampler, steps and guidance (and `more` [sampling]
+    values, e.g. binding) as its defaults."""
     from latentdiff.core import checkpoint as ckpt
     from latentdiff.core.config import dumps_toml, to_dict
     from latentdiff.core.runs import read_config
     from latentdiff.prior.config import PriorConfig
 
     cfg = read_config(run_dir, PriorConfig)
-    sampling = dataclasses.replace(cfg.sampling, sampler=sampler, steps=steps, guidance=guidance)
+    sampling = dataclasses.replace(cfg.sampling, sampler=sampler, steps=steps, guidance=guidance, **more)
     ckpt.amend(run_dir, config_toml=dumps_toml(to_dict(dataclasses.replace(cfg, sampling=sampling))))
 
 
@@ -271,6 +275,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", default="1,2,3,4,6", help="guidance scales swept (default: %(default)s)")
     p.add_argument("--sampler", default="dpmpp-2m", help="sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    p.add_argument(
+        "--binding",
+        type=float,
+        metavar="STEP",
+        help="attention binding's step while sampling (prior/binding.py; default: the recipe's, 0 for none)",
+    )
+    p.add_argument(
+        "--binding-until",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="attention binding at t >= FRACTION * T (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")
     p.add_argument(
         "--split",
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         first_weights = parse_task_weights(args.prior_first) if args.prior_first else None
     except ValueError as e:
         p.error(str(e))
+    if args.binding is None:
+        args.binding = recipe.get("binding", 0.0)
     if not 0 < args.prior_first_share < 1:
         p.error(f"--prior-first-share is a share of the prior's minutes, between 0 and 1; got {args.prior_first_share}")
     if args.smoke:
@@ -330,12 +349,15 @@ def main(argv: list[str] | None = None) -> dict:
     prior = runs / "prior"
     run(["evaluate", "--run", str(prior), "--data", str(data), "--n", str(args.test_n), "--sampler", args.sampler,
          "--steps", str(args.steps), "--guidance", args.guidance, "--precision", "fp32", "--seed", str(args.seed),
+         "--binding", f"{args.binding:g}", "--binding-until", f"{args.binding_until:g}",
          "--out", str(prior / "eval")])  # fmt: skip
     ev = json.loads((prior / "eval" / "report.json").read_text())
     rows, ceiling = ev["results"], ev["scenes_ceiling"]
     recon = reconstruction_ceiling(runs / "ae", data)
     best = recommend(rows)
-    set_sampling_defaults(prior, args.sampler, args.steps, best["guidance"])
+    binding = {"binding": args.binding, "binding_until": args.binding_until}
+    set_sampling_defaults(prior, args.sampler, args.steps, best["guidance"], **binding)
+    bound = f", attention binding {args.binding:g} at t >= {args.binding_until:g} T" if args.binding else ""
 
     lines = []
     uniform = set(weights.values()) == {1}
@@ -365,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = ", ".join(f"{stage} {summary['steps']:,}" for stage, summary in done.items())
     text = table(["guidance", "prompts", *TASKS, "overall"], lines) + (
         f"\n\n{args.test_n} test prompts ({held_prompts} distinct held-out: {', '.join(args.holdout)}), one image "
-        f"each, {args.sampler} {args.steps} steps; {mix_words}"
+        f"each, {args.sampler} {args.steps} steps{bound}; {mix_words}"
         "scorer: evaluation/scenes.py's geometric reader (no training), "
         "its ceiling on the real test images in the last rows; above them the same scorer on the autoencoder's "
         f"reconstructions of those images. Training: {args.minutes:g} min budget "
@@ -373,14 +395,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"{', smoke sizes' if args.smoke else ''}; steps: {steps}"
         f"{'' if jumps is None else f'; the prior loss jumped {jumps} times (train.loss_jump)'}). "
         "Recommended and recorded as the prior's defaults: "
-        f"{args.sampler}, {args.steps} steps, guidance {best['guidance']:g}. Plot: {png}."
+        f"{args.sampler}, {args.steps} steps, guidance {best['guidance']:g}{bound}. Plot: {png}."
     )
     (runs / "table.md").write_text(text + "\n")
     figures = {
         "rows": [{"guidance": r["guidance"], "scenes": r["scenes"]} for r in rows],
         "ceiling": ceiling,
         "autoencoder_reconstructions": recon,
-        "recommended": {"sampler": args.sampler, "steps": args.steps, "guidance": best["guidance"]},
+        "recommended": {"sampler": args.sampler, "steps": args.steps, "guidance": best["guidance"], **binding},
         "held_out_prompts": held_prompts,
         "holdout": list(args.holdout),
         "recipe": args.recipe,

@@ -37,6 +37,7 @@ from latentdiff.core.logger import save_grid
 from latentdiff.core.runtime import Runtime, announce, sampling_precision
 from latentdiff.data.reader import read_info
 from latentdiff.prior.pipeline import (
+    add_binding_arguments,
     add_guidance_interval_argument,
     add_guidance_rescale_argument,
     add_precision_argument,
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default: %(default)s)")
     add_guidance_rescale_argument(p)
     add_guidance_interval_argument(p)
+    add_binding_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="generation seed, the same for every guidance value")
     add_precision_argument(p)
     p.add_argument("--gen-batch-size", type=int, default=100, help="images per sampling batch")
@@ -142,6 +144,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         batch_size=args.gen_batch_size,
         guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval,
+        binding=args.binding,
+        binding_until=args.binding_until,
         sampler_options=sampler_arguments(args),
     )
     pipe.settings([""], n=1, **sampling)
@@ -245,6 +249,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "sampler_options": settings.sampler_options,
         "guidance_rescale": settings.guidance_rescale,
         "guidance_interval": settings.guidance_interval,
+        "binding": settings.binding,
+        "binding_until": settings.binding_until,
         "precision": settings.precision,
         "seed": args.seed,
         "features": space.label if space else None,
@@ -300,7 +306,7 @@ def markdown_table(report: dict) -> str:
         r = rows[0]
         lines.append(
             f"\nFID and KID in {r['features']} feature space, {r['n_fake']} generated images "
-            f"({report['sampler']}, {report['steps']} steps{_interval_words(report)}) vs {r['n_reference']} real "
+            f"({report['sampler']}, {report['steps']} steps{_sampling_words(report)}) vs {r['n_reference']} real "
             f"{report['data']} "
             f"images; floor (FID of {r['n_floor']} held-out real images): {fig(r['fid_floor'])}"
             f"{_span(r, 'fid_floor')}."
@@ -340,10 +346,12 @@ def _clip_words(summary: dict) -> str:
     )
 
 
-def _interval_words(report: dict) -> str:
-    """ ", guidance in sigma (0.56, 10.8]" when the sweep used a guidance interval, else ""."""
-    interval = report.get("guidance_interval")
-    return f", guidance in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
+def _sampling_words(report: dict) -> str:
+    """ ", guidance in sigma (0.56, 10.8]" when the sweep used a guidance interval, ", attention binding 0.3 at
+    t >= 0.5 T" when it bound, else ""."""
+    interval, binding = report.get("guidance_interval"), report.get("binding")
+    words = f", guidance in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else ""
+    return words + (f", attention binding {binding:g} at t >= {report['binding_until']:g} T" if binding else "")
 
 
 def _row_line(row: dict, clip_real: dict | None = None) -> str:

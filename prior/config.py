@@ -81,6 +81,10 @@ class SamplingConfig:
     guidance: NonNegativeFloat = 3.0  # classifier-free guidance scale w (1: no guidance)
     prompts: tuple[str, ...] = ()  # fixed prompts for training-time grids (empty: the dataset's class prompts)
     per_prompt: PositiveInt = 4  # images per prompt in training-time grids
+    # attention binding (prior/binding.py): z_t moved this far (in units of its RMS) down the energy of the named
+    # objects' cross-attention maps at every step with t >= binding_until * T; 0: off. Scenes captions of two objects.
+    binding: NonNegativeFloat = 0.0
+    binding_until: Probability = 0.5
 
 
 LoraTarget = Literal["attn", "ff", "conv"]

@@ -8,6 +8,7 @@ import torch
 
 from latentdiff.core.latent_space import LatentSpace
 
+from .binding import Group, binding_denoiser
 from .config import DiffusionConfig
 from .denoiser import Generators, Walk, noise
 from .guidance import Interval, cfg_model_fn, in_interval
@@ -65,6 +66,9 @@ def sample_latents(
     t_start: float | None = None,
     mask: torch.Tensor | None = None,
     resample: int = 1,
+    binding: float = 0.0,
+    binding_until: float = 0.5,
+    groups: list[list[Group]] | None = None,
     **options,
 ) -> torch.Tensor:
     """z_0 (B, *shape) in prior units for each row of `cond`, classifier-free guided against `uncond`.
@@ -78,6 +82,8 @@ def sample_latents(
     z_init (B or 1, *shape), prior latents of an image: with t_start, SDEdit starts from z_init noised
     to the first level (img2img.py); with mask ((1 or B, 1, h, w), 1 = repaint) the rest keeps z_init.
     resample: U > 1 runs RePaint's steps instead of the sampler's (img2img.sample_repaint; sampler ddpm).
+    binding > 0: attention binding (prior/binding.py) of each row's named objects (groups: binding.caption_groups
+    per row) with that step, at t >= binding_until * T.
     """
     B = cond[0].shape[0]
     device = cond[0].device
@@ -87,6 +93,8 @@ def sample_latents(
     guided = None if guidance_interval is None else in_interval(schedule.sigma, guidance_interval)
     model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale, guided)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
+    if binding and groups is not None:
+        denoiser = binding_denoiser(denoiser, unet, cond, groups, schedule, binding, binding_until * schedule.T)
     if mask is not None:
         denoiser = keep_known(denoiser, z_init, mask, schedule)
     if resample > 1:

@@ -65,6 +65,10 @@ def generate_command(
         words += ["--guidance-rescale", repr(settings.guidance_rescale)]
     if settings.guidance_interval is not None:
         words += ["--guidance-interval", ",".join(repr(float(x)) for x in settings.guidance_interval)]
+    # always written: a run's [sampling] binding is the default, so an image made without it says so
+    words += ["--binding", repr(settings.binding)]
+    if settings.binding:
+        words += ["--binding-until", repr(settings.binding_until)]
     if settings.init_image is not None:
         words += _option("--init-image", settings.init_image) + ["--strength", repr(settings.strength)]
     if settings.mask is not None:
@@ -331,5 +335,7 @@ def call_arguments(params: dict) -> tuple[list[str], dict, int]:
         strength=params.get("strength") if params.get("init_image") else None,
         feather=params.get("feather", 0),  # absent before inpainting composited its pixels: none
         resample=params.get("resample", 1),
+        binding=params.get("binding", 0.0),  # absent in PNGs from before attention binding: none
+        binding_until=params.get("binding_until", 0.5),
     )
     return list(params["prompts"]), kwargs, int(params["index"])

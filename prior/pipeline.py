@@ -32,6 +32,7 @@ from latentdiff.core.logger import progress
 from latentdiff.core.runtime import SAMPLING_PRECISIONS, pick_device, sampling_dtype
 from latentdiff.decoder.load import load_decoder
 
+from .binding import caption_groups
 from .config import PriorConfig, make_schedule
 from .frozen_stages import check_prior_fits, check_recorded, load_frozen_stages, recorded_stages
 from .guidance import check_interval
@@ -70,6 +71,8 @@ class GenerationSettings:
     resample: int = 1  # inpainting: RePaint's U, each step taken U times (img2img.sample_repaint); 1: off
     checkpoint: int | None = None  # the step of the run's checkpoint sampled (None: a run without step folders)
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, absolute path; scale) merged into the UNet, in order
+    binding: float = 0.0  # attention binding's step (prior/binding.py); 0: off
+    binding_until: float = 0.5  # it applies at t >= binding_until * T
 
 
 class TextToImage:
@@ -269,6 +272,9 @@ class TextToImage:
                     t_start=t_start,
                     mask=mask,
                     resample=settings.resample,
+                    binding=settings.binding,
+                    binding_until=settings.binding_until,
+                    groups=[caption_groups(self.encoder.tokenizer, p) for p in chunk] if settings.binding else None,
                     **settings.sampler_options,
                 ),
             )
@@ -294,11 +300,14 @@ class TextToImage:
         strength: float | None = None,
         feather: int = 0,
         resample: int = 1,
+        binding: float | None = None,
+        binding_until: float | None = None,
     ) -> GenerationSettings:
         """Resolve defaults from the run's sampling config and check every value (ValueError with the range).
 
         steps, sampler, guidance: None is the run's (its sampling config); n: images per prompt;
         image k of the call (prompt-major) is made from seed + k.
+        binding, binding_until: attention binding's step and where it stops (prior/binding.py); None: the run's.
         guidance_interval: (sigma_lo, sigma_hi) in the schedule's VE sigma, or "LO,HI"; guidance only where
         sigma_lo < sigma(t) <= sigma_hi (Kynkäänniemi et al. 2024); None or "all": at every step.
 
@@ -319,6 +328,10 @@ class TextToImage:
         guidance = check_number("guidance", s.guidance if guidance is None else guidance, float, 0.0)
         guidance_rescale = check_number("guidance_rescale", guidance_rescale, float, 0.0, 1.0)
         guidance_interval = check_interval(guidance_interval)
+        binding = check_number("binding", s.binding if binding is None else binding, float, 0.0)
+        binding_until = check_number(
+            "binding_until", s.binding_until if binding_until is None else binding_until, float, 0.0, 1.0
+        )
         check_number("seed", seed, int, 0, 2**63 - len(prompts) * n)  # image k's seed, seed + k, fits in int64
         check_number("batch_size", batch_size, int, 1)
         check_number("feather", feather, int, 0, self.latent_space.resolution)
@@ -376,6 +389,8 @@ class TextToImage:
             resample,
             self.checkpoint,
             self.loras,
+            binding,
+            binding_until,
         )
 
 
@@ -444,6 +459,24 @@ def add_guidance_interval_argument(p: argparse.ArgumentParser) -> None:
         metavar="LO,HI",
         help="guide only at noise levels sigma in (LO, HI], the conditional model alone elsewhere "
         "(Kynkäänniemi et al. 2024; `inf` for no upper end; default: all, every step)",
+    )
+
+
+def add_binding_arguments(p: argparse.ArgumentParser) -> None:
+    """--binding, --binding-until: `settings`' binding and binding_until (None: the run's [sampling] values)."""
+    p.add_argument(
+        "--binding",
+        type=float,
+        metavar="STEP",
+        help="attention binding for scenes captions naming two objects: z_t moved STEP (in units of its RMS) a step "
+        "down the energy of their words' cross-attention maps (prior/binding.py; 0: off; default: the run's "
+        "[sampling] binding)",
+    )
+    p.add_argument(
+        "--binding-until",
+        type=float,
+        metavar="FRACTION",
+        help="attention binding applies at timesteps t >= FRACTION * T (default: the run's [sampling] binding_until)",
     )
 
 

@@ -27,6 +27,7 @@ from latentdiff.prior.parameters import (
     save_settings_grid,
 )
 from latentdiff.prior.pipeline import (
+    add_binding_arguments,
     add_guidance_interval_argument,
     add_guidance_rescale_argument,
     add_precision_argument,
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the run's)")
     add_guidance_rescale_argument(p)
     add_guidance_interval_argument(p)
+    add_binding_arguments(p)
     p.add_argument("--negative", default="", help="negative prompt (what guidance steers away from)")
     p.add_argument(
         "--seed",
@@ -206,6 +208,8 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             seed=args.seed,
             guidance_rescale=args.guidance_rescale,
             guidance_interval=args.guidance_interval,
+            binding=args.binding,
+            binding_until=args.binding_until,
             sampler_options=sampler_arguments(args),
             batch_size=args.batch_size,
             init_image=args.init_image,

@@ -206,3 +206,17 @@ def rendered_scenes(task: str, n: int = 24, resolution: int = 64) -> tuple[list,
     scenes = [sample_scene(rng, resolution, task) for _ in range(n)]
     images = [torch.from_numpy(np.array(render(s.objects, resolution))).permute(2, 0, 1) for s in scenes]
     return scenes, torch.stack(images)
+
+
+def random_cross_attention_unet(generator: torch.Generator):
+    """A two-level UNet with cross-attention at both (context width 8), weights drawn from `generator` (std 0.2, so
+    its attention maps are far from uniform), in eval mode."""
+    from latentdiff.prior.unet import UNet, UNetConfig
+
+    cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
+                     context_dim=8, norm_groups=8)  # fmt: skip
+    model = UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model

@@ -23,6 +23,7 @@ def test_compositional_smoke_writes_table_plot_and_prior_defaults(tmp_path):
     best = compositional.recommend(figures["rows"])
     settings = TextToImage.from_run(runs / "prior").settings(["a star"], n=1)
     assert (settings.sampler, settings.steps, settings.guidance) == ("dpmpp-2m", 2, best["guidance"])
+    assert settings.binding == 0.0  # the uniform recipe samples without attention binding
     assert (runs / "tasks_vs_guidance.png").read_bytes().startswith(b"\x89PNG")
     table = (runs / "table.md").read_text()
     assert "real (ceiling)" in table and "held-out" in table
@@ -92,8 +93,14 @@ def test_the_default_binding_recipe_sets_the_mix_curriculum_and_flags_and_given_
     model = prior["model"]
     assert (model["pooled_dim"], model["context_positions"], model["context_layers"]) == (128, 32, 2)
     assert tomllib.loads((runs / "text" / "config.toml").read_text())["token_identity"] == 1.0
-    # --prior-first '' turns the recipe's curriculum off (the rest of it kept)
+    # sampled with the recipe's attention binding, recorded as the prior's default
+    assert (prior["sampling"]["binding"], prior["sampling"]["binding_until"]) == (0.3, 0.5)
+    assert figures["recommended"]["binding"] == 0.3
+    assert "attention binding 0.3 at t >= 0.5 T" in (runs / "table.md").read_text()
+    # --prior-first '' turns the recipe's curriculum off, --binding 0 its binding (the rest of it kept)
     alone = tmp_path / "alone"
-    figures = compositional.main([*argv, "--runs", str(alone), "--prior-first", ""])
+    figures = compositional.main([*argv, "--runs", str(alone), "--prior-first", "", "--binding", "0"])
     assert figures["prior_first"] is None and figures["steps"]["prior"] == 2 and not (alone / "data_first").exists()
-    assert tomllib.loads((alone / "prior" / "config.toml").read_text())["grounding_pixel"] == 0.05
+    prior = tomllib.loads((alone / "prior" / "config.toml").read_text())
+    assert prior["grounding_pixel"] == 0.05 and prior["sampling"]["binding"] == 0.0
+    assert "attention binding" not in (alone / "table.md").read_text()

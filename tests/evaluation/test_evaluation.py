@@ -513,6 +513,8 @@ def test_evaluate_sweep_with_a_stand_in_pipeline(classifier_run, shapes_data: Pa
                 sampler_options={},
                 guidance_rescale=0.0,
                 guidance_interval=None,
+                binding=0.0,
+                binding_until=0.5,
             )
 
         def __call__(self, prompts, *, guidance, **kw):

@@ -219,7 +219,8 @@ def test_evaluate_gives_the_clip_score_its_real_reference_and_says_the_size(
     class StandIn:  # real test images at twice their size stand in for samples
         def settings(self, prompts, **kw):
             return SimpleNamespace(steps=7, sampler="ddim", precision="fp32", sampler_options={},
-                                   guidance_rescale=0.0, guidance_interval=None)  # fmt: skip
+                                   guidance_rescale=0.0, guidance_interval=None, binding=0.0,
+                                   binding_until=0.5)  # fmt: skip
 
         def __call__(self, prompts, *, guidance, **kw):
             x = test.images[: len(prompts)].float().div(127.5).sub(1)

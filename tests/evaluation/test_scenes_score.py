@@ -93,6 +93,8 @@ def test_evaluate_reports_scenes_tasks_with_a_stand_in_pipeline(tmp_path: Path, 
             return SimpleNamespace(
                 steps=7, sampler="ddim", precision="fp32", sampler_options={}, guidance_rescale=0.0,
                 guidance_interval=None,
+                binding=0.0,
+                binding_until=0.5,
             )  # fmt: skip
 
         def __call__(self, prompts, *, guidance, **kw):

@@ -15,8 +15,7 @@ from latentdiff.data import scenes
 from latentdiff.data.scenes import COLORS, NUMBERS, PLURALS, TASKS, caption_for, sample_scene, scene_meta, shape_mask
 from latentdiff.prior.grounding import Grounding, cell_cover, object_words, word_token_positions
 from latentdiff.prior.stage import main as prior_main
-from latentdiff.prior.unet import UNet, UNetConfig
-from tests.helpers import PRIOR_ARGS
+from tests.helpers import PRIOR_ARGS, random_cross_attention_unet
 
 TOKENIZER = SimpleTokenizer()
 
@@ -235,13 +234,8 @@ def test_the_pixel_loss_wants_each_object_read_from_its_colour_and_shape_words_a
 
 
 def test_unet_cross_attention_maps_match_the_forward_and_reset():
-    cfg = UNetConfig(in_channels=4, channels=(16, 32), num_res_blocks=1, attention_levels=(0, 1), heads=2,
-                     context_dim=8, norm_groups=8)  # fmt: skip
-    model = UNet(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model = random_cross_attention_unet(g)
     z, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 8, generator=g)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     with torch.no_grad():
