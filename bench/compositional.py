@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     if args.binding is None:
         args.binding = recipe.get("binding", 0.0)
+    if not (math.isfinite(args.binding) and args.binding >= 0 and 0 <= args.binding_until <= 1):
+        p.error(f"--binding needs a step >= 0 and --binding-until a fraction in [0, 1]; got {args.binding:g} and "
+                f"{args.binding_until:g}")  # fmt: skip
     if not 0 < args.prior_first_share < 1:
         p.error(f"--prior-first-share is a share of the prior's minutes, between 0 and 1; got {args.prior_first_share}")
     if args.smoke:

@@ -59,6 +59,10 @@ def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]  # nothing trained
     with pytest.raises(SystemExit):  # argparse's one-line error: exits 2 before anything
         compositional.main([*argv, "--task-weights", "position=x"])
+    for bad in (["--binding", "-0.1"], ["--binding", "nan"], ["--binding-until", "1.5"]):
+        with pytest.raises(SystemExit):  # refused before any stage trains, not by evaluate after them
+            compositional.main([*argv, *bad])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]
 
 
 def test_a_curriculum_trains_the_prior_first_on_its_own_mix_then_on_the_data(tmp_path):
