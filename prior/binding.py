@@ -111,11 +111,13 @@ def binding_denoiser(
     schedule: NoiseSchedule,
     step: float,
     until: float,
+    dtype: torch.dtype | None = None,
 ) -> Denoiser:
     """The denoiser with x0_hat taken at z_t - step * g / rms(g), g = dE/dz_t, at t >= until (module docstring).
 
     cond: the rows' (states, mask, pooled), as the UNet takes them; groups: caption_groups per row; step >= 0 in
-    units of z_t's RMS (0: the denoiser itself); until: the smallest timestep it applies at (0..T-1).
+    units of z_t's RMS (0: the denoiser itself); until: the smallest timestep it applies at (0..T-1); dtype: the
+    autocast dtype of the gradient's pass (the sampler's, e.g. bf16; None: float32), the energy taken in float32.
     Raises ValueError for a negative or non-finite step.
     """
     if not (math.isfinite(step) and step >= 0):
@@ -130,9 +132,9 @@ def binding_denoiser(
         with torch.inference_mode(False), torch.enable_grad():
             z = z_t.detach().clone().requires_grad_(True)
             states, mask, pooled = (None if c is None else c.detach().clone() for c in cond)
-            with unet.cross_attention_maps() as maps:
+            with unet.cross_attention_maps() as maps, torch.autocast(z.device.type, dtype, enabled=dtype is not None):
                 unet(z, t.detach().clone(), states, mask, pooled)
-            (grad,) = torch.autograd.grad(binding_energy(maps, groups).sum(), z)
+            (grad,) = torch.autograd.grad(binding_energy([m.float() for m in maps], groups).sum(), z)
         rms = grad.pow(2).mean(dim=tuple(range(1, grad.ndim)), keepdim=True).sqrt()
         moved = z_t - step * grad / rms.clamp_min(1e-12) * (rms > 0)
         x0, _ = denoiser(moved, t)

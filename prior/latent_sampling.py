@@ -94,7 +94,9 @@ def sample_latents(
     model_fn = cfg_model_fn(unet_model(unet, dtype), cond, uncond, guidance, guidance_rescale, guided)
     denoiser = make_denoiser(model_fn, schedule, prediction, clip_x0)
     if binding and groups is not None:
-        denoiser = binding_denoiser(denoiser, unet, cond, groups, schedule, binding, binding_until * schedule.T)
+        denoiser = binding_denoiser(
+            denoiser, unet, cond, groups, schedule, binding, binding_until * schedule.T, dtype=dtype
+        )
     if mask is not None:
         denoiser = keep_known(denoiser, z_init, mask, schedule)
     if resample > 1:

@@ -95,6 +95,12 @@ def test_the_denoiser_moves_z_t_down_the_energy_and_keeps_its_pair_consistent():
     # Below `until` the state is not moved
     bind(z, torch.full((2,), 400.0))
     assert torch.equal(seen[-1], z)
+    # Under bf16 autocast (the sampler's dtype on CUDA and AMX) the same step, in about the same direction
+    binding_denoiser(denoiser, unet, cond, groups, schedule, 0.05, 500, dtype=torch.bfloat16)(z, t)
+    step16 = (seen[-1] - z).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert torch.allclose(step16, torch.full((2,), 0.05), rtol=1e-4) and seen[-1].dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity((seen[-1] - z).flatten(1), (moved - z).flatten(1))
+    assert (cosine > 0.9).all()
     with pytest.raises(ValueError, match="binding step must be a finite number >= 0"):
         binding_denoiser(denoiser, unet, cond, groups, schedule, -1.0, 500)
 
