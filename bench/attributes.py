@@ -147,18 +147,17 @@ def reading_shares(maps: Sequence[torch.Tensor], captions: Sequence[str], metas:
     covers half or more of, else its most covered one; a share is the attention those positions give the
     words' tokens, averaged over them, then over objects. Captions the tokenizer splits otherwise are skipped.
     """
-    from latentdiff.prior.grounding import object_words, word_token_positions
+    from latentdiff.prior.binding import caption_groups
 
-    spans = [word_token_positions(tokenizer, caption) for caption in captions]
+    groups = [caption_groups(tokenizer, caption) for caption in captions]  # [(colour, shape tokens)] per object
     shares, objects = [], 0
     for probs in maps:
         grid = int(round(probs.shape[1] ** 0.5))
         rows, objects = [], 0
-        for b, (caption, meta, words) in enumerate(zip(captions, metas, spans)):
-            if words is None:
+        for b, (meta, named) in enumerate(zip(metas, groups)):
+            if not named:
                 continue
-            named = object_words(caption, meta)  # [(colour word, (0,)), (shape word, (0,)), then object 1's]
-            colour, shape = (words[named[0][0]], words[named[2][0]]), (words[named[1][0]], words[named[3][0]])
+            colour, shape = (named[0][0], named[1][0]), (named[0][1], named[1][1])
             for o, obj in enumerate(meta["objects"]):
                 read = probs[b, object_cells(obj, grid)].float().mean(dim=0).cpu()  # (T,)
                 own = [float(read[w].sum()) for w in (colour[o], colour[1 - o], shape[o], shape[1 - o])]

@@ -17,8 +17,8 @@ and shape word s_o,
           + sum_{o != o'} (log 2 - JS(d_{c_o}, d_{s_o'}))
 
 averaged over the transformers: the colour read where its shape is (binding), two shapes read at two places
-(no object neglected or merged), and a colour not read where another shape is (no leak). Bounded, so no term
-runs away (SynGen's negative term is an unbounded KL).
+(no object neglected or merged), and a colour not read where another shape is (no leak). JS is bounded, unlike a
+KL divergence, so the terms that push maps apart cannot run away.
 
 `binding_denoiser` wraps a sampler's denoiser: at levels t >= `until`, z_t is moved by `step` along the
 energy's negative gradient, normalised per row to unit RMS (Attend-and-Excite's update, z_t <- z_t - alpha grad E,
