@@ -59,7 +59,9 @@ def test_a_runs_folder_built_with_another_train_mix_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]  # nothing trained
     with pytest.raises(SystemExit):  # argparse's one-line error: exits 2 before anything
         compositional.main([*argv, "--task-weights", "position=x"])
-    for bad in (["--binding", "-0.1"], ["--binding", "nan"], ["--binding-until", "1.5"]):
+    bad_values = (["--binding", "-0.1"], ["--binding", "nan"], ["--binding-until", "1.5"], ["--sampler", "dpm-3m"],
+                  ["--steps", "0"])  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(SystemExit):  # refused before any stage trains, not by evaluate after them
             compositional.main([*argv, *bad])
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["data"]
@@ -100,6 +102,8 @@ def test_the_default_binding_recipe_sets_the_mix_curriculum_and_flags_and_given_
     # sampled with the recipe's attention binding, recorded as the prior's default
     assert (prior["sampling"]["binding"], prior["sampling"]["binding_until"]) == (0.3, 0.5)
     assert figures["recommended"]["binding"] == 0.3
+    # and the recipe's stochastic sampler (smoke sizes take 2 of its steps), recorded with the guidance
+    assert prior["sampling"]["sampler"] == figures["recommended"]["sampler"] == "dpmpp-2m-sde"
     assert "attention binding 0.3 at t >= 0.5 T" in (runs / "table.md").read_text()
     # --prior-first '' turns the recipe's curriculum off, --binding 0 its binding (the rest of it kept)
     alone = tmp_path / "alone"
