@@ -91,7 +91,7 @@ def test_the_default_binding_recipe_sets_the_mix_curriculum_and_flags_and_given_
     figures = compositional.main([*argv, "--prior-flags", "--set grounding_pixel=0.2"])
     assert figures["recipe"] == "binding" and "recipe binding; train mix" in (runs / "table.md").read_text()
     weights = json.loads((runs / "data" / "info.json").read_text())["task_weights"]
-    assert weights == dict.fromkeys(TASKS, 1) | {"position": 3, "color_attr": 3}
+    assert weights == dict.fromkeys(TASKS, 1) | {"color_attr": 5}
     first = json.loads((runs / "data_first" / "info.json").read_text())["task_weights"]
     assert first == dict.fromkeys(TASKS, 0) | {"position": 1} and figures["steps"]["prior"] == 4
     prior = tomllib.loads((runs / "prior" / "config.toml").read_text())

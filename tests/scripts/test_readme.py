@@ -95,7 +95,7 @@ SKIPPED = {
     "make; tests/bench/test_counting.py runs it on a tiny prior and real scenes",
     r"runs/(xp|cu|c0|cw)/": "position-first priors on the stages of a bench.compositional race (runs/wg): 20,000 "
     "scenes and 28 minutes of prior, which this test does not make",
-    r"runs/(d0|d1)/": "the priors of two 40-minute bench.compositional runs (docs/scenes.md, attention binding), "
+    r"runs/(d0|d1|m0|m1)/": "the priors of 40-minute bench.compositional runs (docs/scenes.md), "
     "which this test does not make",
     r"--data runs/(A2|ti)/data\b": "an autoencoder or text race on the data of a bench.compositional race run, "
     "which this test does not make",
